@@ -1,0 +1,1 @@
+"""Prefect flows of stemflow and its command line (``stemflow``)."""

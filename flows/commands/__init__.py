@@ -1,0 +1,1 @@
+"""Subcommands of the ``stemflow`` command line, one module each."""

@@ -1,0 +1,25 @@
+"""Argument types shared by the subcommands."""
+
+from __future__ import annotations
+
+import argparse
+
+__all__ = ["int_pair", "float_pair"]
+
+
+def int_pair(text: str) -> tuple[int, int]:
+    """Parse ``"RX,RY"`` into two integers."""
+    try:
+        a, b = (int(v) for v in text.replace("x", ",").split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected two integers like 64,64, got {text!r}") from None
+    return a, b
+
+
+def float_pair(text: str) -> tuple[float, float]:
+    """Parse ``"X,Y"`` into two floats."""
+    try:
+        a, b = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected two numbers like 64.0,64.0, got {text!r}") from None
+    return a, b

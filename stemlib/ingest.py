@@ -1,0 +1,163 @@
+"""Ingest: any raw scan -> a calibrated, chunked, compressed Zarr v3 scan store.
+
+The conversion streams block by block through dask (no step holds the scan in memory), hashes
+every pattern as it goes, and publishes atomically. A rerun with the same source file and the
+same options finds the finished store and skips it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from .calibration import Calibration
+from .errors import InputError
+from .io.readers import ReadOptions, open_source
+from .io.scan_store import read_store_attrs, write_scan
+from .io.storage import Location, locate, redact, storage_errors
+from .provenance import fingerprint, software_versions, utc_now
+
+__all__ = ["IngestOptions", "IngestResult", "ingest", "source_key"]
+
+#: Bumped when the stored layout changes, so that old stores are not taken as finished work.
+STORE_VERSION = 1
+
+
+class IngestOptions(BaseModel):
+    """How to read a raw scan and where calibration overrides apply."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    format: str = Field("auto", description="Source format, or 'auto' to detect it from the file.")
+    dataset: str | None = Field(None, description="Path of the scan inside an HDF5 file.")
+    scan_shape: tuple[int, int] | None = Field(None, description="(RX, RY) for a flat stack of frames.")
+    dtype: str | None = Field(None, description="Element type of a raw binary file, e.g. uint16.")
+    frame_shape: tuple[int, int] | None = Field(None, description="(QX, QY) of a raw binary frame.")
+    header_bytes: int = Field(0, ge=0, description="Bytes before the first frame of a raw file.")
+    frame_header_bytes: int = Field(0, ge=0, description="Bytes before each frame of a raw file.")
+    frame_footer_bytes: int = Field(0, ge=0, description="Bytes after each frame of a raw file.")
+    calibration: Calibration = Field(default_factory=Calibration, description="Overrides of the file's calibration.")
+    allow_nonfinite: bool = Field(False, description="Store float data holding NaN/Inf (count recorded).")
+    overwrite: bool = Field(False, description="Replace a different scan already stored at the destination.")
+
+    def read_options(self) -> ReadOptions:
+        return ReadOptions(
+            dataset=self.dataset,
+            scan_shape=self.scan_shape,
+            dtype=self.dtype,
+            frame_shape=self.frame_shape,
+            header_bytes=self.header_bytes,
+            frame_header_bytes=self.frame_header_bytes,
+            frame_footer_bytes=self.frame_footer_bytes,
+        )
+
+    def identity(self) -> dict[str, Any]:
+        """The options that shape the stored result (``overwrite`` does not)."""
+        return self.model_dump(mode="json", exclude={"overwrite"})
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    """Outcome of :func:`ingest`: ``status`` is ``"written"`` or ``"skipped"`` (already done)."""
+
+    status: Literal["written", "skipped"]
+    url: str
+    source_key: str
+    attrs: dict[str, Any] = field(default_factory=dict)
+
+
+def source_key(location: Location, options: IngestOptions) -> str:
+    """Fingerprint of a source file's identity (name, size, modification or ETag) and options.
+
+    Cheap to compute before any work; equal keys mean the same file read the same way.
+    """
+    with storage_errors(location.url):
+        info = location.fs.info(location.path)
+    stamp = info.get("mtime") or info.get("LastModified") or info.get("ETag") or info.get("created")
+    return fingerprint(
+        {
+            "source": redact(location.url),
+            "size": info.get("size"),
+            "stamp": str(stamp),
+            "options": options.identity(),
+            "store_version": STORE_VERSION,
+        }
+    )
+
+
+def _existing(dest: Location, key: str, overwrite: bool) -> dict[str, Any] | None:
+    """The attrs of a finished store of this input at ``dest`` (skip), None to write; raises if
+    ``dest`` holds something else."""
+    if not dest.exists():
+        return None
+    attrs = read_store_attrs(dest)
+    where = redact(dest.url)
+    if attrs is None or "source_key" not in attrs:
+        raise InputError(
+            f"{where} already exists and is not a stemflow scan store; choose another destination "
+            "or remove it."
+        )
+    if attrs.get("source_key") == key and attrs.get("complete"):
+        return attrs
+    if overwrite:
+        return None
+    raise InputError(
+        f"{where} already holds a different scan (from {attrs.get('source', 'another source')}); "
+        "pass --overwrite to replace it or choose another destination."
+    )
+
+
+def ingest(source: str, dest: str, options: IngestOptions | None = None) -> IngestResult:
+    """Convert the raw scan at ``source`` into a scan store at ``dest``.
+
+    Parameters
+    ----------
+    source
+        Local path or fsspec URL of a supported raw scan (see
+        :func:`stemlib.io.readers.supported_formats`).
+    dest
+        Local path or fsspec URL of the Zarr v3 store to publish.
+    options
+        Reader options and calibration overrides (:class:`IngestOptions`).
+
+    Returns
+    -------
+    IngestResult
+        ``"skipped"`` if ``dest`` already holds this source read with these options, else
+        ``"written"``; ``attrs`` are the store's provenance.
+
+    Raises
+    ------
+    InputError
+        For a missing or unreadable source, a shape that is not a scan, NaN/Inf data (unless
+        allowed), or a destination that holds something else.
+    StorageError
+        For an object store that cannot be reached or refuses the credentials.
+    """
+    options = options or IngestOptions()
+    src, out = locate(source), locate(dest)
+    if not src.exists():
+        raise InputError(f"{redact(src.url)} does not exist; check the path.")
+    key = source_key(src, options)
+    done = _existing(out, key, options.overwrite)
+    if done is not None:
+        return IngestResult("skipped", out.url, key, done)
+    scan = open_source(src.url, format=options.format, options=options.read_options())
+    calibration = scan.calibration.merged(options.calibration)
+    with storage_errors(src.url):
+        size = int(src.fs.size(src.path))
+    attrs = {
+        "source": scan.source,
+        "source_bytes": size,
+        "source_key": key,
+        "reader": scan.reader,
+        "reader_details": scan.details,
+        "ingest_options": options.identity(),
+        "created": utc_now(),
+        "software": software_versions(),
+        "store_version": STORE_VERSION,
+    }
+    written = write_scan(scan.data, out, calibration=calibration, attrs=attrs, allow_nonfinite=options.allow_nonfinite)
+    return IngestResult("written", out.url, key, {**attrs, **written.as_dict(), **calibration.to_attrs()})

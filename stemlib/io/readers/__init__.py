@@ -1,0 +1,122 @@
+"""Readers: any supported raw scan -> a lazy (rx, ry, qx, qy) dask array plus calibration.
+
+:func:`open_source` picks the reader from ``format`` or, with ``"auto"``, from the file's
+extension and signature. Formats that rosettasciio reads are read through it, lazily.
+"""
+
+from __future__ import annotations
+
+import os
+
+from ...errors import InputError
+from ..storage import Location, locate, redact, storage_errors
+from .base import Format, ReadOptions, SourceScan, as_scan_4d, default_chunks
+from .hdf5 import HDF5_MAGIC, read_hdf5
+from .numpy_raw import read_npy, read_raw
+from .vendor import VENDOR_FORMATS
+
+__all__ = [
+    "FORMATS",
+    "Format",
+    "ReadOptions",
+    "SourceScan",
+    "open_source",
+    "supported_formats",
+    "as_scan_4d",
+    "default_chunks",
+]
+
+
+def _is_hdf5(location: Location) -> bool:
+    with storage_errors(location.url), location.fs.open(location.path, "rb") as f:
+        return f.read(len(HDF5_MAGIC)) == HDF5_MAGIC
+
+
+_CORE_FORMATS = [
+    Format("npy", "NumPy .npy array (4D, or 3D frames with --scan-shape)", (".npy",), read_npy),
+    Format(
+        "raw",
+        "raw binary frames (--dtype, --frame-shape, --scan-shape, header/footer bytes)",
+        (".raw", ".bin", ".dat"),
+        read_raw,
+    ),
+    Format(
+        "hdf5",
+        "HDF5: --dataset PATH, py4DSTEM/EMD 1.0, the CC-ST-AE output4D .mat/.h5, or the one 4D dataset",
+        (".h5", ".hdf5", ".hdf", ".mat", ".emd", ".hspy"),
+        read_hdf5,
+        sniff=_is_hdf5,
+    ),
+]
+
+#: Every supported format by name, in the order auto-detection tries them per extension.
+FORMATS: dict[str, Format] = {f.name: f for f in [*VENDOR_FORMATS, *_CORE_FORMATS]}
+
+
+def supported_formats() -> str:
+    """One line per format: its name, extensions and what it reads."""
+    return "\n".join(f"  {f.name:<10} {' '.join(f.extensions):<28} {f.description}" for f in FORMATS.values())
+
+
+def _detect(location: Location) -> Format:
+    name = location.name.lower()
+    matches = [f for f in FORMATS.values() if any(name.endswith(ext) for ext in f.extensions)]
+    for fmt in matches:
+        if fmt.sniff is None or fmt.sniff(location):
+            return fmt
+    if matches:
+        # Every format claiming this extension refused the file: it is not what it claims to be.
+        names = ", ".join(f.name for f in matches)
+        raise InputError(
+            f"{redact(location.url)} is not a valid {names} file (its contents do not match its "
+            "extension); check the file, or pass --format with its real format."
+        )
+    names = ", ".join(FORMATS)
+    raise InputError(
+        f"{redact(location.url)}: unknown format {os.path.splitext(name)[1] or '(no extension)'}; "
+        f"pass --format with one of: {names}."
+    )
+
+
+def open_source(url: str, *, format: str = "auto", options: ReadOptions | None = None) -> SourceScan:
+    """Open a raw scan lazily.
+
+    Parameters
+    ----------
+    url
+        Local path or fsspec URL of the file (for EMPAD, the ``.xml``; for ARINA, the master file).
+    format
+        A name of :data:`FORMATS`, or ``"auto"`` to choose by extension and file signature.
+    options
+        Dataset path, scan shape, raw layout, block size (:class:`ReadOptions`).
+
+    Returns
+    -------
+    SourceScan
+        ``data`` of shape (RX, RY, QX, QY) in the detector's dtype, ``qx`` = pattern rows
+        (axis 2); calibration from the file where it has one.
+
+    Raises
+    ------
+    InputError
+        Missing file, unknown format, a file that is not what it claims, a shape that is not a scan.
+    StorageError
+        An object store that cannot be reached or refuses access.
+    """
+    options = options or ReadOptions()
+    location = locate(url)
+    if not location.exists():
+        raise InputError(f"{redact(location.url)} does not exist; check the path.")
+    if location.fs.isdir(location.path) and not location.name.endswith(".zarr"):
+        raise InputError(f"{redact(location.url)} is a folder; pass the scan file inside it.")
+    if format == "auto":
+        fmt = _detect(location)
+    elif format in FORMATS:
+        fmt = FORMATS[format]
+    else:
+        raise InputError(f"--format {format!r} is not supported; use auto or one of: {', '.join(FORMATS)}.")
+    scan = fmt.read(location, options)
+    data = as_scan_4d(scan.data, source=scan.source, scan_shape=None)
+    if data.size == 0:
+        raise InputError(f"{scan.source} holds an empty scan of shape {data.shape}; pass a file with data.")
+    return scan

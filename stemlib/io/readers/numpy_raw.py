@@ -1,0 +1,117 @@
+"""NumPy ``.npy`` files and raw binary frame files, read lazily by byte ranges."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ...calibration import Calibration
+from ...errors import InputError
+from ..storage import Location, redact, storage_errors
+from .base import ByteRangeArray, ReadOptions, SourceScan, lazy_scan, resolve_scan_shape
+
+__all__ = ["read_npy", "read_raw"]
+
+
+def _check_size(frames: ByteRangeArray, actual: int, source: str) -> None:
+    expected = frames.expected_file_bytes
+    if actual < expected:
+        raise InputError(
+            f"{source} is truncated: it has {actual} bytes but its shape needs {expected}; "
+            "check that the file was copied completely."
+        )
+
+
+def read_npy(location: Location, options: ReadOptions) -> SourceScan:
+    """Open a ``.npy`` file lazily: the header is parsed, frames are read by byte ranges.
+
+    Accepts a 4D array (rx, ry, qx, qy) or, with ``scan_shape``, a 3D stack (N, qx, qy).
+    """
+    source = redact(location.url)
+    with storage_errors(location.url), location.fs.open(location.path, "rb") as f:
+        try:
+            version = np.lib.format.read_magic(f)
+            if version == (1, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+            else:
+                shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+        except ValueError:
+            raise InputError(
+                f"{source} is not a NumPy .npy file (its header is not NumPy's); "
+                "pass --format to name its real format."
+            ) from None
+        header_bytes = f.tell()
+        size = location.fs.size(location.path)
+    if dtype.hasobject:
+        raise InputError(f"{source} holds Python objects, not numbers; save it as a numeric array.")
+    if fortran and len(shape) > 1:
+        raise InputError(
+            f"{source} is stored in Fortran order; re-save it with np.save(path, np.ascontiguousarray(a))."
+        )
+    shape = tuple(int(n) for n in shape)
+    scan_shape, frame_shape = resolve_scan_shape(shape, options.scan_shape, source)
+    frames = ByteRangeArray(
+        location.url, scan_shape=scan_shape, frame_shape=frame_shape, dtype=dtype, header_bytes=header_bytes
+    )
+    _check_size(frames, size, source)
+    return SourceScan(
+        data=lazy_scan(frames, chunks=options.chunks),
+        calibration=Calibration(),
+        reader="npy",
+        source=source,
+        details={"stored_shape": list(shape), "dtype": dtype.str},
+    )
+
+
+def read_raw(location: Location, options: ReadOptions) -> SourceScan:
+    """Open a raw binary file of frames, given its layout in ``options``.
+
+    ``dtype`` and ``frame_shape`` are required; ``scan_shape`` is required too unless the frame
+    count is 1. ``header_bytes`` precede the first frame; ``frame_header_bytes`` and
+    ``frame_footer_bytes`` surround every frame (e.g. 0 and 1024 for an EMPAD raw file).
+    """
+    source = redact(location.url)
+    if options.dtype is None or options.frame_shape is None:
+        raise InputError(
+            f"{source}: a raw binary file needs its layout; pass --dtype (e.g. uint16) and "
+            "--frame-shape QX,QY, and --scan-shape RX,RY."
+        )
+    try:
+        dtype = np.dtype(options.dtype)
+    except TypeError:
+        raise InputError(f"--dtype {options.dtype!r} is not a NumPy dtype; use e.g. uint16 or <f4.") from None
+    with storage_errors(location.url):
+        size = int(location.fs.size(location.path))
+    frame_shape = options.frame_shape
+    stride = options.frame_header_bytes + int(np.prod(frame_shape)) * dtype.itemsize + options.frame_footer_bytes
+    body = size - options.header_bytes
+    if options.scan_shape is None:
+        n = body // stride if stride else 0
+        raise InputError(
+            f"{source} holds {n} frames of {frame_shape[0]}x{frame_shape[1]} with no scan shape; "
+            "pass --scan-shape RX,RY."
+        )
+    n_frames = options.scan_shape[0] * options.scan_shape[1]
+    shape = (n_frames,) + tuple(frame_shape)
+    scan_shape, frame_shape = resolve_scan_shape(shape, options.scan_shape, source)
+    frames = ByteRangeArray(
+        location.url,
+        scan_shape=scan_shape,
+        frame_shape=frame_shape,
+        dtype=dtype,
+        header_bytes=options.header_bytes,
+        frame_header_bytes=options.frame_header_bytes,
+        frame_footer_bytes=options.frame_footer_bytes,
+    )
+    _check_size(frames, size, source)
+    return SourceScan(
+        data=lazy_scan(frames, chunks=options.chunks),
+        calibration=Calibration(),
+        reader="raw",
+        source=source,
+        details={
+            "dtype": dtype.str,
+            "header_bytes": options.header_bytes,
+            "frame_header_bytes": options.frame_header_bytes,
+            "frame_footer_bytes": options.frame_footer_bytes,
+        },
+    )

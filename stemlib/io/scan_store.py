@@ -1,0 +1,309 @@
+"""Scan stores: a 4D datacube as a Zarr v3 group that ``xarray.open_zarr`` opens.
+
+Layout (CONVENTIONS.md sections 1 and 4): variable ``data`` with dims (rx, ry, qx, qy) in the
+detector's dtype, whole patterns per chunk, Blosc zstd with bit-shuffle; scans over
+:data:`SHARD_ABOVE_BYTES` are sharded so that object stores hold few, large objects while
+readers still fetch small chunks. Coordinates carry units; calibration and provenance are group
+attributes.
+
+Every pattern is hashed while it streams: ``content_sha256`` is the SHA-256 of the SHA-256
+digests of each pattern's little-endian bytes, patterns in (rx, ry) C order. It depends on the
+values only, not on the chunking or the number of workers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import dask
+import dask.array as da
+import numpy as np
+import xarray as xr
+import zarr
+from zarr.codecs import BloscCodec
+
+from ..calibration import Calibration, scan_coords
+from ..errors import InputError
+from ..types import DIMS
+from .storage import Location, locate, redact, staged, storage_errors
+
+__all__ = [
+    "SCAN_VARIABLE",
+    "StoreLayout",
+    "choose_layout",
+    "write_scan",
+    "open_scan",
+    "read_store_attrs",
+    "HASH_SCHEME",
+]
+
+SCAN_VARIABLE = "data"
+HASH_SCHEME = "sha256 over the sha256 of each pattern's little-endian bytes, patterns in (rx, ry) C order"
+#: Target bytes of one chunk of a small scan, and of one shard of a large one.
+CHUNK_BYTES = 32 * 2**20
+#: Target bytes of one inner chunk of a sharded scan.
+INNER_CHUNK_BYTES = 4 * 2**20
+#: Scans above this size are sharded.
+SHARD_ABOVE_BYTES = 2 * 2**30
+_DIGEST = 32
+
+
+def _pow2_floor(n: int) -> int:
+    return 1 << (max(int(n), 1).bit_length() - 1)
+
+
+def _probe_block(shape: tuple[int, ...], itemsize: int, target: int) -> tuple[int, int]:
+    """Probe positions (crx, cry), powers of two capped by the scan, holding about ``target`` bytes."""
+    rx, ry = shape[:2]
+    pattern = int(np.prod(shape[2:])) * itemsize
+    n = max(1, target // max(pattern, 1))
+    cry = min(ry, _pow2_floor(math.isqrt(n)))
+    return min(rx, _pow2_floor(n // cry)), cry
+
+
+@dataclass(frozen=True)
+class StoreLayout:
+    """Chunk and shard shapes of a scan store (4-tuples; ``shards`` None when unsharded).
+
+    ``write_block`` is the unit one dask task writes: the shard when sharded, else the chunk.
+    """
+
+    chunks: tuple[int, int, int, int]
+    shards: tuple[int, int, int, int] | None
+
+    @property
+    def write_block(self) -> tuple[int, int, int, int]:
+        return self.shards or self.chunks
+
+
+def choose_layout(shape: tuple[int, int, int, int], dtype: Any) -> StoreLayout:
+    """Chunks of whole patterns of about 32 MB; above 2 GB, 4 MB chunks in shards of about 32 MB.
+
+    Examples
+    --------
+    >>> choose_layout((256, 256, 256, 256), "uint16")
+    StoreLayout(chunks=(8, 4, 256, 256), shards=(16, 16, 256, 256))
+    >>> choose_layout((32, 32, 128, 128), "uint16").shards is None
+    True
+    """
+    itemsize = np.dtype(dtype).itemsize
+    total = int(np.prod(shape)) * itemsize
+    qx, qy = shape[2:]
+    if total <= SHARD_ABOVE_BYTES:
+        crx, cry = _probe_block(shape, itemsize, CHUNK_BYTES)
+        return StoreLayout(chunks=(crx, cry, qx, qy), shards=None)
+    irx, iry = _probe_block(shape, itemsize, INNER_CHUNK_BYTES)
+    srx, sry = _probe_block(shape, itemsize, CHUNK_BYTES)
+    # A shard holds a whole number of inner chunks.
+    srx, sry = max(irx, srx // irx * irx), max(iry, sry // iry * iry)
+    return StoreLayout(chunks=(irx, iry, qx, qy), shards=(srx, sry, qx, qy))
+
+
+def _write_and_hash(block: np.ndarray, target: zarr.Array, block_info: Any = None) -> np.ndarray:
+    """Write ``block`` into ``target`` at its place; return per-pattern digest and bad-pixel count.
+
+    Returns an array of shape (crx, cry, 40) uint8: the SHA-256 of each pattern's little-endian
+    bytes, then the pattern's count of NaN/Inf pixels as little-endian uint64.
+    """
+    location = block_info[0]["array-location"]
+    target[tuple(slice(a, b) for a, b in location)] = block
+    little = block.astype(block.dtype.newbyteorder("<"), copy=False)
+    patterns = np.ascontiguousarray(little).reshape(block.shape[0] * block.shape[1], -1)
+    out = np.empty((patterns.shape[0], _DIGEST + 8), np.uint8)
+    for i, pattern in enumerate(patterns):
+        out[i, :_DIGEST] = np.frombuffer(hashlib.sha256(pattern.data).digest(), np.uint8)
+    if block.dtype.kind == "f":
+        bad = (~np.isfinite(patterns)).sum(axis=1).astype("<u8")
+    else:
+        bad = np.zeros(patterns.shape[0], "<u8")
+    out[:, _DIGEST:] = bad.view(np.uint8).reshape(-1, 8)
+    return out.reshape(block.shape[:2] + (_DIGEST + 8,))
+
+
+def _skeleton(shape: tuple[int, ...], dtype: Any, data: da.Array, calibration: Calibration, attrs: dict[str, Any]) -> xr.Dataset:
+    coords = scan_coords(shape, calibration)  # type: ignore[arg-type]
+    var_attrs = {"units": "counts" if np.dtype(dtype).kind in "ui" else "1", "long_name": "diffraction intensity"}
+    return xr.Dataset(
+        {SCAN_VARIABLE: (DIMS, data, var_attrs)},
+        coords={name: (dim, values, a) for name, (dim, values, a) in coords.items()},
+        attrs={**calibration.to_attrs(), **attrs},
+    )
+
+
+def read_store_attrs(location: Location) -> dict[str, Any] | None:
+    """Group attributes of the Zarr store at ``location``, or None if it is not a Zarr group."""
+    with storage_errors(location.url):
+        if not location.fs.exists(location.path.rstrip("/") + "/zarr.json"):
+            return None
+        try:
+            group = zarr.open_group(location.url, mode="r", storage_options=location.storage_options or None)
+        except Exception:  # noqa: BLE001 - any unreadable metadata means "not a store of ours"
+            return None
+        return dict(group.attrs)
+
+
+@dataclass(frozen=True)
+class WriteResult:
+    """What :func:`write_scan` published (JSON-ready via :meth:`as_dict`)."""
+
+    url: str
+    shape: tuple[int, ...]
+    dtype: str
+    chunks: tuple[int, ...]
+    shards: tuple[int, ...] | None
+    content_sha256: str
+    nbytes: int
+    stored_bytes: int
+    nonfinite_pixels: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}
+
+
+def write_scan(
+    data: da.Array,
+    dest: str | Location,
+    *,
+    calibration: Calibration,
+    attrs: dict[str, Any] | None = None,
+    allow_nonfinite: bool = False,
+    layout: StoreLayout | None = None,
+) -> WriteResult:
+    """Stream ``data`` into a new scan store at ``dest``, atomically.
+
+    Parameters
+    ----------
+    data
+        Lazy array of shape (RX, RY, QX, QY) (``qx`` = pattern rows, axis 2), any dtype.
+    dest
+        Local path or fsspec URL of the store. An existing store there is replaced only once the
+        new one is complete and verified.
+    calibration
+        Stored as attributes and used for the coordinates (:func:`stemlib.calibration.scan_coords`).
+    attrs
+        Further group attributes (provenance). Must be JSON-serialisable.
+    allow_nonfinite
+        Store float data holding NaN/Inf (their count is recorded) instead of refusing it.
+    layout
+        Chunks and shards; :func:`choose_layout` by default.
+
+    Returns
+    -------
+    WriteResult
+        URL, shape, dtype, chunks, shards, ``content_sha256``, logical and stored bytes, and the
+        count of non-finite pixels.
+
+    Raises
+    ------
+    InputError
+        Float data holding NaN/Inf when ``allow_nonfinite`` is False (nothing is published).
+    """
+    dest = locate(dest) if isinstance(dest, str) else dest
+    if data.ndim != 4:
+        raise InputError(f"a scan needs 4 dims (rx, ry, qx, qy), got shape {data.shape}.")
+    shape = tuple(int(n) for n in data.shape)
+    layout = layout or choose_layout(shape, data.dtype)  # type: ignore[arg-type]
+    block = layout.write_block
+    data = data.rechunk(block)
+
+    def verify(temp: Location) -> None:
+        opened = open_scan(temp.url)
+        if opened.shape != shape or opened.dtype != data.dtype:
+            raise RuntimeError(f"verification of {redact(dest.url)} failed: wrote {opened.shape} {opened.dtype}")
+
+    with staged(dest, verify=verify) as temp:
+        options = temp.storage_options or None
+        skeleton = _skeleton(shape, data.dtype, data, calibration, attrs or {})
+        encoding = {
+            SCAN_VARIABLE: {
+                "chunks": layout.chunks,
+                "compressors": [BloscCodec(cname="zstd", clevel=1, shuffle="bitshuffle")],
+                **({"shards": layout.shards} if layout.shards else {}),
+            }
+        }
+        with warnings.catch_warnings(), storage_errors(dest.url):
+            warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
+            skeleton.to_zarr(
+                temp.url, mode="w-", compute=False, zarr_format=3, encoding=encoding, storage_options=options
+            )
+            target = zarr.open_array(temp.url, path=SCAN_VARIABLE, mode="r+", storage_options=options)
+            records = data.map_blocks(
+                _write_and_hash,
+                target=target,
+                dtype=np.uint8,
+                drop_axis=(2, 3),
+                new_axis=2,
+                chunks=data.chunks[:2] + ((_DIGEST + 8,),),
+                name="stemflow-write-scan-" + dask.base.tokenize(data, temp.url),
+            )
+            (records,) = dask.compute(records)
+        digests = records[..., :_DIGEST]
+        nonfinite = int(np.ascontiguousarray(records[..., _DIGEST:]).view("<u8").sum())
+        if nonfinite and not allow_nonfinite:
+            bad_patterns = int((np.ascontiguousarray(records[..., _DIGEST:]).view("<u8") > 0).sum())
+            raise InputError(
+                f"{attrs.get('source', 'the source') if attrs else 'the source'} holds {nonfinite} NaN/Inf "
+                f"pixels in {bad_patterns} patterns; clean the data, or pass --allow-nonfinite to store "
+                "them with their count recorded."
+            )
+        content = hashlib.sha256(np.ascontiguousarray(digests).tobytes()).hexdigest()
+        with warnings.catch_warnings(), storage_errors(dest.url):
+            warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
+            group = zarr.open_group(temp.url, mode="r+", storage_options=options)
+            group.attrs.update(
+                {
+                    "content_sha256": content,
+                    "content_hash_scheme": HASH_SCHEME,
+                    "nonfinite_pixels": nonfinite,
+                    "complete": True,
+                }
+            )
+            zarr.consolidate_metadata(group.store)
+            stored = int(temp.fs.du(temp.path))
+    return WriteResult(
+        url=dest.url,
+        shape=shape,
+        dtype=np.dtype(data.dtype).str,
+        chunks=layout.chunks,
+        shards=layout.shards,
+        content_sha256=content,
+        nbytes=int(data.nbytes),
+        stored_bytes=stored,
+        nonfinite_pixels=nonfinite,
+    )
+
+
+def open_scan(url: str | Location) -> xr.DataArray:
+    """Open a scan store lazily as a DataArray with dims (rx, ry, qx, qy).
+
+    The returned attrs merge the group's calibration and provenance with the variable's
+    ``units`` and ``long_name``.
+
+    Raises
+    ------
+    InputError
+        If ``url`` does not exist or is not a stemflow scan store.
+    """
+    location = locate(url) if isinstance(url, str) else url
+    where = redact(location.url)
+    attrs = read_store_attrs(location)
+    if attrs is None:
+        if not location.exists():
+            raise InputError(f"{where} does not exist; run `stemflow ingest SOURCE {where}` first.")
+        raise InputError(f"{where} is not a Zarr scan store; convert the raw scan with `stemflow ingest` first.")
+    with warnings.catch_warnings(), storage_errors(location.url):
+        warnings.filterwarnings("ignore", category=RuntimeWarning, message=".*consolidated.*")
+        ds = xr.open_zarr(location.url, storage_options=location.storage_options or None, chunks={})
+    if SCAN_VARIABLE not in ds or ds[SCAN_VARIABLE].dims != DIMS:
+        found = {name: v.dims for name, v in ds.data_vars.items()}
+        raise InputError(
+            f"{where} is not a scan store: it needs a variable 'data' with dims (rx, ry, qx, qy) "
+            f"and holds {found or 'no variables'}; convert the raw scan with `stemflow ingest`."
+        )
+    scan = ds[SCAN_VARIABLE]
+    scan.attrs = {**ds.attrs, **scan.attrs}
+    return scan

@@ -1,0 +1,279 @@
+"""Where results live: local paths and fsspec URLs, and publishing a store atomically.
+
+A store is written under a temporary sibling name, verified, then published under its final
+name, so that a reader never takes a half-written result for a good one:
+
+- on a local disk, publishing is one directory rename;
+- on object storage (``s3://``), the objects are copied under the final prefix with the root
+  ``zarr.json`` last: until that last copy, the destination is not a Zarr group at all.
+
+S3 endpoint and credentials come from the standard variables (``AWS_ENDPOINT_URL``,
+``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``) or a named profile (``AWS_PROFILE``). Messages
+name the URL without any credential and say which variable to check.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import posixpath
+import shutil
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+from ..errors import InputError, StorageError
+
+__all__ = [
+    "Location",
+    "locate",
+    "redact",
+    "storage_errors",
+    "staged",
+    "remove",
+]
+
+#: Seconds to wait for an object store before calling it unreachable.
+CONNECT_TIMEOUT_S = 5
+
+
+def redact(url: str) -> str:
+    """``url`` without any user name or password, safe for messages and logs.
+
+    Examples
+    --------
+    >>> redact("s3://AKIAXXX:secret@bucket/scan.zarr")
+    's3://bucket/scan.zarr'
+    >>> redact("/data/scan.npy")
+    '/data/scan.npy'
+    """
+    parts = urlsplit(url)
+    if parts.scheme and "@" in parts.netloc:
+        return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
+    return url
+
+
+def _storage_options(protocol: str) -> dict[str, Any]:
+    if protocol not in ("s3", "s3a"):
+        return {}
+    client: dict[str, Any] = {}
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        client["endpoint_url"] = endpoint
+    options: dict[str, Any] = {
+        "client_kwargs": client,
+        "config_kwargs": {
+            "connect_timeout": CONNECT_TIMEOUT_S,
+            "read_timeout": 60,
+            "retries": {"max_attempts": 2, "mode": "standard"},
+        },
+        # s3fs retries some errors on its own; an unreachable endpoint must fail in seconds.
+        "retries": 2,
+    }
+    if os.environ.get("AWS_PROFILE"):
+        options["profile"] = os.environ["AWS_PROFILE"]
+    return options
+
+
+@dataclass(frozen=True)
+class Location:
+    """A path on a filesystem: ``url`` as given, ``fs`` the fsspec filesystem, ``path`` on it."""
+
+    url: str
+    fs: fsspec.AbstractFileSystem
+    path: str
+
+    @property
+    def is_local(self) -> bool:
+        return isinstance(self.fs, LocalFileSystem)
+
+    @property
+    def storage_options(self) -> dict[str, Any]:
+        """Options to pass to zarr/xarray for this URL (empty for local paths)."""
+        protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
+        return _storage_options(protocol)
+
+    @property
+    def name(self) -> str:
+        """The last path component, e.g. ``scan.zarr``."""
+        return posixpath.basename(self.path.rstrip("/"))
+
+    def sibling(self, name: str) -> Location:
+        """The location ``name`` in the same folder or prefix."""
+        parent = posixpath.dirname(self.path.rstrip("/"))
+        path = posixpath.join(parent, name)
+        scheme = urlsplit(self.url).scheme
+        url = path if self.is_local else f"{scheme}://{path}"
+        return Location(url=url, fs=self.fs, path=path)
+
+    def child(self, name: str) -> Location:
+        path = posixpath.join(self.path.rstrip("/"), name)
+        scheme = urlsplit(self.url).scheme
+        url = path if self.is_local else f"{scheme}://{path}"
+        return Location(url=url, fs=self.fs, path=path)
+
+    def exists(self) -> bool:
+        with storage_errors(self.url):
+            return bool(self.fs.exists(self.path))
+
+    def __str__(self) -> str:
+        return redact(self.url)
+
+
+def locate(url: str | os.PathLike[str]) -> Location:
+    """Resolve a local path or fsspec URL (``s3://bucket/key``) into a :class:`Location`.
+
+    Raises
+    ------
+    InputError
+        If the URL's protocol is not installed (e.g. ``gs://`` without gcsfs).
+    """
+    url = os.fspath(url)
+    if not url:
+        raise InputError("An empty path was given: pass a file path or a URL such as s3://bucket/key.")
+    scheme = urlsplit(url).scheme
+    if len(scheme) <= 1:  # a plain path (or a Windows drive letter)
+        path = os.path.abspath(os.path.expanduser(url))
+        return Location(url=path, fs=fsspec.filesystem("file"), path=path)
+    try:
+        fs, path = fsspec.core.url_to_fs(url, **_storage_options(scheme))
+    except (ImportError, ValueError) as exc:
+        raise InputError(
+            f"{redact(url)}: the protocol {scheme}:// is not available ({exc}); "
+            "use a local path or s3://bucket/key."
+        ) from None
+    return Location(url=url, fs=fs, path=path)
+
+
+def _classify(exc: BaseException) -> str | None:
+    """The kind of storage failure behind ``exc``: 'auth', 'unreachable', 'missing' or None."""
+    name = type(exc).__name__
+    text = str(exc)
+    if name in {"NoCredentialsError", "PartialCredentialsError", "InvalidAccessKeyId"}:
+        return "auth"
+    if isinstance(exc, PermissionError) or any(
+        key in text for key in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "Forbidden")
+    ):
+        return "auth"
+    if name in {"EndpointConnectionError", "ConnectTimeoutError", "ClientConnectorError"} or isinstance(
+        exc, (ConnectionError, TimeoutError)
+    ):
+        return "unreachable"
+    if "Could not connect to the endpoint" in text or "Connect timeout" in text:
+        return "unreachable"
+    if "NoSuchBucket" in text or "bucket does not exist" in text.lower():
+        return "missing"
+    cause = exc.__cause__ or exc.__context__
+    if cause is not None and cause is not exc:
+        return _classify(cause)
+    return None
+
+
+@contextlib.contextmanager
+def storage_errors(url: str) -> Iterator[None]:
+    """Turn failures of an object store at ``url`` into one-sentence :class:`StorageError`.
+
+    Local errors other than permissions pass through unchanged. Credentials never appear in the
+    message: only the redacted URL and the names of the variables to check.
+    """
+    try:
+        yield
+    except StorageError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - classified below, re-raised when unknown
+        kind = _classify(exc)
+        where = redact(url)
+        remote = bool(urlsplit(url).scheme) and len(urlsplit(url).scheme) > 1
+        if kind == "auth" and remote:
+            raise StorageError(
+                f"{where}: the object store refused the credentials or access; set "
+                "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) to a key with access."
+            ) from None
+        if kind == "auth":
+            raise StorageError(f"{where}: permission denied; choose a path you can write to.") from None
+        if kind == "unreachable":
+            endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+            at = f" at {endpoint}" if endpoint else ""
+            raise StorageError(
+                f"{where}: the object store{at} cannot be reached; check AWS_ENDPOINT_URL "
+                "and that the server is running."
+            ) from None
+        if kind == "missing" and remote:
+            raise StorageError(
+                f"{where}: the bucket does not exist; create it or correct the URL."
+            ) from None
+        raise
+
+
+def remove(location: Location) -> None:
+    """Delete ``location`` recursively if it exists."""
+    with storage_errors(location.url):
+        if location.is_local:
+            shutil.rmtree(location.path, ignore_errors=True)
+            if os.path.exists(location.path):
+                os.remove(location.path)
+        elif location.fs.exists(location.path):
+            location.fs.rm(location.path, recursive=True)
+
+
+def _publish_local(temp: Location, dest: Location) -> None:
+    if os.path.exists(dest.path):
+        old = dest.sibling(f".{dest.name}.old-{uuid.uuid4().hex[:8]}")
+        os.rename(dest.path, old.path)
+        os.rename(temp.path, dest.path)
+        shutil.rmtree(old.path, ignore_errors=True)
+    else:
+        os.makedirs(os.path.dirname(dest.path) or ".", exist_ok=True)
+        os.rename(temp.path, dest.path)
+
+
+def _publish_remote(temp: Location, dest: Location) -> None:
+    fs = temp.fs
+    if fs.exists(dest.path):
+        fs.rm(dest.path, recursive=True)
+    keys = [k for k in fs.find(temp.path) if not k.endswith("/")]
+    root_meta = posixpath.join(temp.path, "zarr.json")
+    # The root metadata goes last: before it lands the destination is not a readable group.
+    ordered = sorted(keys, key=lambda k: (k == root_meta, k))
+    for key in ordered:
+        fs.copy(key, posixpath.join(dest.path, posixpath.relpath(key, temp.path)))
+    fs.rm(temp.path, recursive=True)
+
+
+@contextlib.contextmanager
+def staged(dest: Location, *, verify: Callable[[Location], None] | None = None) -> Iterator[Location]:
+    """Write under a temporary sibling of ``dest``; verify and publish only on success.
+
+    Parameters
+    ----------
+    dest
+        The final location. An existing store there is replaced only at publication, so a
+        failed run leaves it untouched.
+    verify
+        Called with the temporary location after the body succeeds; it raises to refuse
+        publication.
+
+    Yields
+    ------
+    Location
+        The temporary location to write to (``.<name>.partial-<random>`` beside ``dest``).
+    """
+    temp = dest.sibling(f".{dest.name}.partial-{uuid.uuid4().hex[:12]}")
+    try:
+        yield temp
+        with storage_errors(dest.url):
+            if verify is not None:
+                verify(temp)
+            if dest.is_local:
+                _publish_local(temp, dest)
+            else:
+                _publish_remote(temp, dest)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            remove(temp)
+        raise

@@ -1,0 +1,198 @@
+"""Strain result datasets (CONVENTIONS.md section 4): build, combine, write atomically, open.
+
+A strain dataset has variables ``exx, eyy, exy, theta, valid`` with dims ``(method, rx, ry)``;
+method-specific extras (class map, residuals, disk counts) are further ``(method, rx, ry)``
+variables, NaN for methods that do not have them. Attributes are set last, in one place,
+because xarray drops them in arithmetic.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import xarray as xr
+
+from .errors import InputError
+from .io.storage import Location, locate, redact, staged, storage_errors
+from .types import SCAN_DIMS
+
+__all__ = [
+    "CONVENTION",
+    "STRAIN_VARIABLES",
+    "strain_dataset",
+    "combine_methods",
+    "write_strain",
+    "open_strain",
+    "coverage",
+]
+
+CONVENTION = "stemflow-1"
+
+#: Required variables: (units, long_name).
+STRAIN_VARIABLES: dict[str, tuple[str, str]] = {
+    "exx": ("1", "normal strain along qx (V - I)"),
+    "eyy": ("1", "normal strain along qy (V - I)"),
+    "exy": ("1", "tensor shear strain (engineering shear is 2 exy)"),
+    "theta": ("rad", "lattice rotation from +qx towards +qy"),
+    "valid": ("1", "position has an answer"),
+}
+
+
+def strain_dataset(
+    method: str,
+    *,
+    exx: np.ndarray,
+    eyy: np.ndarray,
+    exy: np.ndarray,
+    theta: np.ndarray,
+    valid: np.ndarray | None = None,
+    coords: Mapping[str, xr.DataArray | tuple[str, np.ndarray, dict[str, Any]]] | None = None,
+    extras: Mapping[str, tuple[np.ndarray, dict[str, str]]] | None = None,
+    attrs: Mapping[str, Any] | None = None,
+    method_attrs: Mapping[str, Any] | None = None,
+) -> xr.Dataset:
+    """Build the strain dataset of one method.
+
+    Parameters
+    ----------
+    method
+        The ``method`` label, e.g. ``"ccstae"`` or ``"py4dstem"``.
+    exx, eyy, exy, theta
+        Arrays of shape (RX, RY): strain ("1", tensor shear) and rotation (rad) in the detector
+        frame, NaN where a position has no answer.
+    valid
+        Boolean array of shape (RX, RY); by default True where all four are finite. Positions
+        that are not valid are set to NaN in every component.
+    coords
+        ``rx``/``ry`` coordinates with units (e.g. from the scan store); indices in ``"px"`` if None.
+    extras
+        Further per-position maps ``{name: (array (RX, RY), {"units": ..., "long_name": ...})}``.
+    attrs
+        Dataset attributes: ``frame``, ``reference``, provenance (input fingerprint, versions).
+    method_attrs
+        This method's parameters and diagnostics, stored under ``attrs["methods"][method]``.
+
+    Returns
+    -------
+    xarray.Dataset
+        Variables of dims (method, rx, ry) with ``units`` and ``long_name``; ``convention``
+        ``"stemflow-1"``; ``coverage`` (fraction valid) in the method's attributes.
+    """
+    maps = {"exx": exx, "eyy": eyy, "exy": exy, "theta": theta}
+    shape = np.shape(exx)
+    for name, value in maps.items():
+        if np.shape(value) != shape or len(shape) != 2:
+            raise InputError(f"{name} has shape {np.shape(value)}; every map must have the scan shape {shape}.")
+    finite = np.logical_and.reduce([np.isfinite(v) for v in maps.values()])
+    valid = finite if valid is None else (np.asarray(valid, bool) & finite)
+    data_vars: dict[str, Any] = {
+        name: (("method",) + SCAN_DIMS, np.where(valid, np.asarray(v, np.float64), np.nan)[None]) for name, v in maps.items()
+    }
+    data_vars["valid"] = (("method",) + SCAN_DIMS, valid[None])
+    for name, (value, _) in (extras or {}).items():
+        if np.shape(value) != shape:
+            raise InputError(f"extra map {name} has shape {np.shape(value)}; expected {shape}.")
+        data_vars[name] = (("method",) + SCAN_DIMS, np.asarray(value)[None])
+    if coords is None:
+        coords = {d: (d, np.arange(n, dtype=np.float64), {"units": "px"}) for d, n in zip(SCAN_DIMS, shape)}
+    ds = xr.Dataset(data_vars, coords={"method": [method], **dict(coords)})
+    for name, (units, long_name) in STRAIN_VARIABLES.items():
+        ds[name].attrs = {"units": units, "long_name": long_name}
+    for name, (_, var_attrs) in (extras or {}).items():
+        ds[name].attrs = dict(var_attrs)
+    ds.attrs = {
+        "convention": CONVENTION,
+        "frame": "detector",
+        **dict(attrs or {}),
+        "methods": {method: {"coverage": float(valid.mean()), **dict(method_attrs or {})}},
+    }
+    return ds
+
+
+def combine_methods(datasets: list[xr.Dataset], *, attrs: Mapping[str, Any] | None = None) -> xr.Dataset:
+    """Concatenate single-method datasets along ``method`` (extras absent in one become NaN).
+
+    Dataset attributes are those of the first dataset, updated by ``attrs``; the per-method
+    records under ``methods`` are merged.
+    """
+    if not datasets:
+        raise InputError("no strain results to combine; run at least one method.")
+    names = [str(m) for ds in datasets for m in ds["method"].values]
+    if len(set(names)) != len(names):
+        raise InputError(f"methods {names} repeat; each method may appear once.")
+    combined = xr.concat(datasets, dim="method", data_vars="all", coords="minimal", join="outer", fill_value=np.nan, combine_attrs="drop")
+    combined["valid"] = combined["valid"].fillna(False).astype(bool)
+    for ds in datasets:
+        for name, var in ds.data_vars.items():
+            combined[name].attrs = dict(var.attrs)
+    methods: dict[str, Any] = {}
+    for ds in datasets:
+        methods.update(ds.attrs.get("methods", {}))
+    combined.attrs = {**datasets[0].attrs, **dict(attrs or {}), "methods": methods}
+    return combined
+
+
+def _jsonable(attrs: Mapping[str, Any]) -> dict[str, Any]:
+    return json.loads(json.dumps(dict(attrs), default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
+
+
+def _check_strain(ds: xr.Dataset, where: str) -> None:
+    missing = [name for name in STRAIN_VARIABLES if name not in ds]
+    if missing or "method" not in ds.dims:
+        raise InputError(
+            f"{where} is not a strain dataset (missing {', '.join(missing) or 'the method dimension'}); "
+            "pass a store written by `stemflow strain`."
+        )
+
+
+def write_strain(ds: xr.Dataset, dest: str | Location) -> str:
+    """Write a strain dataset to a Zarr v3 store atomically; returns the URL.
+
+    The store is written under a temporary name, opened and checked, then published (see
+    :func:`stemlib.io.storage.staged`); an existing store at ``dest`` is replaced only then.
+    """
+    dest = locate(dest) if isinstance(dest, str) else dest
+    _check_strain(ds, redact(dest.url))
+    out = ds.copy()
+    out.attrs = _jsonable(ds.attrs)
+
+    def verify(temp: Location) -> None:
+        back = open_strain(temp.url)
+        if dict(back.sizes) != dict(ds.sizes):
+            raise RuntimeError(f"verification of {redact(dest.url)} failed: sizes {dict(back.sizes)}")
+
+    with staged(dest, verify=verify) as temp, warnings.catch_warnings(), storage_errors(dest.url):
+        warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
+        out.to_zarr(temp.url, mode="w-", zarr_format=3, storage_options=temp.storage_options or None)
+    return dest.url
+
+
+def open_strain(url: str | Location) -> xr.Dataset:
+    """Open a strain dataset (loaded into memory: maps are small).
+
+    Raises
+    ------
+    InputError
+        If ``url`` does not exist or is not a strain dataset.
+    """
+    location = locate(url) if isinstance(url, str) else url
+    where = redact(location.url)
+    if not location.exists():
+        raise InputError(f"{where} does not exist; run `stemflow strain` first.")
+    with warnings.catch_warnings(), storage_errors(location.url):
+        warnings.filterwarnings("ignore", category=RuntimeWarning, message=".*consolidated.*")
+        try:
+            ds = xr.open_zarr(location.url, storage_options=location.storage_options or None).load()
+        except (FileNotFoundError, KeyError, ValueError):
+            raise InputError(f"{where} is not a Zarr store; pass a store written by `stemflow strain`.") from None
+    _check_strain(ds, where)
+    return ds
+
+
+def coverage(ds: xr.Dataset) -> dict[str, float]:
+    """Fraction of valid positions per method."""
+    return {str(m): float(ds["valid"].sel(method=m).mean()) for m in ds["method"].values}

@@ -1,0 +1,1 @@
+"""Prefect tasks: thin, typed wrappers around stemlib calls (retries, caching, logging)."""
