@@ -124,14 +124,23 @@ def _write_and_hash(block: np.ndarray, target: zarr.Array, block_info: Any = Non
     return out.reshape(block.shape[:2] + (_DIGEST + 8,))
 
 
-def _skeleton(shape: tuple[int, ...], dtype: Any, data: da.Array, calibration: Calibration, attrs: dict[str, Any]) -> xr.Dataset:
+def _skeleton(
+    data: da.Array, calibration: Calibration, attrs: dict[str, Any], extras: xr.Dataset | None
+) -> xr.Dataset:
+    shape = tuple(int(n) for n in data.shape)
     coords = scan_coords(shape, calibration)  # type: ignore[arg-type]
-    var_attrs = {"units": "counts" if np.dtype(dtype).kind in "ui" else "1", "long_name": "diffraction intensity"}
-    return xr.Dataset(
+    var_attrs = {"units": "counts" if data.dtype.kind in "ui" else "1", "long_name": "diffraction intensity"}
+    ds = xr.Dataset(
         {SCAN_VARIABLE: (DIMS, data, var_attrs)},
         coords={name: (dim, values, a) for name, (dim, values, a) in coords.items()},
-        attrs={**calibration.to_attrs(), **attrs},
     )
+    if extras is not None:
+        for name, var in extras.data_vars.items():
+            if var.dims != ("rx", "ry") or var.shape != shape[:2]:
+                raise InputError(f"extra variable {name} has dims {var.dims} {var.shape}; expected (rx, ry) {shape[:2]}.")
+            ds[name] = (var.dims, np.asarray(var.values), dict(var.attrs))
+    ds.attrs = {**calibration.to_attrs(), **attrs}
+    return ds
 
 
 def read_store_attrs(location: Location) -> dict[str, Any] | None:
@@ -172,6 +181,7 @@ def write_scan(
     attrs: dict[str, Any] | None = None,
     allow_nonfinite: bool = False,
     layout: StoreLayout | None = None,
+    extras: xr.Dataset | None = None,
 ) -> WriteResult:
     """Stream ``data`` into a new scan store at ``dest``, atomically.
 
@@ -190,6 +200,9 @@ def write_scan(
         Store float data holding NaN/Inf (their count is recorded) instead of refusing it.
     layout
         Chunks and shards; :func:`choose_layout` by default.
+    extras
+        Small per-position variables with dims (rx, ry) stored beside ``data`` (e.g. the ground
+        truth of a simulated scan, see :mod:`stemlib.truth`).
 
     Returns
     -------
@@ -217,7 +230,7 @@ def write_scan(
 
     with staged(dest, verify=verify) as temp:
         options = temp.storage_options or None
-        skeleton = _skeleton(shape, data.dtype, data, calibration, attrs or {})
+        skeleton = _skeleton(data, calibration, attrs or {}, extras)
         encoding = {
             SCAN_VARIABLE: {
                 "chunks": layout.chunks,

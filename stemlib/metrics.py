@@ -1,0 +1,57 @@
+"""Errors of a strain result against ground truth."""
+
+from __future__ import annotations
+
+import numpy as np
+import xarray as xr
+
+from .strain import fold_rotation
+
+__all__ = ["rotation_difference", "strain_errors"]
+
+
+def rotation_difference(estimate: np.ndarray, truth: np.ndarray, symmetry: int) -> np.ndarray:
+    """``estimate - truth`` in rad, wrapped into ``(-pi/n, pi/n]`` (rotations are only defined
+    modulo the lattice's n-fold symmetry).
+
+    Examples
+    --------
+    >>> round(float(np.degrees(rotation_difference(np.radians(44.0), np.radians(-45.0), 4))), 9)
+    -1.0
+    """
+    return fold_rotation(np.asarray(estimate, np.float64) - np.asarray(truth, np.float64), symmetry)
+
+
+def strain_errors(
+    result: xr.Dataset, truth: xr.Dataset, *, symmetry: int, mask: np.ndarray | None = None
+) -> dict[str, float]:
+    """Mean absolute errors of one method's maps against the truth.
+
+    Parameters
+    ----------
+    result
+        A strain dataset of one method: ``exx, eyy, exy, theta, valid`` with dims (rx, ry) (select
+        the method first, e.g. ``ds.sel(method="ccstae")``).
+    truth
+        Truth with ``exx, eyy, exy, theta`` (see :func:`stemlib.truth.open_truth`).
+    symmetry
+        The lattice's n-fold symmetry, for the rotation error.
+    mask
+        Positions to score (all by default).
+
+    Returns
+    -------
+    dict
+        ``exx, eyy, exy`` ("1"), ``theta`` (rad) MAE over positions valid in the result, and
+        ``coverage``, the fraction of scored positions that are valid.
+    """
+    valid = np.asarray(result["valid"].values, bool)
+    scored = np.ones_like(valid) if mask is None else np.asarray(mask, bool)
+    use = valid & scored
+    out: dict[str, float] = {"coverage": float(use.sum() / max(scored.sum(), 1))}
+    for name in ("exx", "eyy", "exy"):
+        err = np.abs(result[name].values - truth[name].values)[use]
+        out[name] = float(err.mean()) if err.size else float("nan")
+    dtheta = np.abs(rotation_difference(result["theta"].values, truth["theta"].values, symmetry))[use]
+    out["theta"] = float(dtheta.mean()) if dtheta.size else float("nan")
+    return out
