@@ -99,7 +99,8 @@ def strain_dataset(
         data_vars[name] = (("method",) + SCAN_DIMS, np.asarray(value)[None])
     if coords is None:
         coords = {d: (d, np.arange(n, dtype=np.float64), {"units": "px"}) for d, n in zip(SCAN_DIMS, shape)}
-    ds = xr.Dataset(data_vars, coords={"method": [method], **dict(coords)})
+    # Variable-length strings: Zarr v3 has a specification for them, not for fixed-width ones.
+    ds = xr.Dataset(data_vars, coords={"method": np.array([method], dtype=object), **dict(coords)})
     for name, (units, long_name) in STRAIN_VARIABLES.items():
         ds[name].attrs = {"units": units, "long_name": long_name}
     for name, (_, var_attrs) in (extras or {}).items():

@@ -72,8 +72,6 @@ def _storage_options(protocol: str) -> dict[str, Any]:
             "read_timeout": 60,
             "retries": {"max_attempts": 2, "mode": "standard"},
         },
-        # s3fs retries some errors on its own; an unreachable endpoint must fail in seconds.
-        "retries": 2,
     }
     if os.environ.get("AWS_PROFILE"):
         options["profile"] = os.environ["AWS_PROFILE"]

@@ -1,0 +1,24 @@
+"""Retry policy shared by I/O tasks: retry storage failures, never a user's mistake or science."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from stemlib.errors import StorageError
+
+__all__ = ["retry_on_storage_error", "STORAGE_RETRY_DELAYS"]
+
+#: Seconds to wait before each retry of an I/O task.
+STORAGE_RETRY_DELAYS = [5, 30]
+
+
+def retry_on_storage_error(task: Any, task_run: Any, state: Any) -> bool:
+    """Prefect ``retry_condition_fn``: retry only when the failure was a :class:`StorageError`
+    (an object store that could not be reached); bad input and science errors fail at once."""
+    try:
+        state.result()
+    except StorageError:
+        return True
+    except Exception:  # noqa: BLE001 - every other failure is final
+        return False
+    return False

@@ -1,0 +1,139 @@
+"""Shared fixtures: Prefect's test harness, a real S3-compatible server, a dask compute counter."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+
+# No network at run time, no windows: set before Prefect or matplotlib are imported.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+
+@pytest.fixture(scope="session")
+def prefect_harness() -> Iterator[None]:
+    """Prefect's own test harness: a temporary database and API for the whole session."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@dataclass(frozen=True)
+class S3Server:
+    """A running S3-compatible server on 127.0.0.1 that checks credentials."""
+
+    endpoint: str
+    access_key: str
+    secret_key: str
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    """A real moto S3 server on 127.0.0.1 with authentication on (unknown keys are refused).
+
+    One IAM user with full access is created in the server's backend; its key is what the
+    ``s3`` fixture puts in the environment.
+    """
+    # moto reads this at import: every request must then carry a known access key.
+    os.environ["INITIAL_NO_AUTH_ACTION_COUNT"] = "0"
+    from moto.core import DEFAULT_ACCOUNT_ID
+    from moto.iam.models import iam_backends
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    iam = iam_backends[DEFAULT_ACCOUNT_ID]["global"]
+    iam.create_user(region_name="us-east-1", user_name="stemflow-test", path="/")
+    key = iam.create_access_key("stemflow-test")
+    policy = iam.create_policy(
+        description="tests",
+        path="/",
+        policy_document=json.dumps(
+            {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}
+        ),
+        policy_name="stemflow-test-all",
+        tags=[],
+    )
+    iam.attach_user_policy(policy.arn, "stemflow-test")
+    try:
+        yield S3Server(f"http://{host}:{port}", key.access_key_id, key.secret_access_key)
+    finally:
+        server.stop()
+
+
+def _clear_s3fs_cache() -> None:
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+@pytest.fixture
+def s3(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> Iterator[str]:
+    """A fresh bucket on the test server, with its endpoint and key in the standard variables.
+
+    Yields the bucket URL, ``s3://<bucket>``.
+    """
+    import boto3
+
+    bucket = "stemflow-" + request.node.name.lower().replace("_", "-").replace("[", "-").replace("]", "")[:40]
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.endpoint)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_server.access_key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_server.secret_key)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    client = boto3.client(
+        "s3",
+        endpoint_url=s3_server.endpoint,
+        aws_access_key_id=s3_server.access_key,
+        aws_secret_access_key=s3_server.secret_key,
+        region_name="us-east-1",
+    )
+    client.create_bucket(Bucket=bucket)
+    _clear_s3fs_cache()
+    yield f"s3://{bucket}"
+    _clear_s3fs_cache()
+
+
+def closed_port() -> int:
+    """A local TCP port with nothing listening on it."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class ComputeCounter:
+    """Counts dask graph executions on the local schedulers (a ``raise_if_dask_computes`` helper)."""
+
+    def __init__(self) -> None:
+        from dask.callbacks import Callback
+
+        self.count = 0
+        counter = self
+
+        class _Count(Callback):
+            def _start(self, dsk):  # noqa: ANN001 - dask's callback signature
+                counter.count += 1
+
+        self._callback = _Count()
+
+    def __enter__(self) -> ComputeCounter:
+        self._callback.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._callback.__exit__(*exc)
+
+
+@pytest.fixture
+def dask_computes() -> Iterator[ComputeCounter]:
+    """Count dask computes inside the test: ``with dask_computes as c: ...; assert c.count == 0``."""
+    yield ComputeCounter()

@@ -1,0 +1,246 @@
+"""Ingest: store layout, provenance, atomic publication, skip/overwrite, bad input, memory."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import xarray as xr
+
+from flows.cli import main
+from stemlib.calibration import Calibration
+from stemlib.errors import InputError
+from stemlib.ingest import IngestOptions, ingest
+from stemlib.io.scan_store import HASH_SCHEME, choose_layout, open_scan
+
+
+def scan(shape=(6, 5, 16, 12), dtype="uint16", seed=0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 3000, shape).astype(dtype)
+
+
+def leftovers(folder) -> list[str]:
+    """Anything a failed run could leave behind: the destination or a temporary sibling."""
+    return sorted(p for p in os.listdir(folder) if p.endswith(".zarr") or ".partial-" in p)
+
+
+def test_store_opens_in_xarray_with_units_and_provenance(tmp_path):
+    data = scan()
+    np.save(tmp_path / "s.npy", data)
+    options = IngestOptions(calibration=Calibration(probe_step_nm=0.5, q_pixel_size=0.02, q_pixel_units="1/A", origin_px=(8, 6)))
+    result = ingest(str(tmp_path / "s.npy"), str(tmp_path / "s.zarr"), options)
+    assert result.status == "written"
+    ds = xr.open_zarr(tmp_path / "s.zarr")
+    assert ds["data"].dims == ("rx", "ry", "qx", "qy")
+    np.testing.assert_array_equal(ds["data"].values, data)
+    assert ds["rx"].attrs["units"] == "nm" and ds["rx"].values[1] == pytest.approx(0.5)
+    assert ds["qx"].attrs["units"] == "1/A"
+    assert ds["qx"].values[8] == 0.0 and ds["qy"].values[6] == 0.0  # zero at the direct beam
+    assert ds.attrs["probe_step_nm"] == 0.5 and ds.attrs["origin_px"] == [8.0, 6.0]
+    assert ds.attrs["source"].endswith("s.npy") and ds.attrs["reader"] == "npy"
+    assert ds.attrs["source_bytes"] == os.path.getsize(tmp_path / "s.npy")
+    assert "zarr" in ds.attrs["software"] and "numpy" in ds.attrs["software"]
+    # The content hash is the documented scheme, recomputed here independently.
+    digests = b"".join(hashlib.sha256(p.astype("<u2").tobytes()).digest() for p in data.reshape(-1, 16, 12))
+    assert ds.attrs["content_sha256"] == hashlib.sha256(digests).hexdigest()
+    assert ds.attrs["content_hash_scheme"] == HASH_SCHEME
+    encoding = ds["data"].encoding
+    assert encoding["compressors"][0].cname.value == "zstd"
+    assert encoding["compressors"][0].shuffle.value == "bitshuffle"
+
+
+def test_uncalibrated_axes_are_pixels(tmp_path):
+    np.save(tmp_path / "s.npy", scan())
+    ingest(str(tmp_path / "s.npy"), str(tmp_path / "s.zarr"))
+    ds = xr.open_zarr(tmp_path / "s.zarr")
+    assert {ds[d].attrs["units"] for d in ("rx", "ry", "qx", "qy")} == {"px"}
+    for unknown in ("probe_step_nm", "q_pixel_size", "beam_energy_keV", "origin_px"):
+        assert unknown not in ds.attrs
+
+
+def test_content_hash_does_not_depend_on_chunking(tmp_path):
+    from stemlib.io.readers import open_source
+    from stemlib.io.scan_store import StoreLayout, write_scan
+
+    data = scan()
+    np.save(tmp_path / "s.npy", data)
+    a = write_scan(open_source(str(tmp_path / "s.npy")).data, str(tmp_path / "a.zarr"), calibration=Calibration())
+    b = write_scan(
+        open_source(str(tmp_path / "s.npy")).data,
+        str(tmp_path / "b.zarr"),
+        calibration=Calibration(),
+        layout=StoreLayout(chunks=(2, 5, 16, 12), shards=(4, 5, 16, 12)),
+    )
+    assert a.content_sha256 == b.content_sha256
+    assert b.shards == (4, 5, 16, 12)
+    np.testing.assert_array_equal(open_scan(str(tmp_path / "b.zarr")).values, data)
+
+
+def test_layout_shards_large_scans():
+    small = choose_layout((64, 64, 128, 128), "uint16")
+    assert small.shards is None and small.chunks == (32, 32, 128, 128)  # 32 MB chunks
+    big = choose_layout((256, 256, 256, 256), "uint16")
+    assert big.shards == (16, 16, 256, 256)  # 32 MB shards of 4 MB chunks
+    assert np.prod(big.chunks) * 2 == 4 * 2**20
+
+
+def test_rerun_skips_and_changed_source_is_refused(tmp_path, capsys):
+    np.save(tmp_path / "s.npy", scan())
+    assert main(["ingest", str(tmp_path / "s.npy"), str(tmp_path / "s.zarr"), "--quiet"]) == 0
+    before = os.stat(tmp_path / "s.zarr" / "zarr.json").st_mtime_ns
+    capsys.readouterr()
+    assert main(["ingest", str(tmp_path / "s.npy"), str(tmp_path / "s.zarr"), "--quiet"]) == 0
+    assert "already holds this scan (same source and options): skipped" in capsys.readouterr().out
+    assert os.stat(tmp_path / "s.zarr" / "zarr.json").st_mtime_ns == before
+    np.save(tmp_path / "s.npy", scan(seed=1))  # a different scan under the same name
+    assert main(["ingest", str(tmp_path / "s.npy"), str(tmp_path / "s.zarr"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "s.zarr already holds a different scan" in err and "pass --overwrite" in err
+    assert main(["ingest", str(tmp_path / "s.npy"), str(tmp_path / "s.zarr"), "--quiet", "--overwrite"]) == 0
+    np.testing.assert_array_equal(open_scan(str(tmp_path / "s.zarr")).values, scan(seed=1))
+
+
+def test_destination_holding_something_else(tmp_path, capsys):
+    np.save(tmp_path / "s.npy", scan())
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "notes.txt").write_text("precious")
+    code = main(["ingest", str(tmp_path / "s.npy"), str(tmp_path / "results"), "--overwrite"])
+    assert code == 2
+    assert "results already exists and is not a stemflow scan store; choose another destination" in capsys.readouterr().err
+    assert (tmp_path / "results" / "notes.txt").read_text() == "precious"
+
+
+@pytest.mark.parametrize("allow", [False, True])
+def test_nonfinite_float_data(tmp_path, allow):
+    data = scan(dtype="float32")
+    data[1, 2, 3, 4] = np.nan
+    data[4, 0, 0, 0] = np.inf
+    np.save(tmp_path / "s.npy", data)
+    options = IngestOptions(allow_nonfinite=allow)
+    if not allow:
+        with pytest.raises(InputError, match=r"s\.npy holds 2 NaN/Inf pixels in 2 patterns; clean the data, or pass --allow-nonfinite"):
+            ingest(str(tmp_path / "s.npy"), str(tmp_path / "s.zarr"), options)
+        assert leftovers(tmp_path) == []
+    else:
+        ingest(str(tmp_path / "s.npy"), str(tmp_path / "s.zarr"), options)
+        ds = xr.open_zarr(tmp_path / "s.zarr")
+        assert ds.attrs["nonfinite_pixels"] == 2
+        np.testing.assert_array_equal(ds["data"].values, data)
+
+
+BAD_INPUTS = [
+    ("missing.npy", None, [], r"missing\.npy does not exist; check the path\."),
+    ("scan.xyz", b"12345", [], r"unknown format \.xyz; pass --format with one of: "),
+    ("fake.npy", b"not numpy", [], r"fake\.npy is not a NumPy \.npy file"),
+    ("fake.h5", b"\x00" * 64, [], r"fake\.h5 is not a valid hdf5 file"),
+    ("frames.npy", (12, 16, 12), [], r"pass --scan-shape RX,RY"),
+    ("frames.npy", (12, 16, 12), ["--scan-shape", "5,3"], r"does not fit: pass a scan shape whose product is 12"),
+    ("five.npy", (2, 2, 3, 16, 12), [], r"with 5 dims; expected 4 dims"),
+    ("empty.npy", (0, 3, 16, 12), [], r"holds an empty scan"),
+    ("cut.npy", "truncated", [], r"cut\.npy is truncated"),
+]
+
+
+@pytest.mark.parametrize(("name", "content", "extra", "message"), BAD_INPUTS, ids=[b[0] + str(i) for i, b in enumerate(BAD_INPUTS)])
+def test_bad_input_is_one_sentence_and_publishes_nothing(tmp_path, capsys, name, content, extra, message):
+    path = tmp_path / name
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif isinstance(content, tuple):
+        np.save(path, np.zeros(content, np.uint16))
+    elif content == "truncated":
+        np.save(path, scan())
+        path.write_bytes(path.read_bytes()[:-50])
+    code = main(["ingest", str(path), str(tmp_path / "out.zarr"), "--quiet", *extra])
+    captured = capsys.readouterr()
+    assert code == 2
+    assert captured.err.startswith("stemflow ingest: error: ")
+    assert "Traceback" not in captured.err and len(captured.err.strip().splitlines()) == 1
+    assert re.search(message, captured.err), captured.err
+    assert leftovers(tmp_path) == []
+
+
+def test_interrupted_write_publishes_nothing(tmp_path, monkeypatch):
+    """A failure while blocks stream leaves neither the destination nor a temporary store."""
+    import stemlib.io.scan_store as store
+
+    np.save(tmp_path / "s.npy", scan())
+    calls = {"n": 0}
+    real = store._write_and_hash
+
+    def failing(block, target, block_info=None):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError("disk full")
+        return real(block, target, block_info)
+
+    monkeypatch.setattr(store, "_write_and_hash", failing)
+    monkeypatch.setattr(store, "CHUNK_BYTES", 16 * 12 * 2 * 5)  # several blocks
+    with pytest.raises(OSError, match="disk full"):
+        ingest(str(tmp_path / "s.npy"), str(tmp_path / "s.zarr"))
+    assert leftovers(tmp_path) == []
+
+
+def test_failed_replacement_keeps_the_old_store(tmp_path, monkeypatch):
+    import stemlib.io.scan_store as store
+
+    np.save(tmp_path / "s.npy", scan())
+    ingest(str(tmp_path / "s.npy"), str(tmp_path / "s.zarr"))
+    np.save(tmp_path / "s.npy", scan(seed=1))
+    monkeypatch.setattr(store, "_write_and_hash", lambda *a, **k: (_ for _ in ()).throw(OSError("network lost")))
+    with pytest.raises(OSError, match="network lost"):
+        ingest(str(tmp_path / "s.npy"), str(tmp_path / "s.zarr"), IngestOptions(overwrite=True))
+    np.testing.assert_array_equal(open_scan(str(tmp_path / "s.zarr")).values, scan())
+    assert leftovers(tmp_path) == ["s.zarr"]
+
+
+def test_open_scan_refuses_other_stores(tmp_path):
+    xr.Dataset({"x": ("a", np.arange(3))}).to_zarr(tmp_path / "other.zarr", zarr_format=3)
+    with pytest.raises(InputError, match=r"other\.zarr is not a scan store: it needs a variable 'data' with dims \(rx, ry, qx, qy\)"):
+        open_scan(str(tmp_path / "other.zarr"))
+    with pytest.raises(InputError, match=r"nothing\.zarr does not exist; run `stemflow ingest SOURCE"):
+        open_scan(str(tmp_path / "nothing.zarr"))
+
+
+PEAK_SCRIPT = textwrap.dedent(
+    """
+    import json, resource, sys
+    import numpy as np
+    from stemlib.ingest import ingest
+    import stemlib.io.scan_store, dask, zarr, xarray  # imports count in the reference
+    np.ones(1)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    with dask.config.set(scheduler="threads", num_workers=2):
+        ingest(sys.argv[1], sys.argv[2])
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"before": before, "after": after}))
+    """
+)
+
+
+@pytest.mark.slow
+def test_peak_memory_is_well_below_the_scan_size(tmp_path):
+    """A 768 MB scan converts with a few blocks in memory at a time, never the whole scan."""
+    shape = (96, 64, 256, 256)
+    path = tmp_path / "big.npy"
+    big = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint16, shape=shape)
+    for i in range(shape[0]):  # fill row by row so the test itself stays small
+        big[i] = np.random.default_rng(i).poisson(3.0, shape[1:]).astype(np.uint16)
+    big.flush()
+    del big
+    size = os.path.getsize(path)
+    proc = subprocess.run(
+        [sys.executable, "-c", PEAK_SCRIPT, str(path), str(tmp_path / "big.zarr")],
+        capture_output=True, text=True, check=True,
+    )
+    rss = json.loads(proc.stdout.strip().splitlines()[-1])
+    grew = rss["after"] - rss["before"]
+    assert grew < size / 4, f"peak RSS grew by {grew / 1e6:.0f} MB for a {size / 1e6:.0f} MB scan"
+    assert open_scan(str(tmp_path / "big.zarr")).shape == shape

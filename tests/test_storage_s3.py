@@ -1,0 +1,119 @@
+"""Object storage against a real S3-compatible server (moto) on 127.0.0.1."""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+import s3fs
+import xarray as xr
+
+from flows.cli import main
+from stemlib.errors import StorageError
+from stemlib.ingest import ingest
+from stemlib.io.scan_store import open_scan
+from stemlib.results import open_strain, strain_dataset, write_strain
+
+from .conftest import closed_port
+
+pytestmark = pytest.mark.s3
+
+
+def scan(seed=0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 500, (4, 5, 16, 12)).astype("uint16")
+
+
+def keys(bucket: str) -> list[str]:
+    fs = s3fs.S3FileSystem()
+    fs.invalidate_cache()
+    return sorted(fs.find(bucket.removeprefix("s3://")))
+
+
+def test_ingest_to_s3_opens_with_one_line_of_xarray(tmp_path, s3):
+    np.save(tmp_path / "s.npy", scan())
+    url = f"{s3}/scans/s.zarr"
+    result = ingest(str(tmp_path / "s.npy"), url)
+    assert result.status == "written"
+    ds = xr.open_zarr(url)  # endpoint and key from the standard variables only
+    np.testing.assert_array_equal(ds["data"].values, scan())
+    assert not [k for k in keys(s3) if ".partial-" in k]
+    assert ingest(str(tmp_path / "s.npy"), url).status == "skipped"
+
+
+def test_sources_on_s3_are_read_by_byte_ranges(tmp_path, s3):
+    fs = s3fs.S3FileSystem()
+    np.save(tmp_path / "s.npy", scan())
+    with h5py.File(tmp_path / "s.h5", "w") as f:
+        f["cube"] = scan(seed=1)
+    fs.put(str(tmp_path / "s.npy"), f"{s3}/raw/s.npy")
+    fs.put(str(tmp_path / "s.h5"), f"{s3}/raw/s.h5")
+    ingest(f"{s3}/raw/s.npy", str(tmp_path / "a.zarr"))
+    ingest(f"{s3}/raw/s.h5", str(tmp_path / "b.zarr"))
+    np.testing.assert_array_equal(open_scan(str(tmp_path / "a.zarr")).values, scan())
+    np.testing.assert_array_equal(open_scan(str(tmp_path / "b.zarr")).values, scan(seed=1))
+
+
+def test_strain_dataset_to_s3(s3):
+    maps = {k: np.random.default_rng(1).normal(size=(4, 5)) for k in ("exx", "eyy", "exy", "theta")}
+    ds = strain_dataset("py4dstem", **maps, attrs={"reference": "0:2,0:2"})
+    url = write_strain(ds, f"{s3}/results/strain.zarr")
+    back = open_strain(url)
+    np.testing.assert_array_equal(back["exx"].values, ds["exx"].values)
+    assert back.attrs["convention"] == "stemflow-1"
+
+
+def test_wrong_credentials_are_named_not_printed(tmp_path, s3, monkeypatch, capsys):
+    np.save(tmp_path / "s.npy", scan())
+    secret = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYzEXAMPLEKEY"
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAIOSFODNN7EXAMPLE")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
+    s3fs.S3FileSystem.clear_instance_cache()
+    code = main(["ingest", str(tmp_path / "s.npy"), f"{s3}/s.zarr", "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "refused the credentials or access; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY" in err
+    assert secret not in err and "AKIAIOSFODNN7EXAMPLE" not in err and "Traceback" not in err
+    monkeypatch.undo()
+
+
+def test_credentials_in_the_url_never_reach_messages_or_stores(tmp_path, s3, s3_server, capsys):
+    np.save(tmp_path / "s.npy", scan())
+    bucket = s3.removeprefix("s3://")
+    url = f"s3://{s3_server.access_key}:{s3_server.secret_key}@{bucket}/s.zarr"
+    code = main(["ingest", str(tmp_path / "nope.npy"), url, "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and s3_server.secret_key not in err
+
+
+def test_unreachable_endpoint_fails_fast_with_one_sentence(tmp_path, s3, monkeypatch, capsys):
+    np.save(tmp_path / "s.npy", scan())
+    endpoint = f"http://127.0.0.1:{closed_port()}"
+    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+    s3fs.S3FileSystem.clear_instance_cache()
+    code = main(["ingest", str(tmp_path / "s.npy"), f"{s3}/s.zarr", "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.strip() == (
+        f"stemflow ingest: error: {s3}/s.zarr: the object store at {endpoint} cannot be reached; "
+        "check AWS_ENDPOINT_URL and that the server is running."
+    )
+    with pytest.raises(StorageError, match="cannot be reached"):
+        ingest(f"{s3}/raw.npy", str(tmp_path / "out.zarr"))
+    assert not (tmp_path / "out.zarr").exists()
+
+
+def test_missing_bucket(tmp_path, s3, capsys):
+    np.save(tmp_path / "s.npy", scan())
+    code = main(["ingest", str(tmp_path / "s.npy"), "s3://no-such-bucket-here/s.zarr", "--quiet"])
+    assert code == 2
+    assert "s3://no-such-bucket-here/s.zarr: the bucket does not exist; create it or correct the URL." in capsys.readouterr().err
+
+
+def test_failed_upload_publishes_nothing(tmp_path, s3, monkeypatch):
+    import stemlib.io.scan_store as store
+
+    np.save(tmp_path / "s.npy", scan())
+    monkeypatch.setattr(store, "_write_and_hash", lambda *a, **k: (_ for _ in ()).throw(ConnectionError("reset")))
+    with pytest.raises(StorageError, match="cannot be reached"):
+        ingest(str(tmp_path / "s.npy"), f"{s3}/s.zarr")
+    assert keys(s3) == []
