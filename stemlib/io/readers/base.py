@@ -23,6 +23,7 @@ __all__ = [
     "as_scan_4d",
     "resolve_scan_shape",
     "default_chunks",
+    "probe_block",
     "check_pattern_shape",
     "lazy_scan",
 ]
@@ -110,24 +111,42 @@ class Format:
     sniff: Callable[[Location], bool] | None = None
 
 
-def default_chunks(shape: tuple[int, ...], itemsize: int, target_bytes: int = READ_BLOCK_BYTES) -> tuple[int, int]:
+def probe_block(
+    shape: tuple[int, ...], itemsize: int, target_bytes: int = READ_BLOCK_BYTES, align: tuple[int, int] = (1, 1)
+) -> tuple[int, int]:
     """Probe positions ``(crx, cry)`` per block so that a block holds about ``target_bytes``.
 
-    Blocks hold whole patterns and are as square as the scan allows.
+    Blocks hold whole patterns and follow the scan's C order: whole scan rows when a row fits
+    (then a block of a C-order file is one contiguous byte range), else part of one row.
+    ``align`` makes both sides multiples of a storage chunk (e.g. an HDF5 dataset's chunks).
 
     Examples
     --------
-    >>> default_chunks((256, 256, 256, 256), 2)
-    (16, 16)
-    >>> default_chunks((4, 4, 64, 64), 2)
-    (4, 4)
+    >>> probe_block((256, 256, 256, 256), 2)  # one 32 MB scan row
+    (1, 256)
+    >>> probe_block((32, 32, 128, 128), 2)
+    (32, 32)
+    >>> probe_block((64, 512, 256, 256), 2)  # a row is 64 MB: half a row
+    (1, 256)
+    >>> probe_block((64, 64, 128, 128), 2, align=(16, 16))
+    (16, 64)
     """
     rx, ry = shape[0], shape[1]
     pattern = int(np.prod(shape[2:])) * itemsize
     n = max(1, target_bytes // max(pattern, 1))
-    cry = max(1, min(ry, math.isqrt(n)))
-    crx = max(1, min(rx, n // cry))
-    return crx, cry
+    ax, ay = (max(1, int(a)) for a in align)
+    if n >= ry:
+        cry = ry
+        crx = max(ax, min(rx, n // ry) // ax * ax)
+    else:
+        crx = ax
+        cry = max(ay, min(ry, n // ax) // ay * ay)
+    return min(crx, rx), min(cry, ry)
+
+
+def default_chunks(shape: tuple[int, ...], itemsize: int, target_bytes: int = READ_BLOCK_BYTES) -> tuple[int, int]:
+    """Probe positions per read block: :func:`probe_block` with the default block size."""
+    return probe_block(shape, itemsize, target_bytes)
 
 
 def check_pattern_shape(shape: tuple[int, ...], source: str) -> None:

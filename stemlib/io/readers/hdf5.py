@@ -13,7 +13,7 @@ import numpy as np
 from ...calibration import Calibration
 from ...errors import InputError
 from ..storage import Location, locate, redact, storage_errors
-from .base import ReadOptions, SourceScan, lazy_scan, resolve_scan_shape
+from .base import ReadOptions, SourceScan, lazy_scan, probe_block, resolve_scan_shape
 
 __all__ = ["read_hdf5", "HDF5_MAGIC"]
 
@@ -178,6 +178,19 @@ def _choose_dataset(f: h5py.File, source: str, scan_shape: tuple[int, int] | Non
     raise InputError(f"{source} holds several candidate scans ({listing}); pass --dataset with one of them.")
 
 
+def _scan_alignment(
+    stored_chunks: tuple[int, ...] | None, axes: tuple[int, ...] | None, scan: tuple[int, int]
+) -> tuple[int, int]:
+    """Probe positions (rows, columns) of one HDF5 chunk, so read blocks never split a chunk."""
+    if stored_chunks is None:
+        return (1, 1)
+    if len(stored_chunks) == 4:
+        chunks = tuple(stored_chunks[a] for a in axes) if axes else stored_chunks
+        return chunks[0], chunks[1]
+    frames = stored_chunks[0]  # a frame stack: chunks of consecutive frames
+    return (frames // scan[1], scan[1]) if frames >= scan[1] else (1, frames)
+
+
 def read_hdf5(location: Location, options: ReadOptions) -> SourceScan:
     """Open a scan inside an HDF5 file lazily (see the module docstring for the layouts)."""
     source = redact(location.url)
@@ -196,6 +209,7 @@ def read_hdf5(location: Location, options: ReadOptions) -> SourceScan:
                 path, layout = _choose_dataset(f, source, options.scan_shape)
             ds = f[path]
             stored_shape, dtype = tuple(int(n) for n in ds.shape), ds.dtype
+            stored_chunks = tuple(int(n) for n in ds.chunks) if ds.chunks else None
             calibration = _py4dstem_calibration(f[path].parent.parent) if layout == "emd1" else Calibration()
     except OSError as exc:
         if "truncated" in str(exc) or "file signature" in str(exc) or "unable to open" in str(exc).lower():
@@ -217,8 +231,9 @@ def read_hdf5(location: Location, options: ReadOptions) -> SourceScan:
     view = H5Array(
         location.url, path, stored_shape, dtype, axes=axes, scan_shape=scan if len(shape) == 3 else None
     )
+    chunks = options.chunks or probe_block(view.shape, dtype.itemsize, align=_scan_alignment(stored_chunks, axes, scan))
     return SourceScan(
-        data=lazy_scan(view, chunks=options.chunks),
+        data=lazy_scan(view, chunks=chunks),
         calibration=calibration,
         reader=f"hdf5:{layout}",
         source=source,
