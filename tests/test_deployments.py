@@ -1,0 +1,150 @@
+"""Deployment files: they parse, pass the Kubernetes schemas, keep secrets out and services
+in; a Prefect server started with an auth string refuses requests without it; the
+deployments of prefect.yaml register against it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from .conftest import closed_port
+
+DEPLOY = Path(__file__).resolve().parents[1] / "deployments"
+K8S = DEPLOY / "k8s"
+SECRET_WORDS = ("SECRET", "PASSWORD", "TOKEN", "AUTH", "ACCESS_KEY", "DATABASE")
+
+
+def manifests() -> list[dict]:
+    docs = []
+    for path in sorted(K8S.glob("*.yaml")):
+        docs += [d for d in yaml.safe_load_all(path.read_text()) if d]
+    return docs
+
+
+def test_kubernetes_manifests_pass_the_schemas():
+    import kubernetes_validate
+
+    checked = 0
+    for doc in manifests():
+        if doc["apiVersion"].startswith("kubernetes.dask.org"):
+            continue  # a custom resource: checked in its own test
+        kubernetes_validate.validate(doc, "1.30", strict=True)
+        checked += 1
+    assert checked >= 8
+
+
+def _containers(doc: dict) -> list[dict]:
+    found = []
+
+    def walk(node):
+        if isinstance(node, dict):
+            found.extend(node.get("containers", []))
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(doc)
+    return found
+
+
+def test_secrets_come_from_kubernetes_secrets_only():
+    for doc in manifests():
+        assert doc["kind"] != "Secret", "no Secret manifests in git: create them with kubectl"
+        for container in _containers(doc):
+            for env in container.get("env", []):
+                if any(word in env["name"] for word in SECRET_WORDS):
+                    assert "value" not in env and "secretKeyRef" in env["valueFrom"], env["name"]
+
+
+def test_nothing_is_exposed_outside_the_cluster():
+    for doc in manifests():
+        if doc["kind"] == "Service":
+            assert doc["spec"].get("type", "ClusterIP") == "ClusterIP"
+    dask = next(d for d in manifests() if d["kind"] == "DaskCluster")
+    assert dask["spec"]["scheduler"]["service"]["type"] == "ClusterIP"
+    policy = next(d for d in manifests() if d["kind"] == "NetworkPolicy")
+    assert policy["spec"]["podSelector"] == {} and policy["spec"]["ingress"] == [{"from": [{"podSelector": {}}]}]
+
+
+def test_dask_workers_are_gpu_workers():
+    dask = next(d for d in manifests() if d["kind"] == "DaskCluster")
+    worker = dask["spec"]["worker"]["spec"]
+    container = worker["containers"][0]
+    assert worker["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    args = container["args"]
+    assert args[args.index("--resources") + 1] == "GPU=1"
+    assert container["envFrom"] == [{"secretRef": {"name": "stemflow-object-store"}}]
+
+
+def test_work_pool_template_variables_cover_its_placeholders():
+    import re
+
+    template = json.loads((K8S / "work-pool-template.json").read_text())
+    used = set(re.findall(r"\{\{\s*(\w+)\s*\}\}", json.dumps(template["job_configuration"])))
+    assert used <= set(template["variables"]["properties"])
+    assert template["variables"]["properties"]["node_selector"]["default"] == {"nvidia.com/gpu.present": "true"}
+
+
+def test_image_keeps_secrets_out_and_runs_unprivileged():
+    dockerfile = (DEPLOY / "Dockerfile").read_text()
+    instructions = [line for line in dockerfile.splitlines() if line and not line.startswith("#")]
+    for line in instructions:
+        if line.split()[0] in ("ENV", "ARG"):
+            assert not any(word in line.upper() for word in ("SECRET", "PASSWORD", "AWS_ACCESS_KEY", "AUTH_STRING")), line
+    assert any(line.startswith("USER ") and "root" not in line for line in instructions)
+    ignored = (DEPLOY.parent / ".dockerignore").read_text().split()
+    assert {".env", ".venv", ".git"} <= set(ignored)
+
+
+@pytest.fixture(scope="module")
+def prefect_server(tmp_path_factory):
+    """A real `prefect server start` on a free local port, requiring an auth string."""
+    port = closed_port()
+    home = tmp_path_factory.mktemp("prefect-home")
+    auth = "admin:" + os.urandom(12).hex()
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(home),
+        "PREFECT_SERVER_API_AUTH_STRING": auth,
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_SERVER_UI_ENABLED": "false",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port), "--no-services"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    url = f"http://127.0.0.1:{port}/api"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"{url}/health", auth=tuple(auth.split(":", 1)), timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(1)
+    else:
+        proc.kill()
+        pytest.fail("prefect server did not start: " + (proc.stdout.read() if proc.stdout else ""))
+    yield {"url": url, "auth": auth, "home": home}
+    proc.terminate()
+    proc.wait(30)
+
+
+def test_requests_without_the_auth_string_are_refused(prefect_server):
+    url = prefect_server["url"]
+    user, password = prefect_server["auth"].split(":", 1)
+    refused = httpx.post(f"{url}/flows/filter", json={}, timeout=10)
+    wrong = httpx.post(f"{url}/flows/filter", json={}, auth=(user, "wrong"), timeout=10)
+    allowed = httpx.post(f"{url}/flows/filter", json={}, auth=(user, password), timeout=10)
+    assert refused.status_code == 401 and wrong.status_code == 401
+    assert allowed.status_code == 200
