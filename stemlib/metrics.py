@@ -31,7 +31,8 @@ def strain_errors(
     ----------
     result
         A strain dataset of one method: ``exx, eyy, exy, theta, valid`` with dims (rx, ry) (select
-        the method first, e.g. ``ds.sel(method="ccstae")``).
+        the method first, e.g. ``ds.sel({"method": "ccstae"})``: ``ds.sel(method=...)`` would
+        pass the string as xarray's matching method, not as a label).
     truth
         Truth with ``exx, eyy, exy, theta`` (see :func:`stemlib.truth.open_truth`).
     symmetry

@@ -4,6 +4,10 @@ A strain dataset has variables ``exx, eyy, exy, theta, valid`` with dims ``(meth
 method-specific extras (class map, residuals, disk counts) are further ``(method, rx, ry)``
 variables, NaN for methods that do not have them. Attributes are set last, in one place,
 because xarray drops them in arithmetic.
+
+Select a method with a dict, ``ds.sel({"method": "ccstae"})``: the keyword form
+``ds.sel(method="ccstae")`` is taken by xarray as its ``method=`` matching option and selects
+nothing.
 """
 
 from __future__ import annotations
@@ -196,4 +200,4 @@ def open_strain(url: str | Location) -> xr.Dataset:
 
 def coverage(ds: xr.Dataset) -> dict[str, float]:
     """Fraction of valid positions per method."""
-    return {str(m): float(ds["valid"].sel(method=m).mean()) for m in ds["method"].values}
+    return {str(m): float(ds["valid"].sel({"method": m}).mean()) for m in ds["method"].values}

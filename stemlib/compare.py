@@ -1,0 +1,99 @@
+"""Compare strain methods with each other and with ground truth.
+
+The two methods of a strain dataset are compared position by position (difference maps and
+agreement statistics), and each is scored against the truth when the scan carries one.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import xarray as xr
+
+from .metrics import rotation_difference, strain_errors
+from .types import SCAN_DIMS
+
+__all__ = ["COMPONENTS", "compare_methods", "statistics_table"]
+
+COMPONENTS = ("exx", "eyy", "exy", "theta")
+
+
+def compare_methods(
+    ds: xr.Dataset, *, truth: xr.Dataset | None = None, symmetry: int | None = None
+) -> tuple[xr.Dataset, dict[str, Any]]:
+    """Difference maps and statistics of the methods of a strain dataset.
+
+    Parameters
+    ----------
+    ds
+        A strain dataset (dims (method, rx, ry)) with one or more methods.
+    truth
+        Ground truth with ``exx, eyy, exy, theta`` of dims (rx, ry) (e.g.
+        :func:`stemlib.truth.open_truth`), or None.
+    symmetry
+        The lattice's n-fold symmetry, for rotation differences (1 if None).
+
+    Returns
+    -------
+    dataset : xarray.Dataset
+        ``ds`` plus, for two methods A and B (in ``ds.method`` order), ``diff_<c>`` = A - B of
+        dims (rx, ry) for each component (rotation wrapped by the symmetry), and the truth as
+        ``truth_<c>`` when given.
+    statistics : dict
+        ``coverage`` per method; ``agreement`` per component (mean absolute difference,
+        Pearson correlation, positions compared); ``mae`` per method per component against the
+        truth (strain "1", theta rad), when a truth is given.
+    """
+    n = int(symmetry or 1)
+    methods = [str(m) for m in ds["method"].values]
+    out = ds.copy()
+    stats: dict[str, Any] = {
+        "methods": methods,
+        "coverage": {m: float(ds["valid"].sel({"method": m}).mean()) for m in methods},
+    }
+    if len(methods) >= 2:
+        a, b = (ds.sel({"method": m}) for m in methods[:2])
+        both = (a["valid"] & b["valid"]).values
+        agreement: dict[str, dict[str, float]] = {}
+        for c in COMPONENTS:
+            if c == "theta":
+                diff = rotation_difference(a[c].values, b[c].values, n) if n > 1 else a[c].values - b[c].values
+            else:
+                diff = a[c].values - b[c].values
+            diff = np.where(both, diff, np.nan)
+            units = ds[c].attrs.get("units", "1")
+            out[f"diff_{c}"] = (SCAN_DIMS, diff, {"units": units, "long_name": f"{c}: {methods[0]} - {methods[1]}"})
+            x, y = a[c].values[both], b[c].values[both]
+            corr = float(np.corrcoef(x, y)[0, 1]) if x.size > 2 and x.std() > 0 and y.std() > 0 else float("nan")
+            agreement[c] = {
+                "mean_abs_difference": float(np.nanmean(np.abs(diff))) if both.any() else float("nan"),
+                "correlation": corr,
+                "positions": int(both.sum()),
+            }
+        stats["agreement"] = agreement
+    if truth is not None:
+        for c in COMPONENTS:
+            out[f"truth_{c}"] = (SCAN_DIMS, np.asarray(truth[c].values, np.float64), dict(truth[c].attrs))
+        stats["mae"] = {m: strain_errors(ds.sel({"method": m}), truth, symmetry=n) for m in methods}
+    return out, stats
+
+
+def statistics_table(stats: dict[str, Any]) -> str:
+    """A markdown table of :func:`compare_methods` statistics (strain x 1e-3, theta in deg)."""
+    methods = stats["methods"]
+    lines = ["| quantity | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
+    lines.append("| coverage | " + " | ".join(f"{stats['coverage'][m]:.1%}" for m in methods) + " |")
+    for c in COMPONENTS:
+        if "mae" in stats:
+            scale, unit = (np.degrees(1.0), "deg") if c == "theta" else (1e3, "1e-3")
+            values = " | ".join(f"{stats['mae'][m][c] * scale:.3f}" for m in methods)
+            lines.append(f"| MAE {c} vs truth ({unit}) | {values} |")
+    if "agreement" in stats:
+        lines.append("")
+        lines.append(f"| component | mean abs difference {methods[0]} - {methods[1]} | correlation | positions |")
+        lines.append("|---|---|---|---|")
+        for c, a in stats["agreement"].items():
+            scale, unit = (np.degrees(1.0), "deg") if c == "theta" else (1e3, "1e-3")
+            lines.append(f"| {c} | {a['mean_abs_difference'] * scale:.3f} {unit} | {a['correlation']:.3f} | {a['positions']} |")
+    return "\n".join(lines)

@@ -1,0 +1,47 @@
+"""Comparison of methods: difference maps, agreement and MAE against a known truth."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from stemlib.compare import compare_methods, statistics_table
+from stemlib.results import combine_methods, strain_dataset
+from stemlib.truth import truth_dataset
+
+
+def maps(rng, scale=0.01):
+    return {k: rng.normal(scale=scale, size=(6, 7)) for k in ("exx", "eyy", "exy", "theta")}
+
+
+def test_differences_and_mae_against_a_known_truth():
+    rng = np.random.default_rng(3)
+    truth_maps = maps(rng)
+    truth = truth_dataset(**truth_maps).rename({f"truth_{k}": k for k in truth_maps})
+    a_maps = {k: v + 0.001 for k, v in truth_maps.items()}  # off by +1e-3 everywhere
+    b_maps = {k: v - 0.002 for k, v in truth_maps.items()}  # off by -2e-3 everywhere
+    b_valid = np.ones((6, 7), bool)
+    b_valid[0, :] = False  # one row without an answer
+    ds = combine_methods([strain_dataset("ccstae", **a_maps), strain_dataset("py4dstem", **b_maps, valid=b_valid)])
+    out, stats = compare_methods(ds, truth=truth, symmetry=4)
+    np.testing.assert_allclose(out["diff_exx"].values[1:], 0.003)
+    assert np.isnan(out["diff_exx"].values[0]).all()
+    assert stats["coverage"] == {"ccstae": 1.0, "py4dstem": pytest.approx(35 / 42)}
+    assert stats["mae"]["ccstae"]["exx"] == pytest.approx(0.001)
+    assert stats["mae"]["py4dstem"]["eyy"] == pytest.approx(0.002)
+    assert stats["mae"]["py4dstem"]["coverage"] == pytest.approx(35 / 42)
+    assert stats["agreement"]["exy"]["positions"] == 35
+    assert stats["agreement"]["exy"]["correlation"] == pytest.approx(1.0)
+    np.testing.assert_allclose(out["truth_exx"].values, truth_maps["exx"])
+    table = statistics_table(stats)
+    assert "| MAE exx vs truth (1e-3) | 1.000 | 2.000 |" in table
+    assert "| coverage | 100.0% | 83.3% |" in table
+
+
+def test_rotation_differences_wrap_by_the_symmetry():
+    zero = np.zeros((2, 2))
+    a = strain_dataset("ccstae", exx=zero, eyy=zero, exy=zero, theta=np.full((2, 2), np.radians(44.0)))
+    b = strain_dataset("py4dstem", exx=zero, eyy=zero, exy=zero, theta=np.full((2, 2), np.radians(-45.0)))
+    out, stats = compare_methods(combine_methods([a, b]), symmetry=4)
+    np.testing.assert_allclose(np.degrees(out["diff_theta"].values), -1.0)
+    assert "mae" not in stats
