@@ -55,7 +55,7 @@ FORMATS: dict[str, Format] = {f.name: f for f in [*VENDOR_FORMATS, *_CORE_FORMAT
 
 def supported_formats() -> str:
     """One line per format: its name, extensions and what it reads."""
-    return "\n".join(f"  {f.name:<10} {' '.join(f.extensions):<28} {f.description}" for f in FORMATS.values())
+    return "\n".join(f"  {f.name:<13} {' '.join(f.extensions):<28} {f.description}" for f in FORMATS.values())
 
 
 def _detect(location: Location) -> Format:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ __all__ = [
     "probe_block",
     "check_pattern_shape",
     "lazy_scan",
+    "as_slice",
 ]
 
 #: Bytes of one dask block when reading a source (whole patterns per block).
@@ -287,7 +287,7 @@ class ByteRangeArray:
     def __getitem__(self, key: Any) -> np.ndarray:
         key = key if isinstance(key, tuple) else (key,)
         key = key + (slice(None),) * (4 - len(key))
-        rows, cols = (_as_slice(k, n) for k, n in zip(key[:2], self.scan_shape))
+        rows, cols = (as_slice(k, n) for k, n in zip(key[:2], self.scan_shape))
         ry = self.scan_shape[1]
         r0, r1, _ = rows.indices(self.scan_shape[0])
         c0, c1, _ = cols.indices(ry)
@@ -302,7 +302,33 @@ class ByteRangeArray:
         return block.squeeze(axis=squeeze) if squeeze else block
 
 
-def _as_slice(key: Any, n: int) -> slice:
+def as_slice(key: Any, n: int) -> slice:
+    """The contiguous slice that an index of an axis of length ``n`` selects.
+
+    Parameters
+    ----------
+    key
+        An integer (negative counts from the end) or a slice with step 1 (or no step).
+    n
+        Length of the axis.
+
+    Returns
+    -------
+    slice
+        ``slice(i, i + 1)`` for an integer ``i``; a slice unchanged.
+
+    Raises
+    ------
+    IndexError
+        Any other key (a stepped slice, a list, an array): the lazy views read contiguous runs.
+
+    Examples
+    --------
+    >>> as_slice(-1, 5)
+    slice(4, 5, None)
+    >>> as_slice(slice(1, 3), 5)
+    slice(1, 3, None)
+    """
     if isinstance(key, (int, np.integer)):
         i = int(key) + (n if key < 0 else 0)
         return slice(i, i + 1)

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import h5py
+import hdf5plugin  # noqa: F401 - registers bitshuffle/LZ4 and other filters with h5py
 import numpy as np
 
 from ...calibration import Calibration
