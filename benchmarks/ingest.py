@@ -4,7 +4,8 @@ For each source format (a generated ``.npy`` and the same scan as HDF5, chunked 
 detectors write it) the table gives GB/s of ``stemflow ingest``, of ``cp`` of the same file,
 their ratio, the naive ``np.load`` + Zarr write where the scan fits in memory, the compression
 ratio and the peak RSS of each. Every measured step runs in its own process (peak RSS is that
-process's ``ru_maxrss``) and ends with ``sync``, so written data has reached the disk. The page
+process's ``VmHWM``, see :func:`stemlib.resources.peak_rss`) and ends with ``sync``, so written
+data has reached the disk. The page
 cache is dropped before each step where the machine allows it (root); otherwise the table says
 "warm".
 
@@ -39,7 +40,8 @@ GB = 1e9
 
 STEP = textwrap.dedent(
     """
-    import json, os, resource, sys, time
+    import json, os, sys, time
+    from stemlib.resources import peak_rss
     kind, src, dst = sys.argv[1:4]
     t0 = time.perf_counter()
     if kind == "stemflow":
@@ -52,7 +54,7 @@ STEP = textwrap.dedent(
         xr.Dataset({"data": (("rx", "ry", "qx", "qy"), data)}).to_zarr(dst, zarr_format=3)
     os.sync()
     print(json.dumps({"seconds": time.perf_counter() - t0,
-                      "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+                      "peak_rss": peak_rss()}))
     """
 )
 
@@ -155,7 +157,7 @@ def main() -> None:
             stored = du(workdir / f"{fmt}.zarr")
             shutil.rmtree(workdir / f"{fmt}.zarr")
             naive = None
-            if nbytes < 0.4 * memory:
+            if nbytes < 0.25 * memory:
                 drop_caches()
                 naive = run_step("naive", src, workdir / f"naive-{fmt}.zarr")
                 shutil.rmtree(workdir / f"naive-{fmt}.zarr")

@@ -38,7 +38,8 @@ def strain_errors(
     symmetry
         The lattice's n-fold symmetry, for the rotation error.
     mask
-        Positions to score (all by default).
+        Positions to score (all by default). Positions without a finite truth (the vacuum of a
+        simulated scan) are never scored.
 
     Returns
     -------
@@ -48,6 +49,7 @@ def strain_errors(
     """
     valid = np.asarray(result["valid"].values, bool)
     scored = np.ones_like(valid) if mask is None else np.asarray(mask, bool)
+    scored = scored & np.isfinite(np.asarray(truth["exx"].values, np.float64))
     use = valid & scored
     out: dict[str, float] = {"coverage": float(use.sum() / max(scored.sum(), 1))}
     for name in ("exx", "eyy", "exy"):

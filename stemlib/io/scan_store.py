@@ -298,9 +298,10 @@ def open_scan(url: str | Location) -> xr.DataArray:
         if not location.exists():
             raise InputError(f"{where} does not exist; run `stemflow ingest SOURCE {where}` first.")
         raise InputError(f"{where} is not a Zarr scan store; convert the raw scan with `stemflow ingest` first.")
+    options = location.storage_options or None
     with warnings.catch_warnings(), storage_errors(location.url):
         warnings.filterwarnings("ignore", category=RuntimeWarning, message=".*consolidated.*")
-        ds = xr.open_zarr(location.url, storage_options=location.storage_options or None, chunks={})
+        ds = xr.open_zarr(location.url, storage_options=options, chunks={})
     if SCAN_VARIABLE not in ds or ds[SCAN_VARIABLE].dims != DIMS:
         found = {name: v.dims for name, v in ds.data_vars.items()}
         raise InputError(
@@ -308,5 +309,8 @@ def open_scan(url: str | Location) -> xr.DataArray:
             f"and holds {found or 'no variables'}; convert the raw scan with `stemflow ingest`."
         )
     scan = ds[SCAN_VARIABLE]
+    shards = scan.encoding.get("shards")
+    if shards:  # one dask block per shard, the unit a writer wrote, rather than per inner chunk
+        scan = scan.chunk(dict(zip(DIMS, shards)))
     scan.attrs = {**ds.attrs, **scan.attrs}
     return scan
