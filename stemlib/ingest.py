@@ -159,5 +159,14 @@ def ingest(source: str, dest: str, options: IngestOptions | None = None) -> Inge
         "software": software_versions(),
         "store_version": STORE_VERSION,
     }
-    written = write_scan(scan.data, out, calibration=calibration, attrs=attrs, allow_nonfinite=options.allow_nonfinite)
+    if scan.truth is not None:
+        attrs["truth_symmetry"] = scan.truth.attrs.get("truth_symmetry")
+    written = write_scan(
+        scan.data,
+        out,
+        calibration=calibration,
+        attrs=attrs,
+        allow_nonfinite=options.allow_nonfinite,
+        extras=scan.truth,
+    )
     return IngestResult("written", out.url, key, {**attrs, **written.as_dict(), **calibration.to_attrs()})

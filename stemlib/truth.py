@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import warnings
 
+import h5py
 import numpy as np
 import xarray as xr
 
 from .io.storage import Location, locate, storage_errors
 from .types import SCAN_DIMS
 
-__all__ = ["TRUTH_COMPONENTS", "truth_dataset", "open_truth"]
+__all__ = ["TRUTH_COMPONENTS", "truth_dataset", "open_truth", "read_truth_group", "write_truth_group"]
 
 #: Truth components: (units, long_name).
 TRUTH_COMPONENTS: dict[str, tuple[str, str]] = {
@@ -73,3 +74,40 @@ def open_truth(url: str | Location) -> xr.Dataset | None:
     truth = ds[keep].rename(names).load()
     truth.attrs = {"symmetry": ds.attrs.get("truth_symmetry")}
     return truth
+
+
+def write_truth_group(group: h5py.Group, truth: xr.Dataset) -> None:
+    """Store truth maps (``truth_*`` variables of :func:`truth_dataset`) in an HDF5 group.
+
+    Layout: datasets ``exx, eyy, exy`` ("1"), ``theta`` (rad), optional ``grain_id`` and
+    ``reference_mask``, each (RX, RY); the group attribute ``symmetry``. A raw scan file with
+    such a ``truth`` group keeps its truth through ``stemflow ingest``.
+    """
+    for name in TRUTH_COMPONENTS:
+        group.create_dataset(name, data=truth[f"truth_{name}"].values)
+    for name in ("grain_id", "reference_mask"):
+        if name in truth:
+            group.create_dataset(name, data=truth[name].values)
+    if truth.attrs.get("truth_symmetry") is not None:
+        group.attrs["symmetry"] = int(truth.attrs["truth_symmetry"])
+
+
+def read_truth_group(group: h5py.Group, scan_shape: tuple[int, int]) -> xr.Dataset | None:
+    """Truth maps from an HDF5 ``truth`` group, or None when it holds none for this scan.
+
+    Reads the layout of :func:`write_truth_group`, and that of the shared multislice scans
+    (``exx_lab, eyy_lab, exy_lab`` in the detector frame, ``theta_deg``). Maps of another shape
+    than ``scan_shape`` are ignored.
+    """
+    if all(f"{k}_lab" in group for k in ("exx", "eyy", "exy")) and "theta_deg" in group:
+        values = {k: group[f"{k}_lab"][()] for k in ("exx", "eyy", "exy")}
+        values["theta"] = np.radians(group["theta_deg"][()])
+    elif all(k in group for k in TRUTH_COMPONENTS):
+        values = {k: group[k][()] for k in TRUTH_COMPONENTS}
+    else:
+        return None
+    if any(np.shape(v) != tuple(scan_shape) for v in values.values()):
+        return None
+    extras = {k: group[k][()] for k in ("grain_id", "reference_mask") if k in group and group[k].shape == tuple(scan_shape)}
+    symmetry = group.attrs.get("symmetry")
+    return truth_dataset(**values, **extras, symmetry=int(symmetry) if symmetry is not None else None)

@@ -247,3 +247,41 @@ def test_peak_memory_is_well_below_the_scan_size(tmp_path):
     # measured 268 MB with 2 threads (170 MB with 1) for this 805 MB scan of 25 blocks.
     assert grew < 10 * block and grew < size / 2, f"peak RSS grew by {grew / 1e6:.0f} MB for a {size / 1e6:.0f} MB scan"
     assert open_scan(str(tmp_path / "big.zarr")).shape == shape
+
+
+def test_truth_in_an_hdf5_source_is_carried_into_the_store(tmp_path):
+    """A simulated raw file keeps its ground truth through ingest (stemflow's truth layout)."""
+    import h5py
+
+    from stemlib.truth import open_truth, truth_dataset, write_truth_group
+
+    data = scan()
+    rng = np.random.default_rng(5)
+    truth = truth_dataset(
+        **{k: rng.normal(scale=0.01, size=(6, 5)) for k in ("exx", "eyy", "exy", "theta")},
+        reference_mask=np.eye(6, 5, dtype=bool),
+        symmetry=6,
+    )
+    with h5py.File(tmp_path / "sim.h5", "w") as f:
+        f["data"] = data
+        write_truth_group(f.create_group("truth"), truth)
+    ingest(str(tmp_path / "sim.h5"), str(tmp_path / "s.zarr"))
+    back = open_truth(str(tmp_path / "s.zarr"))
+    assert back.attrs["symmetry"] == 6
+    np.testing.assert_array_equal(back["exx"].values, truth["truth_exx"].values)
+    np.testing.assert_array_equal(back["reference_mask"].values, np.eye(6, 5, dtype=bool))
+
+
+@pytest.mark.slow
+def test_multislice_dev_scan_ingests_with_its_truth(tmp_path):
+    """The shared multislice files keep their detector-frame truth (``*_lab``, ``theta_deg``)."""
+    from stemlib.devdata import abtem_dev_path, read_abtem_dev
+    from stemlib.truth import open_truth
+
+    path = abtem_dev_path("dev_si001_32x32_128px_12grains_seed11_dose1000")
+    ingest(str(path), str(tmp_path / "si.zarr"), IngestOptions(dataset="datacube"))
+    expected = read_abtem_dev(path)
+    np.testing.assert_array_equal(open_scan(str(tmp_path / "si.zarr")).values, expected.data)
+    back = open_truth(str(tmp_path / "si.zarr"))
+    np.testing.assert_allclose(back["theta"].values, expected.truth["truth_theta"].values)
+    np.testing.assert_allclose(back["eyy"].values, expected.truth["truth_eyy"].values)

@@ -9,6 +9,7 @@ from typing import Any
 
 import dask.array as da
 import numpy as np
+import xarray as xr
 
 from ...calibration import Calibration
 from ...errors import InputError
@@ -76,6 +77,9 @@ class SourceScan:
         The source URL (without credentials).
     details
         Reader-specific provenance, e.g. the HDF5 dataset path.
+    truth
+        Ground truth the file carries (``truth_*`` maps of :func:`stemlib.truth.truth_dataset`,
+        dims (rx, ry)), or None: simulated scans keep their truth through ingest.
     """
 
     data: da.Array
@@ -83,6 +87,7 @@ class SourceScan:
     reader: str
     source: str
     details: dict[str, Any] = field(default_factory=dict)
+    truth: xr.Dataset | None = None
 
 
 @dataclass(frozen=True)

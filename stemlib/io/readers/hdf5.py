@@ -13,6 +13,7 @@ import numpy as np
 
 from ...calibration import Calibration
 from ...errors import InputError
+from ...truth import read_truth_group
 from ..storage import Location, locate, redact, storage_errors
 from .base import ReadOptions, SourceScan, lazy_scan, probe_block, resolve_scan_shape
 
@@ -179,6 +180,17 @@ def _choose_dataset(f: h5py.File, source: str, scan_shape: tuple[int, int] | Non
     raise InputError(f"{source} holds several candidate scans ({listing}); pass --dataset with one of them.")
 
 
+def _scan_shape_of(
+    stored_shape: tuple[int, ...], layout: str, scan_shape: tuple[int, int] | None
+) -> tuple[int, int] | None:
+    """(RX, RY) of the scan a dataset holds, without validating it (None if unknown)."""
+    if scan_shape is not None:
+        return tuple(scan_shape)  # type: ignore[return-value]
+    if len(stored_shape) != 4:
+        return None
+    return (stored_shape[1], stored_shape[0]) if layout == "output4D" else (stored_shape[0], stored_shape[1])
+
+
 def _scan_alignment(
     stored_chunks: tuple[int, ...] | None, axes: tuple[int, ...] | None, scan: tuple[int, int]
 ) -> tuple[int, int]:
@@ -211,6 +223,13 @@ def read_hdf5(location: Location, options: ReadOptions) -> SourceScan:
             ds = f[path]
             stored_shape, dtype = tuple(int(n) for n in ds.shape), ds.dtype
             stored_chunks = tuple(int(n) for n in ds.chunks) if ds.chunks else None
+            truth_group = f.get("truth")
+            truth_shape = _scan_shape_of(stored_shape, layout, options.scan_shape)
+            truth = (
+                read_truth_group(truth_group, truth_shape)
+                if isinstance(truth_group, h5py.Group) and truth_shape is not None
+                else None
+            )
             calibration = _py4dstem_calibration(f[path].parent.parent) if layout == "emd1" else Calibration()
     except OSError as exc:
         if "truncated" in str(exc) or "file signature" in str(exc) or "unable to open" in str(exc).lower():
@@ -239,4 +258,5 @@ def read_hdf5(location: Location, options: ReadOptions) -> SourceScan:
         reader=f"hdf5:{layout}",
         source=source,
         details={"dataset": path, "stored_shape": list(stored_shape), "layout": layout},
+        truth=truth,
     )
