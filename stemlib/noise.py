@@ -77,8 +77,8 @@ def background_pattern(shape: tuple[int, int], *, q0: float = Q0) -> np.ndarray:
     Examples
     --------
     >>> b = background_pattern((200, 200))
-    >>> round(float(b.sum()), 12), np.unravel_index(b.argmax(), b.shape)
-    (1.0, (np.int64(100), np.int64(100)))
+    >>> round(float(b.sum()), 12), [int(i) for i in np.unravel_index(b.argmax(), b.shape)]
+    (1.0, [100, 100])
     """
     qx = np.fft.fftshift(np.fft.fftfreq(shape[0]))
     qy = np.fft.fftshift(np.fft.fftfreq(shape[1]))
