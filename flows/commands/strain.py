@@ -1,0 +1,181 @@
+"""``stemflow strain SCAN DEST --method ccstae|py4dstem``: a scan store -> a strain store + PNG.
+
+The scan is opened lazily; the method writes nothing until its maps are complete. The strain
+dataset (CONVENTIONS.md section 4) is then published atomically at DEST (a path or an s3 URL),
+and the four maps beside it as ``<DEST stem>-<method>.png``. A user's mistake (a store that is
+not a scan, a reference region outside the scan or empty, a mask of the wrong shape, a scan
+without Bragg disks) stops before anything is published.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import xarray as xr
+
+from stemlib.errors import InputError
+from stemlib.io import open_scan
+from stemlib.io.storage import redact
+from stemlib.plots import png_url, save_png, strain_figure
+from stemlib.reference import parse_reference
+from stemlib.results import write_strain
+from stemlib.types import Device
+
+__all__ = ["register", "run_method", "read_config"]
+
+METHODS = ("ccstae", "py4dstem")
+
+
+def read_config(path: str | None, method: str) -> Any:
+    """The method's config model read from a YAML or JSON file (None: the defaults)."""
+    if method == "ccstae":
+        from stemlib.ccstae import CCSTAEConfig
+
+        return CCSTAEConfig.from_file(path) if path else None
+    from stemlib.baseline_py4dstem import Py4DSTEMConfig
+
+    if path is None:
+        return None
+    file = Path(path)
+    if not file.is_file():
+        raise InputError(
+            f"config file {path} does not exist; pass a YAML or JSON file of Py4DSTEMConfig fields."
+        )
+    text = file.read_text()
+    if file.suffix == ".json":
+        data = json.loads(text)
+    else:
+        import yaml
+
+        data = yaml.safe_load(text)
+    if not isinstance(data, dict):
+        raise InputError(
+            f"config file {path} does not hold a mapping of Py4DSTEMConfig fields; "
+            "write `field: value` lines."
+        )
+    return Py4DSTEMConfig(**data)
+
+
+@contextlib.contextmanager
+def _dask_cluster() -> Iterator[None]:
+    """A distributed client for the run: the cluster at ``DASK_SCHEDULER_ADDRESS`` if set, else a
+    ``LocalCluster`` with one single-threaded worker process per core, on loopback."""
+    from distributed import Client, LocalCluster
+
+    address = os.environ.get("DASK_SCHEDULER_ADDRESS")
+    if address:
+        with Client(address):
+            yield
+        return
+    with (
+        LocalCluster(
+            n_workers=max(1, os.cpu_count() or 1),
+            threads_per_worker=1,
+            processes=True,
+            host="127.0.0.1",
+            dashboard_address=None,
+        ) as cluster,
+        Client(cluster),
+    ):
+        yield
+
+
+def run_method(
+    scan: xr.DataArray,
+    method: str,
+    *,
+    reference: str,
+    symmetry: Any,
+    config: Any,
+    device: Device,
+) -> xr.Dataset:
+    """Call the method's entry function (the ccstae package is imported only when asked for)."""
+    if method == "py4dstem":
+        from stemlib.baseline_py4dstem import py4dstem_strain
+
+        with _dask_cluster():
+            return py4dstem_strain(scan, reference=reference, symmetry=symmetry, config=config)
+    try:
+        from stemlib.ccstae import ccstae_strain
+    except ImportError as exc:
+        raise InputError(
+            f"--method ccstae is not available in this installation ({exc}); use --method py4dstem."
+        ) from None
+    return ccstae_strain(scan, reference=reference, symmetry=symmetry, config=config, device=device)
+
+
+def _symmetry(text: str) -> Any:
+    return text if text == "auto" else int(text)
+
+
+def _run(args: argparse.Namespace) -> int:
+    scan = open_scan(args.scan)
+    # Check the cheap arguments before any compute: nothing is published on a mistake.
+    parse_reference(args.reference, (int(scan.shape[0]), int(scan.shape[1])))
+    config = read_config(args.config, args.method)
+    ds = run_method(
+        scan,
+        args.method,
+        reference=args.reference,
+        symmetry=_symmetry(args.symmetry),
+        config=config,
+        device=args.device,
+    )
+    url = write_strain(ds, args.dest)
+    png = save_png(strain_figure(ds, args.method), png_url(args.dest, args.method))
+    record = ds.attrs["methods"][args.method]
+    print(
+        f"wrote {redact(url)}: {args.method} strain of {ds.sizes['rx']} x {ds.sizes['ry']} "
+        f"positions, coverage {100 * record['coverage']:.1f} %, "
+        f"reference {ds.attrs.get('reference', args.reference)}, "
+        f"symmetry {ds.attrs.get('symmetry', args.symmetry)}\n"
+        f"  maps {redact(png)}\n  open it with:  xr.open_zarr({redact(url)!r})"
+    )
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    parser = sub.add_parser(
+        "strain",
+        help="strain, shear and rotation maps of a scan store (CC-ST-AE or the py4DSTEM baseline)",
+        description="Measure strain, shear and rotation at every probe position of a scan store "
+        "and publish them as a strain store (CONVENTIONS.md) with a PNG of the four maps beside "
+        "it. py4dstem runs on a local Dask cluster (all cores), or on the cluster at "
+        "DASK_SCHEDULER_ADDRESS.",
+    )
+    parser.add_argument(
+        "scan", metavar="SCAN", help="scan store written by `stemflow ingest`: path or URL"
+    )
+    parser.add_argument(
+        "dest", metavar="DEST", help="strain store to write: path or URL (s3://bucket/key)"
+    )
+    parser.add_argument("--method", required=True, choices=METHODS, help="strain method")
+    parser.add_argument(
+        "--reference",
+        default="auto",
+        metavar="auto|RX0:RX1,RY0:RY1|mask.npy",
+        help="reference region: auto (largest region of one lattice), a rectangle of scan "
+        "indices (half-open), or a boolean mask .npy (default: auto)",
+    )
+    parser.add_argument(
+        "--symmetry",
+        default="auto",
+        choices=["auto", "2", "4", "6"],
+        help="lattice symmetry for the rotation (default: auto)",
+    )
+    parser.add_argument(
+        "--config", metavar="FILE", help="YAML or JSON file of the method's configuration"
+    )
+    parser.add_argument(
+        "--device",
+        default="auto",
+        choices=["auto", "cpu", "cuda"],
+        help="where CC-ST-AE runs (default: auto)",
+    )
+    parser.set_defaults(run=_run)

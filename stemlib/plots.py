@@ -1,0 +1,129 @@
+"""Figures of strain results: the four maps of one method, saved as PNG beside the store.
+
+Figures are built on :class:`matplotlib.figure.Figure` directly (no pyplot state, no window,
+whatever the backend); they render with Agg.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import xarray as xr
+from matplotlib import colormaps
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from .errors import InputError
+from .io.storage import locate, redact, storage_errors
+
+__all__ = ["strain_figure", "save_png", "png_url"]
+
+#: Panels: variable, title, scale factor to the shown unit, shown unit.
+_PANELS = (
+    ("exx", "exx (along qx)", 100.0, "%"),
+    ("eyy", "eyy (along qy)", 100.0, "%"),
+    ("exy", "exy (tensor shear)", 100.0, "%"),
+    ("theta", "theta (rotation)", 180.0 / np.pi, "deg"),
+)
+
+
+def _limit(values: np.ndarray) -> float:
+    """Symmetric colour limit: the 99th percentile of |values| (1 if nothing is finite)."""
+    finite = np.abs(values[np.isfinite(values)])
+    return (
+        float(np.percentile(finite, 99)) if finite.size and np.percentile(finite, 99) > 0 else 1.0
+    )
+
+
+def strain_figure(ds: xr.Dataset, method: str) -> Figure:
+    """The four maps ``exx, eyy, exy`` (%) and ``theta`` (deg) of one method.
+
+    Parameters
+    ----------
+    ds
+        A strain dataset (CONVENTIONS.md section 4) holding ``method``.
+    method
+        The method to draw, e.g. ``"py4dstem"``.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        Four panels, rows ``rx`` and columns ``ry`` as in the scan, a diverging colour scale
+        symmetric about 0 per panel, positions without an answer in grey; the title gives the
+        method and its coverage.
+
+    Raises
+    ------
+    InputError
+        If ``method`` is not in ``ds``.
+
+    Examples
+    --------
+    >>> from stemlib.results import strain_dataset
+    >>> z = np.zeros((4, 5))
+    >>> fig = strain_figure(strain_dataset("py4dstem", exx=z, eyy=z, exy=z, theta=z), "py4dstem")
+    >>> [ax.get_title() for ax in fig.axes[::2]]
+    ['exx (along qx)', 'eyy (along qy)', 'exy (tensor shear)', 'theta (rotation)']
+    """
+    methods = [str(m) for m in ds["method"].values]
+    if method not in methods:
+        raise InputError(
+            f"the strain dataset holds methods {methods}, not {method!r}; pick one of them."
+        )
+    one = ds.isel(method=methods.index(method))
+    valid = np.asarray(one["valid"].values, bool)
+    fig = Figure(figsize=(10.0, 8.0), layout="constrained")
+    FigureCanvasAgg(fig)
+    for k, (name, title, scale, unit) in enumerate(_PANELS):
+        ax = fig.add_subplot(2, 2, k + 1)
+        values = np.where(valid, np.asarray(one[name].values, np.float64) * scale, np.nan)
+        limit = _limit(values)
+        cmap = colormaps["RdBu_r" if name != "theta" else "PuOr_r"].with_extremes(bad="0.6")
+        image = ax.imshow(values, cmap=cmap, vmin=-limit, vmax=limit, interpolation="nearest")
+        ax.set_title(title)
+        ax.set_xlabel("ry (scan column)")
+        ax.set_ylabel("rx (scan row)")
+        fig.colorbar(image, ax=ax, label=unit, shrink=0.85)
+    coverage = float(valid.mean()) if valid.size else 0.0
+    fig.suptitle(f"{method}: strain in the detector frame, coverage {100 * coverage:.1f} %")
+    return fig
+
+
+def save_png(fig: Figure, url: str) -> str:
+    """Render ``fig`` as PNG to a local path or fsspec URL (``s3://...``); returns the URL.
+
+    The file is written in one piece (rendered in memory first).
+    """
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    location = locate(url)
+    with storage_errors(location.url):
+        parent = location.path.rsplit("/", 1)[0]
+        if location.is_local and parent:
+            location.fs.makedirs(parent, exist_ok=True)
+        with location.fs.open(location.path, "wb") as f:
+            f.write(buffer.getvalue())
+    return url if "://" in url else location.url
+
+
+def png_url(dest: str, name: str) -> str:
+    """The PNG beside a store: its name without ``.zarr``, a dash, ``name``, ``.png``.
+
+    Examples
+    --------
+    >>> png_url("out/strain.zarr", "py4dstem")
+    'out/strain-py4dstem.png'
+    >>> png_url("s3://bucket/runs/strain.zarr/", "ccstae")
+    's3://bucket/runs/strain-ccstae.png'
+    >>> png_url("strain", "py4dstem")
+    'strain-py4dstem.png'
+    """
+    base = str(dest).rstrip("/")
+    if not base:
+        raise InputError(
+            f"{redact(str(dest))!r} names no store; pass DEST such as out/strain.zarr."
+        )
+    head, _, tail = base.rpartition("/")
+    stem = tail[: -len(".zarr")] if tail.endswith(".zarr") else tail
+    return f"{head}/{stem}-{name}.png" if head or base.startswith("/") else f"{stem}-{name}.png"

@@ -1,0 +1,200 @@
+"""The reference region of a strain map: parsed from the user's ``--reference`` or found.
+
+Strain is measured against the lattice of a reference region of the scan (CONVENTIONS.md
+section 2). A user names it as ``"auto"``, a rectangle of probe positions
+``"RX0:RX1,RY0:RY1"`` (half-open, like Python slices), or a boolean ``mask.npy`` of the scan's
+shape; ``"auto"`` takes the largest connected region whose lattice is the same everywhere.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+
+import numpy as np
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+
+from .errors import InputError
+from .io.storage import locate, redact, storage_errors
+
+__all__ = ["parse_reference", "auto_reference", "describe_reference"]
+
+_REGION = re.compile(r"^\s*(-?\d*)\s*:\s*(-?\d*)\s*,\s*(-?\d*)\s*:\s*(-?\d*)\s*$")
+
+
+def parse_reference(spec: str, scan_shape: tuple[int, int]) -> np.ndarray | None:
+    """The reference region named by ``spec``.
+
+    Parameters
+    ----------
+    spec
+        ``"auto"``; a rectangle ``"RX0:RX1,RY0:RY1"`` of scan indices (half-open; an empty bound
+        means the scan's edge); or the path or URL of a ``.npy`` boolean mask.
+    scan_shape
+        (RX, RY) of the scan.
+
+    Returns
+    -------
+    ndarray of shape (RX, RY), bool, or None
+        None for ``"auto"`` (see :func:`auto_reference`).
+
+    Raises
+    ------
+    InputError
+        For a rectangle outside the scan or empty, a mask of another shape or not boolean, or a
+        file that cannot be read.
+
+    Examples
+    --------
+    >>> parse_reference("auto", (4, 4)) is None
+    True
+    >>> parse_reference("0:2,1:3", (4, 4)).astype(int)
+    array([[0, 1, 1, 0],
+           [0, 1, 1, 0],
+           [0, 0, 0, 0],
+           [0, 0, 0, 0]])
+    """
+    rx, ry = (int(n) for n in scan_shape)
+    text = str(spec).strip()
+    if text.lower() == "auto":
+        return None
+    match = _REGION.match(text)
+    if match:
+        bounds = [int(v) if v not in ("", "-") else None for v in match.groups()]
+        x0, x1 = (
+            bounds[0] if bounds[0] is not None else 0,
+            bounds[1] if bounds[1] is not None else rx,
+        )
+        y0, y1 = (
+            bounds[2] if bounds[2] is not None else 0,
+            bounds[3] if bounds[3] is not None else ry,
+        )
+        if min(x0, x1, y0, y1) < 0 or x1 > rx or y1 > ry:
+            raise InputError(
+                f"--reference {text} lies outside the scan of {rx} x {ry} positions; give "
+                f"RX0:RX1,RY0:RY1 with 0 <= RX0 < RX1 <= {rx} and 0 <= RY0 < RY1 <= {ry}."
+            )
+        if x0 >= x1 or y0 >= y1:
+            raise InputError(
+                f"--reference {text} is an empty region; give RX0:RX1,RY0:RY1 with RX0 < RX1 "
+                "and RY0 < RY1."
+            )
+        mask = np.zeros((rx, ry), bool)
+        mask[x0:x1, y0:y1] = True
+        return mask
+    if text.endswith(".npy"):
+        return _load_mask(text, (rx, ry))
+    raise InputError(
+        f"--reference {text!r} is not understood; use auto, RX0:RX1,RY0:RY1 (e.g. 0:8,0:8) "
+        "or a mask.npy file."
+    )
+
+
+def _load_mask(url: str, shape: tuple[int, int]) -> np.ndarray:
+    location = locate(url)
+    where = redact(location.url)
+    if not location.exists():
+        raise InputError(f"reference mask {where} does not exist; pass an existing .npy file.")
+    try:
+        with storage_errors(location.url), location.fs.open(location.path, "rb") as f:
+            mask = np.load(io.BytesIO(f.read()), allow_pickle=False)
+    except (ValueError, OSError) as exc:
+        raise InputError(
+            f"reference mask {where} is not a readable .npy array ({exc}); save it with numpy.save."
+        ) from None
+    if mask.shape != shape:
+        raise InputError(
+            f"reference mask {where} has shape {mask.shape}; it must have the scan shape {shape}."
+        )
+    if mask.dtype != bool:
+        if not (np.issubdtype(mask.dtype, np.number) and np.isin(mask, (0, 1)).all()):
+            raise InputError(
+                f"reference mask {where} holds {mask.dtype} values other than 0 and 1; "
+                "save a boolean mask."
+            )
+        mask = mask.astype(bool)
+    if not mask.any():
+        raise InputError(
+            f"reference mask {where} selects no position; mark the reference region True."
+        )
+    return mask
+
+
+def auto_reference(
+    matrices: np.ndarray, valid: np.ndarray, *, rtol: float = 0.01, min_positions: int = 4
+) -> np.ndarray:
+    """The largest connected region of consistent lattice.
+
+    Neighbouring positions (4-connectivity) are linked when their matrices differ by at most
+    ``rtol`` times the typical matrix norm (Frobenius); the largest linked component is kept,
+    less the members farther than ``rtol`` from its median matrix (which stops a chain of small
+    steps from drifting across a gradual change).
+
+    Parameters
+    ----------
+    matrices
+        (RX, RY, 2, 2) per-position lattice (reciprocal basis) or affine matrices, expressed on
+        one branch (NaN where unknown).
+    valid
+        (RX, RY) bool, positions with an answer.
+    rtol
+        Relative tolerance (0.01 = 1 %: well below the strain differences between grains and
+        above the noise of a lattice fit).
+    min_positions
+        Fewest positions of an acceptable region.
+
+    Returns
+    -------
+    ndarray of shape (RX, RY), bool
+
+    Raises
+    ------
+    InputError
+        If no region of at least ``min_positions`` consistent positions exists.
+
+    Examples
+    --------
+    >>> m = np.broadcast_to(np.eye(2), (4, 6, 2, 2)).copy()
+    >>> m[:, 4:] *= 1.05  # another lattice on the last two columns
+    >>> int(auto_reference(m, np.ones((4, 6), bool)).sum())
+    16
+    """
+    matrices = np.asarray(matrices, np.float64)
+    valid = np.asarray(valid, bool) & np.isfinite(matrices).all(axis=(-1, -2))
+    rx, ry = valid.shape
+    if not valid.any():
+        raise InputError(
+            "no position has a lattice, so no reference region can be found; check the scan."
+        )
+    scale = float(np.median(np.linalg.norm(matrices[valid], axis=(-1, -2))))
+    index = np.arange(rx * ry).reshape(rx, ry)
+    rows, cols = [], []
+    for axis in (0, 1):
+        head = tuple(slice(1, None) if d == axis else slice(None) for d in (0, 1))
+        tail = tuple(slice(None, -1) if d == axis else slice(None) for d in (0, 1))
+        both = valid[head] & valid[tail]
+        step = np.linalg.norm(np.nan_to_num(matrices[head] - matrices[tail]), axis=(-1, -2))
+        close = both & (step <= rtol * scale)
+        rows.append(index[head][close])
+        cols.append(index[tail][close])
+    rows_, cols_ = np.concatenate(rows), np.concatenate(cols)
+    graph = coo_matrix((np.ones(len(rows_)), (rows_, cols_)), shape=(rx * ry, rx * ry))
+    _, labels = connected_components(graph, directed=False)
+    labels = np.where(valid.ravel(), labels, -1)
+    sizes = np.bincount(labels[labels >= 0])
+    best = int(np.argmax(sizes))
+    region = (labels == best).reshape(rx, ry)
+    median = np.median(matrices[region], axis=0)
+    region &= np.linalg.norm(np.nan_to_num(matrices - median), axis=(-1, -2)) <= rtol * scale
+    if region.sum() < min_positions:
+        raise InputError(
+            f"no region of at least {min_positions} neighbouring positions shares one lattice; "
+            "pass --reference RX0:RX1,RY0:RY1 or a mask.npy."
+        )
+    return region
+
+
+def describe_reference(spec: str, mask: np.ndarray) -> str:
+    """A short description for the result's attributes, e.g. ``"auto: 120 positions"``."""
+    return f"{str(spec).strip()}: {int(mask.sum())} positions"

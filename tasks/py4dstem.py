@@ -1,0 +1,74 @@
+"""Prefect task: the py4DSTEM correlation baseline on a scan store, published as a strain store."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from stemlib.baseline_py4dstem import METHOD, Py4DSTEMConfig, py4dstem_strain
+from stemlib.io import open_scan
+from stemlib.io.storage import redact
+from stemlib.plots import png_url, save_png, strain_figure
+from stemlib.results import write_strain
+from stemlib.types import Symmetry
+
+from ._retry import STORAGE_RETRY_DELAYS, retry_on_storage_error
+
+__all__ = ["py4dstem_strain_scan"]
+
+
+def _dask_client() -> contextlib.AbstractContextManager[Any]:
+    """Inside a Dask worker (DaskTaskRunner), a client that secedes this task's thread while
+    the scan's blocks run on the cluster; elsewhere, Dask's current scheduler."""
+    try:
+        from distributed import get_worker, worker_client
+
+        get_worker()
+    except (ImportError, ValueError):
+        return contextlib.nullcontext()
+    return worker_client()
+
+
+@task(
+    name="py4dstem-strain",
+    retries=len(STORAGE_RETRY_DELAYS),
+    retry_delay_seconds=STORAGE_RETRY_DELAYS,
+    # Only an unreachable store is retried; a scan without disks or a bad region fails at once.
+    retry_condition_fn=retry_on_storage_error,
+    cache_policy=NO_CACHE,
+)
+def py4dstem_strain_scan(
+    scan: str,
+    dest: str,
+    reference: str = "auto",
+    symmetry: Symmetry = "auto",
+    config: Py4DSTEMConfig | None = None,
+) -> dict[str, Any]:
+    """Strain maps of the scan store at ``scan`` by the py4DSTEM baseline, written to ``dest``."""
+    logger = get_run_logger()
+    with _dask_client():
+        ds = py4dstem_strain(open_scan(scan), reference=reference, symmetry=symmetry, config=config)
+    url = write_strain(ds, dest)
+    png = save_png(strain_figure(ds, METHOD), png_url(dest, METHOD))
+    record = ds.attrs["methods"][METHOD]
+    logger.info(
+        "wrote %s: coverage %.1f %%, %d invalid positions, reference %s, symmetry %s",
+        redact(url),
+        100 * record["coverage"],
+        record["invalid_positions"],
+        ds.attrs["reference"],
+        ds.attrs["symmetry"],
+    )
+    return {
+        "url": redact(url),
+        "png": redact(png),
+        "method": METHOD,
+        "coverage": record["coverage"],
+        "invalid_positions": record["invalid_positions"],
+        "reference": ds.attrs["reference"],
+        "symmetry": ds.attrs["symmetry"],
+        "input_content_sha256": ds.attrs.get("input_content_sha256"),
+    }

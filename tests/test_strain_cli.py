@@ -1,0 +1,190 @@
+"""``stemflow strain SCAN DEST --method py4dstem`` and the Prefect task (issue 5): a published
+strain store with its PNG, and one clear sentence, a non-zero exit and nothing published for
+each kind of bad input."""
+
+from __future__ import annotations
+
+import os
+
+import dask
+import numpy as np
+import pytest
+
+from flows.cli import main
+from stemlib.calibration import Calibration
+from stemlib.io.scan_store import write_scan
+from stemlib.metrics import strain_errors
+from stemlib.results import open_strain
+from stemlib.simulate import SimulationConfig, write_simulation
+from stemlib.truth import open_truth
+
+
+@pytest.fixture(scope="module")
+def scan(tmp_path_factory):
+    """A 12 x 12 scan of 64 px patterns, 4 square grains within +-45 deg, with its truth."""
+    store = str(tmp_path_factory.mktemp("scan") / "scan.zarr")
+    with dask.config.set(scheduler="threads"):
+        write_simulation(SimulationConfig(scan=(12, 12), pattern=64, grains=4, seed=3), store)
+    return store
+
+
+def _error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("stemflow strain: error: ") and "\n" not in err and "Traceback" not in err
+    return err
+
+
+def _nothing_published(folder) -> bool:
+    return not [p for p in os.listdir(folder) if p.startswith("strain") or ".partial-" in p]
+
+
+def test_cli_writes_the_strain_store_and_the_maps(scan, tmp_path, capsys):
+    (tmp_path / "py4dstem.yaml").write_text("threshold_sigma: 6.0\nmin_disks: 5\n")
+    dest = str(tmp_path / "strain.zarr")
+    args = [
+        "strain",
+        scan,
+        dest,
+        "--method",
+        "py4dstem",
+        "--config",
+        str(tmp_path / "py4dstem.yaml"),
+    ]
+    assert main(args) == 0  # reference auto, symmetry auto, a LocalCluster on all cores
+    out = capsys.readouterr().out
+    assert f"wrote {dest}: py4dstem strain of 12 x 12 positions, coverage 100.0 %" in out
+    assert "symmetry 4" in out and str(tmp_path / "strain-py4dstem.png") in out
+    ds = open_strain(dest)
+    assert list(ds["method"].values) == ["py4dstem"] and ds.attrs["convention"] == "stemflow-1"
+    record = ds.attrs["methods"]["py4dstem"]
+    assert record["config"]["threshold_sigma"] == 6.0 and record["config"]["min_disks"] == 5
+    assert record["coverage"] == 1.0 and record["invalid_positions"] == 0
+    assert ds.attrs["input_content_sha256"] and "py4DSTEM" in ds.attrs["software"]
+    truth = open_truth(scan)
+    errors = strain_errors(ds.sel(method="py4dstem"), truth, symmetry=4)
+    assert max(errors[c] for c in ("exx", "eyy", "exy")) < 1.5e-3
+    assert (tmp_path / "strain-py4dstem.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize(
+    ("reference", "message"),
+    [
+        (
+            "0:13,0:4",
+            "--reference 0:13,0:4 lies outside the scan of 12 x 12 positions; give RX0:RX1,RY0:RY1",
+        ),
+        ("4:4,0:4", "--reference 4:4,0:4 is an empty region; give RX0:RX1,RY0:RY1 with RX0 < RX1"),
+        ("wrong.npy", "has shape (3, 3); it must have the scan shape (12, 12)."),
+        ("centre", "--reference 'centre' is not understood; use auto, RX0:RX1,RY0:RY1"),
+    ],
+)
+@pytest.mark.parametrize("method", ["py4dstem", "ccstae"])
+def test_bad_reference(scan, tmp_path, capsys, monkeypatch, reference, message, method):
+    np.save(tmp_path / "wrong.npy", np.ones((3, 3), bool))
+    monkeypatch.chdir(tmp_path)
+    dest = str(tmp_path / "strain.zarr")
+    assert main(["strain", scan, dest, "--method", method, "--reference", reference]) == 2
+    assert message in _error(capsys)
+    assert _nothing_published(tmp_path)
+
+
+def test_a_store_that_is_not_a_scan(tmp_path, capsys):
+    dest = str(tmp_path / "strain.zarr")
+    assert main(["strain", str(tmp_path / "missing.zarr"), dest, "--method", "py4dstem"]) == 2
+    assert "missing.zarr does not exist; run `stemflow ingest SOURCE" in _error(capsys)
+    (tmp_path / "folder").mkdir()
+    assert main(["strain", str(tmp_path / "folder"), dest, "--method", "py4dstem"]) == 2
+    assert (
+        "folder is not a Zarr scan store; convert the raw scan with `stemflow ingest` first."
+        in _error(capsys)
+    )
+    assert _nothing_published(tmp_path)
+
+
+def test_a_strain_store_given_as_the_scan(tmp_path, capsys):
+    from stemlib.results import strain_dataset, write_strain
+
+    zeros = np.zeros((3, 3))
+    other = str(tmp_path / "other.zarr")
+    write_strain(strain_dataset("py4dstem", exx=zeros, eyy=zeros, exy=zeros, theta=zeros), other)
+    assert main(["strain", other, str(tmp_path / "strain.zarr"), "--method", "py4dstem"]) == 2
+    assert "is not a scan store: it needs a variable 'data' with dims (rx, ry, qx, qy)" in _error(
+        capsys
+    )
+    assert _nothing_published(tmp_path)
+
+
+def test_bad_config(scan, tmp_path, capsys):
+    (tmp_path / "bad.yaml").write_text("threshold_sigmaa: 3\n")
+    dest = str(tmp_path / "strain.zarr")
+    assert (
+        main(["strain", scan, dest, "--method", "py4dstem", "--config", str(tmp_path / "bad.yaml")])
+        == 2
+    )
+    assert "threshold_sigmaa: Extra inputs are not permitted; correct it and run again." in _error(
+        capsys
+    )
+    assert (
+        main(
+            ["strain", scan, dest, "--method", "py4dstem", "--config", str(tmp_path / "none.yaml")]
+        )
+        == 2
+    )
+    assert "none.yaml does not exist; pass a YAML or JSON file of Py4DSTEMConfig fields." in _error(
+        capsys
+    )
+    assert _nothing_published(tmp_path)
+
+
+def test_a_scan_without_bragg_disks(tmp_path, capsys):
+    q = np.hypot(*np.indices((64, 64)) - 32.0)
+    beam = (1.0 / (1.0 + np.exp((q - 3.0) / 0.3))).astype(np.float32)
+    source = str(tmp_path / "vacuum.zarr")
+    write_scan(
+        dask.array.from_array(np.broadcast_to(beam, (8, 8, 64, 64)).copy()),
+        source,
+        calibration=Calibration(),
+    )
+    dest = str(tmp_path / "strain.zarr")
+    assert main(["strain", source, dest, "--method", "py4dstem"]) == 2
+    err = _error(capsys)
+    assert (
+        "shows a lattice of Bragg disks above the noise in 0 of 64 patterns sampled over the scan"
+        in err
+    )
+    assert "pass a diffraction scan of a crystal." in err
+    assert _nothing_published(tmp_path)
+
+
+@pytest.mark.s3
+def test_cli_publishes_to_object_storage(scan, s3, capsys, monkeypatch):
+    import s3fs
+
+    monkeypatch.setenv("DASK_SCHEDULER_ADDRESS", "")  # the local cluster
+    dest = f"{s3}/runs/strain.zarr"
+    assert main(["strain", scan, dest, "--method", "py4dstem", "--reference", "auto"]) == 0
+    assert f"wrote {dest}" in capsys.readouterr().out
+    assert open_strain(dest).attrs["methods"]["py4dstem"]["coverage"] == 1.0
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": os.environ["AWS_ENDPOINT_URL"]})
+    with fs.open(f"{s3}/runs/strain-py4dstem.png", "rb") as f:
+        assert f.read(4) == b"\x89PNG"
+    assert not [k for k in fs.ls(f"{s3}/runs") if ".partial-" in k]
+
+
+def test_prefect_task_publishes_the_baseline(prefect_harness, scan, tmp_path):
+    from prefect import flow
+
+    from tasks.py4dstem import py4dstem_strain_scan
+
+    @flow
+    def baseline(scan: str, dest: str) -> dict:
+        return py4dstem_strain_scan(scan, dest, reference="auto")
+
+    dest = str(tmp_path / "strain.zarr")
+    record = baseline(scan, dest)
+    assert record["url"] == dest and record["png"] == str(tmp_path / "strain-py4dstem.png")
+    assert (
+        record["coverage"] == 1.0 and record["invalid_positions"] == 0 and record["symmetry"] == 4
+    )
+    assert record["input_content_sha256"] == open_strain(dest).attrs["input_content_sha256"]
+    assert os.path.exists(record["png"])
