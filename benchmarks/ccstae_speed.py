@@ -1,0 +1,207 @@
+"""CC-ST-AE speed: training time per epoch and inference patterns/s, on CPU and on a GPU.
+
+A simulated scan of ``--n`` patterns of ``--pattern`` px (default 65,536 of 128 px, the paper's
+256 x 256 scan) is written to a temporary Zarr store first (not timed). Then, per device
+(``cpu``, and ``cuda`` when present), with the preset of that device:
+
+- the starting stage (rotation search + starting bases on the sample), seconds;
+- one training epoch over the whole scan, streamed from the store: seconds and patterns/s;
+- inference of the whole scan: the network alone, and with the per-pattern refinement
+  (the default), patterns/s.
+
+Usage::
+
+    python benchmarks/ccstae_speed.py --n 1024           # a quick CPU run
+    python benchmarks/ccstae_speed.py                    # 65,536 patterns (GPU machine)
+
+Goals (issue 6): >= 20,000 patterns/s inference on one H100; training that converges in < 10 min
+there. Results go to ``benchmarks/results/ccstae-speed-<n>x<pattern>.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from stemlib.ccstae import CCSTAEConfig, build_model
+from stemlib.ccstae.data import PatternStream, Preprocess, as_dask, sample_patterns
+from stemlib.ccstae.infer import infer
+from stemlib.ccstae.pipeline import _derived_schedule, _rotation_stage, beam_radius
+from stemlib.ccstae.train import Checkpoint, seeded, train
+from stemlib.io import open_scan
+from stemlib.provenance import software_versions, utc_now
+from stemlib.simulate import SimulationConfig, write_simulation
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure(store: str, device: torch.device, *, preset: str, epochs: int = 1) -> dict[str, Any]:
+    """Time the stages of one device on the scan store."""
+    config = CCSTAEConfig.preset(preset, epochs=epochs)
+    data = as_dask(open_scan(store))
+    n = int(np.prod(data.shape[:2]))
+    h, w = data.shape[2:]
+    center = (float(h // 2), float(w // 2))
+    out: dict[str, Any] = {"device": str(device), "preset": preset, "patterns": n}
+
+    start = time.perf_counter()
+    sample, _ = sample_patterns(data, n=config.search_patterns, seed=0)
+    beam = beam_radius(Preprocess("linear")(sample).mean(0), center=center)
+    schedule = _derived_schedule(config, size=min(h, w), beam=beam)
+    preprocess = Preprocess(config.intensity, 1.0)
+    search = _rotation_stage(
+        data,
+        preprocess,
+        config=config,
+        center=center,
+        radii=schedule.radii(0),
+        device=device,
+        sample=sample,
+        start=None,
+        poisson=False,
+        beam=beam,
+    )
+    _sync(device)
+    out["starting_stage_s"] = time.perf_counter() - start
+
+    seeded(0)
+    model = build_model(config, pattern_shape=(h, w), center=center).to(device)
+    model.initialise_bases(torch.from_numpy(search["initial_bases"]))
+    record = Checkpoint(
+        config=config.model_dump(mode="json"), seed=0, data_fingerprint="speed", setup={}
+    )
+    stream = PatternStream(
+        data,
+        preprocess,
+        batch_size=config.batch_size,
+        shuffle=True,
+        seed=0,
+        theta0=search["theta0"],
+        shift0=search["shift0"],
+    )
+    start = time.perf_counter()
+    record = train(
+        model, stream, config=config, schedule=schedule, device=device, record=record, workdir=None
+    )
+    _sync(device)
+    seconds = time.perf_counter() - start
+    out["train_epoch_s"] = seconds / epochs
+    out["train_patterns_per_s"] = n * epochs / seconds
+
+    mask = torch.from_numpy(schedule.mask((h, w), epochs - 1)).float()
+    for name, steps in (("infer_network_only", 0), ("infer_refined", config.refine_steps)):
+        stream = PatternStream(
+            data,
+            preprocess,
+            batch_size=config.infer_batch_size,
+            theta0=search["theta0"],
+            shift0=search["shift0"],
+        )
+        start = time.perf_counter()
+        infer(
+            model,
+            stream,
+            mask=mask,
+            device=device,
+            refine_steps=steps,
+            num_workers=config.num_workers,
+            amp=config.amp,
+        )
+        _sync(device)
+        out[f"{name}_patterns_per_s"] = n / (time.perf_counter() - start)
+    return out
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| device | preset | patterns | starting stage (s) | train s/epoch | train patterns/s | "
+        "infer network only (patterns/s) | infer refined (patterns/s) |",
+        "|" + "---|" * 8,
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['device']} | {r['preset']} | {r['patterns']} | {r['starting_stage_s']:.1f} | "
+            f"{r['train_epoch_s']:.1f} | "
+            f"{r['train_patterns_per_s']:.0f} | {r['infer_network_only_patterns_per_s']:.0f} | "
+            f"{r['infer_refined_patterns_per_s']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--n", type=int, default=65536, help="patterns (a square scan of about n)")
+    parser.add_argument("--pattern", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads on CPU")
+    parser.add_argument(
+        "--devices", default="auto", help="comma list of cpu,cuda (auto: cpu, and cuda if present)"
+    )
+    parser.add_argument("--epochs", type=int, default=1, help="epochs timed per device")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    side = max(1, int(math.isqrt(args.n)))
+    devices = (
+        ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+        if args.devices == "auto"
+        else args.devices.split(",")
+    )
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="stemflow-speed-") as tmp:
+        store = str(Path(tmp) / "scan.zarr")
+        write_simulation(
+            SimulationConfig(
+                scan=(side, side), pattern=args.pattern, grains=8, max_rot_deg=180.0, seed=0
+            ),
+            store,
+        )
+        for name in devices:
+            print(f"  {name} ...", file=sys.stderr, flush=True)
+            rows.append(
+                measure(
+                    store,
+                    torch.device(name),
+                    preset="gpu" if name == "cuda" else "cpu",
+                    epochs=args.epochs,
+                )
+            )
+    text = table(rows)
+    print(text)
+    RESULTS.mkdir(exist_ok=True)
+    name = f"ccstae-speed-{side * side}x{args.pattern}"
+    record = {
+        "created": utc_now(),
+        "args": vars(args),
+        "machine": {
+            "platform": platform.platform(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "torch_threads": args.threads,
+        },
+        "versions": software_versions(),
+        "rows": rows,
+    }
+    (RESULTS / f"{name}.json").write_text(json.dumps(record, indent=2))
+    (RESULTS / f"{name}.md").write_text(
+        f"# CC-ST-AE speed, {side * side} patterns of {args.pattern} px\n\n{text}\n"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,180 @@
+"""Inference: each pattern's class, affine warp and reconstruction error, streamed from a scan."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .affine import rotation
+from .data import PatternStream, loader
+from .model import CCSTAE
+from .refine import disk_regions, masked_error, radial_background, refine_affine
+
+__all__ = ["Inference", "infer"]
+
+
+@dataclass
+class Inference:
+    """Per-position results of :func:`infer` (RX x RY positions).
+
+    Attributes
+    ----------
+    matrix : ndarray of shape (RX, RY, 2, 2)
+        ``A``, the warp base -> pattern in the (qx, qy) frame (:mod:`stemlib.ccstae.affine`).
+    shift : ndarray of shape (RX, RY, 2)
+        ``t`` in px (qx, qy).
+    network_matrix : ndarray of shape (RX, RY, 2, 2)
+        ``A`` as the network gave it, before refinement.
+    class_map : ndarray of shape (RX, RY), int
+        Index of each pattern's base.
+    error : ndarray of shape (RX, RY)
+        Masked mean squared difference between the pattern and its base warped onto it, in the
+        preprocessed intensity units.
+    gain : ndarray of shape (RX, RY)
+        Intensity of the pattern relative to its base.
+    """
+
+    matrix: np.ndarray
+    shift: np.ndarray
+    network_matrix: np.ndarray
+    class_map: np.ndarray
+    error: np.ndarray
+    gain: np.ndarray
+
+
+@torch.no_grad()
+def infer(
+    model: CCSTAE,
+    stream: PatternStream,
+    *,
+    mask: torch.Tensor,
+    device: torch.device,
+    refine_steps: int,
+    poisson: bool = False,
+    background: bool = True,
+    disk_gains: bool = False,
+    inner: float = 0.0,
+    disk_radius: float = 3.0,
+    num_workers: int = 0,
+    amp: bool = True,
+) -> Inference:
+    """Run the model over every pattern of ``stream`` and refine each warp against its base.
+
+    Parameters
+    ----------
+    model
+        A trained model on ``device``.
+    stream
+        Unshuffled batches covering the scan.
+    mask
+        Float tensor of shape (H, W): the last epoch's ring.
+    device
+        Where to run.
+    refine_steps
+        Gauss-Newton iterations per pattern (:func:`stemlib.ccstae.refine.refine_affine`); 0 keeps
+        the network's warp.
+    poisson
+        Refine by Poisson likelihood (linear count data at low dose).
+    background
+        Refine with the bases' isotropic background fitted but not warped.
+    disk_gains
+        Give every Bragg disk of a base its own gain in the refinement
+        (:func:`stemlib.ccstae.refine.disk_regions`).
+    inner
+        Inner radius (px) of the ring: disks inside it are not labelled.
+    disk_radius
+        Radius (px) of the Bragg disks (the direct beam's).
+    num_workers
+        DataLoader workers.
+    amp
+        bf16 autocast for the network on CUDA.
+
+    Returns
+    -------
+    Inference
+    """
+    model.eval()
+    rx, ry = stream.data.shape[:2]
+    n = rx * ry
+    matrix = np.full((n, 2, 2), np.nan)
+    network_matrix = np.full((n, 2, 2), np.nan)
+    shift = np.full((n, 2), np.nan)
+    class_map = np.full(n, -1, np.int64)
+    error = np.full(n, np.nan)
+    gain = np.full(n, np.nan)
+    bases = model.bases().float()
+    bg = radial_background(bases, center=model.center) if background else torch.zeros_like(bases)
+    regions = (
+        disk_regions(bases - bg, center=model.center, inner=inner, disk_radius=disk_radius)
+        if disk_gains
+        else None
+    )
+    mask = mask.to(device)
+    for batch in loader(stream, num_workers=num_workers, device=device):
+        x = batch["pattern"].to(device, non_blocking=True)
+        theta0 = batch["theta0"].to(device, non_blocking=True)
+        shift0 = batch["shift0"].to(device, non_blocking=True)
+        with torch.autocast(
+            device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"
+        ):
+            code, affine = model.encode(x, theta0, shift0)
+        A, t = affine.matrix().float(), affine.shift.float()
+        cls = code.argmax(-1)
+        if len(bases) > 1:
+            # The class whose base, warped onto the pattern, explains it best (the cycle loss
+            # decides; the K-sparse code is its amortised guess).
+            errors = torch.stack(
+                [
+                    masked_error(
+                        x.float(), b.expand(len(x), -1, -1, -1), A, t, mask, center=model.center
+                    )
+                    for b in bases
+                ],
+                1,
+            )
+            cls = errors.argmin(1)
+        base = bases[cls]
+        idx = batch["index"].numpy()
+        network_matrix[idx] = A.cpu().numpy()
+        if refine_steps > 0:
+            # Start each refinement from the network's warp or from the rotation stage's,
+            # whichever fits better: an undertrained network must not make the start worse.
+            A0, t0 = rotation(theta0.float()), shift0.float()
+            worse = masked_error(x.float(), base, A, t, mask, center=model.center) > masked_error(
+                x.float(), base, A0, t0, mask, center=model.center
+            )
+            A = torch.where(worse[:, None, None], A0, A)
+            t = torch.where(worse[:, None], t0, t)
+            fit = refine_affine(
+                x,
+                (bases - bg)[cls],
+                A,
+                t,
+                mask,
+                center=model.center,
+                steps=refine_steps,
+                poisson=poisson,
+                background=bg[cls] if background else None,
+                regions=None if regions is None else regions[cls],
+            )
+            A, t, err, g = fit["matrix"], fit["shift"], fit["error"], fit["gain"]
+        else:
+            err, g = (
+                masked_error(x.float(), base, A, t, mask, center=model.center),
+                torch.ones_like(cls, dtype=torch.float32),
+            )
+        matrix[idx] = A.cpu().numpy()
+        shift[idx] = t.cpu().numpy()
+        class_map[idx] = cls.cpu().numpy()
+        error[idx] = err.cpu().numpy()
+        gain[idx] = g.cpu().numpy()
+    return Inference(
+        matrix=matrix.reshape(rx, ry, 2, 2),
+        shift=shift.reshape(rx, ry, 2),
+        network_matrix=network_matrix.reshape(rx, ry, 2, 2),
+        class_map=class_map.reshape(rx, ry),
+        error=error.reshape(rx, ry),
+        gain=gain.reshape(rx, ry),
+    )

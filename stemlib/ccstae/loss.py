@@ -1,0 +1,113 @@
+"""The CC-ST-AE training loss: masked cycle MSE both ways, base L1, affine hinges, robust batching.
+
+With ``m`` the ring mask in the base frame (:class:`stemlib.masks.MaskSchedule`) and ``m'`` the
+same mask warped onto each input by the inverse transform (it moves with the transform):
+
+    l_i = [ <m (T(x_i) - b_i)^2> / <m>  +  <m' (T^-1(b_i) - x_i)^2> / <m'> ] / 2
+
+per pattern ``i``; the batch loss is a robust mean of ``l_i`` (losses above ``outlier_factor``
+x the batch median are log-compressed, so a few broken patterns cannot dominate a step), plus
+``l1_base * mean|b|`` and the hinges ``scale_penalty * mean(relu(|s - 1| - scale_hinge))`` and
+``shear_penalty * mean(relu(|shear| - shear_hinge))``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .affine import invert, warp
+from .config import CCSTAEConfig
+from .model import CCSTAEOutput
+
+__all__ = ["LossParts", "cycle_loss", "robust_mean"]
+
+
+@dataclass
+class LossParts:
+    """The loss (scalar tensor ``total``) and its parts, for logging.
+
+    ``per_pattern`` is a tensor of shape (B,): the cycle MSE of each pattern.
+    """
+
+    total: torch.Tensor
+    per_pattern: torch.Tensor
+    base_frame: torch.Tensor
+    input_frame: torch.Tensor
+    l1: torch.Tensor
+    hinge: torch.Tensor
+
+
+def robust_mean(losses: torch.Tensor, factor: float) -> torch.Tensor:
+    """Mean of ``losses`` (B,) with values above ``factor`` x their median log-compressed.
+
+    Examples
+    --------
+    >>> round(float(robust_mean(torch.tensor([1.0, 1.0, 1.0, 1000.0]), 5.0)), 3)
+    8.623
+    """
+    tau = factor * losses.detach().median().clamp_min(1e-12)
+    compressed = torch.where(
+        losses > tau, tau * (1 + torch.log(losses.clamp_min(1e-30) / tau)), losses
+    )
+    return compressed.mean()
+
+
+def cycle_loss(
+    out: CCSTAEOutput,
+    x: torch.Tensor,
+    mask: torch.Tensor,
+    config: CCSTAEConfig,
+    *,
+    center: tuple[float, float],
+) -> LossParts:
+    """The training loss of one batch.
+
+    Parameters
+    ----------
+    out
+        The model's output for ``x``.
+    x
+        Tensor of shape (B, 1, H, W), the preprocessed input.
+    mask
+        Float tensor of shape (H, W), the ring in the base frame (1 inside).
+    config
+        Weights and limits.
+    center
+        (qx, qy) px, the warps' centre (the model's ``center``).
+
+    Returns
+    -------
+    LossParts
+    """
+    b = x.shape[0]
+    m = mask.to(x.dtype)[None, None].expand(b, 1, -1, -1)
+    A, t = out.affine.matrix(), out.affine.shift
+    m_in = warp(m, *invert(A, t), center=center, mode="bilinear")
+    base_frame = (m * (out.transformed_input - out.base) ** 2).sum((1, 2, 3)) / m.sum(
+        (1, 2, 3)
+    ).clamp_min(1.0)
+    input_frame = (m_in * (out.transformed_base - x) ** 2).sum((1, 2, 3)) / m_in.sum(
+        (1, 2, 3)
+    ).clamp_min(1.0)
+    per_pattern = 0.5 * (base_frame + input_frame)
+    a = out.affine
+    hinge = (
+        config.scale_penalty
+        * (
+            torch.relu((a.scale_x - 1).abs() - config.scale_hinge)
+            + torch.relu((a.scale_y - 1).abs() - config.scale_hinge)
+        ).mean()
+        + config.shear_penalty * torch.relu(a.shear.abs() - config.shear_hinge).mean()
+    )
+    l1 = config.l1_base * out.bases.abs().mean()
+    total = robust_mean(per_pattern, config.outlier_factor) + l1 + hinge
+    return LossParts(
+        total,
+        per_pattern.detach(),
+        base_frame.detach().mean(),
+        input_frame.detach().mean(),
+        l1.detach(),
+        hinge.detach(),
+    )

@@ -1,0 +1,634 @@
+"""``ccstae_strain``: train on a scan (unsupervised), infer every pattern, and report strain.
+
+Stages, each streaming the scan block by block:
+
+1. statistics of a random sample of patterns (plus the reference region's): direct-beam
+   radius (the ring's inner radius when the config gives no mask), intensity scale, and the
+   noise model (Poisson likelihood for low-dose counts);
+2. the rotation stage (:mod:`stemlib.ccstae.rotation`): each pattern's rotation over the full
+   circle by polar correlation with a template built from the data;
+3. the starting bases (:mod:`stemlib.ccstae.template`): sharp bases learned on the sample by
+   alternating the two halves of the cycle loss, started from the reference region;
+4. training of the network (:mod:`stemlib.ccstae.train`), resumed from ``workdir``;
+5. inference: the network's class and warp of every pattern, refined against its base
+   (:mod:`stemlib.ccstae.infer`, :mod:`stemlib.ccstae.refine`);
+6. strain against the reference region with the rotation folded by the lattice symmetry
+   (:mod:`stemlib.ccstae.strain`), detected from the learned base when ``symmetry="auto"``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import xarray as xr
+from scipy import ndimage
+
+from ..errors import InputError
+from ..masks import MaskSchedule, ring_mask
+from ..provenance import software_versions
+from ..results import strain_dataset
+from ..strain import detect_symmetry
+from ..types import SCAN_DIMS, Device, Symmetry
+from .config import CCSTAEConfig, check_config, resolve_device
+from .data import PatternStream, Preprocess, as_dask, data_fingerprint, sample_patterns
+from .figures import save_bases_png
+from .infer import Inference, infer
+from .model import build_model
+from .rotation import (
+    angular_symmetry,
+    beam_centers,
+    build_template,
+    correlate_angles,
+    polar_features,
+)
+from .strain import deformation_from_affine, fold_deformation, strain_from_affine
+from .template import learn_bases
+from .train import Checkpoint, seeded, train
+
+__all__ = ["ccstae_strain", "train_on_scan", "beam_radius", "base_lattice"]
+
+
+def beam_radius(mean_pattern: np.ndarray, *, center: tuple[float, float]) -> float:
+    """Radius (px) of the direct-beam disk in a mean pattern of shape (H, W).
+
+    The radius where the azimuthal mean falls most steeply (gradient x radius, so the sharp
+    centre of a Lorentzian background does not win), searched from 2 px to a quarter of the
+    pattern.
+    """
+    h, w = mean_pattern.shape
+    rows, cols = np.indices((h, w))
+    r = np.hypot(rows - center[0], cols - center[1])
+    bins = np.round(r).astype(int)
+    profile = np.bincount(bins.ravel(), mean_pattern.ravel()) / np.maximum(
+        np.bincount(bins.ravel()), 1
+    )
+    radii = np.arange(len(profile))
+    strength = -np.gradient(profile) * radii
+    lo, hi = 2, max(3, min(h, w) // 4)
+    return float(radii[lo:hi][np.argmax(strength[lo:hi])])
+
+
+def base_lattice(
+    base: np.ndarray, *, center: tuple[float, float], inner: float, window: int = 2
+) -> np.ndarray | None:
+    """Reciprocal basis (columns g1, g2, (qx, qy) px) of the disks of a learned base (H, W).
+
+    Local maxima beyond ``inner`` px brighter than a quarter of the brightest one, refined by
+    their centre of mass over ``2 window + 1`` px; ``g1`` the shortest, ``g2`` the shortest at
+    more than 30 deg from it. None if fewer than two such disks.
+    """
+    smooth = ndimage.gaussian_filter(np.asarray(base, np.float64), 1.0)
+    rows, cols = np.indices(smooth.shape)
+    r = np.hypot(rows - center[0], cols - center[1])
+    peaks = (
+        (smooth == ndimage.maximum_filter(smooth, size=2 * window + 1))
+        & (r > inner)
+        & (r < min(smooth.shape) / 2 - window)
+    )
+    if peaks.sum() < 2:
+        return None
+    values = smooth[peaks]
+    keep = values > 0.25 * values.max()
+    pr, pc = rows[peaks][keep], cols[peaks][keep]
+    vectors = []
+    for i, j in zip(pr, pc, strict=True):
+        i0, j0 = max(i - window, 0), max(j - window, 0)
+        win = smooth[i0 : i + window + 1, j0 : j + window + 1]
+        wr, wc = np.indices(win.shape)
+        wgt = win - win.min()
+        total = wgt.sum() or 1.0
+        vectors.append(
+            ((wgt * wr).sum() / total + i0 - center[0], (wgt * wc).sum() / total + j0 - center[1])
+        )
+    vectors = np.array(vectors)
+    order = np.argsort(np.linalg.norm(vectors, axis=1))
+    g1 = vectors[order[0]]
+    for k in order[1:]:
+        g2 = vectors[k]
+        cross = abs(g1[0] * g2[1] - g1[1] * g2[0])
+        if cross > 0.5 * np.linalg.norm(g1) * np.linalg.norm(g2):
+            return np.stack([g1, g2], axis=1)
+    return None
+
+
+def _base_symmetry(
+    base: np.ndarray, *, center: tuple[float, float], radii: tuple[float, float], beam: float
+) -> tuple[int, int | None]:
+    """The lattice symmetry of a learned base, and the one its disks' basis gives alone.
+
+    The strongest angular order of its ring (:func:`stemlib.ccstae.rotation.angular_symmetry`)
+    is robust to noise and to disk intensities; it cannot tell a rectangular lattice from a
+    square one, which the lengths of the disks' reciprocal basis do
+    (:func:`stemlib.strain.detect_symmetry`): a 4-fold ring whose two basis vectors differ in
+    length by more than 10 % is a 2-fold lattice.
+    """
+    x = torch.from_numpy(np.asarray(base, np.float32))[None, None]
+    harmonic = angular_symmetry(polar_features(x, center=center, radii=radii, n_angles=720)[0])
+    lattice = base_lattice(base, center=center, inner=radii[0], window=max(2, int(round(beam))))
+    if lattice is None:
+        return harmonic, None
+    lengths = np.linalg.norm(lattice, axis=0)
+    if harmonic == 4 and abs(lengths.max() / lengths.min() - 1) > 0.1:
+        harmonic = 2
+    return harmonic, int(detect_symmetry(lattice))
+
+
+def _derived_schedule(config: CCSTAEConfig, *, size: int, beam: float) -> MaskSchedule:
+    inner = float(np.clip(1.5 * beam + 1.0, 2.0, size / 4))
+    return MaskSchedule(
+        kind="linear",
+        start=(inner, 0.48 * size),
+        end=(inner, 0.44 * size),
+        epochs=max(config.epochs, 1),
+    )
+
+
+def _some(indices: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """At most ``n`` of ``indices``, drawn without replacement."""
+    if len(indices) <= n:
+        return indices
+    return np.random.default_rng(seed).choice(indices, size=n, replace=False)
+
+
+def _poisson(
+    config: CCSTAEConfig, sample: np.ndarray, ring: np.ndarray, *, dtype: np.dtype
+) -> bool:
+    """Whether to fit by Poisson likelihood: asked for, or ``"auto"`` with integer counts averaging
+    under one count per ring pixel (shot noise dominates)."""
+    if config.noise_model != "auto":
+        return config.noise_model == "poisson"
+    return np.dtype(dtype).kind in "ui" and float(sample[:, ring].mean()) < 1.0
+
+
+def _print_progress(metrics: dict[str, Any]) -> None:
+    print(
+        f"ccstae: epoch {metrics['epoch']}  loss {metrics['loss']:.5g}  "
+        f"{metrics['patterns_per_s']:.0f} patterns/s"
+        f"  ({metrics['seconds']:.1f} s, {metrics['skipped_batches']} skipped)",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+def _rotation_stage(
+    data: Any,
+    preprocess: Preprocess,
+    *,
+    config: CCSTAEConfig,
+    center: tuple[float, float],
+    radii: tuple[float, float],
+    device: torch.device,
+    sample: np.ndarray,
+    start: np.ndarray | None,
+    poisson: bool,
+    beam: float,
+) -> dict[str, np.ndarray]:
+    """Each position's direct beam (descan) and rotation (rad), the correlation peak, the
+    template's angular symmetry and the starting bases learned on the sample (``start``: sample
+    patterns of the reference)."""
+    h, w = data.shape[2:]
+    search_radius = beam + 0.08 * min(h, w)  # the beam plus up to 8 % of the pattern of descan
+    x = torch.from_numpy(preprocess(sample))[:, None].to(device)
+    beams = beam_centers(x, center=center, radius=search_radius)
+    features = polar_features(x, center=beams, radii=radii, n_angles=config.search_angles)
+    template = build_template(features)
+    theta, _ = correlate_angles(features, template)
+    ring = torch.from_numpy(
+        ring_mask(x.shape[-2:], inner=radii[0], outer=radii[1], center=center)
+    ).to(x)
+    learned = learn_bases(
+        x,
+        theta,
+        ring,
+        num_bases=config.num_bases,
+        center=center,
+        seed=config.seed,
+        rounds=config.template_rounds,
+        steps=config.template_steps,
+        poisson=poisson,
+        background=config.background,
+        start=None if start is None else torch.from_numpy(start),
+        shift=beams - beams.new_tensor(center),
+    )
+    rx, ry = data.shape[:2]
+    theta = np.zeros(rx * ry, np.float32)
+    peak = np.zeros(rx * ry, np.float32)
+    shift = np.zeros((rx * ry, 2), np.float32)
+    stream = PatternStream(data, preprocess, batch_size=config.infer_batch_size)
+    for batch in stream:
+        patterns = batch["pattern"].to(device)
+        found = beam_centers(patterns, center=center, radius=search_radius)
+        f = polar_features(patterns, center=found, radii=radii, n_angles=config.search_angles)
+        t, p = correlate_angles(f, template)
+        idx = batch["index"].numpy()
+        theta[idx], peak[idx] = t.cpu().numpy(), p.cpu().numpy()
+        shift[idx] = (found - found.new_tensor(center)).cpu().numpy()
+    return {
+        "theta0": theta.reshape(rx, ry),
+        "shift0": shift.reshape(rx, ry, 2),
+        "peak": peak.reshape(rx, ry),
+        "angular_symmetry": np.array(angular_symmetry(template.cpu())),
+        "initial_bases": learned["bases"].cpu().numpy(),
+    }
+
+
+def _valid_positions(result: Inference, bases: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Positions with an answer: finite warp, a crystalline base, and disks actually present.
+
+    A class whose base has less than 10 % of the strongest base's contrast in the ring (e.g.
+    vacuum) has no lattice; a pattern whose fitted gain is below a quarter of the median gain
+    shows no disks of its base.
+    """
+    finite = np.all(np.isfinite(result.matrix), axis=(-1, -2))
+    contrast = np.array([b[mask].std() for b in bases])
+    crystalline = contrast >= 0.1 * contrast.max()
+    ok = finite & crystalline[np.clip(result.class_map, 0, len(bases) - 1)]
+    gain = np.where(ok, result.gain, np.nan)
+    if np.isfinite(gain).any():
+        ok &= result.gain > 0.25 * np.nanmedian(gain)
+    return ok
+
+
+@dataclass
+class _Trained:
+    """Everything the training stages leave for inference."""
+
+    device: torch.device
+    config: CCSTAEConfig
+    data: Any
+    center: tuple[float, float]
+    reference_mask: np.ndarray | None
+    fingerprint: str
+    setup: dict[str, Any]
+    schedule: MaskSchedule
+    preprocess: Preprocess
+    search: dict[str, np.ndarray]
+    model: Any
+    record: Checkpoint
+    checkpoint_sha256: str
+    timings: dict[str, float]
+
+
+def _train_stages(
+    scan: Any,
+    *,
+    reference: str,
+    config: CCSTAEConfig | None,
+    device: Device,
+    folder: Path,
+    progress: bool,
+) -> _Trained:
+    """Statistics, rotation stage, starting bases and training, resumed from ``folder``."""
+    from ..reference import parse_reference
+
+    dev = resolve_device(device)
+    config = config or CCSTAEConfig.preset("gpu" if dev.type == "cuda" else "cpu")
+    data = as_dask(scan)
+    rx, ry, h, w = (int(n) for n in data.shape)
+    check_config(config, pattern_shape=(h, w))
+    reference_mask = parse_reference(reference, (rx, ry))
+    attrs = dict(getattr(scan, "attrs", {}) or {})
+    origin = attrs.get("origin_px")
+    center = (
+        (float(origin[0]), float(origin[1]))
+        if origin is not None
+        else (float(h // 2), float(w // 2))
+    )
+    timings: dict[str, float] = {}
+    folder.mkdir(parents=True, exist_ok=True)
+    fingerprint = data_fingerprint(scan)
+    record = Checkpoint.load(folder)
+    if record is not None:
+        record.check_matches(config=config, data_fingerprint=fingerprint, where=str(folder))
+
+    start = time.perf_counter()
+    include = (
+        None if reference_mask is None else _some(np.flatnonzero(reference_mask), 256, config.seed)
+    )
+    sample = pick = None
+    if record is None:
+        sample, pick = sample_patterns(
+            data, n=config.search_patterns, seed=config.seed, include=include
+        )
+        beam = beam_radius(Preprocess("linear", 1.0)(sample).mean(0), center=center)
+        schedule = config.mask or _derived_schedule(config, size=min(h, w), beam=beam)
+        ring = schedule.mask((h, w), 0)
+        poisson = _poisson(config, sample, ring, dtype=data.dtype)
+        raw = Preprocess("linear" if poisson else config.intensity, 1.0)(sample)
+        scale = float(np.percentile(raw.mean(0)[ring], 99)) or 1.0
+        setup = {
+            "pattern_shape": [h, w],
+            "center": list(center),
+            "beam_radius_px": beam,
+            "intensity_scale": scale,
+            "noise_model": "poisson" if poisson else "gaussian",
+            "mask": json.loads(schedule.model_dump_json()),
+            "reference": reference,
+        }
+    else:
+        setup = record.setup
+        if setup.get("reference") != reference:
+            raise InputError(
+                f"{folder} holds a checkpoint whose bases started from reference "
+                f"{setup.get('reference')!r}, "
+                f"not {reference!r}; pass that reference or an empty workdir."
+            )
+        schedule = MaskSchedule.model_validate(setup["mask"])
+    poisson = setup["noise_model"] == "poisson"
+    preprocess = Preprocess("linear" if poisson else config.intensity, setup["intensity_scale"])
+    timings["statistics_s"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    rotation_file = folder / "rotation.npz"
+    if rotation_file.exists() and record is not None:
+        search = dict(np.load(rotation_file))
+    else:
+        if sample is None:
+            sample, pick = sample_patterns(
+                data, n=config.search_patterns, seed=config.seed, include=include
+            )
+        search = _rotation_stage(
+            data,
+            preprocess,
+            config=config,
+            center=center,
+            radii=schedule.radii(0),
+            device=dev,
+            sample=sample,
+            start=None if include is None else np.isin(pick, include),
+            poisson=poisson,
+            beam=setup["beam_radius_px"],
+        )
+        np.savez(rotation_file, **search)
+    del sample
+    timings["rotation_search_s"] = time.perf_counter() - start
+
+    seeded(config.seed)
+    model = build_model(config, pattern_shape=(h, w), center=center).to(dev)
+    if record is None or not record.model:
+        model.initialise_bases(torch.from_numpy(search["initial_bases"]))
+    if record is None:
+        record = Checkpoint(
+            config=config.model_dump(mode="json"),
+            seed=config.seed,
+            data_fingerprint=fingerprint,
+            setup=setup,
+        )
+    stream = PatternStream(
+        data,
+        preprocess,
+        batch_size=config.batch_size,
+        shuffle=True,
+        seed=config.seed,
+        theta0=search["theta0"],
+        shift0=search["shift0"],
+    )
+    start = time.perf_counter()
+    record = train(
+        model,
+        stream,
+        config=config,
+        schedule=schedule,
+        device=dev,
+        record=record,
+        workdir=folder,
+        progress=_print_progress if progress else None,
+    )
+    timings["training_s"] = time.perf_counter() - start
+    if config.epochs == 0:
+        record.model = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        record.save(folder)
+    return _Trained(
+        device=dev,
+        config=config,
+        data=data,
+        center=center,
+        reference_mask=reference_mask,
+        fingerprint=fingerprint,
+        setup=setup,
+        schedule=schedule,
+        preprocess=preprocess,
+        search=search,
+        model=model,
+        record=record,
+        checkpoint_sha256=record.file_sha256(folder),
+        timings=timings,
+    )
+
+
+def train_on_scan(
+    scan: xr.DataArray,
+    *,
+    workdir: str,
+    reference: str = "auto",
+    config: CCSTAEConfig | None = None,
+    device: Device = "auto",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train the CC-ST-AE on a scan and leave the checkpoint in ``workdir`` (resumed if there).
+
+    The training half of :func:`ccstae_strain` (same parameters); a later ``ccstae_strain``
+    with the same ``workdir``, scan, reference and config only infers.
+
+    Returns
+    -------
+    dict
+        ``workdir``, ``epochs``, ``final_loss``, ``checkpoint_sha256``, ``timings_s``.
+    """
+    trained = _train_stages(
+        scan,
+        reference=reference,
+        config=config,
+        device=device,
+        folder=Path(workdir),
+        progress=progress,
+    )
+    history = trained.record.history
+    return {
+        "workdir": str(workdir),
+        "epochs": trained.record.epoch,
+        "final_loss": history[-1]["loss"] if history else None,
+        "checkpoint_sha256": trained.checkpoint_sha256,
+        "timings_s": trained.timings,
+    }
+
+
+def ccstae_strain(
+    scan: xr.DataArray,
+    *,
+    reference: str = "auto",
+    symmetry: Symmetry = "auto",
+    config: CCSTAEConfig | None = None,
+    device: Device = "auto",
+    workdir: str | None = None,
+    bases_png: str | None = None,
+    progress: bool = True,
+) -> xr.Dataset:
+    """Strain, shear and rotation maps of a scan by the CC-ST-AE (method ``"ccstae"``).
+
+    The model trains on the scan itself (unsupervised), then infers every pattern's class and
+    affine warp onto its learned base; the warps give the deformation against the reference
+    region (see :mod:`stemlib.ccstae.strain` for the geometry).
+
+    Parameters
+    ----------
+    scan
+        Lazy DataArray of shape (RX, RY, QX, QY) (``qx`` = pattern rows, axis 2), as
+        :func:`stemlib.io.open_scan` returns; ``attrs["origin_px"]`` is the direct beam if known,
+        else ``(QX // 2, QY // 2)``.
+    reference
+        ``"auto"`` (the largest region of consistent lattice), ``"RX0:RX1,RY0:RY1"`` or the path
+        of a boolean ``.npy`` mask of shape (RX, RY) (:func:`stemlib.reference.parse_reference`).
+        The starting bases are learned from the reference region's patterns.
+    symmetry
+        The lattice's n-fold symmetry for the rotation branch; ``"auto"`` detects it from the
+        learned base (angular harmonics of its ring, cross-checked with
+        :func:`stemlib.strain.detect_symmetry` of its disks).
+    config
+        The recipe; the ``"gpu"`` preset on CUDA, else ``"cpu"``.
+    device
+        ``"auto"``, ``"cpu"`` or ``"cuda"``.
+    workdir
+        Folder for the checkpoint, the rotation stage's result and the bases; a rerun with the
+        same scan, reference and config resumes from it (and only infers once trained). None: a
+        temporary folder, removed afterwards.
+    bases_png
+        Where to save a picture of the learned bases (path or URL), if given.
+    progress
+        Print one line per epoch (loss, patterns/s) on stderr.
+
+    Returns
+    -------
+    xarray.Dataset
+        :func:`stemlib.results.strain_dataset` with method ``"ccstae"``: ``exx, eyy, exy``
+        ("1", detector frame), ``theta`` (rad), ``valid``, plus ``class_map`` (index of the
+        base), ``reconstruction_error`` (masked MSE, preprocessed units) and
+        ``reference_mask``. ``attrs["methods"]["ccstae"]`` records the config, symmetry,
+        training history, timings and the checkpoint's SHA-256.
+
+    Raises
+    ------
+    InputError
+        Bad device, symmetry or config for this scan, a reference region outside the scan or
+        without a valid answer, or a ``workdir`` holding another run's checkpoint.
+
+    References
+    ----------
+    Qin, Tran, Agar, "Extremely Noisy 4D-TEM Strain Mapping Using Cycle Consistent Spatial
+    Transforming Autoencoders", NeurIPS 2023 ML4PS workshop.
+    """
+    from ..reference import auto_reference
+
+    if symmetry not in ("auto", 2, 4, 6):
+        raise InputError(f"symmetry={symmetry!r} is not known; use auto, 2, 4 or 6.")
+    with ExitStack() as stack:
+        folder = (
+            Path(workdir)
+            if workdir
+            else Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="ccstae-")))
+        )
+        t = _train_stages(
+            scan,
+            reference=reference,
+            config=config,
+            device=device,
+            folder=folder,
+            progress=progress,
+        )
+        config, schedule, setup = t.config, t.schedule, t.setup
+        start = time.perf_counter()
+        h, w = setup["pattern_shape"]
+        last_mask = torch.from_numpy(schedule.mask((h, w), max(config.epochs - 1, 0))).float()
+        result = infer(
+            t.model,
+            PatternStream(
+                t.data,
+                t.preprocess,
+                batch_size=config.infer_batch_size,
+                theta0=t.search["theta0"],
+                shift0=t.search["shift0"],
+            ),
+            mask=last_mask,
+            device=t.device,
+            refine_steps=config.refine_steps,
+            poisson=setup["noise_model"] == "poisson",
+            background=config.background,
+            disk_gains=config.disk_gains,
+            inner=schedule.radii(0)[0],
+            disk_radius=setup["beam_radius_px"],
+            num_workers=config.num_workers,
+            amp=config.amp,
+        )
+        t.timings["inference_s"] = time.perf_counter() - start
+        with torch.no_grad():
+            bases = t.model.bases()[:, 0].float().cpu().numpy()
+        np.save(folder / "bases.npy", bases)
+
+    ring_last = last_mask.numpy() > 0.5
+    valid = _valid_positions(result, bases, ring_last)
+    main_class = (
+        int(np.bincount(result.class_map[valid], minlength=len(bases)).argmax())
+        if valid.any()
+        else 0
+    )
+    detected, lattice_symmetry = _base_symmetry(
+        bases[main_class], center=t.center, radii=schedule.radii(0), beam=setup["beam_radius_px"]
+    )
+    n = detected if symmetry == "auto" else int(symmetry)
+    reference_mask = t.reference_mask
+    if reference_mask is None:
+        folded = fold_deformation(
+            np.where(valid[..., None, None], deformation_from_affine(result.matrix), np.nan), n
+        )
+        reference_mask = auto_reference(folded, valid)
+    strain, _ = strain_from_affine(result.matrix, reference=reference_mask, symmetry=n, valid=valid)
+    if bases_png is not None:
+        save_bases_png(bases, bases_png, mask=ring_last)
+    coords = {d: scan.coords[d] for d in SCAN_DIMS if hasattr(scan, "coords") and d in scan.coords}
+    return strain_dataset(
+        "ccstae",
+        **strain,
+        valid=valid,
+        coords=coords or None,
+        extras={
+            "class_map": (
+                result.class_map.astype(np.int32),
+                {"units": "1", "long_name": "index of the learned base"},
+            ),
+            "reconstruction_error": (
+                result.error,
+                {
+                    "units": "1",
+                    "long_name": "masked mean squared difference between pattern and warped base",
+                },
+            ),
+            "reference_mask": (reference_mask, {"units": "1", "long_name": "reference region"}),
+        },
+        attrs={
+            "reference": reference,
+            "input_fingerprint": t.fingerprint,
+            "software_versions": software_versions(),
+            "model_checkpoint_sha256": t.checkpoint_sha256,
+        },
+        method_attrs={
+            "config": config.model_dump(mode="json"),
+            "symmetry": n,
+            "symmetry_detected": detected,
+            "symmetry_from_base_lattice": lattice_symmetry,
+            "device": str(t.device),
+            "setup": setup,
+            "training": t.record.history,
+            "timings_s": t.timings,
+            "rotation_search_peak_median": float(np.median(t.search["peak"])),
+            "model_checkpoint_sha256": t.checkpoint_sha256,
+        },
+    )

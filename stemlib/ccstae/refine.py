@@ -1,0 +1,432 @@
+"""Per-pattern registration of patterns onto their base (Gauss-Newton), and the base it implies.
+
+The network gives each pattern a warp in one pass, with the precision of an amortised
+regression. :func:`refine_affine` then minimises, for each pattern separately, the input-frame
+half of the cycle loss with the base fixed,
+
+    sum_u m'(u) (g B(c + M (u - c) + d) + o - x(u))^2,
+
+over the inverse warp ``M = A^-1``, ``d = -A^-1 t``, a gain ``g`` and an offset ``o`` (the
+pattern's intensity relative to its base), ``m'`` being the ring mask carried by the warp. The
+residual compares the base (smooth, learned from every pattern) with the data as recorded, so
+noise is not interpolated. Gauss-Newton steps with a small Levenberg-Marquardt damping, using
+the base's gradient images, converge in a few iterations; a pattern whose fit did not improve
+keeps its starting warp.
+
+:func:`average_base` is the other half of the same loss: for fixed warps, the base that
+minimises the base-frame term is the masked mean of the patterns warped onto it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .affine import invert, torch_theta, warp
+
+__all__ = ["refine_affine", "masked_error", "average_base", "radial_background", "disk_regions"]
+
+
+def _gradients(base: torch.Tensor) -> torch.Tensor:
+    """Central-difference gradients along qx (rows) and qy (columns): (B, 2, H, W)."""
+    gx = torch.zeros_like(base)
+    gy = torch.zeros_like(base)
+    gx[..., 1:-1, :] = 0.5 * (base[..., 2:, :] - base[..., :-2, :])
+    gy[..., :, 1:-1] = 0.5 * (base[..., :, 2:] - base[..., :, :-2])
+    return torch.cat([gx, gy], 1)
+
+
+def _sample(
+    images: torch.Tensor,
+    M: torch.Tensor,
+    d: torch.Tensor,
+    points: torch.Tensor,
+    *,
+    center: tuple[float, float],
+    mode: str = "bilinear",
+) -> torch.Tensor:
+    """``images`` (B, C, H, W) at ``c + M (u - c) + d`` for the pixels ``u`` in ``points``
+    (P, 2) px (qx, qy): (B, C, P). Uses :func:`stemlib.ccstae.affine.torch_theta`."""
+    h, w = images.shape[-2:]
+    theta = torch_theta(M, d, shape=(h, w), center=center)  # (B, 2, 3)
+    n_out = torch.stack(
+        [
+            (2 * points[:, 1] + 1) / w - 1,
+            (2 * points[:, 0] + 1) / h - 1,
+            torch.ones_like(points[:, 0]),
+        ],
+        -1,
+    )
+    grid = torch.einsum("bij,pj->bpi", theta, n_out)[:, :, None, :]  # (B, P, 1, 2)
+    return F.grid_sample(images, grid, mode=mode, padding_mode="zeros", align_corners=False)[..., 0]
+
+
+def radial_background(
+    base: torch.Tensor, *, center: tuple[float, float], quantile: float = 0.2, smooth: float = 2.0
+) -> torch.Tensor:
+    """The smooth isotropic part of bases (K, 1, H, W), same shape.
+
+    Per 1-px ring about ``center``, the ``quantile`` of the base's values (a low quantile
+    passes between the disks a ring crosses), smoothed along the radius by a Gaussian of
+    ``smooth`` px so that no ring of disks leaves a bump that could stand in for a change of scale.
+    """
+    k, _, h, w = base.shape
+    rows = torch.arange(h, dtype=torch.float32, device=base.device)[:, None] - center[0]
+    cols = torch.arange(w, dtype=torch.float32, device=base.device)[None, :] - center[1]
+    ring = torch.round(torch.sqrt(rows**2 + cols**2)).long().reshape(-1)
+    flat = base.reshape(k, -1).float()
+    radii = int(ring.max()) + 1
+    profile = torch.zeros(k, radii, device=base.device)
+    for r in range(radii):
+        sel = ring == r
+        if sel.any():
+            profile[:, r] = torch.quantile(flat[:, sel], quantile, dim=1)
+    if smooth > 0:
+        taps = torch.arange(
+            -int(3 * smooth), int(3 * smooth) + 1, dtype=torch.float32, device=base.device
+        )
+        kernel = torch.exp(-0.5 * (taps / smooth) ** 2)
+        padded = F.pad(profile[:, None], (len(taps) // 2, len(taps) // 2), mode="replicate")
+        profile = F.conv1d(padded, (kernel / kernel.sum())[None, None])[:, 0]
+    return profile[:, ring].reshape(base.shape).to(base.dtype)
+
+
+def disk_regions(
+    base: torch.Tensor,
+    *,
+    center: tuple[float, float],
+    inner: float,
+    disk_radius: float,
+    most: int = 63,
+) -> torch.Tensor:
+    """One label per Bragg disk of each base (K, 1, H, W) -> labels of the same shape.
+
+    Disks are the local maxima of the base averaged over a disk-sized box (one maximum per
+    disk, flat-topped or not) beyond ``inner`` px, brighter than its median plus a tenth of its
+    spread; each pixel takes the label (1, 2, ...) of its nearest disk, and 0 (the shared
+    region) beyond half the smallest disk spacing. At most ``most`` disks, the brightest.
+    """
+    out = torch.zeros_like(base)
+    rows = torch.arange(base.shape[-2], dtype=torch.float32, device=base.device)
+    cols = torch.arange(base.shape[-1], dtype=torch.float32, device=base.device)
+    rr, cc = torch.meshgrid(rows, cols, indexing="ij")
+    radius = torch.hypot(rr - center[0], cc - center[1])
+    for i, image in enumerate(base[:, 0].float()):
+        size = max(1, int(round(disk_radius)))
+        smooth = F.avg_pool2d(
+            image[None, None], 2 * size + 1, stride=1, padding=size, count_include_pad=False
+        )[0, 0]
+        window = F.max_pool2d(smooth[None, None], 2 * size + 1, stride=1, padding=size)[0, 0]
+        peak = (smooth == window) & (radius > inner)
+        level = smooth.median() + 0.1 * (smooth.quantile(0.99) - smooth.median())
+        peak &= smooth > level
+        if peak.sum() < 2:
+            continue
+        where = peak.nonzero().float()
+        keep = smooth[peak].argsort(descending=True)[:most]
+        where = where[keep]
+        dist = torch.cdist(torch.stack([rr, cc], -1).reshape(-1, 2), where)  # (HW, n)
+        nearest = dist.min(1)
+        spacing = torch.cdist(where, where).fill_diagonal_(float("inf")).min()
+        label = torch.where(
+            nearest.values <= spacing / 2, nearest.indices + 1, torch.zeros_like(nearest.indices)
+        )
+        out[i, 0] = label.reshape(image.shape).to(out.dtype)
+    return out
+
+
+def masked_error(
+    x: torch.Tensor,
+    base: torch.Tensor,
+    A: torch.Tensor,
+    t: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    center: tuple[float, float],
+) -> torch.Tensor:
+    """Mean squared difference between ``x`` and its base warped onto it, inside the moving mask.
+
+    Shapes: ``x``, ``base`` (B, 1, H, W); ``A`` (B, 2, 2); ``t`` (B, 2); ``mask`` (H, W). Returns
+    (B,).
+    """
+    stack = torch.cat([base, mask.to(base).expand(base.shape[0], 1, -1, -1)], 1)
+    sampled = warp(stack, *invert(A, t), center=center)
+    w = sampled[:, 1]
+    return (w * (sampled[:, 0] - x[:, 0]) ** 2).sum((1, 2)) / w.sum((1, 2)).clamp_min(1.0)
+
+
+def refine_affine(
+    x: torch.Tensor,
+    base: torch.Tensor,
+    A: torch.Tensor,
+    t: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    center: tuple[float, float],
+    steps: int,
+    damping: float = 1e-3,
+    max_step_px: float = 3.0,
+    poisson: bool = False,
+    background: torch.Tensor | None = None,
+    regions: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """Refine the warps ``A``, ``t`` of patterns ``x`` against their bases.
+
+    Parameters
+    ----------
+    x
+        Tensor of shape (B, 1, H, W): preprocessed patterns.
+    base
+        Tensor of shape (B, 1, H, W): each pattern's base.
+    A, t
+        Tensors of shape (B, 2, 2) and (B, 2): the starting warp base -> pattern (px, (qx, qy)).
+    mask
+        Float tensor of shape (H, W): the ring in the base frame.
+    center
+        (qx, qy) px.
+    steps
+        Gauss-Newton iterations.
+    damping
+        Levenberg-Marquardt damping, relative to the diagonal of the normal matrix.
+    max_step_px
+        Largest displacement one step may give a pixel of the ring.
+    poisson
+        Fit by Poisson maximum likelihood (iteratively reweighted, weights ``1 / mu`` with
+        ``mu`` the model intensity, floored at a tenth of its mean) instead of least squares:
+        for linear-intensity count data at low dose.
+    background
+        Tensor of shape (B or 1, 1, H, W): an isotropic background that does not move with the
+        lattice (e.g. diffuse scattering about the direct beam); fitted with its own amplitude
+        ``h`` and not warped. ``base`` is then the lattice part only.
+
+    Returns
+    -------
+    dict
+        ``matrix`` (B, 2, 2) and ``shift`` (B, 2): the refined warp; ``gain``, ``offset`` (B,);
+        ``error`` (B,): the masked mean squared residual; ``start_error`` (B,): the same for the
+        starting warp with unit gain and zero offset; ``level`` (B,), the background's amplitude,
+        when a background is given.
+
+    Examples
+    --------
+    >>> from stemlib.masks import ring_mask
+    >>> from stemlib.ccstae.affine import affine_matrix
+    >>> r = torch.arange(64.0)
+    >>> blob = lambda a, b: torch.exp(-((r[:, None] - a) ** 2 + (r[None, :] - b) ** 2) / 8)
+    >>> base = (blob(32, 48) + blob(16, 32) + 0.5 * blob(32, 12))[None, None]
+    >>> A = affine_matrix(*torch.tensor([[1.02], [0.99], [0.01], [0.05]]))
+    >>> x = warp(base, *invert(A, torch.zeros(1, 2)), center=(32.0, 32.0))
+    >>> mask = torch.from_numpy(ring_mask((64, 64), inner=8, outer=28)).float()
+    >>> start = (torch.eye(2)[None], torch.zeros(1, 2))
+    >>> fit = refine_affine(x, base, *start, mask, center=(32.0, 32.0), steps=15)
+    >>> bool((fit["matrix"] - A).abs().max() < 1e-3)
+    True
+    """
+    x, base, A, t = x.float(), base.float(), A.float(), t.float()
+    b, _, h, w = x.shape
+    M, d = invert(A, t)
+    mask = mask.to(x)
+    # Pixels the moving ring can reach: the ring, widened by the largest scale and shift it
+    # carries plus a margin.
+    reach = int(6 + float(t.abs().max()) + 0.06 * max(h, w) / 2)
+    near = F.max_pool2d(mask[None, None], 2 * reach + 1, stride=1, padding=reach)[0, 0] > 0
+    points = near.nonzero().to(x.dtype)  # (P, 2) (qx, qy) px
+    u = points - points.new_tensor(center)
+    stack = torch.cat([base, _gradients(base), mask.expand(b, 1, -1, -1)], 1)  # (B, 4, H, W)
+    labels = (regions if regions is not None else torch.zeros_like(base)).float()
+    k = int(labels.max()) + 1
+    target = x[:, 0][:, near]  # (B, P)
+    radius = float(u.norm(dim=1).max())
+    bg = None if background is None else background.float()[:, 0][:, near].expand(b, -1)  # (B, P)
+    # Intensity model: mu(u) = gain[L(v)] B(v) + offset + level bg(u), with L the region of
+    # the base pixel v; linear in (offset, level) ("dense") and in the K gains.
+    dense = torch.zeros(b, 2 if bg is not None else 1, dtype=x.dtype, device=x.device)
+    gains = torch.ones(b, k, dtype=x.dtype, device=x.device)
+
+    def residuals(M: torch.Tensor, d: torch.Tensor, dense: torch.Tensor, gains: torch.Tensor):
+        s = _sample(stack, M, d, points, center=center)
+        region = (
+            _sample(labels, M, d, points, center=center, mode="nearest")[:, 0]
+            .round()
+            .long()
+            .clamp(0, k - 1)
+        )
+        pixel_gain = gains.gather(1, region)
+        model = pixel_gain * s[:, 0] + dense[:, :1]
+        if bg is not None:
+            model = model + dense[:, 1:2] * bg
+        return s, region, pixel_gain, model - target, s[:, 3]
+
+    def mse(r: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return (weight * r**2).sum(1) / weight.sum(1).clamp_min(1.0)
+
+    def fit_weights(r: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Weights of the next step and the objective that a step must lower."""
+        if not poisson:
+            return weight, mse(r, weight)
+        mu = r + target
+        floor = 0.1 * (
+            (weight * mu).sum(1, keepdim=True) / weight.sum(1, keepdim=True).clamp_min(1.0)
+        ).clamp_min(1e-12)
+        mu = torch.maximum(mu, floor)
+        nll = (weight * (mu - target * torch.log(mu))).sum(1) / weight.sum(1).clamp_min(1.0)
+        return weight / mu, nll
+
+    def scatter(values: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
+        """Sum of ``values`` (B, P, ...) over the pixels of each region: (B, K, ...)."""
+        index = region.reshape(*region.shape, *([1] * (values.ndim - 2))).expand_as(values)
+        return torch.zeros(
+            b, k, *values.shape[2:], dtype=values.dtype, device=values.device
+        ).scatter_add_(1, index, values)
+
+    with torch.no_grad():
+        s, region, pixel_gain, r, weight = residuals(M, d, dense, gains)
+        start_error = mse(r, weight)
+        w_fit, best = fit_weights(r, weight)
+        best_M, best_d, best_dense, best_gains, best_error = M, d, dense, gains, start_error
+        nd = 6 + dense.shape[1]
+        for _ in range(steps):
+            gx, gy = pixel_gain * s[:, 1], pixel_gain * s[:, 2]
+            columns = [
+                gx * u[:, 0],
+                gx * u[:, 1],
+                gy * u[:, 0],
+                gy * u[:, 1],
+                gx,
+                gy,
+                torch.ones_like(gx),
+            ]
+            D = torch.stack(columns + ([bg] if bg is not None else []), -1)  # (B, P, nd)
+            e = s[:, 0]  # d mu / d gain of the pixel's region
+            Dw = D * w_fit[..., None]
+            H = torch.zeros(b, nd + k, nd + k, dtype=x.dtype, device=x.device)
+            H[:, :nd, :nd] = Dw.transpose(1, 2) @ D
+            cross = scatter(Dw * e[..., None], region)  # (B, K, nd)
+            H[:, nd:, :nd] = cross
+            H[:, :nd, nd:] = cross.transpose(1, 2)
+            H[:, nd:, nd:] = torch.diag_embed(scatter(w_fit * e * e, region))
+            rhs = -torch.cat(
+                [(Dw.transpose(1, 2) @ r[..., None])[..., 0], scatter(w_fit * e * r, region)], 1
+            )
+            diag = torch.diagonal(H, dim1=1, dim2=2)
+            H = H + torch.diag_embed(damping * diag + 1e-6 * diag.mean(1, keepdim=True) + 1e-12)
+            step = torch.linalg.solve(H, rhs)
+            dM = step[:, :4].reshape(b, 2, 2)
+            move = dM.flatten(1).abs().sum(1) * radius + step[:, 4:6].abs().sum(1)
+            scale = torch.clamp(max_step_px / move.clamp_min(1e-12), max=1.0)
+            M = M + scale[:, None, None] * dM
+            d = d + scale[:, None] * step[:, 4:6]
+            dense = dense + scale[:, None] * step[:, 6:nd]
+            gains = gains + scale[:, None] * step[:, nd:]
+            s, region, pixel_gain, r, weight = residuals(M, d, dense, gains)
+            w_fit, objective = fit_weights(r, weight)
+            better = objective < best
+            best = torch.where(better, objective, best)
+            best_error = torch.where(better, mse(r, weight), best_error)
+            best_M = torch.where(better[:, None, None], M, best_M)
+            best_d = torch.where(better[:, None], d, best_d)
+            best_dense = torch.where(better[:, None], dense, best_dense)
+            best_gains = torch.where(better[:, None], gains, best_gains)
+    A_out, t_out = invert(best_M, best_d)
+    out = {
+        "matrix": A_out,
+        "shift": t_out,
+        "gain": best_gains[:, 0] if k == 1 else best_gains.median(1).values,
+        "offset": best_dense[:, 0],
+        "error": best_error,
+        "start_error": start_error,
+    }
+    if k > 1:
+        out["region_gains"] = best_gains
+    if bg is not None:
+        out["level"] = best_dense[:, 1]
+    return out
+
+
+def average_base(
+    x: torch.Tensor,
+    A: torch.Tensor,
+    t: torch.Tensor,
+    gain: torch.Tensor,
+    offset: torch.Tensor,
+    *,
+    center: tuple[float, float],
+    unwarped: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two sums whose ratio is the least-squares base for fixed warps and intensities.
+
+    For patterns modelled as ``x_i = g_i B + o_i`` in the base frame, the base minimising the
+    squared difference is ``B = sum g_i (x_i - o_i) / sum g_i^2``, both sums taken over the
+    patterns warped onto the base frame (pixels a pattern does not cover count zero).
+
+    Shapes: ``x`` (B, 1, H, W); ``A`` (B, 2, 2); ``t`` (B, 2); ``gain``, ``offset`` (B,);
+    ``unwarped`` (B, 1, H, W), a fitted part of each pattern that does not move with the lattice
+    (the background times its level), subtracted first. Returns the numerator and the denominator,
+    each (1, 1, H, W), to accumulate over batches.
+    """
+    g = gain[:, None, None, None]
+    rest = x - offset[:, None, None, None] - (0 if unwarped is None else unwarped)
+    warped = warp(torch.cat([rest, torch.ones_like(x)], 1), A, t, center=center)
+    return (g * warped[:, :1]).sum(0, keepdim=True), (g**2 * warped[:, 1:]).sum(0, keepdim=True)
+
+
+def solve_bases(
+    x: torch.Tensor,
+    bases: torch.Tensor,
+    labels: torch.Tensor,
+    A: torch.Tensor,
+    t: torch.Tensor,
+    intensity: dict[str, torch.Tensor],
+    mask: torch.Tensor,
+    *,
+    center: tuple[float, float],
+    background: torch.Tensor | None = None,
+    iterations: int = 8,
+    batch_size: int = 256,
+) -> torch.Tensor:
+    """The bases that best predict the patterns through their warps (least squares, by conjugate
+    gradients from ``bases``).
+
+    Minimises ``sum_i sum_u m'_i (mu_i(u) - x_i(u))^2`` over the bases, with ``mu_i`` the model of
+    :func:`refine_affine` (the base warped onto pattern ``i``, its gain, offset and background
+    level held fixed). Unlike the average of the patterns warped onto the base, this
+    does not blur the bases by the interpolation of the data, which matters for small sharp disks.
+
+    Shapes: ``x`` (n, 1, H, W); ``bases`` (K, 1, H, W) (the lattice part when ``background``
+    (K, 1, H, W) is given); ``labels`` (n,); ``A`` (n, 2, 2); ``t`` (n, 2); ``intensity``: the
+    (n,) tensors ``gain``, ``offset`` and, with a background, ``level``; ``mask``
+    (H, W). Returns (K, 1, H, W).
+    """
+    n, _, h, w = x.shape
+    M, d = invert(A, t)
+
+    def gradient(B: torch.Tensor) -> torch.Tensor:
+        B = B.detach().requires_grad_(True)
+        for start in range(0, n, batch_size):
+            sl = slice(start, start + batch_size)
+            k = labels[sl]
+            stack = torch.cat([B[k], mask.to(x).expand(len(k), 1, -1, -1)], 1)
+            s = warp(stack, M[sl], d[sl], center=center)
+            model = intensity["gain"][sl, None, None] * s[:, 0]
+            model = model + intensity["offset"][sl, None, None]
+            if background is not None:
+                model = model + intensity["level"][sl, None, None] * background[k][:, 0]
+            loss = (s[:, 1].detach() * (model - x[sl, 0]) ** 2).sum()
+            loss.backward()
+        return B.grad.detach()
+
+    B = bases.detach().clone()
+    g = gradient(B)
+    direction = -g
+    for _ in range(iterations):
+        Hd = gradient(B + direction) - g
+        curvature = (direction * Hd).sum()
+        if not curvature > 0:
+            break
+        alpha = (g * g).sum() / curvature
+        B = B + alpha * direction
+        g_new = g + alpha * Hd
+        beta = (g_new * g_new).sum() / (g * g).sum().clamp_min(1e-30)
+        direction = -g_new + beta * direction
+        g = g_new
+    return B

@@ -1,0 +1,273 @@
+"""Training: Adam on the cycle loss, the ring-mask schedule, checkpoints that a rerun resumes from.
+
+Each epoch streams the scan once (:class:`stemlib.ccstae.data.PatternStream`, shuffled by
+``(seed, epoch)``), with the ring of :meth:`stemlib.masks.MaskSchedule.mask` for that epoch.
+The learning rate decays by a cosine from ``lr`` to ``lr / 20``. On CUDA the forward pass runs
+under bf16 autocast (the warps and the loss in float32) and optionally ``torch.compile``.
+
+A batch whose loss is not finite, or above ``outlier_factor`` x the running loss, is skipped
+and counted. After every epoch a checkpoint (:class:`Checkpoint`) is written atomically; a run
+started with the same scan and config continues from it and reaches the same weights as an
+uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import InputError
+from ..masks import MaskSchedule
+from ..provenance import software_versions, utc_now
+from .config import CCSTAEConfig
+from .data import PatternStream, loader
+from .loss import cycle_loss
+from .model import CCSTAE
+
+__all__ = ["Checkpoint", "train", "seeded", "INFERENCE_ONLY_FIELDS"]
+
+log = logging.getLogger("stemlib.ccstae")
+
+#: Config fields that do not change training: a checkpoint is reused when only these differ.
+INFERENCE_ONLY_FIELDS = frozenset({"infer_batch_size", "refine_steps", "num_workers", "disk_gains"})
+
+CHECKPOINT_NAME = "checkpoint.pt"
+
+
+@dataclass
+class Checkpoint:
+    """A training record: the weights and everything needed to trust or resume them.
+
+    Attributes
+    ----------
+    config : dict
+        The :class:`CCSTAEConfig` (JSON form).
+    seed : int
+    data_fingerprint : str
+        The scan's identity (:func:`stemlib.ccstae.data.data_fingerprint`).
+    setup : dict
+        Data-derived settings: pattern shape, centre, intensity scale, mask schedule.
+    epoch : int
+        Epochs completed.
+    model, optimizer, scheduler : dict
+        State dicts.
+    history : list of dict
+        Per-epoch metrics (loss, patterns/s, skipped batches, mask radii, seconds).
+    versions : dict
+        Software versions; ``created``: UTC time of the last save.
+    """
+
+    config: dict[str, Any]
+    seed: int
+    data_fingerprint: str
+    setup: dict[str, Any]
+    epoch: int = 0
+    model: dict[str, Any] = field(default_factory=dict)
+    optimizer: dict[str, Any] = field(default_factory=dict)
+    scheduler: dict[str, Any] = field(default_factory=dict)
+    running_loss: float | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    versions: dict[str, str] = field(default_factory=software_versions)
+    created: str = field(default_factory=utc_now)
+
+    def save(self, workdir: str | Path) -> Path:
+        """Write ``workdir/checkpoint.pt`` atomically (temporary file, then rename)."""
+        path = Path(workdir) / CHECKPOINT_NAME
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temp = path.with_suffix(f".tmp{os.getpid()}")
+        self.created = utc_now()
+        torch.save(self.__dict__, temp)
+        os.replace(temp, path)
+        return path
+
+    @classmethod
+    def load(cls, workdir: str | Path) -> Checkpoint | None:
+        """The checkpoint in ``workdir``, or None if there is none."""
+        path = Path(workdir) / CHECKPOINT_NAME
+        if not path.exists():
+            return None
+        try:
+            record = torch.load(path, map_location="cpu", weights_only=False)
+            return cls(**record)
+        except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user problem
+            raise InputError(
+                f"{path} is not a readable CC-ST-AE checkpoint ({type(exc).__name__}); delete "
+                f"it or pass another workdir."
+            ) from None
+
+    def check_matches(self, *, config: CCSTAEConfig, data_fingerprint: str, where: str) -> None:
+        """Refuse to resume a checkpoint of another scan or another training recipe.
+
+        Raises
+        ------
+        InputError
+            Naming the differing fields and the fix.
+        """
+        if self.data_fingerprint != data_fingerprint:
+            raise InputError(
+                f"{where} holds a checkpoint trained on another scan; pass an empty workdir for "
+                f"this scan."
+            )
+        mine = config.model_dump(mode="json")
+        differ = sorted(
+            k for k in mine if k not in INFERENCE_ONLY_FIELDS and mine[k] != self.config.get(k)
+        )
+        if differ:
+            raise InputError(
+                f"{where} holds a checkpoint trained with other settings ({', '.join(differ)}); "
+                "pass an empty workdir or the config it was trained with."
+            )
+
+    def file_sha256(self, workdir: str | Path) -> str:
+        """SHA-256 of the saved checkpoint file (the model's identity in a result's provenance)."""
+        return hashlib.sha256((Path(workdir) / CHECKPOINT_NAME).read_bytes()).hexdigest()
+
+
+def _cosine(total_steps: int) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        t = min(step, total_steps) / max(total_steps, 1)
+        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * t))
+
+    return factor
+
+
+def _autocast(device: torch.device, enabled: bool) -> torch.autocast:
+    return torch.autocast(
+        device.type, dtype=torch.bfloat16, enabled=enabled and device.type == "cuda"
+    )
+
+
+def train(
+    model: CCSTAE,
+    stream: PatternStream,
+    *,
+    config: CCSTAEConfig,
+    schedule: MaskSchedule,
+    device: torch.device,
+    record: Checkpoint,
+    workdir: str | Path | None,
+    progress: Callable[[dict[str, Any]], None] | None = None,
+) -> Checkpoint:
+    """Train ``model`` for ``config.epochs`` epochs from ``record.epoch``.
+
+    Parameters
+    ----------
+    model
+        The model, on ``device``; its weights are loaded from ``record`` when it holds some.
+    stream
+        Shuffled training batches (its ``epoch`` is set here).
+    config
+        Recipe (epochs, lr, outlier factor, amp, compile, workers).
+    schedule
+        Ring radii per epoch.
+    device
+        Where to train.
+    record
+        The checkpoint to resume from (``epoch`` 0 and empty states for a fresh run); updated.
+    workdir
+        Where checkpoints are written after each epoch (None: not written).
+    progress
+        Called after each epoch with that epoch's metrics (also logged on ``stemlib.ccstae``).
+
+    Returns
+    -------
+    Checkpoint
+        ``record``, updated to the last epoch.
+    """
+    decoder = set(id(p) for p in model.decoder.parameters())
+    others = [p for p in model.parameters() if id(p) not in decoder]
+    optimizer = torch.optim.Adam(
+        [
+            {"params": others},
+            {"params": list(model.decoder.parameters()), "lr": config.lr * config.base_lr_factor},
+        ],
+        lr=config.lr,
+    )
+    steps_per_epoch = len(stream)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, _cosine(config.epochs * steps_per_epoch)
+    )
+    if record.model:
+        model.load_state_dict(record.model)
+        optimizer.load_state_dict(record.optimizer)
+        scheduler.load_state_dict(record.scheduler)
+    forward = torch.compile(model) if (config.compile and device.type == "cuda") else model
+    shape = tuple(stream.data.shape[2:])
+    running = record.running_loss
+    for epoch in range(record.epoch, config.epochs):
+        model.train()
+        stream.epoch = epoch
+        center = None
+        if schedule.recenter:
+            with torch.no_grad():
+                center = schedule.center_from(model.bases()[0, 0].float().cpu().numpy())
+        mask = torch.from_numpy(schedule.mask(shape, epoch, center)).float().to(device)
+        total, count, skipped, start = 0.0, 0, 0, time.perf_counter()
+        for batch in loader(stream, num_workers=config.num_workers, device=device):
+            x = batch["pattern"].to(device, non_blocking=True)
+            theta0 = batch["theta0"].to(device, non_blocking=True)
+            shift0 = batch["shift0"].to(device, non_blocking=True)
+            with _autocast(device, config.amp):
+                out = forward(x, theta0, shift0)
+            parts = cycle_loss(out, x.float(), mask, config, center=model.center)
+            loss = parts.total
+            value = float(loss.detach())
+            outlier = running is not None and value > config.outlier_factor * running
+            if not math.isfinite(value) or outlier:
+                skipped += 1
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
+                continue
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
+            optimizer.step()
+            scheduler.step()
+            running = value if running is None else 0.95 * running + 0.05 * value
+            total += value * x.shape[0]
+            count += x.shape[0]
+        seconds = time.perf_counter() - start
+        metrics = {
+            "epoch": epoch + 1,
+            "loss": total / max(count, 1),
+            "patterns_per_s": count / max(seconds, 1e-9),
+            "seconds": seconds,
+            "skipped_batches": skipped,
+            "mask_radii": list(schedule.radii(epoch)),
+            "lr": scheduler.get_last_lr()[0],
+        }
+        record.history.append(metrics)
+        record.epoch = epoch + 1
+        record.running_loss = running
+        record.model = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        record.optimizer = optimizer.state_dict()
+        record.scheduler = scheduler.state_dict()
+        if workdir is not None:
+            record.save(workdir)
+        log.info(
+            "epoch %d/%d  loss %.5g  %.0f patterns/s  skipped %d",
+            epoch + 1,
+            config.epochs,
+            metrics["loss"],
+            metrics["patterns_per_s"],
+            skipped,
+        )
+        if progress is not None:
+            progress(metrics)
+    return record
+
+
+def seeded(seed: int) -> None:
+    """Seed torch and NumPy's legacy generator for a reproducible model initialisation."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)

@@ -1,0 +1,117 @@
+"""Prefect tasks: train the CC-ST-AE on a scan, and infer its strain maps.
+
+Both run on a GPU where there is one. They carry the tag ``gpu``, so a Prefect concurrency
+limit on that tag (``prefect concurrency-limit create gpu 1``) keeps one GPU job per GPU; on a
+Dask task runner, submit them inside :func:`gpu_resources` so that the scheduler places them on
+a worker advertising the resource ``GPU=1`` (:func:`flows.runners.dask_runner` does when CUDA
+is visible)::
+
+    with gpu_resources():
+        trained = train_ccstae.submit(scan, workdir, config=config)
+    strain = infer_ccstae.submit(scan, dest, workdir, config=config, wait_for=[trained])
+
+Training checkpoints into ``workdir`` after every epoch: a retried or rerun task resumes from the
+last epoch, and inference with the same ``workdir`` only infers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import dask
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from stemlib.ccstae import CCSTAEConfig, ccstae_strain, train_on_scan
+from stemlib.io import open_scan
+from stemlib.io.storage import redact
+from stemlib.results import write_strain
+from stemlib.types import Device, Symmetry
+
+__all__ = ["train_ccstae", "infer_ccstae", "gpu_resources"]
+
+
+@contextlib.contextmanager
+def gpu_resources() -> Iterator[None]:
+    """Submit tasks inside this block to ask Dask for a worker with ``GPU=1``, when CUDA is
+    visible here (otherwise no worker would advertise it and the task would never start)."""
+    import torch
+
+    if torch.cuda.is_available():
+        with dask.annotate(resources={"GPU": 1}):
+            yield
+    else:
+        yield
+
+
+@task(name="train-ccstae", tags=["gpu"], cache_policy=NO_CACHE)
+def train_ccstae(
+    scan: str,
+    workdir: str,
+    *,
+    reference: str = "auto",
+    config: CCSTAEConfig | None = None,
+    device: Device = "auto",
+) -> dict[str, Any]:
+    """Train the CC-ST-AE on the scan store ``scan``; the checkpoint goes to ``workdir``."""
+    logger = get_run_logger()
+    summary = train_on_scan(
+        open_scan(scan),
+        workdir=workdir,
+        reference=reference,
+        config=config,
+        device=device,
+        progress=False,
+    )
+    logger.info(
+        "trained on %s: %d epochs, final loss %s, checkpoint sha256 %s",
+        redact(scan),
+        summary["epochs"],
+        summary["final_loss"],
+        summary["checkpoint_sha256"][:16],
+    )
+    return summary
+
+
+@task(name="infer-ccstae", tags=["gpu"], cache_policy=NO_CACHE)
+def infer_ccstae(
+    scan: str,
+    dest: str,
+    workdir: str,
+    *,
+    reference: str = "auto",
+    symmetry: Symmetry = "auto",
+    config: CCSTAEConfig | None = None,
+    device: Device = "auto",
+    bases_png: str | None = None,
+) -> dict[str, Any]:
+    """Strain maps of ``scan`` by the model in ``workdir`` (trained first if it is not), written
+    atomically to ``dest``."""
+    logger = get_run_logger()
+    ds = ccstae_strain(
+        open_scan(scan),
+        reference=reference,
+        symmetry=symmetry,
+        config=config,
+        device=device,
+        workdir=workdir,
+        bases_png=bases_png,
+        progress=False,
+    )
+    url = write_strain(ds, dest)
+    record = ds.attrs["methods"]["ccstae"]
+    logger.info(
+        "wrote %s: coverage %.3f, symmetry %d, inference %.1f s",
+        redact(url),
+        record["coverage"],
+        record["symmetry"],
+        record["timings_s"]["inference_s"],
+    )
+    return {
+        "url": redact(url),
+        "coverage": record["coverage"],
+        "symmetry": record["symmetry"],
+        "model_checkpoint_sha256": record["model_checkpoint_sha256"],
+    }

@@ -1,0 +1,182 @@
+"""CC-ST-AE warps: the one conversion to PyTorch's frame, inverse warps, registration (issue 6)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+
+from stemlib.ccstae.affine import affine_matrix, invert, rotation, torch_theta, warp
+from stemlib.ccstae.refine import average_base, refine_affine
+from stemlib.masks import ring_mask
+
+
+def _spot(shape: tuple[int, int], at: tuple[int, int]) -> torch.Tensor:
+    x = torch.zeros(1, 1, *shape)
+    x[0, 0, at[0], at[1]] = 1.0
+    return x
+
+
+def _blobs(
+    shape: tuple[int, int], centres: list[tuple[float, float]], sigma: float = 2.5
+) -> torch.Tensor:
+    rows = torch.arange(shape[0], dtype=torch.float32)[:, None]
+    cols = torch.arange(shape[1], dtype=torch.float32)[None, :]
+    img = sum(torch.exp(-((rows - r) ** 2 + (cols - c) ** 2) / (2 * sigma**2)) for r, c in centres)
+    return img[None, None]
+
+
+def _peak(img: torch.Tensor) -> tuple[int, int]:
+    flat = int(img[0, 0].argmax())
+    return flat // img.shape[-1], flat % img.shape[-1]
+
+
+def test_shift_along_qx_moves_rows_not_columns():
+    # warp(x, I, t)(u) = x(u + t): content moves by -t; t along qx (rows) must move rows only.
+    x = _spot((20, 30), (12, 7))
+    y = warp(x, torch.eye(2)[None], torch.tensor([[3.0, 0.0]]), center=(10.0, 15.0))
+    assert _peak(y) == (9, 7)
+    y = warp(x, torch.eye(2)[None], torch.tensor([[0.0, -2.0]]), center=(10.0, 15.0))
+    assert _peak(y) == (12, 9)
+
+
+def test_rotation_turns_from_qx_towards_qy():
+    # Sampling at R(90 deg) u: a spot at +2 px along qy appears at +2 px along qx.
+    x = _spot((21, 21), (10, 12))
+    y = warp(x, rotation(torch.tensor([np.pi / 2])), torch.zeros(1, 2), center=(10.0, 10.0))
+    assert _peak(y) == (12, 10)
+    # and a spot at +3 px along qx appears at -3 px along qy.
+    x = _spot((21, 21), (13, 10))
+    y = warp(x, rotation(torch.tensor([np.pi / 2])), torch.zeros(1, 2), center=(10.0, 10.0))
+    assert _peak(y) == (10, 7)
+
+
+def test_scale_acts_on_its_own_axis_on_a_non_square_pattern():
+    # A = diag(2, 1): the spot at +6 px along qx is sampled from u with 2 (u - c) = 6.
+    x = _spot((24, 40), (18, 20))
+    A = affine_matrix(
+        torch.tensor([2.0]), torch.tensor([1.0]), torch.tensor([0.0]), torch.tensor([0.0])
+    )
+    y = warp(x, A, torch.zeros(1, 2), center=(12.0, 20.0))
+    assert _peak(y) == (15, 20)
+    A = affine_matrix(
+        torch.tensor([1.0]), torch.tensor([2.0]), torch.tensor([0.0]), torch.tensor([0.0])
+    )
+    x = _spot((24, 40), (12, 28))
+    y = warp(x, A, torch.zeros(1, 2), center=(12.0, 20.0))
+    assert _peak(y) == (12, 24)
+
+
+def test_torch_theta_matches_scipy_affine_transform():
+    # An independent implementation of u -> c + A (u - c) + t in (row, column) coordinates.
+    rng = np.random.default_rng(3)
+    img = rng.random((33, 47)).astype(np.float32)
+    img = ndimage.gaussian_filter(img, 2.0)
+    A = np.array([[1.03, 0.04], [-0.02, 0.97]]) @ np.array(
+        [[np.cos(0.3), -np.sin(0.3)], [np.sin(0.3), np.cos(0.3)]]
+    )
+    t = np.array([1.5, -2.25])
+    c = np.array([16.0, 23.0])
+    expected = ndimage.affine_transform(
+        img, A, offset=c - A @ c + t, order=1, mode="constant", cval=0.0
+    )
+    got = warp(
+        torch.from_numpy(img)[None, None],
+        torch.tensor(A, dtype=torch.float32)[None],
+        torch.tensor(t, dtype=torch.float32)[None],
+        center=tuple(c),
+    )
+    inner = (slice(8, -8), slice(8, -8))
+    np.testing.assert_allclose(got[0, 0].numpy()[inner], expected[inner], atol=1e-5)
+
+
+def test_torch_theta_is_identity_for_the_identity_warp():
+    theta = torch_theta(torch.eye(2)[None], torch.zeros(1, 2), shape=(64, 48), center=(32.0, 24.0))
+    np.testing.assert_allclose(theta[0].numpy(), [[1, 0, 0], [0, 1, 0]], atol=1e-7)
+
+
+def test_warp_then_inverse_warp_is_identity_inside_the_mask():
+    shape = (64, 64)
+    x = _blobs(shape, [(20, 30), (44, 40), (30, 48), (36, 14)], sigma=4.0)
+    A = affine_matrix(
+        torch.tensor([1.03]), torch.tensor([0.98]), torch.tensor([0.02]), torch.tensor([0.7])
+    )
+    t = torch.tensor([[0.8, -1.3]])
+    back = warp(warp(x, A, t, center=(32.0, 32.0)), *invert(A, t), center=(32.0, 32.0))
+    mask = torch.from_numpy(ring_mask(shape, inner=6, outer=24))
+    err = (back - x)[0, 0][mask].abs().max()
+    assert float(err) < 0.03 * float(x.max())  # bilinear resampling, twice, of 4 px blobs
+
+
+@pytest.mark.parametrize("poisson", [False, True])
+def test_refine_recovers_a_known_warp(poisson):
+    shape = (64, 64)
+    base = _blobs(shape, [(20, 30), (44, 40), (30, 48), (36, 14), (14, 44)], sigma=2.0) + 0.05
+    A = affine_matrix(
+        torch.tensor([1.02, 0.99]),
+        torch.tensor([0.985, 1.01]),
+        torch.tensor([0.01, -0.015]),
+        torch.tensor([0.04, -0.06]),
+    )
+    t = torch.tensor([[0.6, -0.4], [-1.0, 0.3]])
+    # The pattern holds the base's content at c + A v + t: pattern = warp(base, inverse).
+    x = warp(base.expand(2, -1, -1, -1), *invert(A, t), center=(32.0, 32.0))
+    x = 1.5 * x + 0.1  # gain and offset
+    mask = torch.from_numpy(ring_mask(shape, inner=5, outer=28)).float()
+    fit = refine_affine(
+        x,
+        base.expand(2, -1, -1, -1),
+        torch.eye(2).expand(2, 2, 2),
+        torch.zeros(2, 2),
+        mask,
+        center=(32.0, 32.0),
+        steps=20,
+        poisson=poisson,
+    )
+    assert float((fit["matrix"] - A).abs().max()) < 5e-4  # strain-equivalent 5e-4
+    assert float((fit["shift"] - t).abs().max()) < 1e-2
+    np.testing.assert_allclose(fit["gain"].numpy(), 1.5, atol=2e-3)
+    assert bool((fit["error"] < fit["start_error"]).all())
+
+
+def test_average_base_undoes_the_warps():
+    shape = (64, 64)
+    base = _blobs(shape, [(20, 30), (44, 40), (30, 48)], sigma=4.0)
+    A = rotation(torch.tensor([0.3, -0.5, 1.2]))
+    t = torch.zeros(3, 2)
+    x = warp(base.expand(3, -1, -1, -1), *invert(A, t), center=(32.0, 32.0))
+    num, den = average_base(
+        2.0 * x, A, t, torch.full((3,), 2.0), torch.zeros(3), center=(32.0, 32.0)
+    )
+    mean = num / den.clamp_min(1e-6)
+    mask = torch.from_numpy(ring_mask(shape, inner=6, outer=24))
+    assert float((mean - base)[0, 0][mask].abs().max()) < 0.03  # two bilinear resamplings
+
+
+def test_disk_gains_keep_the_geometry_when_disk_intensities_change():
+    from stemlib.ccstae.refine import disk_regions
+
+    shape = (64, 64)
+    centres = [(20, 30), (44, 40), (30, 48), (36, 14), (14, 44), (50, 22)]
+    base = _blobs(shape, centres, sigma=2.0)
+    A = affine_matrix(
+        torch.tensor([1.02]), torch.tensor([0.99]), torch.tensor([0.01]), torch.tensor([0.05])
+    )
+    # The pattern's disks have other intensities than the base's (as dynamical scattering gives).
+    weights = [1.0, 0.6, 1.4, 0.8, 1.2, 0.5]
+    uneven = sum(w * _blobs(shape, [c], sigma=2.0) for w, c in zip(weights, centres, strict=True))
+    x = warp(uneven, *invert(A, torch.zeros(1, 2)), center=(32.0, 32.0))
+    mask = torch.from_numpy(ring_mask(shape, inner=5, outer=28)).float()
+    regions = disk_regions(base, center=(32.0, 32.0), inner=5, disk_radius=2.0)
+    assert int(regions.max()) == len(centres)
+    start = (torch.eye(2)[None], torch.zeros(1, 2))
+    one_gain = refine_affine(x, base, *start, mask, center=(32.0, 32.0), steps=20)
+    per_disk = refine_affine(x, base, *start, mask, center=(32.0, 32.0), steps=20, regions=regions)
+    assert float((per_disk["matrix"] - A).abs().max()) < 2e-4
+    assert float((one_gain["matrix"] - A).abs().max()) > 3 * float(
+        (per_disk["matrix"] - A).abs().max()
+    )
+    np.testing.assert_allclose(
+        np.sort(per_disk["region_gains"][0, 1:].numpy()), np.sort(weights), atol=0.02
+    )

@@ -1,0 +1,191 @@
+"""CC-ST-AE model: shapes, gradients, bounds, the K-sparse layer and golden outputs (issue 6).
+
+Golden outputs: ``tests/golden/ccstae_forward.npz`` holds the forward pass of a small seeded
+model on a fixed input; regenerate it with ``ACCEPT=1 pytest tests/test_ccstae_model.py`` after a
+deliberate change of the model (the file is capped at 200 kB).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from stemlib.ccstae import CCSTAEConfig, build_model
+from stemlib.ccstae.loss import cycle_loss, robust_mean
+from stemlib.ccstae.model import AffineHead, KSparse, derive_pools
+from stemlib.masks import ring_mask
+
+GOLDEN = Path(__file__).parent / "golden" / "ccstae_forward.npz"
+GOLDEN_MAX_BYTES = 200_000
+
+DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")),
+]
+
+
+def _model(config: CCSTAEConfig, shape=(48, 48)):
+    torch.manual_seed(0)
+    return build_model(config, pattern_shape=shape, center=(shape[0] // 2, shape[1] // 2))
+
+
+def _input(b=3, shape=(48, 48)) -> torch.Tensor:
+    # Drawn on the CPU with a fixed generator, then moved: the same numbers on every device.
+    g = torch.Generator().manual_seed(1)
+    return torch.rand(b, 1, *shape, generator=g)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("decoder", ["image", "conv"])
+@pytest.mark.parametrize("shape", [(48, 48), (40, 56)])
+def test_shapes(device, decoder, shape):
+    config = CCSTAEConfig.preset("cpu", num_bases=2, decoder=decoder, channels=8)
+    model = _model(config, shape).to(device)
+    x = _input(3, shape).to(device)
+    out = model(x, torch.zeros(3, device=device))
+    assert out.bases.shape == (2, 1, *shape)
+    assert out.code.shape == (3, 2) and torch.all(out.code.sum(1) == 1)
+    assert (
+        out.base.shape
+        == out.transformed_input.shape
+        == out.transformed_base.shape
+        == (3, 1, *shape)
+    )
+    assert out.affine.matrix().shape == (3, 2, 2) and out.affine.shift.shape == (3, 2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradient_reaches_the_input_and_every_part(device):
+    config = CCSTAEConfig.preset("cpu", num_bases=2, channels=8)
+    model = _model(config).to(device)
+    with (
+        torch.no_grad()
+    ):  # leave the zero initialisation of the head, so that it passes gradients on
+        model.head.linear.weight.normal_(0, 0.1)
+    x = _input().to(device).requires_grad_(True)
+    out = model(x)
+    mask = torch.from_numpy(ring_mask((48, 48), inner=4, outer=20)).float().to(device)
+    cycle_loss(out, x, mask, config, center=model.center).total.backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+    for name, part in (
+        ("encoder", model.encoder),
+        ("sparse", model.sparse),
+        ("head", model.head),
+        ("decoder", model.decoder),
+    ):
+        grads = [p.grad for p in part.parameters() if p.grad is not None]
+        assert grads and any(g.abs().sum() > 0 for g in grads), name
+
+
+def test_affine_head_bounds():
+    head = AffineHead(
+        4,
+        1,
+        scale_limit=0.05,
+        shear_limit=0.1,
+        rotation_limit=0.1,
+        translation=True,
+        translation_limit=3.0,
+    )
+    with torch.no_grad():
+        head.linear.weight.normal_(0, 100.0)
+        head.linear.bias.normal_(0, 100.0)
+    z = torch.randn(256, 4) * 10
+    theta0 = torch.linspace(-3, 3, 256)
+    with torch.no_grad():
+        a = head(z, torch.ones(256, 1), theta0)
+    eps = 1e-6  # float32 rounding
+    assert (
+        float((a.scale_x - 1).abs().max()) <= 0.05 + eps
+        and float((a.scale_y - 1).abs().max()) <= 0.05 + eps
+    )
+    assert float(a.shear.abs().max()) <= 0.1 + eps
+    assert float((a.theta - theta0).abs().max()) <= 0.1 + eps
+    assert float(a.shift.abs().max()) <= 3.0 + eps
+    # the bounds are reached, not just respected
+    assert float((a.scale_x - 1).abs().max()) > 0.049
+
+
+def test_affine_head_starts_at_the_identity_around_theta0():
+    head = AffineHead(
+        4,
+        1,
+        scale_limit=0.05,
+        shear_limit=0.1,
+        rotation_limit=0.1,
+        translation=False,
+        translation_limit=3.0,
+    )
+    a = head(torch.randn(5, 4), torch.ones(5, 1), torch.full((5,), 0.7))
+    np.testing.assert_allclose(
+        a.matrix().detach().numpy(),
+        np.broadcast_to([[np.cos(0.7), -np.sin(0.7)], [np.sin(0.7), np.cos(0.7)]], (5, 2, 2)),
+        atol=1e-6,
+    )
+    assert float(a.shift.abs().max()) == 0.0
+
+
+def test_k_sparse_is_one_hot_with_a_straight_through_gradient():
+    torch.manual_seed(0)
+    layer = KSparse(6, 3)
+    z = torch.randn(8, 6)
+    code = layer(z)
+    assert torch.equal(
+        code.detach(), torch.nn.functional.one_hot(code.detach().argmax(1), 3).float()
+    )
+    (code * torch.arange(3.0)).sum().backward()
+    assert layer.logits[0].weight.grad is not None and layer.logits[0].weight.grad.abs().sum() > 0
+
+
+def test_derive_pools_follows_the_pattern_size():
+    assert derive_pools(200) == (5, 5, 2)
+    assert derive_pools(128) == (4, 4, 2)
+    assert derive_pools(256) == (4, 4, 4)
+    assert derive_pools(30) == (5,)
+
+
+def test_robust_mean_limits_outliers():
+    losses = torch.tensor([1.0] * 7 + [1e6])
+    assert float(robust_mean(losses, 5.0)) < 10.0  # the plain mean is 125,000
+    assert float(robust_mean(torch.ones(8), 5.0)) == pytest.approx(1.0)
+
+
+def test_golden_forward_pass():
+    config = CCSTAEConfig.preset("cpu", num_bases=2, channels=8, decoder="conv")
+    model = _model(config, (32, 32))
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(2)
+        model.head.linear.weight.copy_(
+            torch.randn(model.head.linear.weight.shape, generator=g) * 0.3
+        )
+        out = model(_input(2, (32, 32)), torch.tensor([0.2, -0.4]))
+    got = {
+        "transformed_input": out.transformed_input.numpy(),
+        "transformed_base": out.transformed_base.numpy(),
+        "matrix": out.affine.matrix().numpy(),
+        "shift": out.affine.shift.numpy(),
+        "code": out.code.numpy(),
+    }
+    if os.environ.get("ACCEPT"):
+        GOLDEN.parent.mkdir(exist_ok=True)
+        np.savez_compressed(GOLDEN, **got)
+    assert GOLDEN.stat().st_size < GOLDEN_MAX_BYTES, "golden file too large: shrink the input"
+    expected = np.load(GOLDEN)
+    for key, value in got.items():
+        np.testing.assert_allclose(value, expected[key], rtol=1e-4, atol=1e-5, err_msg=key)
+
+
+def test_warps_stay_float32_under_bf16_autocast():
+    # Training on CUDA runs the network under bf16 autocast; the warps must not lose precision.
+    model = _model(CCSTAEConfig.preset("cpu", channels=8, decoder="conv"))
+    x = _input()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x, torch.full((3,), 0.3))
+    assert out.transformed_input.dtype == out.transformed_base.dtype == torch.float32
+    reference = model(x, torch.full((3,), 0.3))
+    # identical warp of the input (the head starts at the identity around theta0)
+    torch.testing.assert_close(out.transformed_input, reference.transformed_input)

@@ -1,0 +1,155 @@
+"""CC-ST-AE warps -> strain in CONVENTIONS.md's convention (issue 6).
+
+Patterns of known deformation ``F`` are drawn here with an independent renderer (disks at
+``F^-T g``); the rotation stage and the registration find each warp onto the unstrained
+pattern; :func:`strain_from_affine` must return ``V - I`` and ``theta`` of ``F = V R``. Each case
+moves one component with a sign, so a sign error or an x/y swap fails.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from stemlib.ccstae.affine import rotation
+from stemlib.ccstae.refine import refine_affine
+from stemlib.ccstae.rotation import correlate_angles, polar_features
+from stemlib.ccstae.strain import deformation_from_affine, strain_from_affine
+from stemlib.masks import ring_mask
+from stemlib.strain import rotation_matrix, strain_from_deformation
+
+N = 96
+CENTER = (48.0, 48.0)
+
+
+def render(F: np.ndarray, *, spacing: float = 13.0, radius: float = 3.0) -> np.ndarray:
+    """A square-lattice pattern (N, N) with disks at ``F^-T g``, soft edges, |g|-falloff."""
+    g_ref = np.array([[spacing, 0.0], [0.0, spacing]])
+    g = np.linalg.inv(F).T @ g_ref
+    rows, cols = np.indices((N, N), dtype=np.float64)
+    out = np.zeros((N, N))
+    for i in range(-5, 6):
+        for j in range(-5, 6):
+            q = g @ np.array([i, j])
+            r = np.hypot(rows - CENTER[0] - q[0], cols - CENTER[1] - q[1])
+            out += np.exp(-spacing * np.hypot(i, j) / 40) / (1 + np.exp((r - radius) / 0.4))
+    return out
+
+
+CASES = {
+    "tensile along qx": np.diag([1.02, 1.0]),
+    "compressive along qy": np.diag([1.0, 0.985]),
+    "positive tensor shear": np.array([[1.0, 0.012], [0.012, 1.0]]),
+    "rotation +20 deg": rotation_matrix(np.radians(20.0)),
+    "rotation -35 deg with strain": rotation_matrix(np.radians(-35.0))
+    @ np.array([[1.015, -0.008], [-0.008, 0.99]]),
+    "rotation 95 deg folds to 5 deg": rotation_matrix(np.radians(95.0)) @ np.diag([0.99, 1.01]),
+}
+
+
+@pytest.fixture(scope="module")
+def recovered():
+    Fs = [np.eye(2), *CASES.values()]
+    x = torch.tensor(np.stack([render(F) for F in Fs]), dtype=torch.float32)[:, None]
+    base = x[:1]
+    radii = (6.0, 44.0)
+    # The rotation stage: the polar correlation with the reference finds any angle.
+    template = polar_features(base, center=CENTER, radii=radii, n_angles=720)[0]
+    theta, _ = correlate_angles(
+        polar_features(x, center=CENTER, radii=radii, n_angles=720), template
+    )
+    mask = torch.from_numpy(ring_mask((N, N), inner=radii[0], outer=radii[1])).float()
+    fit = refine_affine(
+        x,
+        base.expand(len(Fs), -1, -1, -1),
+        rotation(theta),
+        torch.zeros(len(Fs), 2),
+        mask,
+        center=CENTER,
+        steps=15,
+    )
+    A = fit["matrix"].numpy()[None]  # a scan of shape (1, 1 + cases)
+    reference = np.zeros((1, len(Fs)), bool)
+    reference[0, 0] = True
+    strain, F = strain_from_affine(A, reference=reference, symmetry=4)
+    return strain, F, Fs
+
+
+@pytest.mark.parametrize("index, name", list(enumerate(CASES, start=1)))
+def test_known_deformation_is_recovered_with_every_sign(recovered, index, name):
+    strain, _, Fs = recovered
+    truth = strain_from_deformation(Fs[index], symmetry=4)
+    for key in ("exx", "eyy", "exy"):
+        # 4e-4: a disk cut by the ring's edge biases a registration by up to 2 % of the strain.
+        assert abs(strain[key][0, index] - truth[key]) < 4e-4, (
+            name,
+            key,
+            strain[key][0, index],
+            truth[key],
+        )
+    assert abs(np.degrees(strain["theta"][0, index] - truth["theta"])) < 0.03, name
+
+
+def test_signs_are_those_of_conventions_md(recovered):
+    strain, _, _ = recovered
+    # Tensile along qx: disks move towards the beam along rows -> exx > 0, eyy ~ 0.
+    assert strain["exx"][0, 1] > 0.015 and abs(strain["eyy"][0, 1]) < 1e-3
+    # Compression along qy -> eyy < 0 only.
+    assert strain["eyy"][0, 2] < -0.01 and abs(strain["exx"][0, 2]) < 1e-3
+    # Rotation from +qx towards +qy is positive, and 95 deg is 5 deg for a 4-fold lattice.
+    assert np.degrees(strain["theta"][0, 4]) == pytest.approx(20.0, abs=0.03)
+    assert np.degrees(strain["theta"][0, 6]) == pytest.approx(5.0, abs=0.03)
+
+
+def test_reference_is_zero_strain(recovered):
+    strain, F, _ = recovered
+    np.testing.assert_allclose(F[0, 0], np.eye(2), atol=1e-12)
+    assert all(abs(strain[k][0, 0]) < 1e-12 for k in ("exx", "eyy", "exy", "theta"))
+
+
+def test_branches_of_a_symmetric_base_give_the_same_strain():
+    # A pattern matched to the (unstrained, 4-fold) base through any symmetry S: A = F^-T S.
+    rng = np.random.default_rng(0)
+    F = rotation_matrix(rng.uniform(-np.pi, np.pi, (6, 7))) @ (
+        np.eye(2) + rng.uniform(-0.02, 0.02, (6, 7, 2, 2)) * [[1, 1], [1, 1]]
+    )
+    F = 0.5 * (F + F)  # any F with positive determinant
+    S = rotation_matrix(np.pi / 2 * rng.integers(0, 4, (6, 7)))
+    reference = np.zeros((6, 7), bool)
+    reference[:2, :3] = True
+    F[reference] = rotation_matrix(0.0)
+    A = np.swapaxes(np.linalg.inv(F), -1, -2) @ S
+    strain, _ = strain_from_affine(A, reference=reference, symmetry=4)
+    truth = strain_from_deformation(F, symmetry=4)
+    for key in ("exx", "eyy", "exy", "theta"):
+        np.testing.assert_allclose(strain[key], truth[key], atol=1e-12)
+
+
+def test_deformation_of_a_singular_warp_is_nan():
+    A = np.array([[[1.0, 0.0], [0.0, 1.0]], [[1.0, 2.0], [0.5, 1.0]], [[np.nan, 0.0], [0.0, 1.0]]])
+    F = deformation_from_affine(A)
+    assert np.all(np.isfinite(F[0])) and np.all(np.isnan(F[1])) and np.all(np.isnan(F[2]))
+
+
+def test_reference_without_valid_answer_is_an_input_error():
+    from stemlib.errors import InputError
+
+    A = np.full((2, 2, 2, 2), np.nan)
+    with pytest.raises(InputError, match="reference region holds no position"):
+        strain_from_affine(A, reference=np.ones((2, 2), bool), symmetry=4)
+
+
+@pytest.mark.parametrize("lattice, expected", [("square", 4), ("hexagonal", 6), ("rectangular", 2)])
+def test_symmetry_is_detected_from_a_base(lattice, expected):
+    from stemlib.ccstae.pipeline import _base_symmetry
+    from stemlib.simulate import SimulationConfig, simulate
+
+    config = SimulationConfig(
+        scan=(2, 2), pattern=96, grains=1, lattice=lattice, max_strain=0.0, max_rot_deg=30.0, seed=1
+    )
+    pattern = np.sqrt(simulate(config)["data"][0, 0].values)
+    noise = 0.05 * pattern.max() * np.random.default_rng(0).random(pattern.shape)
+    for base in (pattern, pattern + noise):
+        symmetry, _ = _base_symmetry(base, center=(48.0, 48.0), radii=(6.0, 44.0), beam=2.4)
+        assert symmetry == expected

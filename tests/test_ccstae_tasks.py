@@ -1,0 +1,72 @@
+"""Prefect tasks of the CC-ST-AE, run in a flow under Prefect's test harness (issue 6)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from stemlib.ccstae import CCSTAEConfig
+from stemlib.results import open_strain
+from stemlib.simulate import SimulationConfig, write_simulation
+from stemlib.truth import open_truth
+
+CONFIG = CCSTAEConfig.preset("cpu", epochs=1, channels=4, search_patterns=32, batch_size=16)
+
+
+def test_tasks_carry_the_gpu_tag():
+    from tasks.ccstae import infer_ccstae, train_ccstae
+
+    assert "gpu" in train_ccstae.tags and "gpu" in infer_ccstae.tags
+
+
+def test_gpu_resources_is_a_no_op_without_cuda():
+    import dask
+    import torch
+
+    from tasks.ccstae import gpu_resources
+
+    with gpu_resources():
+        annotations = dask.get_annotations()
+    assert ("resources" in annotations) == torch.cuda.is_available()
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_train_then_infer_in_a_flow(tmp_path):
+    from prefect import flow
+
+    from tasks.ccstae import infer_ccstae, train_ccstae
+
+    scan = str(tmp_path / "scan.zarr")
+    write_simulation(
+        SimulationConfig(
+            scan=(6, 6), pattern=80, grains=2, disk_radius_px=2.5, edge_px=0.5, seed=3
+        ),
+        scan,
+    )
+    reference = tmp_path / "reference.npy"
+    np.save(reference, open_truth(scan)["reference_mask"].values)
+
+    @flow
+    def strain_flow() -> tuple[dict, dict]:
+        trained = train_ccstae(
+            scan, str(tmp_path / "work"), reference=str(reference), config=CONFIG, device="cpu"
+        )
+        written = infer_ccstae(
+            scan,
+            str(tmp_path / "strain.zarr"),
+            str(tmp_path / "work"),
+            reference=str(reference),
+            config=CONFIG,
+            device="cpu",
+        )
+        return trained, written
+
+    trained, written = strain_flow()
+    assert (
+        trained["epochs"] == 1
+        and written["model_checkpoint_sha256"] == trained["checkpoint_sha256"]
+    )
+    ds = open_strain(str(tmp_path / "strain.zarr"))
+    assert list(ds["method"].values) == ["ccstae"] and written["coverage"] == 1.0
+    truth = open_truth(scan)
+    assert float(np.nanmax(np.abs(ds["exx"].values[0] - truth["exx"].values))) < 2e-3

@@ -1,0 +1,144 @@
+"""CC-ST-AE training: streaming batches, checkpoints and resuming to the same state (issue 6)."""
+
+from __future__ import annotations
+
+import dask.array as da
+import numpy as np
+import pytest
+import torch
+
+from stemlib.ccstae import CCSTAEConfig, build_model
+from stemlib.ccstae.data import PatternStream, Preprocess, data_fingerprint, sample_patterns
+from stemlib.ccstae.train import Checkpoint, seeded, train
+from stemlib.errors import InputError
+from stemlib.masks import MaskSchedule
+from stemlib.simulate import SimulationConfig, simulate
+
+CONFIG = CCSTAEConfig.preset("cpu", channels=4, epochs=3, batch_size=8, lr=1e-3)
+SCHEDULE = MaskSchedule(kind="linear", start=(3, 15), end=(3, 13), epochs=3)
+
+
+@pytest.fixture(scope="module")
+def data() -> da.Array:
+    return simulate(SimulationConfig(scan=(6, 5), pattern=32, grains=2, seed=4), chunks=(3, 5))[
+        "data"
+    ].data
+
+
+def _run(data: da.Array, workdir, stop_after: int | None = None) -> Checkpoint:
+    seeded(CONFIG.seed)
+    model = build_model(CONFIG, pattern_shape=(32, 32), center=(16.0, 16.0))
+    record = Checkpoint.load(workdir) or Checkpoint(
+        config=CONFIG.model_dump(mode="json"), seed=CONFIG.seed, data_fingerprint="scan-a", setup={}
+    )
+    stream = PatternStream(
+        data, Preprocess("sqrt"), batch_size=CONFIG.batch_size, shuffle=True, seed=CONFIG.seed
+    )
+
+    def progress(metrics: dict) -> None:
+        if stop_after is not None and metrics["epoch"] == stop_after:
+            raise KeyboardInterrupt
+
+    return train(
+        model,
+        stream,
+        config=CONFIG,
+        schedule=SCHEDULE,
+        device=torch.device("cpu"),
+        record=record,
+        workdir=workdir,
+        progress=progress,
+    )
+
+
+def test_stream_covers_every_pattern_once_and_shuffles_by_epoch(data):
+    stream = PatternStream(data, Preprocess("linear"), batch_size=4, shuffle=True, seed=1)
+    first = np.concatenate([b["index"].numpy() for b in stream])
+    assert sorted(first.tolist()) == list(range(30))
+    stream.epoch = 1
+    second = np.concatenate([b["index"].numpy() for b in stream])
+    assert sorted(second.tolist()) == list(range(30)) and not np.array_equal(first, second)
+    stream.epoch = 0
+    assert np.array_equal(first, np.concatenate([b["index"].numpy() for b in stream]))
+
+
+def test_stream_batches_hold_the_right_patterns(data):
+    raw = data.compute()
+    for batch in PatternStream(data, Preprocess("linear", 2.0), batch_size=7):
+        for pattern, index in zip(batch["pattern"], batch["index"].numpy(), strict=True):
+            expected = raw[index // 5, index % 5] / raw[index // 5, index % 5].mean() / 2.0
+            np.testing.assert_allclose(pattern[0].numpy(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_sample_includes_requested_positions(data):
+    patterns, index = sample_patterns(data, n=5, seed=0, include=np.array([29, 0]))
+    assert {0, 29} <= set(index.tolist()) and len(patterns) == len(index)
+    np.testing.assert_array_equal(patterns[index.tolist().index(29)], data[5, 4].compute())
+
+
+def test_checkpoint_resumes_to_the_same_state(data, tmp_path):
+    straight = _run(data, tmp_path / "straight")
+    with pytest.raises(KeyboardInterrupt):
+        _run(data, tmp_path / "resumed", stop_after=1)
+    assert Checkpoint.load(tmp_path / "resumed").epoch == 1
+    resumed = _run(data, tmp_path / "resumed")
+    assert resumed.epoch == straight.epoch == 3
+    for key, value in straight.model.items():
+        torch.testing.assert_close(resumed.model[key], value, rtol=0, atol=0, msg=key)
+    assert [h["loss"] for h in resumed.history] == pytest.approx(
+        [h["loss"] for h in straight.history]
+    )
+    # the record is what the issue asks a checkpoint to hold
+    saved = Checkpoint.load(tmp_path / "resumed")
+    assert saved.config == CONFIG.model_dump(mode="json") and saved.seed == CONFIG.seed
+    assert (
+        saved.data_fingerprint == "scan-a" and "torch" in saved.versions and len(saved.history) == 3
+    )
+
+
+def test_a_finished_checkpoint_is_not_trained_again(data, tmp_path):
+    first = _run(data, tmp_path)
+    again = _run(data, tmp_path, stop_after=1)  # would raise if an epoch ran
+    assert again.history == first.history
+
+
+def test_checkpoint_of_another_scan_or_recipe_is_refused(data, tmp_path):
+    _run(data, tmp_path, stop_after=None)
+    record = Checkpoint.load(tmp_path)
+    with pytest.raises(InputError, match="trained on another scan; pass an empty workdir"):
+        record.check_matches(config=CONFIG, data_fingerprint="scan-b", where=str(tmp_path))
+    with pytest.raises(InputError, match=r"trained with other settings \(epochs, lr\)"):
+        record.check_matches(
+            config=CONFIG.model_copy(update={"epochs": 4, "lr": 0.1}),
+            data_fingerprint="scan-a",
+            where=str(tmp_path),
+        )
+    # inference-only settings may change
+    record.check_matches(
+        config=CONFIG.model_copy(update={"refine_steps": 0}),
+        data_fingerprint="scan-a",
+        where=str(tmp_path),
+    )
+
+
+def test_unreadable_checkpoint(tmp_path):
+    (tmp_path / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(InputError, match="is not a readable CC-ST-AE checkpoint"):
+        Checkpoint.load(tmp_path)
+
+
+def test_fingerprint_is_the_stored_hash_or_a_content_hash(data):
+    import xarray as xr
+
+    scan = xr.DataArray(data, dims=("rx", "ry", "qx", "qy"), attrs={"content_sha256": "abc"})
+    assert data_fingerprint(scan) == "abc"
+    other = data_fingerprint(data + 1)
+    assert data_fingerprint(data) == data_fingerprint(data) != other
+
+
+def test_loader_workers_share_the_blocks(data):
+    from stemlib.ccstae.data import loader
+
+    stream = PatternStream(data, Preprocess("linear"), batch_size=4, shuffle=True, seed=2)
+    seen = [b["index"].numpy() for b in loader(stream, num_workers=2, device=torch.device("cpu"))]
+    assert sorted(np.concatenate(seen).tolist()) == list(range(30))
