@@ -50,7 +50,13 @@ from .rotation import (
     correlate_angles,
     polar_features,
 )
-from .strain import deformation_from_affine, fold_deformation, strain_from_affine
+from .strain import (
+    deformation_from_affine,
+    fold_deformation,
+    refine_correction,
+    strain_from_affine,
+    symmetric_correction,
+)
 from .template import learn_bases
 from .train import Checkpoint, seeded, train
 
@@ -116,8 +122,20 @@ def base_lattice(
         g2 = vectors[k]
         cross = abs(g1[0] * g2[1] - g1[1] * g2[0])
         if cross > 0.5 * np.linalg.norm(g1) * np.linalg.norm(g2):
-            return np.stack([g1, g2], axis=1)
+            return _fit_basis(vectors, np.stack([g1, g2], axis=1))
     return None
+
+
+def _fit_basis(vectors: np.ndarray, basis: np.ndarray) -> np.ndarray:
+    """Least-squares basis (2, 2) of all disk vectors (N, 2) that index within a quarter of an
+    order on ``basis``: far disks pin the basis far better than the two nearest alone."""
+    hk = np.linalg.solve(basis, vectors.T).T
+    index = np.round(hk)
+    keep = (np.abs(hk - index).max(axis=1) < 0.25) & (np.abs(index).sum(axis=1) > 0)
+    if keep.sum() < 3:
+        return basis
+    fitted, *_ = np.linalg.lstsq(index[keep], vectors[keep], rcond=None)
+    return fitted.T
 
 
 def _base_symmetry(
@@ -584,13 +602,28 @@ def ccstae_strain(
         bases[main_class], center=t.center, radii=schedule.radii(0), beam=setup["beam_radius_px"]
     )
     n = detected if symmetry == "auto" else int(symmetry)
+    window = max(2, int(round(setup["beam_radius_px"])))
+    per_base = np.stack(
+        [
+            symmetric_correction(
+                base_lattice(b, center=t.center, inner=schedule.radii(0)[0], window=window), n
+            )
+            for b in bases
+        ]
+    )
+    classes = np.clip(result.class_map, 0, len(bases) - 1)
+    if n in (4, 6):
+        per_base = np.stack(
+            [refine_correction(result.matrix, b, valid & (classes == c)) for c, b in enumerate(per_base)]
+        )
+    correction = per_base[classes]
     reference_mask = t.reference_mask
     if reference_mask is None:
-        folded = fold_deformation(
-            np.where(valid[..., None, None], deformation_from_affine(result.matrix), np.nan), n
-        )
-        reference_mask = auto_reference(folded, valid)
-    strain, _ = strain_from_affine(result.matrix, reference=reference_mask, symmetry=n, valid=valid)
+        warps = np.where(valid[..., None, None], result.matrix @ correction, np.nan)
+        reference_mask = auto_reference(fold_deformation(deformation_from_affine(warps), n), valid)
+    strain, _ = strain_from_affine(
+        result.matrix, reference=reference_mask, symmetry=n, valid=valid, correction=correction
+    )
     if bases_png is not None:
         save_bases_png(bases, bases_png, mask=ring_last)
     coords = {d: scan.coords[d] for d in SCAN_DIMS if hasattr(scan, "coords") and d in scan.coords}

@@ -20,7 +20,13 @@ import numpy as np
 from ..errors import InputError
 from ..strain import fold_rotation, polar_decompose, rotation_matrix, strain_from_deformation
 
-__all__ = ["deformation_from_affine", "fold_deformation", "strain_from_affine"]
+__all__ = [
+    "deformation_from_affine",
+    "fold_deformation",
+    "strain_from_affine",
+    "symmetric_correction",
+    "refine_correction",
+]
 
 
 def deformation_from_affine(matrix: np.ndarray) -> np.ndarray:
@@ -43,6 +49,96 @@ def deformation_from_affine(matrix: np.ndarray) -> np.ndarray:
     return np.where(ok[..., None, None], out, np.nan)
 
 
+def symmetric_correction(lattice: np.ndarray | None, symmetry: int) -> np.ndarray:
+    """The distortion ``B`` of a base's reciprocal basis from the nearest n-fold lattice.
+
+    Parameters
+    ----------
+    lattice
+        Reciprocal basis of the base, columns ``g1, g2`` (px), shape (2, 2); or None.
+    symmetry
+        n: 4 (square) or 6 (hexagonal) are corrected; any other n (and None) gives ``I``.
+
+    Returns
+    -------
+    ndarray of shape (2, 2)
+        ``B`` with ``lattice = B @ ideal``, where ``ideal`` keeps ``g1``'s direction, has both
+        vectors of the mean length, and ``g2`` at 90 deg (n = 4) or the nearest of +-60,
+        +-120 deg (n = 6) from ``g1``, on ``g2``'s side.
+
+    Examples
+    --------
+    >>> B = symmetric_correction(np.array([[10.0, 0.0], [0.0, 10.3]]), 4)
+    >>> np.round(B, 4) + 0.0
+    array([[0.9852, 0.    ],
+           [0.    , 1.0148]])
+    """
+    if lattice is None or symmetry not in (4, 6):
+        return np.eye(2)
+    g1, g2 = np.asarray(lattice, np.float64).T
+    length = 0.5 * (np.linalg.norm(g1) + np.linalg.norm(g2))
+    measured = np.arctan2(g1[0] * g2[1] - g1[1] * g2[0], g1 @ g2)
+    steps = np.radians([90.0, -90.0] if symmetry == 4 else [60.0, -60.0, 120.0, -120.0])
+    angle = steps[np.argmin(np.abs(np.angle(np.exp(1j * (steps - measured)))))]
+    c1 = g1 / np.linalg.norm(g1) * length
+    c2 = rotation_matrix(np.array(angle)) @ c1
+    ideal = np.stack([c1, c2], axis=1)
+    return np.asarray(lattice, np.float64) @ np.linalg.inv(ideal)
+
+
+def refine_correction(
+    matrix: np.ndarray, correction: np.ndarray, valid: np.ndarray
+) -> np.ndarray:
+    """Refine a base's distortion ``B`` so that neighbouring positions agree in stretch.
+
+    ``B`` measured from the base's disks is good to a few 0.1 %; positions of one grain that
+    sit on different branches then still differ by that much. The stretch ``V`` of
+    ``(A B)^-T`` is the same on every branch only for the right ``B``, so this minimises the
+    summed |V_p - V_q| (Frobenius) over neighbouring valid positions (robust to grain
+    boundaries, where the difference hardly depends on ``B``) over ``B = B0 (I + D)`` with
+    ``D`` symmetric and traceless (a rotation or scale in ``B`` changes no stretch difference).
+
+    Parameters
+    ----------
+    matrix
+        Warps ``A`` of the positions of one base, shape (RX, RY, 2, 2).
+    correction
+        The measured ``B0`` (:func:`symmetric_correction`), shape (2, 2).
+    valid
+        (RX, RY) bool: the positions to use (those of this base with an answer).
+
+    Returns
+    -------
+    ndarray of shape (2, 2)
+        The refined ``B`` (``B0`` when fewer than 16 neighbouring pairs are valid).
+    """
+    from scipy.optimize import minimize
+
+    matrix = np.asarray(matrix, np.float64)
+    valid = np.asarray(valid, bool) & np.all(np.isfinite(matrix), axis=(-1, -2))
+    pairs = [
+        (valid[1:] & valid[:-1], (slice(1, None),), (slice(None, -1),)),
+        (valid[:, 1:] & valid[:, :-1], (slice(None), slice(1, None)), (slice(None), slice(None, -1))),
+    ]
+    if sum(int(both.sum()) for both, *_ in pairs) < 16:
+        return np.asarray(correction, np.float64)
+    safe = np.where(valid[..., None, None], matrix, np.eye(2))
+
+    def distortion(p: np.ndarray) -> np.ndarray:
+        return correction @ (np.eye(2) + np.array([[p[0], p[1]], [p[1], -p[0]]]))
+
+    def cost(p: np.ndarray) -> float:
+        V, _ = polar_decompose(deformation_from_affine(safe @ distortion(p)))
+        total = 0.0
+        for both, head, tail in pairs:
+            diff = np.linalg.norm(V[head] - V[tail], axis=(-1, -2))
+            total += float(diff[both].sum())
+        return total
+
+    best = minimize(cost, np.zeros(2), method="Nelder-Mead", options={"xatol": 1e-6, "fatol": 1e-9})
+    return distortion(best.x)
+
+
 def fold_deformation(F: np.ndarray, symmetry: int, *, around: float = 0.0) -> np.ndarray:
     """Re-express ``F = V R(theta)`` with ``theta`` in ``around + (-pi/n, pi/n]``.
 
@@ -61,7 +157,12 @@ def _circular_mean(theta: np.ndarray, symmetry: int) -> float:
 
 
 def strain_from_affine(
-    matrix: np.ndarray, *, reference: np.ndarray, symmetry: int, valid: np.ndarray | None = None
+    matrix: np.ndarray,
+    *,
+    reference: np.ndarray,
+    symmetry: int,
+    valid: np.ndarray | None = None,
+    correction: np.ndarray | None = None,
 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Strain maps from per-position warps ``A`` against a reference region.
 
@@ -76,6 +177,9 @@ def strain_from_affine(
         ``(-pi/n, pi/n]``.
     valid
         Boolean array of shape (RX, RY); positions outside are NaN.
+    correction
+        Each position's base distortion ``B`` (:func:`symmetric_correction`), shape (2, 2) or
+        (RX, RY, 2, 2); identity if None.
 
     Returns
     -------
@@ -89,6 +193,8 @@ def strain_from_affine(
     InputError
         If the reference region holds no valid position.
     """
+    if correction is not None:
+        matrix = np.asarray(matrix, np.float64) @ np.asarray(correction, np.float64)
     F_b = deformation_from_affine(matrix)
     ok = np.all(np.isfinite(F_b), axis=(-1, -2))
     if valid is not None:
