@@ -17,7 +17,7 @@ from matplotlib.figure import Figure
 from .errors import InputError
 from .io.storage import locate, redact, storage_errors
 
-__all__ = ["strain_figure", "save_png", "png_url"]
+__all__ = ["strain_figure", "comparison_figure", "save_png", "png_url"]
 
 #: Panels: variable, title, scale factor to the shown unit, shown unit.
 _PANELS = (
@@ -87,6 +87,65 @@ def strain_figure(ds: xr.Dataset, method: str) -> Figure:
         fig.colorbar(image, ax=ax, label=unit, shrink=0.85)
     coverage = float(valid.mean()) if valid.size else 0.0
     fig.suptitle(f"{method}: strain in the detector frame, coverage {100 * coverage:.1f} %")
+    return fig
+
+
+def comparison_figure(ds: xr.Dataset) -> Figure:
+    """Every method's maps side by side, with the truth and the difference of the methods.
+
+    Parameters
+    ----------
+    ds
+        A compared strain dataset (:func:`stemlib.compare.compare_methods`): ``exx, eyy, exy,
+        theta`` of dims (method, rx, ry), and optionally ``truth_<c>`` and ``diff_<c>``.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        One column per component (strain in %, theta in deg), one row per method, then a row
+        of the truth and a row of the first two methods' difference where ``ds`` holds them.
+        Methods and truth share each column's colour scale, so their maps compare by eye; the
+        difference row has its own. Positions without an answer are grey.
+
+    Examples
+    --------
+    >>> from stemlib.results import combine_methods, strain_dataset
+    >>> z = np.zeros((4, 5))
+    >>> ds = combine_methods([strain_dataset(m, exx=z, eyy=z, exy=z, theta=z)
+    ...                       for m in ("ccstae", "py4dstem")])
+    >>> fig = comparison_figure(ds)
+    >>> len(fig.axes) // 2, fig.axes[0].get_ylabel()
+    (8, 'ccstae')
+    """
+    methods = [str(m) for m in ds["method"].values]
+    rows: list[tuple[str, dict[str, np.ndarray]]] = []
+    for m in methods:
+        one = ds.sel({"method": m})
+        valid = np.asarray(one["valid"].values, bool)
+        rows.append((m, {c: np.where(valid, np.asarray(one[c].values, np.float64), np.nan) for c, *_ in _PANELS}))
+    if all(f"truth_{c}" in ds for c, *_ in _PANELS):
+        rows.append(("truth", {c: np.asarray(ds[f"truth_{c}"].values, np.float64) for c, *_ in _PANELS}))
+    shared = {c: max(_limit(values[c] * scale) for _, values in rows) for c, _, scale, _ in _PANELS}
+    if all(f"diff_{c}" in ds for c, *_ in _PANELS):
+        rows.append((f"{methods[0]} - {methods[1]}", {c: np.asarray(ds[f"diff_{c}"].values, np.float64) for c, *_ in _PANELS}))
+    fig = Figure(figsize=(14.0, 3.0 * len(rows)), layout="constrained")
+    FigureCanvasAgg(fig)
+    for i, (label, values) in enumerate(rows):
+        is_diff = " - " in label
+        for j, (name, title, scale, unit) in enumerate(_PANELS):
+            ax = fig.add_subplot(len(rows), len(_PANELS), i * len(_PANELS) + j + 1)
+            shown = values[name] * scale
+            limit = _limit(shown) if is_diff else shared[name]
+            cmap = colormaps["RdBu_r" if name != "theta" else "PuOr_r"].with_extremes(bad="0.6")
+            image = ax.imshow(shown, cmap=cmap, vmin=-limit, vmax=limit, interpolation="nearest")
+            if i == 0:
+                ax.set_title(title)
+            if j == 0:
+                ax.set_ylabel(label)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            fig.colorbar(image, ax=ax, label=unit, shrink=0.85)
+    fig.suptitle("strain in the detector frame: rows rx, columns ry")
     return fig
 
 

@@ -86,9 +86,11 @@ def infer_ccstae(
     config: CCSTAEConfig | None = None,
     device: Device = "auto",
     bases_png: str | None = None,
+    run_key: str | None = None,
 ) -> dict[str, Any]:
     """Strain maps of ``scan`` by the model in ``workdir`` (trained first if it is not), written
-    atomically to ``dest``."""
+    atomically to ``dest``; ``run_key`` is recorded in its ``run_keys`` (see
+    :func:`tasks.py4dstem.py4dstem_strain_scan`)."""
     logger = get_run_logger()
     ds = ccstae_strain(
         open_scan(scan),
@@ -100,6 +102,8 @@ def infer_ccstae(
         bases_png=bases_png,
         progress=False,
     )
+    if run_key:
+        ds.attrs["run_keys"] = {"ccstae": run_key}
     url = write_strain(ds, dest)
     record = ds.attrs["methods"]["ccstae"]
     logger.info(

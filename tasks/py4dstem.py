@@ -46,11 +46,17 @@ def py4dstem_strain_scan(
     reference: str = "auto",
     symmetry: Symmetry = "auto",
     config: Py4DSTEMConfig | None = None,
+    run_key: str | None = None,
 ) -> dict[str, Any]:
-    """Strain maps of the scan store at ``scan`` by the py4DSTEM baseline, written to ``dest``."""
+    """Strain maps of the scan store at ``scan`` by the py4DSTEM baseline, written to ``dest``.
+
+    ``run_key`` (a fingerprint of the scan and these parameters) is recorded in the store's
+    ``run_keys``, so that a rerun of the same step finds it finished."""
     logger = get_run_logger()
     with _dask_client():
         ds = py4dstem_strain(open_scan(scan), reference=reference, symmetry=symmetry, config=config)
+    if run_key:
+        ds.attrs["run_keys"] = {METHOD: run_key}
     url = write_strain(ds, dest)
     png = save_png(strain_figure(ds, METHOD), png_url(dest, METHOD))
     record = ds.attrs["methods"][METHOD]

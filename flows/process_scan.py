@@ -1,0 +1,199 @@
+"""# Process one scan: raw scan -> strain maps of both methods, side by side
+
+1. **Ingest** the raw scan into a Zarr scan store (skipped when the store already holds this
+   scan, or when the source is a scan store).
+2. **CC-ST-AE** (train, then infer; on a GPU worker when there is one) and the **py4DSTEM**
+   baseline (disk detection per scan block on the Dask workers) run in parallel.
+3. **Compare and publish**: difference maps, agreement statistics and, when the scan carries
+   ground truth, each method's error against it; ONE strain dataset holding both methods is
+   written atomically to the destination, with PNG maps beside it.
+
+Every step's output records a fingerprint of its inputs (the scan's content hash and the
+step's parameters); a rerun finds finished steps and skips them. Intermediate results and the
+CC-ST-AE checkpoints live in a work folder beside the destination, so an interrupted run
+resumes (training from its last epoch).
+
+    stemflow run /data/scan_042.mib results/scan_042/strain.zarr
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import sys
+from typing import Any, Literal
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_link_artifact, create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run
+
+from stemlib.baseline_py4dstem import Py4DSTEMConfig
+from stemlib.ccstae import CCSTAEConfig
+from stemlib.ccstae.config import resolve_device
+from stemlib.ingest import IngestOptions
+from stemlib.io.storage import locate, redact
+from stemlib.types import Device, Method, Symmetry
+from tasks.ccstae import gpu_resources, infer_ccstae, train_ccstae
+from tasks.ingest import ingest_scan
+from tasks.publish import finished_step, publish_strain, request_key, run_key, scan_identity
+from tasks.py4dstem import py4dstem_strain_scan
+
+from .runners import dask_runner
+
+__all__ = ["process_scan", "default_locations", "resolved_parameters"]
+
+ALL_METHODS: list[Method] = ["ccstae", "py4dstem"]
+
+
+def default_locations(source: str, dest: str) -> dict[str, str]:
+    """Where a run keeps the scan store and its work folder when not told: beside ``dest``.
+
+    Examples
+    --------
+    >>> default_locations("/raw/scan_042.mib", "/results/s42/strain.zarr")
+    {'scan_store': '/results/s42/scan_042.zarr', 'workdir': '/results/s42/.strain.zarr.work'}
+    """
+    folder = posixpath.dirname(dest.rstrip("/"))
+    name = posixpath.basename(dest.rstrip("/"))
+    stem = posixpath.splitext(posixpath.basename(source.rstrip("/")))[0]
+    join = (lambda *p: posixpath.join(*p)) if folder else (lambda *p: posixpath.join(*p[1:]))
+    return {"scan_store": join(folder, f"{stem}.zarr"), "workdir": join(folder, f".{name}.work")}
+
+
+def resolved_parameters(
+    *,
+    methods: list[Method] | None = None,
+    reference: str = "auto",
+    symmetry: Symmetry = "auto",
+    device: Device = "auto",
+    ccstae_preset: Literal["auto", "cpu", "gpu"] = "auto",
+    ccstae: CCSTAEConfig | None = None,
+    py4dstem: Py4DSTEMConfig | None = None,
+    ingest: IngestOptions | None = None,
+) -> dict[str, Any]:
+    """The parameters a run really uses (defaults filled in, the CC-ST-AE preset resolved for
+    the device): what its request key is computed from."""
+    if ccstae is None:
+        auto = "gpu" if resolve_device(device) == "cuda" else "cpu"
+        ccstae = CCSTAEConfig.preset(auto if ccstae_preset == "auto" else ccstae_preset)
+    return {
+        "methods": list(dict.fromkeys(methods or ALL_METHODS)),
+        "reference": reference,
+        "symmetry": symmetry,
+        "ccstae": ccstae,
+        "py4dstem": py4dstem or Py4DSTEMConfig(),
+        "ingest": ingest or IngestOptions(),
+    }
+
+
+def _run_name() -> str:
+    source = str(flow_run.parameters.get("source", "scan"))
+    return f"process-{posixpath.basename(source.rstrip('/')) or 'scan'}"
+
+
+@task(name="resolve-scan", cache_policy=NO_CACHE)
+def resolve_scan(source: str, scan_store: str, options: IngestOptions) -> dict[str, Any]:
+    """The scan store to process: ``source`` itself if it is one, else ``scan_store`` after
+    ingesting (skipped when it already holds this source)."""
+    identity = scan_identity(source)
+    if identity is not None:
+        return {"url": source, **identity, "status": "given"}
+    record = ingest_scan.fn(source, scan_store, options)
+    return {"url": scan_store, **scan_identity(scan_store), "status": record["status"]}
+
+
+@flow(name="process-scan", flow_run_name=_run_name, task_runner=dask_runner(), log_prints=True)
+def process_scan(
+    source: str,
+    dest: str,
+    methods: list[Method] | None = None,
+    reference: str = "auto",
+    symmetry: Symmetry = "auto",
+    device: Device = "auto",
+    ccstae_preset: Literal["auto", "cpu", "gpu"] = "auto",
+    ccstae: CCSTAEConfig | None = None,
+    py4dstem: Py4DSTEMConfig | None = None,
+    ingest: IngestOptions | None = None,
+    scan_store: str | None = None,
+    workdir: str | None = None,
+) -> dict[str, Any]:
+    """Strain, shear and rotation maps of one scan by CC-ST-AE and py4DSTEM, published together.
+
+    Args:
+        source: Raw scan (any supported format) or scan store: a path or URL (s3://bucket/key).
+        dest: Strain dataset to publish: a path or URL ending in .zarr.
+        methods: Methods to run; both by default.
+        reference: Reference region: "auto", "RX0:RX1,RY0:RY1", or the path of a mask .npy.
+        symmetry: Lattice symmetry for the rotation branch: "auto", 2, 4 or 6.
+        device: Where the CC-ST-AE trains: "auto" (CUDA when present), "cpu" or "cuda".
+        ccstae_preset: CC-ST-AE recipe: "auto" (gpu on CUDA, else cpu), "cpu" or "gpu".
+        ccstae: A full CC-ST-AE configuration, replacing the preset.
+        py4dstem: py4DSTEM baseline settings (all derived from the data by default).
+        ingest: How to read the raw scan (format, HDF5 dataset, scan shape, calibration).
+        scan_store: Where to keep the ingested scan; beside dest by default.
+        workdir: Folder for intermediate results and checkpoints; beside dest by default.
+    """
+    logger = get_run_logger()
+    params = resolved_parameters(
+        methods=methods, reference=reference, symmetry=symmetry, device=device,
+        ccstae_preset=ccstae_preset, ccstae=ccstae, py4dstem=py4dstem, ingest=ingest,
+    )
+    methods, ccstae, py4dstem, ingest = params["methods"], params["ccstae"], params["py4dstem"], params["ingest"]
+    request = request_key(source, **params)
+    where = default_locations(source, dest)
+    scan_store = scan_store or where["scan_store"]
+    work = locate(workdir or where["workdir"])
+
+    scan = resolve_scan.submit(source, scan_store, ingest).result()
+    logger.info("scan %s (%s), content sha256 %s", redact(scan["url"]), scan["status"], scan["content_sha256"][:16])
+
+    keys = {
+        "py4dstem": run_key(scan, "py4dstem", reference=reference, symmetry=symmetry, config=py4dstem),
+        "ccstae": run_key(scan, "ccstae", reference=reference, symmetry=symmetry, config=ccstae),
+    }
+    outputs = {m: work.child(f"{m}.zarr").url for m in methods}
+    futures: dict[str, Any] = {}
+    if "py4dstem" in methods and not finished_step(outputs["py4dstem"], keys["py4dstem"]):
+        futures["py4dstem"] = py4dstem_strain_scan.submit(
+            scan["url"], outputs["py4dstem"], reference=reference, symmetry=symmetry, config=py4dstem,
+            run_key=keys["py4dstem"],
+        )
+    if "ccstae" in methods and not finished_step(outputs["ccstae"], keys["ccstae"]):
+        model_dir = work.child(f"ccstae-model-{keys['ccstae'][:12]}").url
+        with gpu_resources():
+            trained = train_ccstae.submit(scan["url"], model_dir, reference=reference, config=ccstae, device=device)
+            futures["ccstae"] = infer_ccstae.submit(
+                scan["url"], outputs["ccstae"], model_dir, reference=reference, symmetry=symmetry,
+                config=ccstae, device=device, bases_png=_bases_png(dest), run_key=keys["ccstae"],
+                wait_for=[trained],
+            )
+    for method in methods:
+        if method in futures:
+            futures[method].result()
+        else:
+            logger.info("%s: finished in an earlier run (%s), skipped", method, redact(outputs[method]))
+
+    published = publish_strain.submit(
+        scan["url"], {m: outputs[m] for m in methods}, dest, run_keys={m: keys[m] for m in methods}, request=request
+    ).result()
+    create_markdown_artifact(
+        key="strain-statistics",
+        markdown=f"## {posixpath.basename(source.rstrip('/'))}\n\n{published['table']}\n\n"
+        f"Open with `xr.open_zarr({published['url']!r})`",
+        description="Coverage, agreement of the methods, and error against the truth",
+    )
+    for name, png in published["pngs"].items():
+        create_link_artifact(key=f"map-{name}", link=png, link_text=os.path.basename(png), description=f"{name} maps")
+    create_link_artifact(key="strain-dataset", link=published["url"], link_text="strain dataset")
+    return published
+
+
+def _bases_png(dest: str) -> str:
+    from stemlib.plots import png_url
+
+    return png_url(dest, "ccstae-bases")
+
+
+if __name__ == "__main__":
+    process_scan(source=sys.argv[1], dest=sys.argv[2])

@@ -1,0 +1,122 @@
+"""Prefect tasks and helpers that tie a run together: fingerprints of steps, and publishing one
+strain dataset that holds every method, compared with each other and with the truth."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from pydantic import BaseModel
+
+from stemlib.compare import compare_methods, statistics_table
+from stemlib.io.scan_store import read_store_attrs
+from stemlib.io.storage import locate, redact
+from stemlib.plots import comparison_figure, png_url, save_png, strain_figure
+from stemlib.provenance import fingerprint, software_versions, utc_now
+from stemlib.results import combine_methods, open_strain, write_strain
+from stemlib.truth import open_truth
+
+from ._retry import STORAGE_RETRY_DELAYS, retry_on_storage_error
+
+__all__ = ["scan_identity", "run_key", "request_key", "finished_step", "published_request", "publish_strain"]
+
+
+def scan_identity(url: str) -> dict[str, Any] | None:
+    """``content_sha256``, ``shape`` and ``source`` of the scan store at ``url``, or None when
+    ``url`` is not a finished scan store (e.g. a raw file)."""
+    location = locate(url)
+    attrs = read_store_attrs(location) if location.fs.isdir(location.path) else None
+    if not attrs or not attrs.get("complete") or "content_sha256" not in attrs:
+        return None
+    return {"content_sha256": attrs["content_sha256"], "shape": attrs.get("shape"), "source": attrs.get("source")}
+
+
+def run_key(scan: dict[str, Any], method: str, **parameters: Any) -> str:
+    """Fingerprint of one method's run: the scan's content hash, the method and its parameters
+    (pydantic models by their JSON form)."""
+    plain = {k: (v.model_dump(mode="json") if isinstance(v, BaseModel) else v) for k, v in parameters.items()}
+    return fingerprint({"scan": scan["content_sha256"], "method": method, "parameters": plain})
+
+
+def request_key(source: str, **parameters: Any) -> str:
+    """Fingerprint of a whole request, computable before any work: the source's identity (a
+    scan store's content hash, else the raw file's name, size and modification stamp) and the
+    run's parameters. A published dataset records it, so a facility rerun can skip it."""
+    from stemlib.ingest import IngestOptions, source_key
+
+    identity = scan_identity(source)
+    ingest = parameters.get("ingest") or IngestOptions()
+    stamp = identity["content_sha256"] if identity else source_key(locate(source), ingest)
+    plain = {k: (v.model_dump(mode="json") if isinstance(v, BaseModel) else v) for k, v in parameters.items()}
+    return fingerprint({"source": stamp, "parameters": plain})
+
+
+def published_request(dest: str) -> str | None:
+    """The request key a published strain dataset at ``dest`` records, or None."""
+    location = locate(dest)
+    attrs = read_store_attrs(location) if location.exists() else None
+    return (attrs or {}).get("request_key")
+
+
+def finished_step(url: str, key: str) -> bool:
+    """Whether the store at ``url`` is a finished result of the run with fingerprint ``key``."""
+    location = locate(url)
+    attrs = read_store_attrs(location) if location.exists() else None
+    return bool(attrs) and key in (attrs.get("run_keys") or {}).values()
+
+
+@task(
+    name="publish-strain",
+    retries=len(STORAGE_RETRY_DELAYS),
+    retry_delay_seconds=STORAGE_RETRY_DELAYS,
+    retry_condition_fn=retry_on_storage_error,
+    cache_policy=NO_CACHE,
+)
+def publish_strain(
+    scan: str, results: dict[str, str], dest: str, run_keys: dict[str, str], request: str | None = None
+) -> dict[str, Any]:
+    """Combine each method's strain store, compare them (and with the scan's truth), write the
+    one strain dataset to ``dest`` atomically with PNG maps beside it."""
+    logger = get_run_logger()
+    per_method = [open_strain(results[m]) for m in results]
+    combined = combine_methods(per_method)
+    truth = open_truth(scan)
+    symmetries = {int(ds.attrs["methods"][m].get("symmetry") or ds.attrs.get("symmetry") or 1) for ds in per_method for m in ds.attrs["methods"]}
+    symmetry = int(truth.attrs["symmetry"]) if truth is not None and truth.attrs.get("symmetry") else max(symmetries)
+    compared, stats = compare_methods(combined, truth=truth, symmetry=symmetry)
+    scan_attrs = read_store_attrs(locate(scan)) or {}
+    compared.attrs = {
+        **combined.attrs,
+        "symmetry": symmetry,
+        "input": {
+            "scan": redact(scan),
+            "source": scan_attrs.get("source"),
+            "content_sha256": scan_attrs.get("content_sha256"),
+        },
+        "run_keys": dict(run_keys),
+        "request_key": request,
+        "statistics": _jsonable(stats),
+        "software": software_versions(),
+        "created": utc_now(),
+    }
+    url = write_strain(compared, dest)
+    pngs = {m: save_png(strain_figure(compared, m), png_url(dest, m)) for m in results}
+    if len(results) > 1 or truth is not None:
+        pngs["comparison"] = save_png(comparison_figure(compared), png_url(dest, "comparison"))
+    table = statistics_table(stats)
+    logger.info("published %s\n%s", redact(url), table)
+    return {"url": redact(url), "table": table, "statistics": _jsonable(stats), "pngs": {k: redact(v) for k, v in pngs.items()}}
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (np.floating, float)):
+        return None if not np.isfinite(obj) else float(obj)
+    if isinstance(obj, np.integer):
+        return int(obj)
+    return obj
