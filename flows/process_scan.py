@@ -36,7 +36,14 @@ from stemlib.io.storage import locate, redact
 from stemlib.types import Device, Method, Symmetry
 from tasks.ccstae import gpu_resources, infer_ccstae, train_ccstae
 from tasks.ingest import ingest_scan
-from tasks.publish import finished_step, publish_strain, request_key, run_key, scan_identity
+from tasks.publish import (
+    finished_step,
+    publish_strain,
+    published_request,
+    request_key,
+    run_key,
+    scan_identity,
+)
 from tasks.py4dstem import py4dstem_strain_scan
 
 from .runners import dask_runner
@@ -141,6 +148,10 @@ def process_scan(
     )
     methods, ccstae, py4dstem, ingest = params["methods"], params["ccstae"], params["py4dstem"], params["ingest"]
     request = request_key(source, **params)
+    # Reading the destination first fails fast (one sentence) when its store cannot be reached,
+    # before any hour of training.
+    if published_request(dest) == request:
+        logger.info("%s already holds this request's result; finished steps are skipped", redact(dest))
     where = default_locations(source, dest)
     scan_store = scan_store or where["scan_store"]
     work = locate(workdir or where["workdir"])
@@ -168,10 +179,13 @@ def process_scan(
                 config=ccstae, device=device, bases_png=_bases_png(dest), run_key=keys["ccstae"],
                 wait_for=[trained],
             )
+    steps = {"ingest": scan["status"]}
     for method in methods:
         if method in futures:
             futures[method].result()
+            steps[method] = "done"
         else:
+            steps[method] = "skipped"
             logger.info("%s: finished in an earlier run (%s), skipped", method, redact(outputs[method]))
 
     published = publish_strain.submit(
@@ -186,7 +200,7 @@ def process_scan(
     for name, png in published["pngs"].items():
         create_link_artifact(key=f"map-{name}", link=png, link_text=os.path.basename(png), description=f"{name} maps")
     create_link_artifact(key="strain-dataset", link=published["url"], link_text="strain dataset")
-    return published
+    return {**published, "steps": steps}
 
 
 def _bases_png(dest: str) -> str:

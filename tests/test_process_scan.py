@@ -1,0 +1,182 @@
+"""The process-scan flow end to end (issue 7): a raw HDF5 scan with its truth -> ingest ->
+CC-ST-AE and py4DSTEM in parallel on a real Dask LocalCluster -> one strain dataset on a real
+S3-compatible server, read back with ``xr.open_zarr``; reruns skip finished steps; a killed
+worker does not change the result; an unreachable store fails clearly and publishes nothing;
+credentials never reach datasets, logs or artifacts."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import threading
+import time
+
+import dask
+import numpy as np
+import pytest
+import xarray as xr
+
+from flows.process_scan import process_scan
+from stemlib.ccstae import CCSTAEConfig
+from stemlib.io.export import write_hdf5_scan
+from stemlib.metrics import strain_errors
+from stemlib.noise import add_noise
+from stemlib.simulate import SimulationConfig, simulate
+from stemlib.truth import open_truth
+
+from .conftest import closed_port
+
+#: A one-epoch CC-ST-AE: the plumbing is tested here, its accuracy in test_ccstae_*.
+TINY = CCSTAEConfig.preset("cpu", epochs=1, channels=4, search_patterns=32, batch_size=16)
+SIMULATION = SimulationConfig(scan=(12, 12), pattern=64, grains=3, lattice="square", seed=5)
+
+
+def write_raw_scan(path) -> str:
+    """A raw HDF5 scan with 10 % background noise and its truth, as a detector would write."""
+    sim = simulate(SIMULATION)
+    counts = add_noise(sim["data"].data, background=0.1, counts=1e5, seed=1)
+    truth = sim[[v for v in sim.data_vars if v.startswith("truth_") or v in ("grain_id", "reference_mask")]]
+    truth.attrs["truth_symmetry"] = sim.attrs["truth_symmetry"]
+    with dask.config.set(scheduler="threads"):
+        return str(write_hdf5_scan(counts, path, truth=truth))
+
+
+@pytest.fixture(scope="module")
+def raw(tmp_path_factory) -> str:
+    return write_raw_scan(tmp_path_factory.mktemp("raw") / "grains.h5")
+
+
+def _run_logs_and_artifacts(flow_run_id) -> tuple[str, str]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.client.schemas.sorting import LogSort
+
+    async def read():
+        async with get_client() as client:
+            logs = await client.read_logs(  # task runs' logs carry their flow run's id too
+                log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])),
+                limit=200,
+                offset=0,
+                sort=LogSort.TIMESTAMP_ASC,
+            )
+            response = await client._client.post(
+                "/artifacts/filter",
+                json={"artifacts": {"flow_run_id": {"any_": [str(flow_run_id)]}}, "limit": 50, "offset": 0, "sort": "CREATED_DESC"},
+            )
+        text = "\n".join(log.message for log in logs)
+        return text, json.dumps(response.json())
+
+    return asyncio.run(read())
+
+
+def _store_bytes(fs, root: str) -> bytes:
+    """Every metadata document under a Zarr store (where attributes live)."""
+    return b"".join(fs.cat_file(p) for p in fs.find(root) if p.endswith(".json"))
+
+
+@pytest.mark.slow
+def test_process_scan_publishes_both_methods_to_s3(prefect_harness, raw, s3, s3_server):
+    import s3fs
+
+    dest = f"{s3}/grains/strain.zarr"
+    state = process_scan(source=raw, dest=dest, ccstae=TINY, device="cpu", return_state=True)
+    assert state.is_completed(), state.message
+    published = state.result()
+    assert published["url"] == dest and published["steps"] == {"ingest": "written", "ccstae": "done", "py4dstem": "done"}
+
+    fs = s3fs.S3FileSystem(endpoint_url=s3_server.endpoint, key=s3_server.access_key, secret=s3_server.secret_key)
+    ds = xr.open_zarr(fs.get_mapper(dest[len("s3://"):]), consolidated=False)
+    assert [str(m) for m in ds["method"].values] == ["ccstae", "py4dstem"]
+    assert dict(ds.sizes) == {"method": 2, "rx": 12, "ry": 12}
+    for name in ("exx", "eyy", "exy", "theta", "valid", "diff_exx", "truth_exx"):
+        assert name in ds, name
+    assert set(ds.attrs["run_keys"]) == {"ccstae", "py4dstem"} and ds.attrs["request_key"]
+    assert ds.attrs["input"]["content_sha256"]
+
+    # The published statistics are those of the published maps against the scan's truth.
+    truth = open_truth(published["url"].rsplit("/", 1)[0] + "/grains.zarr")
+    errors = strain_errors(ds.sel({"method": "py4dstem"}).load(), truth, symmetry=4)
+    assert max(errors[c] for c in ("exx", "eyy", "exy")) < 1.5e-3  # the known answer
+    for c in ("exx", "eyy", "exy"):
+        assert ds.attrs["statistics"]["mae"]["py4dstem"][c] == pytest.approx(errors[c], rel=1e-6)
+    diff = (ds["exx"].sel({"method": "ccstae"}) - ds["exx"].sel({"method": "py4dstem"})).values
+    assert np.allclose(np.where(np.isfinite(diff), diff, 0), np.nan_to_num(ds["diff_exx"].values), atol=1e-12)
+
+    for name in ("ccstae", "py4dstem", "comparison"):
+        assert fs.cat_file(published["pngs"][name][len("s3://"):])[:4] == b"\x89PNG"
+
+    logs, artifacts = _run_logs_and_artifacts(state.state_details.flow_run_id)
+    assert "| MAE exx vs truth (1e-3) |" in artifacts and dest in artifacts
+    assert "published" in logs
+    stored = _store_bytes(fs, dest[len("s3://"):]) + _store_bytes(fs, f"{s3[len('s3://'):]}/grains/grains.zarr")
+    for secret in (s3_server.secret_key, s3_server.access_key):
+        assert secret not in logs and secret not in artifacts and secret.encode() not in stored
+
+    # A rerun finds every step finished and publishes the same dataset again.
+    again = process_scan(source=raw, dest=dest, ccstae=TINY, device="cpu")
+    assert again["steps"] == {"ingest": "skipped", "ccstae": "skipped", "py4dstem": "skipped"}
+    assert again["statistics"] == published["statistics"]
+
+
+def test_an_unreachable_store_fails_clearly_and_publishes_nothing(prefect_harness, raw, tmp_path, monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{closed_port()}")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAEXAMPLEEXAMPLE")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-a-real-secret-but-secret-all-the-same")
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    state = process_scan(
+        source=raw,
+        dest="s3://nowhere/grains/strain.zarr",
+        methods=["py4dstem"],
+        scan_store=str(tmp_path / "scan.zarr"),
+        workdir=str(tmp_path / "work"),
+        return_state=True,
+    )
+    assert state.is_failed()
+    with pytest.raises(Exception) as info:
+        state.result()
+    message = str(info.value)
+    assert "s3://nowhere" in message and "cannot be reached" in message
+    assert "not-a-real-secret" not in message
+    # It failed before any work: nothing ingested, nothing computed.
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.slow
+def test_a_worker_killed_mid_run_changes_nothing(prefect_harness, raw, tmp_path):
+    from distributed import Client, LocalCluster
+
+    from flows.runners import dask_runner
+
+    reference = process_scan(
+        source=raw, dest=str(tmp_path / "calm" / "strain.zarr"), methods=["py4dstem"], device="cpu"
+    )
+    with LocalCluster(n_workers=2, threads_per_worker=1, host="127.0.0.1", dashboard_address="127.0.0.1:0") as cluster:
+        client = Client(cluster)
+        killed: list[int] = []
+
+        def kill_a_busy_worker() -> None:
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline and not killed:
+                busy = [w for w, tasks in client.processing().items() if any("py4dstem" in t for t in tasks)]
+                if busy:
+                    pid = client.run(os.getpid, workers=busy[:1])[busy[0]]
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+                time.sleep(0.05)
+
+        killer = threading.Thread(target=kill_a_busy_worker)
+        killer.start()
+        result = process_scan.with_options(task_runner=dask_runner(cluster.scheduler_address))(
+            source=raw, dest=str(tmp_path / "rough" / "strain.zarr"), methods=["py4dstem"], device="cpu"
+        )
+        killer.join()
+        client.close()
+    assert killed, "no worker was running the baseline to be killed"
+    calm = xr.open_zarr(reference["url"]).load()
+    rough = xr.open_zarr(result["url"]).load()
+    for name in ("exx", "eyy", "exy", "theta", "valid"):
+        np.testing.assert_array_equal(rough[name].values, calm[name].values)

@@ -1,0 +1,52 @@
+"""The facility reprocessing flow (issue 7): a folder of good, already-done and broken scans;
+one failing scan never stops the others, and each outcome is reported with its reason."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import xarray as xr
+
+from flows.reprocess_facility import reprocess_facility, result_url
+
+from .test_process_scan import write_raw_scan
+
+
+@pytest.fixture(scope="module")
+def one_scan(tmp_path_factory) -> str:
+    return write_raw_scan(tmp_path_factory.mktemp("raw") / "grains.h5")
+
+
+@pytest.mark.slow
+def test_good_done_and_broken_scans(prefect_harness, one_scan, tmp_path):
+    root, results = tmp_path / "raw", tmp_path / "results"
+    (root / "day1").mkdir(parents=True)
+    shutil.copy(one_scan, root / "day1" / "done.h5")
+    first = reprocess_facility(root=str(root), dest_root=str(results), methods=["py4dstem"])
+    assert first["counts"] == {"processed": 1, "skipped": 0, "failed": 0}
+
+    shutil.copy(one_scan, root / "day1" / "new.h5")
+    (root / "broken.mib").write_bytes(b"not a Merlin file at all" * 100)
+    second = reprocess_facility(root=str(root), dest_root=str(results), methods=["py4dstem"])
+    rows = {r["scan"].removeprefix(str(root) + "/"): r for r in second["scans"]}
+    assert second["counts"] == {"processed": 1, "skipped": 1, "failed": 1}
+    assert rows["day1/done.h5"]["status"] == "skipped" and rows["day1/done.h5"]["reason"] == "already processed"
+    assert rows["day1/new.h5"]["status"] == "processed"
+    assert rows["broken.mib"]["status"] == "failed"
+    assert "broken.mib" in rows["broken.mib"]["reason"] and "Traceback" not in rows["broken.mib"]["reason"]
+
+    new = xr.open_zarr(result_url(str(results), "day1/new"))
+    done = xr.open_zarr(result_url(str(results), "day1/done"))
+    assert [str(m) for m in new["method"].values] == ["py4dstem"]
+    xr.testing.assert_equal(new["exx"].load(), done["exx"].load())  # the same scan, the same answer
+    assert not (results / "broken").exists()  # a failed scan publishes nothing
+
+    # Other parameters are another request, which the nightly run would not skip.
+    from flows.process_scan import resolved_parameters
+    from tasks.publish import published_request, request_key
+
+    source = str(root / "day1" / "done.h5")
+    published = published_request(result_url(str(results), "day1/done"))
+    assert published == request_key(source, **resolved_parameters(methods=["py4dstem"]))
+    assert published != request_key(source, **resolved_parameters(methods=["py4dstem"], symmetry=4))
