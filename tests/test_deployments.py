@@ -148,3 +148,69 @@ def test_requests_without_the_auth_string_are_refused(prefect_server):
     allowed = httpx.post(f"{url}/flows/filter", json={}, auth=(user, password), timeout=10)
     assert refused.status_code == 401 and wrong.status_code == 401
     assert allowed.status_code == 200
+
+
+def test_the_deployments_of_prefect_yaml_register(prefect_server):
+    """`prefect deploy --all` registers both deployments of prefect.yaml, as the file's header
+    says, against a server that requires the auth string; their forms, schedule and pool are
+    read back through the API."""
+    repo = DEPLOY.parent
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(prefect_server["home"]),
+        "PREFECT_API_URL": prefect_server["url"],
+        "PREFECT_API_AUTH_STRING": prefect_server["auth"],
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "DO_NOT_TRACK": "1",
+    }
+    for command in (
+        ["work-pool", "create", "stemflow-process", "--type", "process"],
+        ["--no-prompt", "deploy", "--all", "--prefect-file", "deployments/prefect.yaml"],
+    ):
+        done = subprocess.run(
+            [sys.executable, "-m", "prefect", *command],
+            cwd=repo, env=env, capture_output=True, text=True, timeout=180,
+        )
+        assert done.returncode == 0, f"prefect {' '.join(command)}:\n{done.stdout}\n{done.stderr}"
+
+    response = httpx.post(
+        f"{prefect_server['url']}/deployments/filter", json={},
+        auth=tuple(prefect_server["auth"].split(":", 1)), timeout=30,
+    )
+    response.raise_for_status()
+    deployments = {d["name"]: d for d in response.json()}
+    assert set(deployments) == {"process-scan", "facility-reprocess"}
+    for deployment in deployments.values():
+        assert deployment["work_pool_name"] == "stemflow-process"
+        assert deployment["work_queue_name"] == "default"
+        # Module entrypoints and no pull step: workers import the installed package, whatever
+        # folder `prefect deploy` ran from.
+        assert not deployment["pull_steps"]
+
+    scan = deployments["process-scan"]
+    assert scan["entrypoint"] == "flows.process_scan.process_scan"
+    assert scan["schedules"] == []
+    form = scan["parameter_openapi_schema"]
+    assert form["required"] == ["source", "dest"]
+    fields = form["properties"]
+    assert set(fields) >= {"source", "dest", "methods", "reference", "symmetry", "device"}
+    assert set(fields) >= {"ccstae_preset", "ccstae", "py4dstem", "ingest", "scan_store", "workdir"}
+    # Every field carries its line of the flow docstring's Args: as the form's help text.
+    assert all(field.get("description") for field in fields.values())
+    assert fields["source"]["description"].startswith("Raw scan (any supported format)")
+    assert fields["dest"]["description"].startswith("Strain dataset to publish")
+    assert fields["methods"]["anyOf"][0]["items"]["enum"] == ["ccstae", "py4dstem"]
+    assert fields["symmetry"]["enum"] == ["auto", 2, 4, 6]  # a dropdown
+    assert {"CCSTAEConfig", "Py4DSTEMConfig", "IngestOptions"} <= set(form["definitions"])
+
+    nightly = deployments["facility-reprocess"]
+    assert nightly["entrypoint"] == "flows.reprocess_facility.reprocess_facility"
+    [schedule] = nightly["schedules"]
+    assert schedule["active"]
+    assert schedule["schedule"]["cron"] == "0 2 * * *" and schedule["schedule"]["timezone"] == "UTC"
+    assert nightly["parameters"] == {
+        "root": "s3://facility-raw/", "dest_root": "s3://facility-results/"
+    }
+    form = nightly["parameter_openapi_schema"]
+    assert {"root", "dest_root"} <= set(form["required"])
+    assert all(form["properties"][name]["description"] for name in ("root", "dest_root"))
