@@ -11,12 +11,17 @@ is visible)::
     strain = infer_ccstae.submit(scan, dest, workdir, config=config, wait_for=[trained])
 
 Training checkpoints into ``workdir`` after every epoch: a retried or rerun task resumes from the
-last epoch, and inference with the same ``workdir`` only infers.
+last epoch, and inference with the same ``workdir`` only infers. A ``workdir`` in object storage
+(``s3://...``) is mirrored into a local folder for the task and copied back when it ends, failed
+or not.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from typing import Any
 
@@ -26,7 +31,7 @@ from prefect.cache_policies import NO_CACHE
 
 from stemlib.ccstae import CCSTAEConfig, ccstae_strain, train_on_scan
 from stemlib.io import open_scan
-from stemlib.io.storage import redact
+from stemlib.io.storage import locate, redact, storage_errors
 from stemlib.results import write_strain
 from stemlib.types import Device, Symmetry
 
@@ -46,6 +51,51 @@ def gpu_resources() -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def local_workdir(url: str) -> Iterator[str]:
+    """A local folder for the CC-ST-AE's checkpoints: ``url`` itself when local; otherwise a
+    temporary copy of it, copied back to ``url`` when the block ends (also on failure, so that
+    a retry resumes from the last epoch)."""
+    where = locate(url)
+    if where.is_local:
+        yield where.path
+        return
+    folder = tempfile.mkdtemp(prefix="ccstae-work-")
+    try:
+        with storage_errors(url):
+            if where.fs.isdir(where.path):
+                for remote in where.fs.find(where.path):
+                    where.fs.get_file(remote, os.path.join(folder, os.path.relpath(remote, where.path)))
+        try:
+            yield folder
+        finally:
+            with storage_errors(url):
+                for parent, _, names in os.walk(folder):
+                    for name in names:
+                        local = os.path.join(parent, name)
+                        relative = os.path.relpath(local, folder).replace(os.sep, "/")
+                        where.fs.put_file(local, f"{where.path.rstrip('/')}/{relative}")
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def all_cores() -> Iterator[None]:
+    """Let torch use every core of this machine for the block.
+
+    Dask workers start with ``OMP_NUM_THREADS=1`` (right for many numpy tasks side by side), which
+    would leave CPU training, the pipeline's longest step, on one core.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 @task(name="train-ccstae", tags=["gpu"], cache_policy=NO_CACHE)
 def train_ccstae(
     scan: str,
@@ -57,14 +107,15 @@ def train_ccstae(
 ) -> dict[str, Any]:
     """Train the CC-ST-AE on the scan store ``scan``; the checkpoint goes to ``workdir``."""
     logger = get_run_logger()
-    summary = train_on_scan(
-        open_scan(scan),
-        workdir=workdir,
-        reference=reference,
-        config=config,
-        device=device,
-        progress=False,
-    )
+    with local_workdir(workdir) as folder, all_cores():
+        summary = train_on_scan(
+            open_scan(scan),
+            workdir=folder,
+            reference=reference,
+            config=config,
+            device=device,
+            progress=False,
+        )
     logger.info(
         "trained on %s: %d epochs, final loss %s, checkpoint sha256 %s",
         redact(scan),
@@ -92,16 +143,17 @@ def infer_ccstae(
     atomically to ``dest``; ``run_key`` is recorded in its ``run_keys`` (see
     :func:`tasks.py4dstem.py4dstem_strain_scan`)."""
     logger = get_run_logger()
-    ds = ccstae_strain(
-        open_scan(scan),
-        reference=reference,
-        symmetry=symmetry,
-        config=config,
-        device=device,
-        workdir=workdir,
-        bases_png=bases_png,
-        progress=False,
-    )
+    with local_workdir(workdir) as folder, all_cores():
+        ds = ccstae_strain(
+            open_scan(scan),
+            reference=reference,
+            symmetry=symmetry,
+            config=config,
+            device=device,
+            workdir=folder,
+            bases_png=bases_png,
+            progress=False,
+        )
     if run_key:
         ds.attrs["run_keys"] = {"ccstae": run_key}
     url = write_strain(ds, dest)

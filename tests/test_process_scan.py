@@ -104,6 +104,9 @@ def test_process_scan_publishes_both_methods_to_s3(prefect_harness, raw, s3, s3_
     diff = (ds["exx"].sel({"method": "ccstae"}) - ds["exx"].sel({"method": "py4dstem"})).values
     assert np.allclose(np.where(np.isfinite(diff), diff, 0), np.nan_to_num(ds["diff_exx"].values), atol=1e-12)
 
+    # The CC-ST-AE's checkpoint is kept beside the result in the bucket (for resuming).
+    work = fs.find(f"{s3[len('s3://'):]}/grains/.strain.zarr.work")
+    assert any(p.endswith("/checkpoint.pt") for p in work)
     for name in ("ccstae", "py4dstem", "comparison"):
         assert fs.cat_file(published["pngs"][name][len("s3://"):])[:4] == b"\x89PNG"
 
