@@ -45,29 +45,14 @@ from stemlib.errors import InputError
 from stemlib.io import open_scan
 from stemlib.metrics import strain_errors
 from stemlib.noise import noise_store
+from stemlib.paper import PAPER, paper_ratio
+from stemlib.paper import PAPER_COMPONENTS as COMPONENTS
 from stemlib.provenance import software_versions, utc_now
 from stemlib.simulate import SimulationConfig, write_simulation
 from stemlib.truth import open_truth
 
 RESULTS = Path(__file__).parent / "results"
 
-#: The paper's Figure 3 (MAE in 1e-3): level -> (exx py4DSTEM, exx CC-ST-AE, eyy ..., exy ...).
-PAPER = {
-    0: (2.0, 1.5, 2.0, 1.8, 0.9, 0.7),
-    5: (2.3, 1.5, 2.4, 1.6, 1.2, 1.2),
-    10: (2.3, 1.5, 2.4, 1.6, 1.3, 1.0),
-    15: (2.3, 1.6, 2.4, 1.7, 1.3, 0.9),
-    20: (2.4, 1.7, 2.5, 1.7, 1.4, 1.0),
-    25: (2.5, 1.6, 2.5, 1.9, 1.4, 1.1),
-    30: (2.5, 1.6, 2.6, 1.7, 1.4, 1.2),
-    35: (2.6, 1.8, 2.7, 1.8, 1.5, 1.1),
-    40: (2.7, 1.7, 2.7, 1.8, 1.6, 1.4),
-    45: (2.8, 1.8, 2.9, 2.0, 1.7, 1.2),
-    50: (3.2, 1.8, 3.2, 1.9, 1.9, 1.5),
-    60: (3.9, 2.1, 4.0, 2.4, 2.5, 1.6),
-    70: (5.4, 2.2, 5.5, 2.6, 3.6, 2.1),
-}
-COMPONENTS = ("exx", "eyy", "exy")
 MULTISLICE = (
     "dev_si001_32x32_128px_12grains_seed11_clean",
     "dev_si001_32x32_128px_12grains_seed11_auto4dstem50",
@@ -75,12 +60,6 @@ MULTISLICE = (
     "dev_ws2_32x32_128px_12grains_seed12_clean",
     "dev_ws2_32x32_128px_12grains_seed12_auto4dstem50",
 )
-
-
-def paper_ratio(level: int) -> dict[str, float]:
-    """The paper's CC-ST-AE / py4DSTEM MAE ratio per component at ``level`` %."""
-    row = PAPER[level]
-    return {c: row[2 * i + 1] / row[2 * i] for i, c in enumerate(COMPONENTS)}
 
 
 def score(

@@ -20,7 +20,7 @@ from stemlib.errors import StemflowError
 __all__ = ["main", "build_parser"]
 
 #: Subcommand modules, in the order ``stemflow --help`` lists them.
-COMMANDS = ("run", "demo", "ingest", "simulate", "noise", "strain")
+COMMANDS = ("run", "demo", "ingest", "simulate", "noise", "strain", "sweep")
 
 
 def build_parser() -> argparse.ArgumentParser:

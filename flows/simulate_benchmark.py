@@ -31,16 +31,13 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from stemlib.io.storage import locate
 from stemlib.noise import PAPER_COUNTS
+from stemlib.paper import PAPER_LEVELS
 from stemlib.simulate import SimulationConfig
 from tasks.simulate import noise_scan, simulate_scan
 
 from .runners import dask_runner
 
 __all__ = ["PAPER_LEVELS", "NoiseLevels", "noisy_url", "simulate_benchmark"]
-
-#: The paper's background levels w (Figure 3): 0-50 % in steps of 5 %, then 60 and 70 %.
-PAPER_LEVELS: tuple[float, ...] = (*(round(0.05 * k, 2) for k in range(11)), 0.6, 0.7)
-
 
 class NoiseLevels(BaseModel):
     """Which noisy copies to write: background levels, dose and seed."""

@@ -79,23 +79,6 @@ def local_workdir(url: str) -> Iterator[str]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-@contextlib.contextmanager
-def all_cores() -> Iterator[None]:
-    """Let torch use every core of this machine for the block.
-
-    Dask workers start with ``OMP_NUM_THREADS=1`` (right for many numpy tasks side by side), which
-    would leave CPU training, the pipeline's longest step, on one core.
-    """
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 @task(name="train-ccstae", tags=["gpu"], cache_policy=NO_CACHE)
 def train_ccstae(
     scan: str,
@@ -107,7 +90,7 @@ def train_ccstae(
 ) -> dict[str, Any]:
     """Train the CC-ST-AE on the scan store ``scan``; the checkpoint goes to ``workdir``."""
     logger = get_run_logger()
-    with local_workdir(workdir) as folder, all_cores():
+    with local_workdir(workdir) as folder:
         summary = train_on_scan(
             open_scan(scan),
             workdir=folder,
@@ -143,7 +126,7 @@ def infer_ccstae(
     atomically to ``dest``; ``run_key`` is recorded in its ``run_keys`` (see
     :func:`tasks.py4dstem.py4dstem_strain_scan`)."""
     logger = get_run_logger()
-    with local_workdir(workdir) as folder, all_cores():
+    with local_workdir(workdir) as folder:
         ds = ccstae_strain(
             open_scan(scan),
             reference=reference,
