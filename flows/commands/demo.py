@@ -41,6 +41,14 @@ def write_demo_scan(folder: Path) -> Path:
     )
 
 
+def _shown(path: str) -> str:
+    """``path`` relative to the working folder when it lies inside it, else as it is."""
+    if "://" in path:
+        return path
+    relative = os.path.relpath(path)
+    return path if relative.startswith("..") else relative
+
+
 def _run(args: argparse.Namespace) -> int:
     folder = Path(args.dest)
     raw = write_demo_scan(folder)
@@ -54,7 +62,7 @@ def _run(args: argparse.Namespace) -> int:
     print(f"\n{published['table']}\n")
     print(f"strain dataset: {published['url']}\n  open it with:  xr.open_zarr({published['url']!r})")
     for name, png in published["pngs"].items():
-        print(f"  {name}: {os.path.relpath(png) if '://' not in png else png}")
+        print(f"  {name}: {_shown(png)}")
     print(
         "\nSee it in the Prefect UI:  prefect server start   (then http://127.0.0.1:4200; run the "
         "demo again with PREFECT_API_URL=http://127.0.0.1:4200/api to record it there)"
