@@ -1,0 +1,63 @@
+"""``stemflow run`` and ``stemflow demo`` refuse mistakes before any work: one sentence on
+stderr, exit status 2, no traceback, nothing written (issue 7). The pipeline itself is tested
+through the flow in test_process_scan.py."""
+
+from __future__ import annotations
+
+import pytest
+
+from flows.cli import main
+
+from .test_process_scan import write_raw_scan
+
+
+@pytest.fixture(scope="module")
+def raw(tmp_path_factory) -> str:
+    return write_raw_scan(tmp_path_factory.mktemp("raw") / "grains.h5")
+
+
+def _error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("stemflow run: error: ") and "\n" not in err and "Traceback" not in err
+    return err
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--reference", "20:30,0:4"], "lies outside the scan of 12 x 12 positions"),
+        (["--dataset", "/nothing/here"], "/nothing/here"),
+    ],
+)
+def test_bad_options_are_refused_before_any_work(raw, tmp_path, capsys, extra, message):
+    out = tmp_path / "out"
+    assert main(["run", raw, str(out / "strain.zarr"), *extra]) == 2
+    assert message in _error(capsys)
+    assert not out.exists()
+
+
+def test_a_missing_source_is_named(tmp_path, capsys):
+    assert main(["run", str(tmp_path / "scan_042.mib"), str(tmp_path / "out" / "strain.zarr")]) == 2
+    err = _error(capsys)
+    assert "scan_042.mib does not exist" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_destination_holding_something_else_is_refused(raw, tmp_path, capsys):
+    (tmp_path / "notes.zarr").write_text("my notes")
+    assert main(["run", raw, str(tmp_path / "notes.zarr")]) == 2
+    assert "is not a stemflow strain store" in _error(capsys)
+    assert (tmp_path / "notes.zarr").read_text() == "my notes"
+
+
+def test_the_demo_scan_is_written_once_with_its_truth(tmp_path):
+    import h5py
+
+    from flows.commands.demo import DEMO_SIMULATION, write_demo_scan
+
+    path = write_demo_scan(tmp_path)
+    with h5py.File(path) as f:
+        assert f["data"].shape == (*DEMO_SIMULATION.scan, DEMO_SIMULATION.pattern, DEMO_SIMULATION.pattern)
+        assert {"exx", "eyy", "exy", "theta"} <= {k.removeprefix("truth_") for k in f["truth"]}
+    stamp = path.stat().st_mtime_ns
+    assert write_demo_scan(tmp_path) == path and path.stat().st_mtime_ns == stamp
