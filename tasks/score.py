@@ -1,0 +1,49 @@
+"""Prefect task: score one method's strain store against the truth its scan carries."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from stemlib.errors import InputError
+from stemlib.io.storage import redact
+from stemlib.metrics import strain_errors
+from stemlib.results import open_strain
+from stemlib.truth import open_truth
+
+from ._retry import STORAGE_RETRY_DELAYS, retry_on_storage_error
+
+__all__ = ["score_strain"]
+
+
+@task(
+    name="score-strain",
+    retries=len(STORAGE_RETRY_DELAYS),
+    retry_delay_seconds=STORAGE_RETRY_DELAYS,
+    retry_condition_fn=retry_on_storage_error,
+    cache_policy=NO_CACHE,
+)
+def score_strain(result: str, scan: str, method: str) -> dict[str, Any]:
+    """MAE of ``method``'s maps in the strain store ``result`` against the truth of ``scan``
+    (:func:`stemlib.metrics.strain_errors`: ``exx, eyy, exy`` "1", ``theta`` rad, ``coverage``),
+    over every position with a finite truth."""
+    truth = open_truth(scan)
+    if truth is None:
+        raise InputError(f"scan {redact(scan)} carries no truth; score a simulated scan.")
+    symmetry = int(truth.attrs["symmetry"])
+    maps = open_strain(result).sel({"method": method}).load()
+    errors = strain_errors(maps, truth, symmetry=symmetry)
+    get_run_logger().info(
+        "%s on %s: MAE exx %.2e, eyy %.2e, exy %.2e, theta %.3f deg, coverage %.3f",
+        method,
+        redact(scan),
+        errors["exx"],
+        errors["eyy"],
+        errors["exy"],
+        math.degrees(errors["theta"]),
+        errors["coverage"],
+    )
+    return {**errors, "symmetry": symmetry}
