@@ -188,3 +188,24 @@ def test_vacuum_gets_its_own_base_and_no_answer(tmp_path):
     assert not ds["valid"].values[0][vacuum].any() and ds["valid"].values[0][~vacuum].all()
     errors = strain_errors(ds.isel(method=0), truth, symmetry=4, mask=~vacuum)
     assert max(errors[k] for k in ("exx", "eyy", "exy")) < 1.5e-3 and np.degrees(errors["theta"]) < 0.05
+
+
+def test_zero_epochs_uses_the_rotation_stage_alone_and_reruns(square, tmp_path):
+    """``epochs=0`` (the template and rotation stages, then refinement) runs, and a rerun from
+    its workdir (a checkpoint without optimizer state) runs again to the same answer."""
+    folder, truth, _ = square
+    config = CONFIG.model_copy(update={"epochs": 0})
+    runs = [
+        ccstae_strain(
+            open_scan(str(folder / "scan.zarr")),
+            reference=str(folder / "reference.npy"),
+            config=config,
+            device="cpu",
+            workdir=str(tmp_path / "work"),
+            progress=False,
+        )
+        for _ in range(2)
+    ]
+    np.testing.assert_allclose(runs[1]["exx"].values, runs[0]["exx"].values, atol=1e-9)
+    errors = strain_errors(runs[0].isel(method=0), truth, symmetry=4)
+    assert errors["coverage"] == 1.0 and max(errors[c] for c in ("exx", "eyy", "exy")) < 2e-3

@@ -190,7 +190,19 @@ def test_a_distorted_base_gives_one_strain_on_every_branch():
     assert np.abs(plain["exx"] - expected["exx"]).max() > 5e-3  # the failure this guards
 
     measured = symmetric_correction(B @ g0 + rng.normal(0, 0.03, (2, 2)), 4)
-    refined = refine_correction(A, measured, np.ones((12, 12), bool))
+    refined = refine_correction(A, measured, np.ones((12, 12), bool), symmetry=4)
     strain, _ = strain_from_affine(A, reference=reference, symmetry=4, correction=refined)
     for c in ("exx", "eyy", "exy", "theta"):
         assert np.abs(strain[c] - expected[c]).max() < 2e-4, c
+
+
+def test_grains_each_on_one_branch_keep_the_measured_correction():
+    """When every grain sits on one branch, neighbours on different branches are grain
+    boundaries: the refinement must not pull different grains' strains together."""
+    B0 = np.array([[1.0001, 0.0], [0.0, 0.9999]])
+    A = np.empty((8, 8, 2, 2))
+    for j in range(8):
+        F = np.eye(2) if j < 4 else rotation_matrix(np.radians(3.0)) @ np.diag([1.015, 0.99])
+        S = rotation_matrix(0.0 if j < 4 else np.pi / 2)
+        A[:, j] = np.linalg.inv(F).T @ np.linalg.inv(B0 @ S)
+    np.testing.assert_array_equal(refine_correction(A, B0, np.ones((8, 8), bool), symmetry=4), B0)

@@ -614,7 +614,10 @@ def ccstae_strain(
     classes = np.clip(result.class_map, 0, len(bases) - 1)
     if n in (4, 6):
         per_base = np.stack(
-            [refine_correction(result.matrix, b, valid & (classes == c)) for c, b in enumerate(per_base)]
+            [
+                refine_correction(result.matrix, b, valid & (classes == c), symmetry=n)
+                for c, b in enumerate(per_base)
+            ]
         )
     correction = per_base[classes]
     reference_mask = t.reference_mask

@@ -87,16 +87,23 @@ def symmetric_correction(lattice: np.ndarray | None, symmetry: int) -> np.ndarra
 
 
 def refine_correction(
-    matrix: np.ndarray, correction: np.ndarray, valid: np.ndarray
+    matrix: np.ndarray,
+    correction: np.ndarray,
+    valid: np.ndarray,
+    *,
+    symmetry: int,
+    tolerance: float = 5e-3,
 ) -> np.ndarray:
-    """Refine a base's distortion ``B`` so that neighbouring positions agree in stretch.
+    """Refine a base's distortion ``B`` so that one lattice has one stretch on every branch.
 
     ``B`` measured from the base's disks is good to a few 0.1 %; positions of one grain that
-    sit on different branches then still differ by that much. The stretch ``V`` of
-    ``(A B)^-T`` is the same on every branch only for the right ``B``, so this minimises the
-    summed |V_p - V_q| (Frobenius) over neighbouring valid positions (robust to grain
-    boundaries, where the difference hardly depends on ``B``) over ``B = B0 (I + D)`` with
-    ``D`` symmetric and traceless (a rotation or scale in ``B`` changes no stretch difference).
+    the network put on different branches then still differ in stretch by that much. The
+    stretch ``V`` of ``(A B)^-T`` is the same on every branch only for the right ``B``, so this
+    minimises ``sum min(|V_p - V_q|, tolerance)`` (Frobenius) over neighbouring valid positions
+    on *different* branches, over ``B = B0 (I + D)`` with ``D`` symmetric and traceless (a
+    rotation or scale in ``B`` changes no stretch difference). The cap leaves grain boundaries
+    out: there the stretches differ by the grains' strain, and pulling them together would
+    distort every grain.
 
     Parameters
     ----------
@@ -106,33 +113,49 @@ def refine_correction(
         The measured ``B0`` (:func:`symmetric_correction`), shape (2, 2).
     valid
         (RX, RY) bool: the positions to use (those of this base with an answer).
+    symmetry
+        n of the base's n-fold lattice: branches are rotations by multiples of 2 pi / n.
+    tolerance
+        Stretch difference (Frobenius, "1") above which a pair counts as a grain boundary.
 
     Returns
     -------
     ndarray of shape (2, 2)
-        The refined ``B`` (``B0`` when fewer than 16 neighbouring pairs are valid).
+        The refined ``B``; ``B0`` when fewer than 8 neighbouring pairs on different branches
+        agree within ``tolerance`` (every grain on one branch: nothing to refine).
     """
     from scipy.optimize import minimize
 
     matrix = np.asarray(matrix, np.float64)
+    correction = np.asarray(correction, np.float64)
     valid = np.asarray(valid, bool) & np.all(np.isfinite(matrix), axis=(-1, -2))
-    pairs = [
-        (valid[1:] & valid[:-1], (slice(1, None),), (slice(None, -1),)),
-        (valid[:, 1:] & valid[:, :-1], (slice(None), slice(1, None)), (slice(None), slice(None, -1))),
-    ]
-    if sum(int(both.sum()) for both, *_ in pairs) < 16:
-        return np.asarray(correction, np.float64)
     safe = np.where(valid[..., None, None], matrix, np.eye(2))
+
+    def stretch(B: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return polar_decompose(deformation_from_affine(safe @ B))
+
+    V0, theta = stretch(correction)
+    branch = np.round(theta * symmetry / (2 * np.pi)).astype(int) % symmetry
+    pairs = []
+    for head, tail in (
+        ((slice(1, None),), (slice(None, -1),)),
+        ((slice(None), slice(1, None)), (slice(None), slice(None, -1))),
+    ):
+        both = valid[head] & valid[tail] & (branch[head] != branch[tail])
+        both &= np.linalg.norm(V0[head] - V0[tail], axis=(-1, -2)) < tolerance
+        pairs.append((both, head, tail))
+    if sum(int(both.sum()) for both, *_ in pairs) < 8:
+        return correction
 
     def distortion(p: np.ndarray) -> np.ndarray:
         return correction @ (np.eye(2) + np.array([[p[0], p[1]], [p[1], -p[0]]]))
 
     def cost(p: np.ndarray) -> float:
-        V, _ = polar_decompose(deformation_from_affine(safe @ distortion(p)))
+        V, _ = stretch(distortion(p))
         total = 0.0
         for both, head, tail in pairs:
             diff = np.linalg.norm(V[head] - V[tail], axis=(-1, -2))
-            total += float(diff[both].sum())
+            total += float(np.minimum(diff[both], tolerance).sum())
         return total
 
     best = minimize(cost, np.zeros(2), method="Nelder-Mead", options={"xatol": 1e-6, "fatol": 1e-9})

@@ -199,6 +199,7 @@ def train(
     )
     if record.model:
         model.load_state_dict(record.model)
+    if record.optimizer:  # absent after a run of 0 epochs (the template and rotation stages only)
         optimizer.load_state_dict(record.optimizer)
         scheduler.load_state_dict(record.scheduler)
     forward = torch.compile(model) if (config.compile and device.type == "cuda") else model
