@@ -158,7 +158,6 @@ def test_hexagonal_lattice_any_rotation_auto_reference_and_symmetry(tmp_path):
 
 
 def test_bases_picture(square, tmp_path):
-    pytest.importorskip("stemlib.plots")
     from stemlib.ccstae import save_bases_png
 
     folder, _, _ = square

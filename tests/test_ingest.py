@@ -278,7 +278,11 @@ def test_multislice_dev_scan_ingests_with_its_truth(tmp_path):
     from stemlib.devdata import abtem_dev_path, read_abtem_dev
     from stemlib.truth import open_truth
 
-    path = abtem_dev_path("dev_si001_32x32_128px_12grains_seed11_dose1000")
+    name = "dev_si001_32x32_128px_12grains_seed11_dose1000"
+    try:
+        path = abtem_dev_path(name)
+    except InputError:  # a clone outside the workplace, without ../shared/data
+        pytest.skip(f"{name} is not in the shared data folder")
     ingest(str(path), str(tmp_path / "si.zarr"), IngestOptions(dataset="datacube"))
     expected = read_abtem_dev(path)
     np.testing.assert_array_equal(open_scan(str(tmp_path / "si.zarr")).values, expected.data)
