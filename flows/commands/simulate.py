@@ -34,8 +34,11 @@ def parse_levels(text: str) -> list[float]:
         ) from None
 
 
-def config_from_args(args: argparse.Namespace) -> SimulationConfig:
-    """The simulation the flags ask for; flags not given keep the defaults (or :meth:`hard`'s)."""
+def config_from_args(
+    args: argparse.Namespace, base: SimulationConfig | None = None
+) -> SimulationConfig:
+    """The simulation the flags ask for; flags not given keep ``base``'s settings where it set
+    them, else the defaults (or :meth:`SimulationConfig.hard`'s with ``--hard``)."""
     given: dict[str, Any] = {
         "scan": args.scan,
         "pattern": args.pattern,
@@ -45,7 +48,10 @@ def config_from_args(args: argparse.Namespace) -> SimulationConfig:
         "max_rot_deg": args.max_rot,
         "seed": args.seed,
     }
-    given = {k: v for k, v in given.items() if v is not None}
+    given = {
+        **(base.model_dump(exclude_unset=True) if base is not None else {}),
+        **{k: v for k, v in given.items() if v is not None},
+    }
     return SimulationConfig.hard(**given) if args.hard else SimulationConfig(**given)
 
 

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-from typing import Any
 
 from stemlib.simulate import LATTICE_SYMMETRY, SimulationConfig
 
-from .simulate import parse_levels
+from .simulate import config_from_args, parse_levels
 from .strain import read_config
 
 __all__ = ["register", "simulation_from_args"]
@@ -35,20 +34,7 @@ def simulation_from_args(args: argparse.Namespace) -> SimulationConfig:
     (on :meth:`SimulationConfig.hard` with ``--hard``)."""
     from flows.noise_sweep import SWEEP_SIMULATION
 
-    given: dict[str, Any] = {
-        "scan": args.scan,
-        "pattern": args.pattern,
-        "grains": args.grains,
-        "lattice": args.lattice,
-        "max_strain": args.max_strain,
-        "max_rot_deg": args.max_rot,
-        "seed": args.seed,
-    }
-    fields = {
-        **SWEEP_SIMULATION.model_dump(exclude_unset=True),
-        **{k: v for k, v in given.items() if v is not None},
-    }
-    return SimulationConfig.hard(**fields) if args.hard else SimulationConfig(**fields)
+    return config_from_args(args, base=SWEEP_SIMULATION)
 
 
 def _run(args: argparse.Namespace) -> int:
