@@ -40,9 +40,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from _results import save_results
+
 from stemlib.resources import peak_rss
 
-RESULTS = Path(__file__).parent / "results"
 MB = 1e6
 
 
@@ -308,28 +309,22 @@ def main() -> None:
         f"about {cores * cpu_ms['py4dstem'] / cpu_ms['all']:.2f}); load at start {load:.2f}."
     )
     print(f"\npy4DSTEM baseline benchmark, {setup}; {machine}\n{table}\n{summary}")
-    RESULTS.mkdir(exist_ok=True)
     name = f"baseline-{args.scan}x{args.pattern}-rot{args.max_rot:g}-w{args.background:g}"
-    (RESULTS / f"{name}.md").write_text(
+    path = save_results(
+        name,
         f"# py4DSTEM baseline benchmark\n\n{setup}; {machine}; {time.strftime('%Y-%m-%d')}\n\n"
-        f"{table}\n\n{summary}\n"
+        f"{table}\n\n{summary}\n",
+        {
+            "setup": vars(args) | {"workdir": None, "step": None},
+            "machine": machine,
+            "patterns_per_s": rate,
+            "cpu_ms_per_pattern": cpu_ms,
+            "peak_rss_MB": rss,
+            "runs": runs,
+            "goal_met": rate["all"] >= goal,
+        },
     )
-    (RESULTS / f"{name}.json").write_text(
-        json.dumps(
-            {
-                "setup": vars(args) | {"workdir": None, "step": None},
-                "machine": machine,
-                "patterns_per_s": rate,
-                "cpu_ms_per_pattern": cpu_ms,
-                "peak_rss_MB": rss,
-                "runs": runs,
-                "goal_met": rate["all"] >= goal,
-            },
-            indent=2,
-            default=str,
-        )
-    )
-    print(f"wrote {RESULTS / name}.md")
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

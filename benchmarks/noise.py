@@ -39,9 +39,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from _results import save_results
+
 from stemlib.resources import peak_rss
 
-RESULTS = Path(__file__).parent / "results"
 MB = 1e6
 
 
@@ -271,28 +272,22 @@ def main() -> None:
         f"{sim['write_per_s']:.0f} patterns/s rendered and written."
     )
     print(f"\nNoise benchmark, {setup}; {machine}\n{table}\n{summary}")
-    RESULTS.mkdir(exist_ok=True)
     name = f"noise-{args.n}x{args.pattern}"
-    (RESULTS / f"{name}.md").write_text(
+    path = save_results(
+        name,
         f"# Noise benchmark\n\n{setup}; {machine}; {time.strftime('%Y-%m-%d')}\n\n"
-        f"{table}\n\n{summary}\n"
+        f"{table}\n\n{summary}\n",
+        {
+            "setup": vars(args) | {"workdir": None, "step": None},
+            "machine": machine,
+            "patterns_per_s": rate,
+            "patterns_per_cpu_second": per_cpu,
+            "peak_rss_MB": rss,
+            "simulator": sim,
+            "goal_met": rate["stemflow"] >= goal,
+        },
     )
-    (RESULTS / f"{name}.json").write_text(
-        json.dumps(
-            {
-                "setup": vars(args) | {"workdir": None, "step": None},
-                "machine": machine,
-                "patterns_per_s": rate,
-                "patterns_per_cpu_second": per_cpu,
-                "peak_rss_MB": rss,
-                "simulator": sim,
-                "goal_met": rate["stemflow"] >= goal,
-            },
-            indent=2,
-            default=str,
-        )
-    )
-    print(f"wrote {RESULTS / name}.md")
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

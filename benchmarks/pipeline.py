@@ -33,7 +33,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-RESULTS = Path(__file__).parent / "results"
+from _results import save_results
+
 STEPS = ("ingest", "ccstae", "py4dstem", "publish")
 
 
@@ -191,9 +192,7 @@ def main() -> None:
         f"{platform.node()}: {os.cpu_count()} cores, Python {platform.python_version()}\n\n{table(rows)}\n"
     )
     print(text)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{name}.md").write_text(text)
-    (RESULTS / f"{name}.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
+    save_results(name, text, {"args": vars(args), "rows": rows})
 
 
 if __name__ == "__main__":
