@@ -11,8 +11,9 @@ that py4DSTEM's standard workflow can index it; ``--scan 256`` for the paper's s
     reference grain: hand-tuned with the simulation's own disk radius and spacing. Its
     strain is converted with :func:`stemlib.py4dstem.convention.strain_from_py4dstem`. BLAS is
     held to one thread (OpenBLAS threads make its sub-pixel step slower, not faster);
-(b) stemflow's ``py4dstem_strain`` on a ``distributed.LocalCluster`` of one worker;
-(c) the same on a LocalCluster of one single-threaded worker process per core.
+(b) stemflow's ``py4dstem_strain`` on the ``distributed.LocalCluster`` that ``stemflow strain``
+    starts (:func:`flows.runners.local_cluster`), of one worker;
+(c) the same with one single-threaded worker process per core.
 
 Every parameter of (b) and (c) is measured on the data. Each step runs in its own process;
 the clock covers reading the scan to the strain maps (cluster start-up reported apart). Peak
@@ -117,24 +118,16 @@ def step_py4dstem(source: str) -> dict:
 
 def _stemflow(source: str, workers: int) -> dict:
     import numpy as np
-    from distributed import Client, LocalCluster
+    from distributed import Client
 
+    from flows.runners import local_cluster  # the cluster a user's `stemflow strain` starts
     from stemlib.baseline_py4dstem import py4dstem_strain
     from stemlib.io import open_scan
     from stemlib.truth import open_truth
 
     scan, truth = open_scan(source), open_truth(source)
     t0 = time.perf_counter()
-    with (
-        LocalCluster(
-            n_workers=workers,
-            threads_per_worker=1,
-            processes=True,
-            host="127.0.0.1",
-            dashboard_address=None,
-        ) as cluster,
-        Client(cluster) as client,
-    ):
+    with local_cluster(workers) as cluster, Client(cluster) as client:
         client.run(lambda: __import__("py4DSTEM"))  # workers ready: imports are start-up
         start = time.perf_counter() - t0
         before, c1, t1 = client.run(time.process_time), time.process_time(), time.perf_counter()

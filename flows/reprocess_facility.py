@@ -31,7 +31,7 @@ from stemlib.types import Device, Method, Symmetry
 from tasks.publish import published_request, request_key
 
 from .process_scan import process_scan, resolved_parameters
-from .runners import dask_runner
+from .runners import dask_runner, local_cluster
 
 __all__ = ["reprocess_facility", "result_url"]
 
@@ -47,9 +47,7 @@ def _cluster(address: str | None) -> Iterator[str]:
     if address:
         yield address
         return
-    from distributed import LocalCluster
-
-    with LocalCluster(n_workers=None, threads_per_worker=1, host="127.0.0.1", dashboard_address="127.0.0.1:0") as cluster:
+    with local_cluster() as cluster:
         yield cluster.scheduler_address
 
 

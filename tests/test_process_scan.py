@@ -150,11 +150,11 @@ def test_an_unreachable_store_fails_clearly_and_publishes_nothing(prefect_harnes
 
 @pytest.mark.slow
 def test_a_worker_killed_mid_run_changes_nothing(prefect_harness, raw, tmp_path):
-    from distributed import Client, LocalCluster
+    from distributed import Client
 
-    from flows.runners import dask_runner
+    from flows.runners import dask_runner, local_cluster
 
-    with LocalCluster(n_workers=2, threads_per_worker=1, host="127.0.0.1", dashboard_address="127.0.0.1:0") as cluster:
+    with local_cluster(2) as cluster:
         client = Client(cluster)
         killed: list[int] = []
 

@@ -66,23 +66,16 @@ def read_config(path: str | None, method: str) -> Any:
 def _dask_cluster() -> Iterator[None]:
     """A distributed client for the run: the cluster at ``DASK_SCHEDULER_ADDRESS`` if set, else a
     ``LocalCluster`` with one single-threaded worker process per core, on loopback."""
-    from distributed import Client, LocalCluster
+    from distributed import Client
+
+    from ..runners import local_cluster
 
     address = os.environ.get("DASK_SCHEDULER_ADDRESS")
     if address:
         with Client(address):
             yield
         return
-    with (
-        LocalCluster(
-            n_workers=max(1, os.cpu_count() or 1),
-            threads_per_worker=1,
-            processes=True,
-            host="127.0.0.1",
-            dashboard_address=None,
-        ) as cluster,
-        Client(cluster),
-    ):
+    with local_cluster() as cluster, Client(cluster):
         yield
 
 

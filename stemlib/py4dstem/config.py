@@ -64,7 +64,7 @@ class Py4DSTEMConfig(BaseModel):
         "upsampling.",
     )
     upsample_factor: int = Field(
-        16, ge=4, le=128, description="DFT upsampling of the sub-pixel refinement."
+        8, ge=4, le=128, description="DFT upsampling of the sub-pixel refinement."
     )
     threshold_sigma: float = Field(
         5.0,

@@ -8,6 +8,7 @@ sub-pixel ``multicorr`` refinement); each pattern's lattice is then indexed and 
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -167,16 +168,35 @@ def beam_positions(patterns: np.ndarray, expected: np.ndarray, radius: float) ->
     -------
     ndarray of shape (N, 2)
     """
-    grid = np.indices(patterns.shape[1:], dtype=np.float64)
-    qx, qy = grid[0], grid[1]
     out = np.array(expected, np.float64, copy=True)
+    n, h, w = patterns.shape
+    half = int(math.ceil(2 * radius)) + 1  # a box that holds the window wherever it centres
+    offsets = np.arange(-half, half + 1)
     for _ in range(2):
-        window = (qx[None] - out[:, 0, None, None]) ** 2 + (
-            qy[None] - out[:, 1, None, None]
-        ) ** 2 <= (2 * radius) ** 2
-        inside = np.where(window, patterns, -np.inf)
-        peak = inside.reshape(len(patterns), -1).max(axis=1)
-        weight = np.where(window & (patterns >= 0.5 * peak[:, None, None]), patterns, 0.0)
+        # Each pattern's box about its current estimate (clipped to the pattern): the window's
+        # pixels only, not the whole pattern.
+        top = np.clip(np.round(out[:, 0]).astype(np.int64), 0, h - 1)
+        left = np.clip(np.round(out[:, 1]).astype(np.int64), 0, w - 1)
+        rows = top[:, None] + offsets  # (N, S)
+        cols = left[:, None] + offsets
+        inside_rows, inside_cols = (rows >= 0) & (rows < h), (cols >= 0) & (cols < w)
+        box = patterns[
+            np.arange(n)[:, None, None],
+            np.clip(rows, 0, h - 1)[:, :, None],
+            np.clip(cols, 0, w - 1)[:, None, :],
+        ].astype(np.float64)
+        qx, qy = rows[:, :, None].astype(np.float64), cols[:, None, :].astype(np.float64)
+        window = (
+            inside_rows[:, :, None]
+            & inside_cols[:, None, :]
+            & (
+                (qx - out[:, 0, None, None]) ** 2 + (qy - out[:, 1, None, None]) ** 2
+                <= (2 * radius) ** 2
+            )
+        )
+        inside = np.where(window, box, -np.inf)
+        peak = inside.reshape(n, -1).max(axis=1)
+        weight = np.where(window & (box >= 0.5 * peak[:, None, None]), box, 0.0)
         total = weight.sum(axis=(1, 2))
         ok = total > 0
         out[ok, 0] = (weight * qx).sum(axis=(1, 2))[ok] / total[ok]
