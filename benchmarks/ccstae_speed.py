@@ -4,7 +4,7 @@ A simulated scan of ``--n`` patterns of ``--pattern`` px (default 65,536 of 128 
 256 x 256 scan) is written to a temporary Zarr store first (not timed). Then, per device
 (``cpu``, and ``cuda`` when present), with the preset of that device:
 
-- the starting stage (rotation search + starting bases on the sample), seconds;
+- the starting stage (statistics, rotation search and starting bases on the sample), seconds;
 - one training epoch over the whole scan, streamed from the store: seconds and patterns/s;
 - inference of the whole scan: the network alone, and with the per-pattern refinement
   (the default), patterns/s.
@@ -26,18 +26,13 @@ import math
 import platform
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from stemlib.ccstae import CCSTAEConfig, build_model
-from stemlib.ccstae.data import PatternStream, Preprocess, as_dask, sample_patterns
-from stemlib.ccstae.infer import infer
-from stemlib.ccstae.pipeline import _derived_schedule, _rotation_stage, beam_radius
-from stemlib.ccstae.train import Checkpoint, seeded, train
+from stemlib.ccstae import CCSTAEConfig, ccstae_strain, train_on_scan
 from stemlib.io import open_scan
 from stemlib.provenance import software_versions, utc_now
 from stemlib.simulate import SimulationConfig, write_simulation
@@ -45,85 +40,30 @@ from stemlib.simulate import SimulationConfig, write_simulation
 RESULTS = Path(__file__).parent / "results"
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def measure(store: str, device: torch.device, *, preset: str, epochs: int = 1) -> dict[str, Any]:
-    """Time the stages of one device on the scan store."""
+def measure(store: str, device: str, *, preset: str, epochs: int = 1) -> dict[str, Any]:
+    """Time the stages of one device on the scan store, through the public entry points: the
+    timings that :func:`train_on_scan` and :func:`ccstae_strain` record (CUDA work is synchronous
+    by the end of each, as every batch's result is copied back)."""
     config = CCSTAEConfig.preset(preset, epochs=epochs)
-    data = as_dask(open_scan(store))
-    n = int(np.prod(data.shape[:2]))
-    h, w = data.shape[2:]
-    center = (float(h // 2), float(w // 2))
-    out: dict[str, Any] = {"device": str(device), "preset": preset, "patterns": n}
-
-    start = time.perf_counter()
-    sample, _ = sample_patterns(data, n=config.search_patterns, seed=0)
-    beam = beam_radius(Preprocess("linear")(sample).mean(0), center=center)
-    schedule = _derived_schedule(config, size=min(h, w), beam=beam)
-    preprocess = Preprocess(config.intensity, 1.0)
-    search = _rotation_stage(
-        data,
-        preprocess,
-        config=config,
-        center=center,
-        radii=schedule.radii(0),
-        device=device,
-        sample=sample,
-        start=None,
-        poisson=False,
-        beam=beam,
-    )
-    _sync(device)
-    out["starting_stage_s"] = time.perf_counter() - start
-
-    seeded(0)
-    model = build_model(config, pattern_shape=(h, w), center=center).to(device)
-    model.initialise_bases(torch.from_numpy(search["initial_bases"]))
-    record = Checkpoint(
-        config=config.model_dump(mode="json"), seed=0, data_fingerprint="speed", setup={}
-    )
-    stream = PatternStream(
-        data,
-        preprocess,
-        batch_size=config.batch_size,
-        shuffle=True,
-        seed=0,
-        theta0=search["theta0"],
-        shift0=search["shift0"],
-    )
-    start = time.perf_counter()
-    record = train(
-        model, stream, config=config, schedule=schedule, device=device, record=record, workdir=None
-    )
-    _sync(device)
-    seconds = time.perf_counter() - start
-    out["train_epoch_s"] = seconds / epochs
-    out["train_patterns_per_s"] = n * epochs / seconds
-
-    mask = torch.from_numpy(schedule.mask((h, w), epochs - 1)).float()
-    for name, steps in (("infer_network_only", 0), ("infer_refined", config.refine_steps)):
-        stream = PatternStream(
-            data,
-            preprocess,
-            batch_size=config.infer_batch_size,
-            theta0=search["theta0"],
-            shift0=search["shift0"],
-        )
-        start = time.perf_counter()
-        infer(
-            model,
-            stream,
-            mask=mask,
-            device=device,
-            refine_steps=steps,
-            num_workers=config.num_workers,
-            amp=config.amp,
-        )
-        _sync(device)
-        out[f"{name}_patterns_per_s"] = n / (time.perf_counter() - start)
+    scan = open_scan(store)
+    n = int(np.prod(scan.shape[:2]))
+    out: dict[str, Any] = {"device": device, "preset": preset, "patterns": n}
+    with tempfile.TemporaryDirectory(prefix="stemflow-speed-work-") as work:
+        trained = train_on_scan(scan, workdir=work, config=config, device=device, progress=False)
+        timings = trained["timings_s"]
+        out["starting_stage_s"] = timings["statistics_s"] + timings["rotation_search_s"]
+        out["train_epoch_s"] = timings["training_s"] / epochs
+        out["train_patterns_per_s"] = n * epochs / timings["training_s"]
+        for name, steps in (("infer_network_only", 0), ("infer_refined", config.refine_steps)):
+            ds = ccstae_strain(
+                scan,
+                config=config.model_copy(update={"refine_steps": steps}),
+                device=device,
+                workdir=work,
+                progress=False,
+            )
+            seconds = ds.attrs["methods"]["ccstae"]["timings_s"]["inference_s"]
+            out[f"{name}_patterns_per_s"] = n / seconds
     return out
 
 
@@ -176,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(
                 measure(
                     store,
-                    torch.device(name),
+                    name,
                     preset="gpu" if name == "cuda" else "cpu",
                     epochs=args.epochs,
                 )
