@@ -113,7 +113,9 @@ def generate(workdir: Path, shape: tuple[int, int, int, int]) -> dict[str, Path]
 
 
 def run_step(kind: str, src: Path, dst: Path) -> dict[str, float]:
-    proc = subprocess.run([sys.executable, "-c", STEP, kind, str(src), str(dst)], capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", STEP, kind, str(src), str(dst)], capture_output=True, text=True
+    )
     if proc.returncode:
         raise RuntimeError(proc.stderr)
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -128,13 +130,23 @@ def run_cp(src: Path, dst: Path) -> dict[str, float]:
 
 
 def du(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
+    return (
+        sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+        if path.is_dir()
+        else path.stat().st_size
+    )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", type=float, default=1.0, help="scan size in GB (default 1; 8.6 = 256^4 uint16)")
-    parser.add_argument("--workdir", type=Path, default=None, help="scratch folder (default: a temporary one)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--size", type=float, default=1.0, help="scan size in GB (default 1; 8.6 = 256^4 uint16)"
+    )
+    parser.add_argument(
+        "--workdir", type=Path, default=None, help="scratch folder (default: a temporary one)"
+    )
     parser.add_argument("--formats", default="npy,hdf5")
     args = parser.parse_args()
 
@@ -145,7 +157,10 @@ def main() -> None:
     try:
         t0 = time.perf_counter()
         sources = generate(workdir, shape)
-        print(f"generated {shape} uint16 ({nbytes / GB:.2f} GB) as npy and HDF5 in {time.perf_counter() - t0:.0f} s")
+        print(
+            f"generated {shape} uint16 ({nbytes / GB:.2f} GB) as npy and HDF5 in "
+            f"{time.perf_counter() - t0:.0f} s"
+        )
         rows = []
         for fmt in args.formats.split(","):
             src = sources[fmt]
@@ -178,21 +193,28 @@ def main() -> None:
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
-    header = "| format | size GB | cache | stemflow GB/s | cp GB/s | stemflow/cp | naive GB/s | compression | peak RSS stemflow GB | peak RSS naive GB |"
+    header = (
+        "| format | size GB | cache | stemflow GB/s | cp GB/s | stemflow/cp | naive GB/s "
+        "| compression | peak RSS stemflow GB | peak RSS naive GB |"
+    )
     lines = [header, "|" + "---|" * 10]
     for r in rows:
         naive = f"{r['naive_GBps']:.2f}" if r["naive_GBps"] else "(does not fit)"
         naive_rss = f"{r['naive_peak_RSS_GB']:.2f}" if r["naive_peak_RSS_GB"] else "-"
         lines.append(
-            f"| {r['format']} | {r['size_GB']:.2f} | {r['cache']} | {r['stemflow_GBps']:.2f} | {r['cp_GBps']:.2f} | "
-            f"{r['ratio_vs_cp']:.2f} | {naive} | {r['compression']:.1f}x | {r['stemflow_peak_RSS_GB']:.2f} | {naive_rss} |"
+            f"| {r['format']} | {r['size_GB']:.2f} | {r['cache']} | {r['stemflow_GBps']:.2f} "
+            f"| {r['cp_GBps']:.2f} | {r['ratio_vs_cp']:.2f} | {naive} | {r['compression']:.1f}x "
+            f"| {r['stemflow_peak_RSS_GB']:.2f} | {naive_rss} |"
         )
     machine = f"{platform.node()}: {os.cpu_count()} cores, {memory / GB:.0f} GB RAM"
     table = "\n".join(lines)
     print(f"\nIngest benchmark, scan {shape} uint16, {machine}\n{table}")
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"ingest-{args.size:g}GB.md"
-    out.write_text(f"# Ingest benchmark\n\nScan {shape} uint16; {machine}; {time.strftime('%Y-%m-%d')}\n\n{table}\n")
+    out.write_text(
+        f"# Ingest benchmark\n\nScan {shape} uint16; {machine}; {time.strftime('%Y-%m-%d')}\n\n"
+        f"{table}\n"
+    )
     (RESULTS / f"ingest-{args.size:g}GB.json").write_text(json.dumps(rows, indent=2))
     print(f"wrote {out}")
 

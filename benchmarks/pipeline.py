@@ -46,9 +46,13 @@ def write_scan(path: Path, scan: int, pattern: int) -> None:
     from stemlib.noise import add_noise
     from stemlib.simulate import SimulationConfig, simulate
 
-    sim = simulate(SimulationConfig(scan=(scan, scan), pattern=pattern, grains=8, lattice="square", seed=11))
+    sim = simulate(
+        SimulationConfig(scan=(scan, scan), pattern=pattern, grains=8, lattice="square", seed=11)
+    )
     counts = add_noise(sim["data"].data, background=0.25, counts=1e5, seed=0)
-    truth = sim[[v for v in sim.data_vars if v.startswith("truth_") or v in ("grain_id", "reference_mask")]]
+    truth = sim[
+        [v for v in sim.data_vars if v.startswith("truth_") or v in ("grain_id", "reference_mask")]
+    ]
     truth.attrs["truth_symmetry"] = sim.attrs["truth_symmetry"]
     with dask.config.set(scheduler="threads"):
         write_hdf5_scan(counts, path, truth=truth)
@@ -65,20 +69,29 @@ def run_flow(raw: str, out: str, config: Any, device: str) -> dict[str, float]:
     from flows.process_scan import process_scan
 
     start = time.perf_counter()
-    state = process_scan(source=raw, dest=f"{out}/strain.zarr", ccstae=config, device=device, return_state=True)
+    state = process_scan(
+        source=raw, dest=f"{out}/strain.zarr", ccstae=config, device=device, return_state=True
+    )
     total = time.perf_counter() - start
     state.result()
 
     async def task_runs() -> list[Any]:
         async with get_client() as client:
             return await client.read_task_runs(
-                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])),
+                flow_run_filter=FlowRunFilter(
+                    id=FlowRunFilterId(any_=[state.state_details.flow_run_id])
+                ),
                 sort=TaskRunSort.EXPECTED_START_TIME_ASC,
                 limit=50,
             )
 
-    names = {"resolve-scan": "ingest", "train-ccstae": "ccstae", "infer-ccstae": "ccstae",
-             "py4dstem-strain": "py4dstem", "publish-strain": "publish"}
+    names = {
+        "resolve-scan": "ingest",
+        "train-ccstae": "ccstae",
+        "infer-ccstae": "ccstae",
+        "py4dstem-strain": "py4dstem",
+        "publish-strain": "publish",
+    }
     steps = dict.fromkeys(STEPS, 0.0)
     for run in asyncio.run(task_runs()):
         step = names.get(run.name.rsplit("-", 1)[0])
@@ -108,13 +121,17 @@ def run_sequential(raw: str, out: str, config: Any, device: str) -> dict[str, fl
         steps["ingest"] = time.perf_counter() - t
         scan = open_scan(f"{out}/scan.zarr")
         t = time.perf_counter()
-        ours = ccstae_strain(scan, config=config, device=device, workdir=f"{out}/model", progress=False)
+        ours = ccstae_strain(
+            scan, config=config, device=device, workdir=f"{out}/model", progress=False
+        )
         steps["ccstae"] = time.perf_counter() - t
         t = time.perf_counter()
         baseline = py4dstem_strain(scan)
         steps["py4dstem"] = time.perf_counter() - t
         t = time.perf_counter()
-        compared, _ = compare_methods(combine_methods([ours, baseline]), truth=open_truth(f"{out}/scan.zarr"), symmetry=4)
+        compared, _ = compare_methods(
+            combine_methods([ours, baseline]), truth=open_truth(f"{out}/scan.zarr"), symmetry=4
+        )
         write_strain(compared, f"{out}/strain.zarr")
         for method in ("ccstae", "py4dstem"):
             save_png(strain_figure(compared, method), png_url(f"{out}/strain.zarr", method))
@@ -152,7 +169,9 @@ def child(kind: str, raw: str, out: str, epochs: int | None, device: str) -> Non
     from stemlib.ccstae import CCSTAEConfig
 
     logging.disable(logging.WARNING)
-    config = CCSTAEConfig.preset("gpu" if device == "cuda" else "cpu", **({"epochs": epochs} if epochs else {}))
+    config = CCSTAEConfig.preset(
+        "gpu" if device == "cuda" else "cpu", **({"epochs": epochs} if epochs else {})
+    )
     runner = run_flow if kind == "flow" else run_sequential
     print(json.dumps(runner(raw, out, config, device)))
 
@@ -163,15 +182,19 @@ def table(rows: dict[str, dict[str, Any]]) -> str:
     for step in (*STEPS, "total"):
         ratio = flow[step] / seq[step] if seq[step] else float("nan")
         lines.append(f"| {step} | {flow[step]:.1f} | {seq[step]:.1f} | {ratio:.2f} |")
-    lines.append(f"| peak RSS (GB, process tree) | {flow['peak_rss_gb']:.2f} | {seq['peak_rss_gb']:.2f} | "
-                 f"{flow['peak_rss_gb'] / seq['peak_rss_gb']:.2f} |")
+    lines.append(
+        f"| peak RSS (GB, process tree) | {flow['peak_rss_gb']:.2f} | {seq['peak_rss_gb']:.2f} | "
+        f"{flow['peak_rss_gb'] / seq['peak_rss_gb']:.2f} |"
+    )
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--scan", type=int, default=64, help="positions per side (default 64)")
-    parser.add_argument("--pattern", type=int, default=128, help="pattern px per side (default 128)")
+    parser.add_argument(
+        "--pattern", type=int, default=128, help="pattern px per side (default 128)"
+    )
     parser.add_argument("--epochs", type=int, help="CC-ST-AE epochs (default: the preset's)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--child", nargs=3, metavar=("KIND", "RAW", "OUT"), help=argparse.SUPPRESS)
@@ -184,12 +207,16 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="stemflow-bench-") as tmp:
         raw = Path(tmp) / "grains.h5"
         write_scan(raw, args.scan, args.pattern)
-        rows = {kind: measured(kind, str(raw), f"{tmp}/{kind}", args.epochs, args.device) for kind in ("flow", "sequential")}
+        rows = {
+            kind: measured(kind, str(raw), f"{tmp}/{kind}", args.epochs, args.device)
+            for kind in ("flow", "sequential")
+        }
     name = f"pipeline-{args.scan}x{args.pattern}-{args.device}"
     text = (
         f"# Pipeline, {args.scan} x {args.scan} scan of {args.pattern} px, {args.device}"
         f"{f', {args.epochs} epochs' if args.epochs else ''}\n\n"
-        f"{platform.node()}: {os.cpu_count()} cores, Python {platform.python_version()}\n\n{table(rows)}\n"
+        f"{platform.node()}: {os.cpu_count()} cores, Python {platform.python_version()}\n\n"
+        f"{table(rows)}\n"
     )
     print(text)
     save_results(name, text, {"args": vars(args), "rows": rows})

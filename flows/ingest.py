@@ -49,7 +49,8 @@ def ingest_flow(source: str, dest: str, options: IngestOptions | None = None) ->
         key="ingest-summary",
         markdown=(
             f"**{record['status']}** `{record['url']}`\n\n"
-            f"| shape | content sha256 |\n|---|---|\n| {tuple(record['shape'])} | `{record['content_sha256']}` |\n\n"
+            f"| shape | content sha256 |\n|---|---|\n"
+            f"| {tuple(record['shape'])} | `{record['content_sha256']}` |\n\n"
             f"Open with `xr.open_zarr({record['url']!r})`"
         ),
         description="Scan store written by the ingest flow",

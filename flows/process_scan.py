@@ -143,40 +143,73 @@ def process_scan(
     """
     logger = get_run_logger()
     params = resolved_parameters(
-        methods=methods, reference=reference, symmetry=symmetry, device=device,
-        ccstae_preset=ccstae_preset, ccstae=ccstae, py4dstem=py4dstem, ingest=ingest,
+        methods=methods,
+        reference=reference,
+        symmetry=symmetry,
+        device=device,
+        ccstae_preset=ccstae_preset,
+        ccstae=ccstae,
+        py4dstem=py4dstem,
+        ingest=ingest,
     )
-    methods, ccstae, py4dstem, ingest = params["methods"], params["ccstae"], params["py4dstem"], params["ingest"]
+    methods, ccstae, py4dstem, ingest = (
+        params["methods"],
+        params["ccstae"],
+        params["py4dstem"],
+        params["ingest"],
+    )
     request = request_key(source, **params)
     # Reading the destination first fails fast (one sentence) when its store cannot be reached,
     # before any hour of training.
     if published_request(dest) == request:
-        logger.info("%s already holds this request's result; finished steps are skipped", redact(dest))
+        logger.info(
+            "%s already holds this request's result; finished steps are skipped", redact(dest)
+        )
     where = default_locations(source, dest)
     scan_store = scan_store or where["scan_store"]
     work = locate(workdir or where["workdir"])
 
     scan = resolve_scan.submit(source, scan_store, ingest).result()
-    logger.info("scan %s (%s), content sha256 %s", redact(scan["url"]), scan["status"], scan["content_sha256"][:16])
+    logger.info(
+        "scan %s (%s), content sha256 %s",
+        redact(scan["url"]),
+        scan["status"],
+        scan["content_sha256"][:16],
+    )
 
     keys = {
-        "py4dstem": run_key(scan, "py4dstem", reference=reference, symmetry=symmetry, config=py4dstem),
+        "py4dstem": run_key(
+            scan, "py4dstem", reference=reference, symmetry=symmetry, config=py4dstem
+        ),
         "ccstae": run_key(scan, "ccstae", reference=reference, symmetry=symmetry, config=ccstae),
     }
     outputs = {m: work.child(f"{m}.zarr").url for m in methods}
     futures: dict[str, Any] = {}
     if "py4dstem" in methods and not finished_step(outputs["py4dstem"], keys["py4dstem"]):
         futures["py4dstem"] = py4dstem_strain_scan.submit(
-            scan["url"], outputs["py4dstem"], reference=reference, symmetry=symmetry, config=py4dstem,
+            scan["url"],
+            outputs["py4dstem"],
+            reference=reference,
+            symmetry=symmetry,
+            config=py4dstem,
             run_key=keys["py4dstem"],
         )
     if "ccstae" in methods and not finished_step(outputs["ccstae"], keys["ccstae"]):
         model_dir = work.child(f"ccstae-model-{keys['ccstae'][:12]}").url
         with gpu_resources():
-            trained = train_ccstae.submit(scan["url"], model_dir, reference=reference, config=ccstae, device=device)
+            trained = train_ccstae.submit(
+                scan["url"], model_dir, reference=reference, config=ccstae, device=device
+            )
             futures["ccstae"] = infer_ccstae.submit(
-                scan["url"], outputs["ccstae"], model_dir, reference=reference, symmetry=symmetry,
-                config=ccstae, device=device, bases_png=_bases_png(dest), run_key=keys["ccstae"],
+                scan["url"],
+                outputs["ccstae"],
+                model_dir,
+                reference=reference,
+                symmetry=symmetry,
+                config=ccstae,
+                device=device,
+                bases_png=_bases_png(dest),
+                run_key=keys["ccstae"],
                 wait_for=[trained],
             )
     steps = {"ingest": scan["status"]}
@@ -186,10 +219,16 @@ def process_scan(
             steps[method] = "done"
         else:
             steps[method] = "skipped"
-            logger.info("%s: finished in an earlier run (%s), skipped", method, redact(outputs[method]))
+            logger.info(
+                "%s: finished in an earlier run (%s), skipped", method, redact(outputs[method])
+            )
 
     published = publish_strain.submit(
-        scan["url"], {m: outputs[m] for m in methods}, dest, run_keys={m: keys[m] for m in methods}, request=request
+        scan["url"],
+        {m: outputs[m] for m in methods},
+        dest,
+        run_keys={m: keys[m] for m in methods},
+        request=request,
     ).result()
     create_markdown_artifact(
         key="strain-statistics",
@@ -198,7 +237,9 @@ def process_scan(
         description="Coverage, agreement of the methods, and error against the truth",
     )
     for name, png in published["pngs"].items():
-        create_link_artifact(key=f"map-{name}", link=png, link_text=os.path.basename(png), description=f"{name} maps")
+        create_link_artifact(
+            key=f"map-{name}", link=png, link_text=os.path.basename(png), description=f"{name} maps"
+        )
     create_link_artifact(key="strain-dataset", link=published["url"], link_text="strain dataset")
     return {**published, "steps": steps}
 

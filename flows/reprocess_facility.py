@@ -52,7 +52,9 @@ def _cluster(address: str | None) -> Iterator[str]:
 
 
 @task(name="process-one-scan", cache_policy=NO_CACHE)
-def process_one(source: str, dest: str, address: str, parameters: dict[str, Any], device: Device) -> dict[str, Any]:
+def process_one(
+    source: str, dest: str, address: str, parameters: dict[str, Any], device: Device
+) -> dict[str, Any]:
     """Run process-scan on one scan; never raises, so that one failure does not stop the rest."""
     runner = process_scan.with_options(task_runner=dask_runner(address))
     state = runner(source=source, dest=dest, device=device, return_state=True, **parameters)
@@ -97,7 +99,11 @@ def reprocess_facility(
     """
     logger = get_run_logger()
     parameters = resolved_parameters(
-        methods=methods, reference=reference, symmetry=symmetry, device=device, ccstae_preset=ccstae_preset
+        methods=methods,
+        reference=reference,
+        symmetry=symmetry,
+        device=device,
+        ccstae_preset=ccstae_preset,
     )
     scans = find_scans(root)
     logger.info("found %d scans under %s", len(scans), redact(root))
@@ -108,10 +114,19 @@ def reprocess_facility(
         try:
             done = published_request(dest) == request_key(source, **parameters)
         except Exception as exc:  # noqa: BLE001 - an unreadable scan is reported, not fatal
-            rows.append({"scan": redact(source), "status": "failed", "result": "", "reason": str(exc)})
+            rows.append(
+                {"scan": redact(source), "status": "failed", "result": "", "reason": str(exc)}
+            )
             continue
         if done:
-            rows.append({"scan": redact(source), "status": "skipped", "result": redact(dest), "reason": "already processed"})
+            rows.append(
+                {
+                    "scan": redact(source),
+                    "status": "skipped",
+                    "result": redact(dest),
+                    "reason": "already processed",
+                }
+            )
         else:
             todo.append((source, dest))
     with _cluster(dask_address) as address:
@@ -127,7 +142,10 @@ def reprocess_facility(
     create_table_artifact(
         key="reprocess-summary",
         table=sorted(rows, key=lambda r: r["scan"]),
-        description=f"{counts['processed']} processed, {counts['skipped']} skipped, {counts['failed']} failed",
+        description=(
+            f"{counts['processed']} processed, {counts['skipped']} skipped, "
+            f"{counts['failed']} failed"
+        ),
     )
     logger.info("%(processed)d processed, %(skipped)d skipped, %(failed)d failed", counts)
     return {"counts": counts, "scans": rows}

@@ -39,6 +39,7 @@ from .runners import dask_runner
 
 __all__ = ["PAPER_LEVELS", "NoiseLevels", "noisy_url", "simulate_benchmark"]
 
+
 class NoiseLevels(BaseModel):
     """Which noisy copies to write: background levels, dose and seed."""
 

@@ -31,7 +31,9 @@ class Calibration(BaseModel):
     convergence_semiangle_mrad: float | None = Field(
         None, gt=0, description="Probe convergence semi-angle (mrad)."
     )
-    probe_step_nm: float | None = Field(None, gt=0, description="Scan step between probe positions (nm).")
+    probe_step_nm: float | None = Field(
+        None, gt=0, description="Scan step between probe positions (nm)."
+    )
     q_pixel_size: float | None = Field(
         None, gt=0, description="Detector pixel size in q_pixel_units per pixel."
     )
@@ -39,7 +41,9 @@ class Calibration(BaseModel):
     qr_rotation_deg: float | None = Field(
         None, description="Rotation from scan to detector axes (deg)."
     )
-    qr_flip: bool | None = Field(None, description="Whether the detector is flipped against the scan.")
+    qr_flip: bool | None = Field(
+        None, description="Whether the detector is flipped against the scan."
+    )
     origin_px: tuple[float, float] | None = Field(
         None, description="Direct-beam position (qx, qy) in detector pixels."
     )
@@ -85,13 +89,21 @@ def scan_coords(
         if step is None:
             coords[name] = (name, index, {"units": "px", "long_name": f"probe position {name}"})
         else:
-            coords[name] = (name, index * step, {"units": "nm", "long_name": f"probe position {name}"})
+            coords[name] = (
+                name,
+                index * step,
+                {"units": "nm", "long_name": f"probe position {name}"},
+            )
     size, units, origin = calibration.q_pixel_size, calibration.q_pixel_units, calibration.origin_px
     for axis, (name, n) in enumerate((("qx", qx), ("qy", qy))):
         index = np.arange(n, dtype=np.float64)
         long_name = f"detector {name} ({'rows' if name == 'qx' else 'columns'})"
         if size is not None and units is not None and origin is not None:
-            coords[name] = (name, (index - origin[axis]) * size, {"units": units, "long_name": long_name})
+            coords[name] = (
+                name,
+                (index - origin[axis]) * size,
+                {"units": units, "long_name": long_name},
+            )
         else:
             coords[name] = (name, index, {"units": "px", "long_name": long_name})
     return coords

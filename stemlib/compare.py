@@ -58,23 +58,41 @@ def compare_methods(
         agreement: dict[str, dict[str, float]] = {}
         for c in COMPONENTS:
             if c == "theta":
-                diff = rotation_difference(a[c].values, b[c].values, n) if n > 1 else a[c].values - b[c].values
+                diff = (
+                    rotation_difference(a[c].values, b[c].values, n)
+                    if n > 1
+                    else a[c].values - b[c].values
+                )
             else:
                 diff = a[c].values - b[c].values
             diff = np.where(both, diff, np.nan)
             units = ds[c].attrs.get("units", "1")
-            out[f"diff_{c}"] = (SCAN_DIMS, diff, {"units": units, "long_name": f"{c}: {methods[0]} - {methods[1]}"})
+            out[f"diff_{c}"] = (
+                SCAN_DIMS,
+                diff,
+                {"units": units, "long_name": f"{c}: {methods[0]} - {methods[1]}"},
+            )
             x, y = a[c].values[both], b[c].values[both]
-            corr = float(np.corrcoef(x, y)[0, 1]) if x.size > 2 and x.std() > 0 and y.std() > 0 else float("nan")
+            corr = (
+                float(np.corrcoef(x, y)[0, 1])
+                if x.size > 2 and x.std() > 0 and y.std() > 0
+                else float("nan")
+            )
             agreement[c] = {
-                "mean_abs_difference": float(np.nanmean(np.abs(diff))) if both.any() else float("nan"),
+                "mean_abs_difference": float(np.nanmean(np.abs(diff)))
+                if both.any()
+                else float("nan"),
                 "correlation": corr,
                 "positions": int(both.sum()),
             }
         stats["agreement"] = agreement
     if truth is not None:
         for c in COMPONENTS:
-            out[f"truth_{c}"] = (SCAN_DIMS, np.asarray(truth[c].values, np.float64), dict(truth[c].attrs))
+            out[f"truth_{c}"] = (
+                SCAN_DIMS,
+                np.asarray(truth[c].values, np.float64),
+                dict(truth[c].attrs),
+            )
         stats["mae"] = {m: strain_errors(ds.sel({"method": m}), truth, symmetry=n) for m in methods}
     return out, stats
 
@@ -83,7 +101,9 @@ def statistics_table(stats: dict[str, Any]) -> str:
     """A markdown table of :func:`compare_methods` statistics (strain x 1e-3, theta in deg)."""
     methods = stats["methods"]
     lines = ["| quantity | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
-    lines.append("| coverage | " + " | ".join(f"{stats['coverage'][m]:.1%}" for m in methods) + " |")
+    lines.append(
+        "| coverage | " + " | ".join(f"{stats['coverage'][m]:.1%}" for m in methods) + " |"
+    )
     for c in COMPONENTS:
         if "mae" in stats:
             scale, unit = (np.degrees(1.0), "deg") if c == "theta" else (1e3, "1e-3")
@@ -91,9 +111,15 @@ def statistics_table(stats: dict[str, Any]) -> str:
             lines.append(f"| MAE {c} vs truth ({unit}) | {values} |")
     if "agreement" in stats:
         lines.append("")
-        lines.append(f"| component | mean abs difference {methods[0]} - {methods[1]} | correlation | positions |")
+        lines.append(
+            f"| component | mean abs difference {methods[0]} - {methods[1]} "
+            "| correlation | positions |"
+        )
         lines.append("|---|---|---|---|")
         for c, a in stats["agreement"].items():
             scale, unit = (np.degrees(1.0), "deg") if c == "theta" else (1e3, "1e-3")
-            lines.append(f"| {c} | {a['mean_abs_difference'] * scale:.3f} {unit} | {a['correlation']:.3f} | {a['positions']} |")
+            lines.append(
+                f"| {c} | {a['mean_abs_difference'] * scale:.3f} {unit} "
+                f"| {a['correlation']:.3f} | {a['positions']} |"
+            )
     return "\n".join(lines)

@@ -25,16 +25,22 @@ __all__ = ["DevScan", "shared_data_dir", "abtem_dev_path", "read_abtem_dev", "wr
 
 
 def shared_data_dir() -> Path:
-    """The folder of the development scans: ``$STEMFLOW_SHARED_DATA`` or ``../shared/data/abtem-dev``."""
+    """The folder of the development scans: ``$STEMFLOW_SHARED_DATA`` or
+    ``../shared/data/abtem-dev``."""
     env = os.environ.get("STEMFLOW_SHARED_DATA")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data" / "abtem-dev"
+    return (
+        Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data" / "abtem-dev"
+    )
 
 
 def abtem_dev_path(name: str) -> Path:
-    """Path of a development scan by file name or stem, e.g. ``"dev_si001_32x32_128px_12grains_seed11_clean"``."""
+    """Path of a development scan by file name or stem, e.g.
+    ``"dev_si001_32x32_128px_12grains_seed11_clean"``."""
     path = shared_data_dir() / (name if name.endswith(".h5") else f"{name}.h5")
     if not path.exists():
-        raise InputError(f"{path} does not exist; set STEMFLOW_SHARED_DATA to the abtem-dev folder.")
+        raise InputError(
+            f"{path} does not exist; set STEMFLOW_SHARED_DATA to the abtem-dev folder."
+        )
     return path
 
 
@@ -82,8 +88,12 @@ def read_abtem_dev(path: str | Path) -> DevScan:
             origin_px=(float(a["centre_px"]), float(a["centre_px"])),
         )
     symmetry = 6 if "ws2" in material.lower() else 4
-    truth = truth_dataset(**truth_values, grain_id=grain_id, reference_mask=reference, symmetry=symmetry)
-    return DevScan(data=data, truth=truth, calibration=calibration, symmetry=symmetry, name=path.stem)
+    truth = truth_dataset(
+        **truth_values, grain_id=grain_id, reference_mask=reference, symmetry=symmetry
+    )
+    return DevScan(
+        data=data, truth=truth, calibration=calibration, symmetry=symmetry, name=path.stem
+    )
 
 
 def write_abtem_dev(path: str | Path, dest: str) -> WriteResult:

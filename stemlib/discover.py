@@ -23,13 +23,25 @@ _SKIPPED_FORMATS = {"raw"}
 
 
 def _extensions() -> tuple[str, ...]:
-    return tuple(sorted({ext for f in FORMATS.values() if f.name not in _SKIPPED_FORMATS for ext in f.extensions}))
+    return tuple(
+        sorted(
+            {
+                ext
+                for f in FORMATS.values()
+                if f.name not in _SKIPPED_FORMATS
+                for ext in f.extensions
+            }
+        )
+    )
 
 
 def _is_companion(path: str, present: set[str]) -> bool:
     stem, ext = posixpath.splitext(path)
     ext = ext.lower()
-    if ext == ".ser" and any(p.lower().endswith(".emi") and posixpath.dirname(p) == posixpath.dirname(path) for p in present):
+    if ext == ".ser" and any(
+        p.lower().endswith(".emi") and posixpath.dirname(p) == posixpath.dirname(path)
+        for p in present
+    ):
         return True
     if ext == ".xml" and stem + ".raw" not in present:
         return True  # an .xml is a scan only as an EMPAD header with its frames
@@ -59,9 +71,7 @@ def find_scans(root: str) -> list[str]:
             return []
         found = [p for p in location.fs.find(location.path) if ".zarr/" not in p + "/"]
     present = set(found)
-    scans = [
-        p for p in found if p.lower().endswith(extensions) and not _is_companion(p, present)
-    ]
+    scans = [p for p in found if p.lower().endswith(extensions) and not _is_companion(p, present)]
     scheme = "" if location.is_local else root.split("://", 1)[0] + "://"
     return sorted(scheme + p for p in scans)
 
@@ -74,5 +84,5 @@ def scan_name(url: str, root: str) -> str:
     >>> scan_name("s3://raw/day1/scan_042.mib", "s3://raw/")
     'day1/scan_042'
     """
-    relative = url[len(root):] if url.startswith(root) else posixpath.basename(url)
+    relative = url[len(root) :] if url.startswith(root) else posixpath.basename(url)
     return posixpath.splitext(relative.strip("/"))[0]

@@ -32,15 +32,23 @@ class IngestOptions(BaseModel):
 
     format: str = Field("auto", description="Source format, or 'auto' to detect it from the file.")
     dataset: str | None = Field(None, description="Path of the scan inside an HDF5 file.")
-    scan_shape: tuple[int, int] | None = Field(None, description="(RX, RY) for a flat stack of frames.")
+    scan_shape: tuple[int, int] | None = Field(
+        None, description="(RX, RY) for a flat stack of frames."
+    )
     dtype: str | None = Field(None, description="Element type of a raw binary file, e.g. uint16.")
     frame_shape: tuple[int, int] | None = Field(None, description="(QX, QY) of a raw binary frame.")
     header_bytes: int = Field(0, ge=0, description="Bytes before the first frame of a raw file.")
     frame_header_bytes: int = Field(0, ge=0, description="Bytes before each frame of a raw file.")
     frame_footer_bytes: int = Field(0, ge=0, description="Bytes after each frame of a raw file.")
-    calibration: Calibration = Field(default_factory=Calibration, description="Overrides of the file's calibration.")
-    allow_nonfinite: bool = Field(False, description="Store float data holding NaN/Inf (count recorded).")
-    overwrite: bool = Field(False, description="Replace a different scan already stored at the destination.")
+    calibration: Calibration = Field(
+        default_factory=Calibration, description="Overrides of the file's calibration."
+    )
+    allow_nonfinite: bool = Field(
+        False, description="Store float data holding NaN/Inf (count recorded)."
+    )
+    overwrite: bool = Field(
+        False, description="Replace a different scan already stored at the destination."
+    )
 
     def read_options(self) -> ReadOptions:
         return ReadOptions(
@@ -169,4 +177,6 @@ def ingest(source: str, dest: str, options: IngestOptions | None = None) -> Inge
         allow_nonfinite=options.allow_nonfinite,
         extras=scan.truth,
     )
-    return IngestResult("written", out.url, key, {**attrs, **written.as_dict(), **calibration.to_attrs()})
+    return IngestResult(
+        "written", out.url, key, {**attrs, **written.as_dict(), **calibration.to_attrs()}
+    )

@@ -55,6 +55,8 @@ def strain_errors(
     for name in ("exx", "eyy", "exy"):
         err = np.abs(result[name].values - truth[name].values)[use]
         out[name] = float(err.mean()) if err.size else float("nan")
-    dtheta = np.abs(rotation_difference(result["theta"].values, truth["theta"].values, symmetry))[use]
+    dtheta = np.abs(rotation_difference(result["theta"].values, truth["theta"].values, symmetry))[
+        use
+    ]
     out["theta"] = float(dtheta.mean()) if dtheta.size else float("nan")
     return out

@@ -122,12 +122,27 @@ def comparison_figure(ds: xr.Dataset) -> Figure:
     for m in methods:
         one = ds.sel({"method": m})
         valid = np.asarray(one["valid"].values, bool)
-        rows.append((m, {c: np.where(valid, np.asarray(one[c].values, np.float64), np.nan) for c, *_ in _PANELS}))
+        rows.append(
+            (
+                m,
+                {
+                    c: np.where(valid, np.asarray(one[c].values, np.float64), np.nan)
+                    for c, *_ in _PANELS
+                },
+            )
+        )
     if all(f"truth_{c}" in ds for c, *_ in _PANELS):
-        rows.append(("truth", {c: np.asarray(ds[f"truth_{c}"].values, np.float64) for c, *_ in _PANELS}))
+        rows.append(
+            ("truth", {c: np.asarray(ds[f"truth_{c}"].values, np.float64) for c, *_ in _PANELS})
+        )
     shared = {c: max(_limit(values[c] * scale) for _, values in rows) for c, _, scale, _ in _PANELS}
     if all(f"diff_{c}" in ds for c, *_ in _PANELS):
-        rows.append((f"{methods[0]} - {methods[1]}", {c: np.asarray(ds[f"diff_{c}"].values, np.float64) for c, *_ in _PANELS}))
+        rows.append(
+            (
+                f"{methods[0]} - {methods[1]}",
+                {c: np.asarray(ds[f"diff_{c}"].values, np.float64) for c, *_ in _PANELS},
+            )
+        )
     fig = Figure(figsize=(14.0, 3.0 * len(rows)), layout="constrained")
     FigureCanvasAgg(fig)
     for i, (label, values) in enumerate(rows):

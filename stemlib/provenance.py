@@ -10,7 +10,17 @@ from typing import Any
 
 __all__ = ["software_versions", "utc_now", "fingerprint"]
 
-_PACKAGES = ("stemflow", "numpy", "dask", "xarray", "zarr", "h5py", "rosettasciio", "py4DSTEM", "torch")
+_PACKAGES = (
+    "stemflow",
+    "numpy",
+    "dask",
+    "xarray",
+    "zarr",
+    "h5py",
+    "rosettasciio",
+    "py4DSTEM",
+    "torch",
+)
 
 
 def software_versions(packages: tuple[str, ...] = _PACKAGES) -> dict[str, str]:
@@ -26,7 +36,7 @@ def software_versions(packages: tuple[str, ...] = _PACKAGES) -> dict[str, str]:
 
 def utc_now() -> str:
     """The current time as an ISO 8601 UTC string, to the second."""
-    return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
+    return _dt.datetime.now(_dt.UTC).replace(microsecond=0).isoformat()
 
 
 def fingerprint(obj: Any) -> str:

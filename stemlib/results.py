@@ -72,7 +72,8 @@ def strain_dataset(
         Boolean array of shape (RX, RY); by default True where all four are finite. Positions
         that are not valid are set to NaN in every component.
     coords
-        ``rx``/``ry`` coordinates with units (e.g. from the scan store); indices in ``"px"`` if None.
+        ``rx``/``ry`` coordinates with units (e.g. from the scan store); indices in ``"px"``
+        if None.
     extras
         Further per-position maps ``{name: (array (RX, RY), {"units": ..., "long_name": ...})}``.
     attrs
@@ -90,11 +91,14 @@ def strain_dataset(
     shape = np.shape(exx)
     for name, value in maps.items():
         if np.shape(value) != shape or len(shape) != 2:
-            raise InputError(f"{name} has shape {np.shape(value)}; every map must have the scan shape {shape}.")
+            raise InputError(
+                f"{name} has shape {np.shape(value)}; every map must have the scan shape {shape}."
+            )
     finite = np.logical_and.reduce([np.isfinite(v) for v in maps.values()])
     valid = finite if valid is None else (np.asarray(valid, bool) & finite)
     data_vars: dict[str, Any] = {
-        name: (("method",) + SCAN_DIMS, np.where(valid, np.asarray(v, np.float64), np.nan)[None]) for name, v in maps.items()
+        name: (("method",) + SCAN_DIMS, np.where(valid, np.asarray(v, np.float64), np.nan)[None])
+        for name, v in maps.items()
     }
     data_vars["valid"] = (("method",) + SCAN_DIMS, valid[None])
     for name, (value, _) in (extras or {}).items():
@@ -102,7 +106,10 @@ def strain_dataset(
             raise InputError(f"extra map {name} has shape {np.shape(value)}; expected {shape}.")
         data_vars[name] = (("method",) + SCAN_DIMS, np.asarray(value)[None])
     if coords is None:
-        coords = {d: (d, np.arange(n, dtype=np.float64), {"units": "px"}) for d, n in zip(SCAN_DIMS, shape)}
+        coords = {
+            d: (d, np.arange(n, dtype=np.float64), {"units": "px"})
+            for d, n in zip(SCAN_DIMS, shape, strict=False)
+        }
     # Variable-length strings: Zarr v3 has a specification for them, not for fixed-width ones.
     ds = xr.Dataset(data_vars, coords={"method": np.array([method], dtype=object), **dict(coords)})
     for name, (units, long_name) in STRAIN_VARIABLES.items():
@@ -118,7 +125,9 @@ def strain_dataset(
     return ds
 
 
-def combine_methods(datasets: list[xr.Dataset], *, attrs: Mapping[str, Any] | None = None) -> xr.Dataset:
+def combine_methods(
+    datasets: list[xr.Dataset], *, attrs: Mapping[str, Any] | None = None
+) -> xr.Dataset:
     """Concatenate single-method datasets along ``method`` (extras absent in one become NaN).
 
     Dataset attributes are those of the first dataset, updated by ``attrs``; the per-method
@@ -129,7 +138,15 @@ def combine_methods(datasets: list[xr.Dataset], *, attrs: Mapping[str, Any] | No
     names = [str(m) for ds in datasets for m in ds["method"].values]
     if len(set(names)) != len(names):
         raise InputError(f"methods {names} repeat; each method may appear once.")
-    combined = xr.concat(datasets, dim="method", data_vars="all", coords="minimal", join="outer", fill_value=np.nan, combine_attrs="drop")
+    combined = xr.concat(
+        datasets,
+        dim="method",
+        data_vars="all",
+        coords="minimal",
+        join="outer",
+        fill_value=np.nan,
+        combine_attrs="drop",
+    )
     combined["valid"] = combined["valid"].fillna(False).astype(bool)
     for ds in datasets:
         for name, var in ds.data_vars.items():
@@ -142,14 +159,17 @@ def combine_methods(datasets: list[xr.Dataset], *, attrs: Mapping[str, Any] | No
 
 
 def _jsonable(attrs: Mapping[str, Any]) -> dict[str, Any]:
-    return json.loads(json.dumps(dict(attrs), default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
+    return json.loads(
+        json.dumps(dict(attrs), default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o))
+    )
 
 
 def _check_strain(ds: xr.Dataset, where: str) -> None:
     missing = [name for name in STRAIN_VARIABLES if name not in ds]
     if missing or "method" not in ds.dims:
         raise InputError(
-            f"{where} is not a strain dataset (missing {', '.join(missing) or 'the method dimension'}); "
+            f"{where} is not a strain dataset "
+            f"(missing {', '.join(missing) or 'the method dimension'}); "
             "pass a store written by `stemflow strain`."
         )
 
@@ -168,11 +188,15 @@ def write_strain(ds: xr.Dataset, dest: str | Location) -> str:
     def verify(temp: Location) -> None:
         back = open_strain(temp.url)
         if dict(back.sizes) != dict(ds.sizes):
-            raise RuntimeError(f"verification of {redact(dest.url)} failed: sizes {dict(back.sizes)}")
+            raise RuntimeError(
+                f"verification of {redact(dest.url)} failed: sizes {dict(back.sizes)}"
+            )
 
     with staged(dest, verify=verify) as temp, warnings.catch_warnings(), storage_errors(dest.url):
         warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
-        out.to_zarr(temp.url, mode="w-", zarr_format=3, storage_options=temp.storage_options or None)
+        out.to_zarr(
+            temp.url, mode="w-", zarr_format=3, storage_options=temp.storage_options or None
+        )
     return dest.url
 
 
@@ -193,7 +217,9 @@ def open_strain(url: str | Location) -> xr.Dataset:
         try:
             ds = xr.open_zarr(location.url, storage_options=location.storage_options or None).load()
         except (FileNotFoundError, KeyError, ValueError):
-            raise InputError(f"{where} is not a Zarr store; pass a store written by `stemflow strain`.") from None
+            raise InputError(
+                f"{where} is not a Zarr store; pass a store written by `stemflow strain`."
+            ) from None
     _check_strain(ds, where)
     return ds
 

@@ -85,7 +85,9 @@ def deformation_from_lattice(g_local: np.ndarray, g_ref: np.ndarray) -> np.ndarr
 def lattice_from_deformation(F: np.ndarray, g_ref: np.ndarray) -> np.ndarray:
     """Local reciprocal basis ``F^-T g_ref`` (columns ``g1, g2``), the inverse of
     :func:`deformation_from_lattice`."""
-    return np.swapaxes(np.linalg.inv(np.asarray(F, dtype=np.float64)), -1, -2) @ np.asarray(g_ref, np.float64)
+    return np.swapaxes(np.linalg.inv(np.asarray(F, dtype=np.float64)), -1, -2) @ np.asarray(
+        g_ref, np.float64
+    )
 
 
 def polar_decompose(F: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -166,7 +168,9 @@ def strain_from_deformation(F: np.ndarray, *, symmetry: int = 1) -> dict[str, np
     }
 
 
-def detect_symmetry(g_ref: np.ndarray, *, length_tol: float = 0.03, angle_tol_deg: float = 3.0) -> Literal[2, 4, 6]:
+def detect_symmetry(
+    g_ref: np.ndarray, *, length_tol: float = 0.03, angle_tol_deg: float = 3.0
+) -> Literal[2, 4, 6]:
     """Rotational symmetry (2, 4 or 6) of a 2D lattice from its reciprocal basis.
 
     ``|g1| = |g2|`` and 90 deg between them -> 4; equal lengths and 60 or 120 deg -> 6; else 2.
@@ -209,11 +213,16 @@ def reference_lattice(g_local: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """
     mask = np.asarray(mask, bool)
     if mask.shape != g_local.shape[:2]:
-        raise InputError(f"the reference mask has shape {mask.shape}; expected the scan shape {g_local.shape[:2]}.")
+        raise InputError(
+            f"the reference mask has shape {mask.shape}; "
+            f"expected the scan shape {g_local.shape[:2]}."
+        )
     region = g_local[mask]
     region = region[np.all(np.isfinite(region), axis=(-1, -2))]
     if region.shape[0] == 0:
-        raise InputError("the reference region holds no position with a measured lattice; choose another region.")
+        raise InputError(
+            "the reference region holds no position with a measured lattice; choose another region."
+        )
     return np.median(region, axis=0)
 
 

@@ -17,7 +17,13 @@ import xarray as xr
 from .io.storage import Location, locate, storage_errors
 from .types import SCAN_DIMS
 
-__all__ = ["TRUTH_COMPONENTS", "truth_dataset", "open_truth", "read_truth_group", "write_truth_group"]
+__all__ = [
+    "TRUTH_COMPONENTS",
+    "truth_dataset",
+    "open_truth",
+    "read_truth_group",
+    "write_truth_group",
+]
 
 #: Truth components: (units, long_name).
 TRUTH_COMPONENTS: dict[str, tuple[str, str]] = {
@@ -45,10 +51,21 @@ def truth_dataset(
     """
     values = {"exx": exx, "eyy": eyy, "exy": exy, "theta": theta}
     ds = xr.Dataset(
-        {f"truth_{k}": (SCAN_DIMS, np.asarray(v, np.float64), {"units": TRUTH_COMPONENTS[k][0], "long_name": TRUTH_COMPONENTS[k][1]}) for k, v in values.items()}
+        {
+            f"truth_{k}": (
+                SCAN_DIMS,
+                np.asarray(v, np.float64),
+                {"units": TRUTH_COMPONENTS[k][0], "long_name": TRUTH_COMPONENTS[k][1]},
+            )
+            for k, v in values.items()
+        }
     )
     if grain_id is not None:
-        ds["grain_id"] = (SCAN_DIMS, np.asarray(grain_id, np.int32), {"units": "1", "long_name": "grain index"})
+        ds["grain_id"] = (
+            SCAN_DIMS,
+            np.asarray(grain_id, np.int32),
+            {"units": "1", "long_name": "grain index"},
+        )
     if reference_mask is not None:
         ds["reference_mask"] = (
             SCAN_DIMS,
@@ -108,6 +125,12 @@ def read_truth_group(group: h5py.Group, scan_shape: tuple[int, int]) -> xr.Datas
         return None
     if any(np.shape(v) != tuple(scan_shape) for v in values.values()):
         return None
-    extras = {k: group[k][()] for k in ("grain_id", "reference_mask") if k in group and group[k].shape == tuple(scan_shape)}
+    extras = {
+        k: group[k][()]
+        for k in ("grain_id", "reference_mask")
+        if k in group and group[k].shape == tuple(scan_shape)
+    }
     symmetry = group.attrs.get("symmetry")
-    return truth_dataset(**values, **extras, symmetry=int(symmetry) if symmetry is not None else None)
+    return truth_dataset(
+        **values, **extras, symmetry=int(symmetry) if symmetry is not None else None
+    )

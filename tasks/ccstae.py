@@ -65,7 +65,9 @@ def local_workdir(url: str) -> Iterator[str]:
         with storage_errors(url):
             if where.fs.isdir(where.path):
                 for remote in where.fs.find(where.path):
-                    where.fs.get_file(remote, os.path.join(folder, os.path.relpath(remote, where.path)))
+                    where.fs.get_file(
+                        remote, os.path.join(folder, os.path.relpath(remote, where.path))
+                    )
         try:
             yield folder
         finally:

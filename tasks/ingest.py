@@ -25,7 +25,8 @@ __all__ = ["ingest_scan"]
     cache_policy=NO_CACHE,
 )
 def ingest_scan(source: str, dest: str, options: IngestOptions) -> dict[str, Any]:
-    """Convert the raw scan at ``source`` into a scan store at ``dest`` (skipped if already done)."""
+    """Convert the raw scan at ``source`` into a scan store at ``dest`` (skipped if
+    already done)."""
     logger = get_run_logger()
     # Readers may memory-map (rosettasciio): stream with threads inside this worker rather than
     # shipping file handles to other processes.

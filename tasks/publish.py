@@ -20,7 +20,14 @@ from stemlib.truth import open_truth
 
 from ._retry import STORAGE_RETRY_DELAYS, retry_on_storage_error
 
-__all__ = ["scan_identity", "run_key", "request_key", "finished_step", "published_request", "publish_strain"]
+__all__ = [
+    "scan_identity",
+    "run_key",
+    "request_key",
+    "finished_step",
+    "published_request",
+    "publish_strain",
+]
 
 
 def scan_identity(url: str) -> dict[str, Any] | None:
@@ -30,13 +37,20 @@ def scan_identity(url: str) -> dict[str, Any] | None:
     attrs = read_store_attrs(location) if location.fs.isdir(location.path) else None
     if not attrs or not attrs.get("complete") or "content_sha256" not in attrs:
         return None
-    return {"content_sha256": attrs["content_sha256"], "shape": attrs.get("shape"), "source": attrs.get("source")}
+    return {
+        "content_sha256": attrs["content_sha256"],
+        "shape": attrs.get("shape"),
+        "source": attrs.get("source"),
+    }
 
 
 def run_key(scan: dict[str, Any], method: str, **parameters: Any) -> str:
     """Fingerprint of one method's run: the scan's content hash, the method and its parameters
     (pydantic models by their JSON form)."""
-    plain = {k: (v.model_dump(mode="json") if isinstance(v, BaseModel) else v) for k, v in parameters.items()}
+    plain = {
+        k: (v.model_dump(mode="json") if isinstance(v, BaseModel) else v)
+        for k, v in parameters.items()
+    }
     return fingerprint({"scan": scan["content_sha256"], "method": method, "parameters": plain})
 
 
@@ -49,7 +63,10 @@ def request_key(source: str, **parameters: Any) -> str:
     identity = scan_identity(source)
     ingest = parameters.get("ingest") or IngestOptions()
     stamp = identity["content_sha256"] if identity else source_key(locate(source), ingest)
-    plain = {k: (v.model_dump(mode="json") if isinstance(v, BaseModel) else v) for k, v in parameters.items()}
+    plain = {
+        k: (v.model_dump(mode="json") if isinstance(v, BaseModel) else v)
+        for k, v in parameters.items()
+    }
     return fingerprint({"source": stamp, "parameters": plain})
 
 
@@ -75,7 +92,11 @@ def finished_step(url: str, key: str) -> bool:
     cache_policy=NO_CACHE,
 )
 def publish_strain(
-    scan: str, results: dict[str, str], dest: str, run_keys: dict[str, str], request: str | None = None
+    scan: str,
+    results: dict[str, str],
+    dest: str,
+    run_keys: dict[str, str],
+    request: str | None = None,
 ) -> dict[str, Any]:
     """Combine each method's strain store, compare them (and with the scan's truth), write the
     one strain dataset to ``dest`` atomically with PNG maps beside it."""
@@ -83,8 +104,16 @@ def publish_strain(
     per_method = [open_strain(results[m]) for m in results]
     combined = combine_methods(per_method)
     truth = open_truth(scan)
-    symmetries = {int(ds.attrs["methods"][m].get("symmetry") or ds.attrs.get("symmetry") or 1) for ds in per_method for m in ds.attrs["methods"]}
-    symmetry = int(truth.attrs["symmetry"]) if truth is not None and truth.attrs.get("symmetry") else max(symmetries)
+    symmetries = {
+        int(ds.attrs["methods"][m].get("symmetry") or ds.attrs.get("symmetry") or 1)
+        for ds in per_method
+        for m in ds.attrs["methods"]
+    }
+    symmetry = (
+        int(truth.attrs["symmetry"])
+        if truth is not None and truth.attrs.get("symmetry")
+        else max(symmetries)
+    )
     compared, stats = compare_methods(combined, truth=truth, symmetry=symmetry)
     scan_attrs = read_store_attrs(locate(scan)) or {}
     compared.attrs = {
@@ -107,7 +136,12 @@ def publish_strain(
         pngs["comparison"] = save_png(comparison_figure(compared), png_url(dest, "comparison"))
     table = statistics_table(stats)
     logger.info("published %s\n%s", redact(url), table)
-    return {"url": redact(url), "table": table, "statistics": _jsonable(stats), "pngs": {k: redact(v) for k, v in pngs.items()}}
+    return {
+        "url": redact(url),
+        "table": table,
+        "statistics": _jsonable(stats),
+        "pngs": {k: redact(v) for k, v in pngs.items()},
+    }
 
 
 def _jsonable(obj: Any) -> Any:

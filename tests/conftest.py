@@ -57,7 +57,10 @@ def s3_server() -> Iterator[S3Server]:
         description="tests",
         path="/",
         policy_document=json.dumps(
-            {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}
+            {
+                "Version": "2012-10-17",
+                "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}],
+            }
         ),
         policy_name="stemflow-test-all",
         tags=[],
@@ -76,14 +79,19 @@ def _clear_s3fs_cache() -> None:
 
 
 @pytest.fixture
-def s3(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> Iterator[str]:
+def s3(
+    s3_server: S3Server, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+) -> Iterator[str]:
     """A fresh bucket on the test server, with its endpoint and key in the standard variables.
 
     Yields the bucket URL, ``s3://<bucket>``.
     """
     import boto3
 
-    bucket = "stemflow-" + request.node.name.lower().replace("_", "-").replace("[", "-").replace("]", "")[:40]
+    bucket = (
+        "stemflow-"
+        + request.node.name.lower().replace("_", "-").replace("[", "-").replace("]", "")[:40]
+    )
     for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.endpoint)
@@ -111,7 +119,8 @@ def closed_port() -> int:
 
 
 class ComputeCounter:
-    """Counts dask graph executions on the local schedulers (a ``raise_if_dask_computes`` helper)."""
+    """Counts dask graph executions on the local schedulers (a ``raise_if_dask_computes``
+    helper)."""
 
     def __init__(self) -> None:
         from dask.callbacks import Callback
@@ -135,5 +144,6 @@ class ComputeCounter:
 
 @pytest.fixture
 def dask_computes() -> Iterator[ComputeCounter]:
-    """Count dask computes inside the test: ``with dask_computes as c: ...; assert c.count == 0``."""
+    """Count dask computes inside the test: ``with dask_computes as c: ...;
+    assert c.count == 0``."""
     yield ComputeCounter()

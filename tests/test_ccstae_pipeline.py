@@ -186,7 +186,10 @@ def test_vacuum_gets_its_own_base_and_no_answer(tmp_path):
     assert not np.isin(classes[~vacuum], classes[vacuum]).any()
     assert not ds["valid"].values[0][vacuum].any() and ds["valid"].values[0][~vacuum].all()
     errors = strain_errors(ds.isel(method=0), truth, symmetry=4, mask=~vacuum)
-    assert max(errors[k] for k in ("exx", "eyy", "exy")) < 1.5e-3 and np.degrees(errors["theta"]) < 0.05
+    assert (
+        max(errors[k] for k in ("exx", "eyy", "exy")) < 1.5e-3
+        and np.degrees(errors["theta"]) < 0.05
+    )
 
 
 def test_zero_epochs_uses_the_rotation_stage_alone_and_reruns(square, tmp_path):

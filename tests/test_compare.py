@@ -22,7 +22,9 @@ def test_differences_and_mae_against_a_known_truth():
     b_maps = {k: v - 0.002 for k, v in truth_maps.items()}  # off by -2e-3 everywhere
     b_valid = np.ones((6, 7), bool)
     b_valid[0, :] = False  # one row without an answer
-    ds = combine_methods([strain_dataset("ccstae", **a_maps), strain_dataset("py4dstem", **b_maps, valid=b_valid)])
+    ds = combine_methods(
+        [strain_dataset("ccstae", **a_maps), strain_dataset("py4dstem", **b_maps, valid=b_valid)]
+    )
     out, stats = compare_methods(ds, truth=truth, symmetry=4)
     np.testing.assert_allclose(out["diff_exx"].values[1:], 0.003)
     assert np.isnan(out["diff_exx"].values[0]).all()
@@ -40,8 +42,12 @@ def test_differences_and_mae_against_a_known_truth():
 
 def test_rotation_differences_wrap_by_the_symmetry():
     zero = np.zeros((2, 2))
-    a = strain_dataset("ccstae", exx=zero, eyy=zero, exy=zero, theta=np.full((2, 2), np.radians(44.0)))
-    b = strain_dataset("py4dstem", exx=zero, eyy=zero, exy=zero, theta=np.full((2, 2), np.radians(-45.0)))
+    a = strain_dataset(
+        "ccstae", exx=zero, eyy=zero, exy=zero, theta=np.full((2, 2), np.radians(44.0))
+    )
+    b = strain_dataset(
+        "py4dstem", exx=zero, eyy=zero, exy=zero, theta=np.full((2, 2), np.radians(-45.0))
+    )
     out, stats = compare_methods(combine_methods([a, b]), symmetry=4)
     np.testing.assert_allclose(np.degrees(out["diff_theta"].values), -1.0)
     assert "mae" not in stats

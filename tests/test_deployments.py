@@ -73,7 +73,9 @@ def test_nothing_is_exposed_outside_the_cluster():
     dask = next(d for d in manifests() if d["kind"] == "DaskCluster")
     assert dask["spec"]["scheduler"]["service"]["type"] == "ClusterIP"
     policy = next(d for d in manifests() if d["kind"] == "NetworkPolicy")
-    assert policy["spec"]["podSelector"] == {} and policy["spec"]["ingress"] == [{"from": [{"podSelector": {}}]}]
+    assert policy["spec"]["podSelector"] == {} and policy["spec"]["ingress"] == [
+        {"from": [{"podSelector": {}}]}
+    ]
 
 
 def test_dask_workers_are_gpu_workers():
@@ -93,7 +95,9 @@ def test_work_pool_template_variables_cover_its_placeholders():
     template = json.loads((K8S / "work-pool-template.json").read_text())
     used = set(re.findall(r"\{\{\s*(\w+)\s*\}\}", json.dumps(template["job_configuration"])))
     assert used <= set(template["variables"]["properties"])
-    assert template["variables"]["properties"]["node_selector"]["default"] == {"nvidia.com/gpu.present": "true"}
+    assert template["variables"]["properties"]["node_selector"]["default"] == {
+        "nvidia.com/gpu.present": "true"
+    }
 
 
 def test_image_keeps_secrets_out_and_runs_unprivileged():
@@ -101,7 +105,10 @@ def test_image_keeps_secrets_out_and_runs_unprivileged():
     instructions = [line for line in dockerfile.splitlines() if line and not line.startswith("#")]
     for line in instructions:
         if line.split()[0] in ("ENV", "ARG"):
-            assert not any(word in line.upper() for word in ("SECRET", "PASSWORD", "AWS_ACCESS_KEY", "AUTH_STRING")), line
+            assert not any(
+                word in line.upper()
+                for word in ("SECRET", "PASSWORD", "AWS_ACCESS_KEY", "AUTH_STRING")
+            ), line
     assert any(line.startswith("USER ") and "root" not in line for line in instructions)
     ignored = (DEPLOY.parent / ".dockerignore").read_text().split()
     assert {".env", ".venv", ".git"} <= set(ignored)
@@ -121,14 +128,31 @@ def prefect_server(tmp_path_factory):
         "PREFECT_SERVER_UI_ENABLED": "false",
     }
     proc = subprocess.Popen(
-        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port), "--no-services"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [
+            sys.executable,
+            "-m",
+            "prefect",
+            "server",
+            "start",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--no-services",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     url = f"http://127.0.0.1:{port}/api"
     deadline = time.time() + 120
     while time.time() < deadline:
         try:
-            if httpx.get(f"{url}/health", auth=tuple(auth.split(":", 1)), timeout=2).status_code == 200:
+            if (
+                httpx.get(f"{url}/health", auth=tuple(auth.split(":", 1)), timeout=2).status_code
+                == 200
+            ):
                 break
         except httpx.HTTPError:
             time.sleep(1)
@@ -169,13 +193,19 @@ def test_the_deployments_of_prefect_yaml_register(prefect_server):
     ):
         done = subprocess.run(
             [sys.executable, "-m", "prefect", *command],
-            cwd=repo, env=env, capture_output=True, text=True, timeout=180,
+            cwd=repo,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=180,
         )
         assert done.returncode == 0, f"prefect {' '.join(command)}:\n{done.stdout}\n{done.stderr}"
 
     response = httpx.post(
-        f"{prefect_server['url']}/deployments/filter", json={},
-        auth=tuple(prefect_server["auth"].split(":", 1)), timeout=30,
+        f"{prefect_server['url']}/deployments/filter",
+        json={},
+        auth=tuple(prefect_server["auth"].split(":", 1)),
+        timeout=30,
     )
     response.raise_for_status()
     deployments = {d["name"]: d for d in response.json()}
@@ -209,7 +239,8 @@ def test_the_deployments_of_prefect_yaml_register(prefect_server):
     assert schedule["active"]
     assert schedule["schedule"]["cron"] == "0 2 * * *" and schedule["schedule"]["timezone"] == "UTC"
     assert nightly["parameters"] == {
-        "root": "s3://facility-raw/", "dest_root": "s3://facility-results/"
+        "root": "s3://facility-raw/",
+        "dest_root": "s3://facility-results/",
     }
     form = nightly["parameter_openapi_schema"]
     assert {"root", "dest_root"} <= set(form["required"])

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import hashlib
-import re
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -34,7 +34,11 @@ def leftovers(folder) -> list[str]:
 def test_store_opens_in_xarray_with_units_and_provenance(tmp_path):
     data = scan()
     np.save(tmp_path / "s.npy", data)
-    options = IngestOptions(calibration=Calibration(probe_step_nm=0.5, q_pixel_size=0.02, q_pixel_units="1/A", origin_px=(8, 6)))
+    options = IngestOptions(
+        calibration=Calibration(
+            probe_step_nm=0.5, q_pixel_size=0.02, q_pixel_units="1/A", origin_px=(8, 6)
+        )
+    )
     result = ingest(str(tmp_path / "s.npy"), str(tmp_path / "s.zarr"), options)
     assert result.status == "written"
     ds = xr.open_zarr(tmp_path / "s.zarr")
@@ -48,7 +52,9 @@ def test_store_opens_in_xarray_with_units_and_provenance(tmp_path):
     assert ds.attrs["source_bytes"] == os.path.getsize(tmp_path / "s.npy")
     assert "zarr" in ds.attrs["software"] and "numpy" in ds.attrs["software"]
     # The content hash is the documented scheme, recomputed here independently.
-    digests = b"".join(hashlib.sha256(p.astype("<u2").tobytes()).digest() for p in data.reshape(-1, 16, 12))
+    digests = b"".join(
+        hashlib.sha256(p.astype("<u2").tobytes()).digest() for p in data.reshape(-1, 16, 12)
+    )
     assert ds.attrs["content_sha256"] == hashlib.sha256(digests).hexdigest()
     assert ds.attrs["content_hash_scheme"] == HASH_SCHEME
     encoding = ds["data"].encoding
@@ -71,7 +77,11 @@ def test_content_hash_does_not_depend_on_chunking(tmp_path):
 
     data = scan()
     np.save(tmp_path / "s.npy", data)
-    a = write_scan(open_source(str(tmp_path / "s.npy")).data, str(tmp_path / "a.zarr"), calibration=Calibration())
+    a = write_scan(
+        open_source(str(tmp_path / "s.npy")).data,
+        str(tmp_path / "a.zarr"),
+        calibration=Calibration(),
+    )
     b = write_scan(
         open_source(str(tmp_path / "s.npy")).data,
         str(tmp_path / "b.zarr"),
@@ -103,7 +113,12 @@ def test_rerun_skips_and_changed_source_is_refused(tmp_path, capsys):
     assert main(["ingest", str(tmp_path / "s.npy"), str(tmp_path / "s.zarr"), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "s.zarr already holds a different scan" in err and "pass --overwrite" in err
-    assert main(["ingest", str(tmp_path / "s.npy"), str(tmp_path / "s.zarr"), "--quiet", "--overwrite"]) == 0
+    assert (
+        main(
+            ["ingest", str(tmp_path / "s.npy"), str(tmp_path / "s.zarr"), "--quiet", "--overwrite"]
+        )
+        == 0
+    )
     np.testing.assert_array_equal(open_scan(str(tmp_path / "s.zarr")).values, scan(seed=1))
 
 
@@ -113,7 +128,10 @@ def test_destination_holding_something_else(tmp_path, capsys):
     (tmp_path / "results" / "notes.txt").write_text("precious")
     code = main(["ingest", str(tmp_path / "s.npy"), str(tmp_path / "results"), "--overwrite"])
     assert code == 2
-    assert "results already exists and is not a stemflow scan store; choose another destination" in capsys.readouterr().err
+    assert (
+        "results already exists and is not a stemflow scan store; choose another destination"
+        in capsys.readouterr().err
+    )
     assert (tmp_path / "results" / "notes.txt").read_text() == "precious"
 
 
@@ -125,7 +143,13 @@ def test_nonfinite_float_data(tmp_path, allow):
     np.save(tmp_path / "s.npy", data)
     options = IngestOptions(allow_nonfinite=allow)
     if not allow:
-        with pytest.raises(InputError, match=r"s\.npy holds 2 NaN/Inf pixels in 2 patterns; clean the data, or pass --allow-nonfinite"):
+        with pytest.raises(
+            InputError,
+            match=(
+                r"s\.npy holds 2 NaN/Inf pixels in 2 patterns; clean the data, "
+                r"or pass --allow-nonfinite"
+            ),
+        ):
             ingest(str(tmp_path / "s.npy"), str(tmp_path / "s.zarr"), options)
         assert leftovers(tmp_path) == []
     else:
@@ -141,15 +165,26 @@ BAD_INPUTS = [
     ("fake.npy", b"not numpy", [], r"fake\.npy is not a NumPy \.npy file"),
     ("fake.h5", b"\x00" * 64, [], r"fake\.h5 is not a valid hdf5 file"),
     ("frames.npy", (12, 16, 12), [], r"pass --scan-shape RX,RY"),
-    ("frames.npy", (12, 16, 12), ["--scan-shape", "5,3"], r"does not fit: pass a scan shape whose product is 12"),
+    (
+        "frames.npy",
+        (12, 16, 12),
+        ["--scan-shape", "5,3"],
+        r"does not fit: pass a scan shape whose product is 12",
+    ),
     ("five.npy", (2, 2, 3, 16, 12), [], r"with 5 dims; expected 4 dims"),
     ("empty.npy", (0, 3, 16, 12), [], r"holds an empty scan"),
     ("cut.npy", "truncated", [], r"cut\.npy is truncated"),
 ]
 
 
-@pytest.mark.parametrize(("name", "content", "extra", "message"), BAD_INPUTS, ids=[b[0] + str(i) for i, b in enumerate(BAD_INPUTS)])
-def test_bad_input_is_one_sentence_and_publishes_nothing(tmp_path, capsys, name, content, extra, message):
+@pytest.mark.parametrize(
+    ("name", "content", "extra", "message"),
+    BAD_INPUTS,
+    ids=[b[0] + str(i) for i, b in enumerate(BAD_INPUTS)],
+)
+def test_bad_input_is_one_sentence_and_publishes_nothing(
+    tmp_path, capsys, name, content, extra, message
+):
     path = tmp_path / name
     if isinstance(content, bytes):
         path.write_bytes(content)
@@ -194,7 +229,9 @@ def test_failed_replacement_keeps_the_old_store(tmp_path, monkeypatch):
     np.save(tmp_path / "s.npy", scan())
     ingest(str(tmp_path / "s.npy"), str(tmp_path / "s.zarr"))
     np.save(tmp_path / "s.npy", scan(seed=1))
-    monkeypatch.setattr(store, "_write_and_hash", lambda *a, **k: (_ for _ in ()).throw(OSError("network lost")))
+    monkeypatch.setattr(
+        store, "_write_and_hash", lambda *a, **k: (_ for _ in ()).throw(OSError("network lost"))
+    )
     with pytest.raises(OSError, match="network lost"):
         ingest(str(tmp_path / "s.npy"), str(tmp_path / "s.zarr"), IngestOptions(overwrite=True))
     np.testing.assert_array_equal(open_scan(str(tmp_path / "s.zarr")).values, scan())
@@ -203,9 +240,17 @@ def test_failed_replacement_keeps_the_old_store(tmp_path, monkeypatch):
 
 def test_open_scan_refuses_other_stores(tmp_path):
     xr.Dataset({"x": ("a", np.arange(3))}).to_zarr(tmp_path / "other.zarr", zarr_format=3)
-    with pytest.raises(InputError, match=r"other\.zarr is not a scan store: it needs a variable 'data' with dims \(rx, ry, qx, qy\)"):
+    with pytest.raises(
+        InputError,
+        match=(
+            r"other\.zarr is not a scan store: it needs a variable 'data' "
+            r"with dims \(rx, ry, qx, qy\)"
+        ),
+    ):
         open_scan(str(tmp_path / "other.zarr"))
-    with pytest.raises(InputError, match=r"nothing\.zarr does not exist; run `stemflow ingest SOURCE"):
+    with pytest.raises(
+        InputError, match=r"nothing\.zarr does not exist; run `stemflow ingest SOURCE"
+    ):
         open_scan(str(tmp_path / "nothing.zarr"))
 
 
@@ -238,14 +283,18 @@ def test_peak_memory_is_well_below_the_scan_size(tmp_path):
     size = os.path.getsize(path)
     proc = subprocess.run(
         [sys.executable, "-c", PEAK_SCRIPT, str(path), str(tmp_path / "big.zarr")],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     rss = json.loads(proc.stdout.strip().splitlines()[-1])
     grew = rss["after"] - rss["before"]
     block = 32 * 2**20  # one write block (a scan row of 256 x 256 px patterns here)
     # Memory is a few blocks per thread (read buffer, zarr's copy, shard buffers), not the scan:
     # measured 268 MB with 2 threads (170 MB with 1) for this 805 MB scan of 25 blocks.
-    assert grew < 10 * block and grew < size / 2, f"peak RSS grew by {grew / 1e6:.0f} MB for a {size / 1e6:.0f} MB scan"
+    assert grew < 10 * block and grew < size / 2, (
+        f"peak RSS grew by {grew / 1e6:.0f} MB for a {size / 1e6:.0f} MB scan"
+    )
     assert open_scan(str(tmp_path / "big.zarr")).shape == shape
 
 

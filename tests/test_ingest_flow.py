@@ -51,7 +51,9 @@ def test_ingest_flow_on_a_local_cluster_to_s3(prefect_harness, tmp_path, s3):
     assert again["status"] == "skipped"
 
 
-def test_storage_errors_are_retried_and_input_errors_are_not(prefect_harness, tmp_path, monkeypatch):
+def test_storage_errors_are_retried_and_input_errors_are_not(
+    prefect_harness, tmp_path, monkeypatch
+):
     np.save(tmp_path / "s.npy", scan())
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{closed_port()}")
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
@@ -61,12 +63,17 @@ def test_storage_errors_are_retried_and_input_errors_are_not(prefect_harness, tm
     @flow
     def two_ingests() -> None:
         unreachable = quick.submit(str(tmp_path / "s.npy"), "s3://bucket/s.zarr", IngestOptions())
-        missing = quick.submit(str(tmp_path / "missing.npy"), str(tmp_path / "m.zarr"), IngestOptions())
+        missing = quick.submit(
+            str(tmp_path / "missing.npy"), str(tmp_path / "m.zarr"), IngestOptions()
+        )
         for future in (unreachable, missing):
             future.wait()
 
     state = two_ingests(return_state=True)
     runs = asyncio.run(_task_runs(state.state_details.flow_run_id))
     attempts = {("StorageError" in run.state.message): run.run_count for run in runs}
-    assert attempts == {True: 3, False: 1}  # the unreachable store: 1 + 2 retries; the missing file: once
+    assert attempts == {
+        True: 3,
+        False: 1,
+    }  # the unreachable store: 1 + 2 retries; the missing file: once
     assert not (tmp_path / "m.zarr").exists()

@@ -37,7 +37,9 @@ def write_raw_scan(path) -> str:
     """A raw HDF5 scan with 10 % background noise and its truth, as a detector would write."""
     sim = simulate(SIMULATION)
     counts = add_noise(sim["data"].data, background=0.1, counts=1e5, seed=1)
-    truth = sim[[v for v in sim.data_vars if v.startswith("truth_") or v in ("grain_id", "reference_mask")]]
+    truth = sim[
+        [v for v in sim.data_vars if v.startswith("truth_") or v in ("grain_id", "reference_mask")]
+    ]
     truth.attrs["truth_symmetry"] = sim.attrs["truth_symmetry"]
     with dask.config.set(scheduler="threads"):
         return str(write_hdf5_scan(counts, path, truth=truth))
@@ -63,7 +65,12 @@ def _run_logs_and_artifacts(flow_run_id) -> tuple[str, str]:
             )
             response = await client._client.post(
                 "/artifacts/filter",
-                json={"artifacts": {"flow_run_id": {"any_": [str(flow_run_id)]}}, "limit": 50, "offset": 0, "sort": "CREATED_DESC"},
+                json={
+                    "artifacts": {"flow_run_id": {"any_": [str(flow_run_id)]}},
+                    "limit": 50,
+                    "offset": 0,
+                    "sort": "CREATED_DESC",
+                },
             )
         text = "\n".join(log.message for log in logs)
         return text, json.dumps(response.json())
@@ -84,10 +91,16 @@ def test_process_scan_publishes_both_methods_to_s3(prefect_harness, raw, s3, s3_
     state = process_scan(source=raw, dest=dest, ccstae=TINY, device="cpu", return_state=True)
     assert state.is_completed(), state.message
     published = state.result()
-    assert published["url"] == dest and published["steps"] == {"ingest": "written", "ccstae": "done", "py4dstem": "done"}
+    assert published["url"] == dest and published["steps"] == {
+        "ingest": "written",
+        "ccstae": "done",
+        "py4dstem": "done",
+    }
 
-    fs = s3fs.S3FileSystem(endpoint_url=s3_server.endpoint, key=s3_server.access_key, secret=s3_server.secret_key)
-    ds = xr.open_zarr(fs.get_mapper(dest[len("s3://"):]), consolidated=False)
+    fs = s3fs.S3FileSystem(
+        endpoint_url=s3_server.endpoint, key=s3_server.access_key, secret=s3_server.secret_key
+    )
+    ds = xr.open_zarr(fs.get_mapper(dest[len("s3://") :]), consolidated=False)
     assert [str(m) for m in ds["method"].values] == ["ccstae", "py4dstem"]
     assert dict(ds.sizes) == {"method": 2, "rx": 12, "ry": 12}
     for name in ("exx", "eyy", "exy", "theta", "valid", "diff_exx", "truth_exx"):
@@ -102,18 +115,22 @@ def test_process_scan_publishes_both_methods_to_s3(prefect_harness, raw, s3, s3_
     for c in ("exx", "eyy", "exy"):
         assert ds.attrs["statistics"]["mae"]["py4dstem"][c] == pytest.approx(errors[c], rel=1e-6)
     diff = (ds["exx"].sel({"method": "ccstae"}) - ds["exx"].sel({"method": "py4dstem"})).values
-    assert np.allclose(np.where(np.isfinite(diff), diff, 0), np.nan_to_num(ds["diff_exx"].values), atol=1e-12)
+    assert np.allclose(
+        np.where(np.isfinite(diff), diff, 0), np.nan_to_num(ds["diff_exx"].values), atol=1e-12
+    )
 
     # The CC-ST-AE's checkpoint is kept beside the result in the bucket (for resuming).
-    work = fs.find(f"{s3[len('s3://'):]}/grains/.strain.zarr.work")
+    work = fs.find(f"{s3[len('s3://') :]}/grains/.strain.zarr.work")
     assert any(p.endswith("/checkpoint.pt") for p in work)
     for name in ("ccstae", "py4dstem", "comparison"):
-        assert fs.cat_file(published["pngs"][name][len("s3://"):])[:4] == b"\x89PNG"
+        assert fs.cat_file(published["pngs"][name][len("s3://") :])[:4] == b"\x89PNG"
 
     logs, artifacts = _run_logs_and_artifacts(state.state_details.flow_run_id)
     assert "| MAE exx vs truth (1e-3) |" in artifacts and dest in artifacts
     assert "published" in logs
-    stored = _store_bytes(fs, dest[len("s3://"):]) + _store_bytes(fs, f"{s3[len('s3://'):]}/grains/grains.zarr")
+    stored = _store_bytes(fs, dest[len("s3://") :]) + _store_bytes(
+        fs, f"{s3[len('s3://') :]}/grains/grains.zarr"
+    )
     for secret in (s3_server.secret_key, s3_server.access_key):
         assert secret not in logs and secret not in artifacts and secret.encode() not in stored
 
@@ -123,7 +140,9 @@ def test_process_scan_publishes_both_methods_to_s3(prefect_harness, raw, s3, s3_
     assert again["statistics"] == published["statistics"]
 
 
-def test_an_unreachable_store_fails_clearly_and_publishes_nothing(prefect_harness, raw, tmp_path, monkeypatch):
+def test_an_unreachable_store_fails_clearly_and_publishes_nothing(
+    prefect_harness, raw, tmp_path, monkeypatch
+):
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{closed_port()}")
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAEXAMPLEEXAMPLE")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-a-real-secret-but-secret-all-the-same")
@@ -161,7 +180,11 @@ def test_a_worker_killed_mid_run_changes_nothing(prefect_harness, raw, tmp_path)
         def kill_a_busy_worker() -> None:
             deadline = time.monotonic() + 120
             while time.monotonic() < deadline and not killed:
-                busy = [w for w, tasks in client.processing().items() if any("py4dstem" in t for t in tasks)]
+                busy = [
+                    w
+                    for w, tasks in client.processing().items()
+                    if any("py4dstem" in t for t in tasks)
+                ]
                 if busy:
                     pid = client.run(os.getpid, workers=busy[:1])[busy[0]]
                     os.kill(pid, signal.SIGKILL)
@@ -171,7 +194,10 @@ def test_a_worker_killed_mid_run_changes_nothing(prefect_harness, raw, tmp_path)
         killer = threading.Thread(target=kill_a_busy_worker)
         killer.start()
         result = process_scan.with_options(task_runner=dask_runner(cluster.scheduler_address))(
-            source=raw, dest=str(tmp_path / "rough" / "strain.zarr"), methods=["py4dstem"], device="cpu"
+            source=raw,
+            dest=str(tmp_path / "rough" / "strain.zarr"),
+            methods=["py4dstem"],
+            device="cpu",
         )
         killer.join()
         client.close()

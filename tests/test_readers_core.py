@@ -42,7 +42,9 @@ def test_npy_dtypes_round_trip(tmp_path, dtype):
 def test_npy_frames_with_scan_shape(tmp_path):
     data = scan()
     np.save(tmp_path / "f.npy", data.reshape(12, 16, 12))
-    out = open_source(str(tmp_path / "f.npy"), options=ReadOptions(scan_shape=(3, 4), chunks=(2, 3)))
+    out = open_source(
+        str(tmp_path / "f.npy"), options=ReadOptions(scan_shape=(3, 4), chunks=(2, 3))
+    )
     np.testing.assert_array_equal(out.data.compute(), data)
 
 
@@ -54,8 +56,13 @@ def test_raw_with_header_and_frame_footer(tmp_path):
         for frame in data.reshape(-1, 16, 12):
             f.write(b"h" * fhead + frame.tobytes() + b"f" * ffoot)
     options = ReadOptions(
-        dtype="<u2", frame_shape=(16, 12), scan_shape=(3, 4), header_bytes=header,
-        frame_header_bytes=fhead, frame_footer_bytes=ffoot, chunks=(1, 3),
+        dtype="<u2",
+        frame_shape=(16, 12),
+        scan_shape=(3, 4),
+        header_bytes=header,
+        frame_header_bytes=fhead,
+        frame_footer_bytes=ffoot,
+        chunks=(1, 3),
     )
     out = open_source(str(tmp_path / "s.raw"), options=options)
     assert out.reader == "raw"
@@ -64,14 +71,18 @@ def test_raw_with_header_and_frame_footer(tmp_path):
 
 def test_raw_needs_its_layout(tmp_path):
     (tmp_path / "s.raw").write_bytes(b"\0" * 1000)
-    with pytest.raises(InputError, match=r"s\.raw: a raw binary file needs its layout; pass --dtype"):
+    with pytest.raises(
+        InputError, match=r"s\.raw: a raw binary file needs its layout; pass --dtype"
+    ):
         open_source(str(tmp_path / "s.raw"))
 
 
 def test_raw_truncated(tmp_path):
     (tmp_path / "s.raw").write_bytes(b"\0" * (3 * 4 * 16 * 12 * 2 - 10))
     options = ReadOptions(dtype="uint16", frame_shape=(16, 12), scan_shape=(3, 4))
-    with pytest.raises(InputError, match=r"s\.raw is truncated: it has 4598 bytes but its shape needs 4608"):
+    with pytest.raises(
+        InputError, match=r"s\.raw is truncated: it has 4598 bytes but its shape needs 4608"
+    ):
         open_source(str(tmp_path / "s.raw"), options=options)
 
 
@@ -89,7 +100,13 @@ def test_hdf5_several_candidates_are_listed(tmp_path):
     with h5py.File(tmp_path / "s.h5", "w") as f:
         f["a"] = scan()
         f["b"] = scan(seed=1)
-    with pytest.raises(InputError, match=r"several candidate scans \(/a \(3, 4, 16, 12\), /b \(3, 4, 16, 12\)\); pass --dataset"):
+    with pytest.raises(
+        InputError,
+        match=(
+            r"several candidate scans \(/a \(3, 4, 16, 12\), /b \(3, 4, 16, 12\)\); "
+            r"pass --dataset"
+        ),
+    ):
         open_source(str(tmp_path / "s.h5"))
     out = open_source(str(tmp_path / "s.h5"), options=ReadOptions(dataset="b"))
     np.testing.assert_array_equal(out.data.compute(), scan(seed=1))
@@ -146,7 +163,9 @@ def test_missing_file(tmp_path):
 
 def test_unknown_format_lists_supported(tmp_path):
     (tmp_path / "scan.xyz").write_bytes(b"12345")
-    with pytest.raises(InputError, match=r"scan\.xyz: unknown format \.xyz; pass --format with one of: .*npy.*hdf5"):
+    with pytest.raises(
+        InputError, match=r"scan\.xyz: unknown format \.xyz; pass --format with one of: .*npy.*hdf5"
+    ):
         open_source(str(tmp_path / "scan.xyz"))
 
 
@@ -167,7 +186,10 @@ def test_truncated_hdf5(tmp_path):
         f.create_dataset("cube", data=scan(shape=(8, 8, 32, 32)))
     raw = (tmp_path / "s.h5").read_bytes()
     (tmp_path / "cut.h5").write_bytes(raw[: len(raw) // 2])
-    with pytest.raises(InputError, match=r"cut\.h5 is not a readable HDF5 file \(it is truncated or another format\)"):
+    with pytest.raises(
+        InputError,
+        match=r"cut\.h5 is not a readable HDF5 file \(it is truncated or another format\)",
+    ):
         open_source(str(tmp_path / "cut.h5")).data.compute()
 
 
@@ -175,17 +197,34 @@ def test_truncated_npy(tmp_path):
     np.save(tmp_path / "s.npy", scan())
     raw = (tmp_path / "s.npy").read_bytes()
     (tmp_path / "cut.npy").write_bytes(raw[:-100])
-    with pytest.raises(InputError, match=r"cut\.npy is truncated: it has \d+ bytes but its shape needs \d+"):
+    with pytest.raises(
+        InputError, match=r"cut\.npy is truncated: it has \d+ bytes but its shape needs \d+"
+    ):
         open_source(str(tmp_path / "cut.npy"))
 
 
 @pytest.mark.parametrize(
     ("shape", "options", "message"),
     [
-        ((12, 16, 12), ReadOptions(), r"has shape \(12, 16, 12\) \(12 frames\); expected 4 dims \(rx, ry, qx, qy\): pass --scan-shape RX,RY"),
+        (
+            (12, 16, 12),
+            ReadOptions(),
+            (
+                r"has shape \(12, 16, 12\) \(12 frames\); expected 4 dims \(rx, ry, qx, qy\): "
+                r"pass --scan-shape RX,RY"
+            ),
+        ),
         ((16, 12), ReadOptions(), r"has shape \(16, 12\) \(one pattern\); expected 4 dims"),
-        ((12, 16, 12), ReadOptions(scan_shape=(5, 3)), r"holds 12 frames of 16x12, which --scan-shape 5,3 \(15 positions\) does not fit"),
-        ((2, 3, 4, 16, 12), ReadOptions(), r"has shape \(2, 3, 4, 16, 12\) with 5 dims; expected 4 dims"),
+        (
+            (12, 16, 12),
+            ReadOptions(scan_shape=(5, 3)),
+            r"holds 12 frames of 16x12, which --scan-shape 5,3 \(15 positions\) does not fit",
+        ),
+        (
+            (2, 3, 4, 16, 12),
+            ReadOptions(),
+            r"has shape \(2, 3, 4, 16, 12\) with 5 dims; expected 4 dims",
+        ),
         ((0, 4, 16, 12), ReadOptions(), r"holds an empty scan of shape \(0, 4, 16, 12\)"),
     ],
 )

@@ -31,10 +31,16 @@ def test_good_done_and_broken_scans(prefect_harness, one_scan, tmp_path):
     second = reprocess_facility(root=str(root), dest_root=str(results), methods=["py4dstem"])
     rows = {r["scan"].removeprefix(str(root) + "/"): r for r in second["scans"]}
     assert second["counts"] == {"processed": 1, "skipped": 1, "failed": 1}
-    assert rows["day1/done.h5"]["status"] == "skipped" and rows["day1/done.h5"]["reason"] == "already processed"
+    assert (
+        rows["day1/done.h5"]["status"] == "skipped"
+        and rows["day1/done.h5"]["reason"] == "already processed"
+    )
     assert rows["day1/new.h5"]["status"] == "processed"
     assert rows["broken.mib"]["status"] == "failed"
-    assert "broken.mib" in rows["broken.mib"]["reason"] and "Traceback" not in rows["broken.mib"]["reason"]
+    assert (
+        "broken.mib" in rows["broken.mib"]["reason"]
+        and "Traceback" not in rows["broken.mib"]["reason"]
+    )
 
     new = xr.open_zarr(result_url(str(results), "day1/new"))
     done = xr.open_zarr(result_url(str(results), "day1/done"))

@@ -57,7 +57,11 @@ def test_the_demo_scan_is_written_once_with_its_truth(tmp_path):
 
     path = write_demo_scan(tmp_path)
     with h5py.File(path) as f:
-        assert f["data"].shape == (*DEMO_SIMULATION.scan, DEMO_SIMULATION.pattern, DEMO_SIMULATION.pattern)
+        assert f["data"].shape == (
+            *DEMO_SIMULATION.scan,
+            DEMO_SIMULATION.pattern,
+            DEMO_SIMULATION.pattern,
+        )
         assert {"exx", "eyy", "exy", "theta"} <= {k.removeprefix("truth_") for k in f["truth"]}
     stamp = path.stat().st_mtime_ns
     assert write_demo_scan(tmp_path) == path and path.stat().st_mtime_ns == stamp

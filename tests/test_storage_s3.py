@@ -71,7 +71,9 @@ def test_wrong_credentials_are_named_not_printed(tmp_path, s3, monkeypatch, caps
     code = main(["ingest", str(tmp_path / "s.npy"), f"{s3}/s.zarr", "--quiet"])
     err = capsys.readouterr().err
     assert code == 2
-    assert "refused the credentials or access; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY" in err
+    assert (
+        "refused the credentials or access; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY" in err
+    )
     assert secret not in err and "AKIAIOSFODNN7EXAMPLE" not in err and "Traceback" not in err
     monkeypatch.undo()
 
@@ -106,14 +108,19 @@ def test_missing_bucket(tmp_path, s3, capsys):
     np.save(tmp_path / "s.npy", scan())
     code = main(["ingest", str(tmp_path / "s.npy"), "s3://no-such-bucket-here/s.zarr", "--quiet"])
     assert code == 2
-    assert "s3://no-such-bucket-here/s.zarr: the bucket does not exist; create it or correct the URL." in capsys.readouterr().err
+    assert (
+        "s3://no-such-bucket-here/s.zarr: the bucket does not exist; create it or correct the URL."
+        in capsys.readouterr().err
+    )
 
 
 def test_failed_upload_publishes_nothing(tmp_path, s3, monkeypatch):
     import stemlib.io.scan_store as store
 
     np.save(tmp_path / "s.npy", scan())
-    monkeypatch.setattr(store, "_write_and_hash", lambda *a, **k: (_ for _ in ()).throw(ConnectionError("reset")))
+    monkeypatch.setattr(
+        store, "_write_and_hash", lambda *a, **k: (_ for _ in ()).throw(ConnectionError("reset"))
+    )
     with pytest.raises(StorageError, match="cannot be reached"):
         ingest(str(tmp_path / "s.npy"), f"{s3}/s.zarr")
     assert keys(s3) == []

@@ -12,7 +12,9 @@ def int_pair(text: str) -> tuple[int, int]:
     try:
         a, b = (int(v) for v in text.replace("x", ",").split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected two integers like 64,64, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected two integers like 64,64, got {text!r}"
+        ) from None
     return a, b
 
 
@@ -21,5 +23,7 @@ def float_pair(text: str) -> tuple[float, float]:
     try:
         a, b = (float(v) for v in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected two numbers like 64.0,64.0, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected two numbers like 64.0,64.0, got {text!r}"
+        ) from None
     return a, b

@@ -22,7 +22,15 @@ from .run import add_pipeline_arguments, pipeline_options, run_pipeline
 __all__ = ["register", "DEMO_SIMULATION", "DEMO_BACKGROUND", "write_demo_scan"]
 
 #: The embedded scan.
-DEMO_SIMULATION = SimulationConfig(scan=(32, 32), pattern=128, grains=6, lattice="square", max_strain=0.02, max_rot_deg=45.0, seed=7)
+DEMO_SIMULATION = SimulationConfig(
+    scan=(32, 32),
+    pattern=128,
+    grains=6,
+    lattice="square",
+    max_strain=0.02,
+    max_rot_deg=45.0,
+    seed=7,
+)
 #: Background weight w of the paper's noise model (25 %).
 DEMO_BACKGROUND = 0.25
 
@@ -34,10 +42,15 @@ def write_demo_scan(folder: Path) -> Path:
         return path
     sim = simulate(DEMO_SIMULATION)
     counts = add_noise(sim["data"].data, background=DEMO_BACKGROUND, counts=1e5, seed=0)
-    truth = sim[[v for v in sim.data_vars if v.startswith("truth_") or v in ("grain_id", "reference_mask")]]
+    truth = sim[
+        [v for v in sim.data_vars if v.startswith("truth_") or v in ("grain_id", "reference_mask")]
+    ]
     truth.attrs["truth_symmetry"] = sim.attrs["truth_symmetry"]
     return write_hdf5_scan(
-        counts, path, truth=truth, attrs={"description": "stemflow demo: simulated grains, 25 % background noise"}
+        counts,
+        path,
+        truth=truth,
+        attrs={"description": "stemflow demo: simulated grains, 25 % background noise"},
     )
 
 
@@ -52,15 +65,21 @@ def _shown(path: str) -> str:
 def _run(args: argparse.Namespace) -> int:
     folder = Path(args.dest)
     raw = write_demo_scan(folder)
-    print(f"simulated scan: {raw} ({DEMO_SIMULATION.scan[0]} x {DEMO_SIMULATION.scan[1]} positions, "
-          f"{DEMO_SIMULATION.pattern} px patterns, {DEMO_BACKGROUND:.0%} background noise)")
+    print(
+        f"simulated scan: {raw} ({DEMO_SIMULATION.scan[0]} x {DEMO_SIMULATION.scan[1]} positions, "
+        f"{DEMO_SIMULATION.pattern} px patterns, {DEMO_BACKGROUND:.0%} background noise)"
+    )
     options = pipeline_options(args)
     options["scan_store"] = options["scan_store"] or str(folder / "demo-scan.zarr")
     if args.preset == "auto" and args.ccstae_config is None:
         options["ccstae_preset"] = "cpu"
-    published = run_pipeline(str(raw), str(folder / "strain.zarr"), dask_address=args.dask_address, **options)
+    published = run_pipeline(
+        str(raw), str(folder / "strain.zarr"), dask_address=args.dask_address, **options
+    )
     print(f"\n{published['table']}\n")
-    print(f"strain dataset: {published['url']}\n  open it with:  xr.open_zarr({published['url']!r})")
+    print(
+        f"strain dataset: {published['url']}\n  open it with:  xr.open_zarr({published['url']!r})"
+    )
     for name, png in published["pngs"].items():
         print(f"  {name}: {_shown(png)}")
     print(
@@ -76,6 +95,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         help="the whole pipeline on an embedded simulated scan",
         description=__doc__.split("\n\n", 1)[1] if __doc__ else None,
     )
-    parser.add_argument("dest", nargs="?", default="stemflow-demo", metavar="DEST", help="output folder (default: ./stemflow-demo)")
+    parser.add_argument(
+        "dest",
+        nargs="?",
+        default="stemflow-demo",
+        metavar="DEST",
+        help="output folder (default: ./stemflow-demo)",
+    )
     add_pipeline_arguments(parser)
     parser.set_defaults(run=_run)

@@ -17,23 +17,39 @@ __all__ = ["register", "options_from_args", "add_source_arguments", "describe"]
 def add_source_arguments(parser: argparse.ArgumentParser) -> None:
     """The options that say how to read a raw scan (shared by ``ingest`` and ``run``)."""
     read = parser.add_argument_group("reading the source")
-    read.add_argument("--format", default="auto", choices=["auto", *FORMATS], help="source format (default: auto)")
+    read.add_argument(
+        "--format", default="auto", choices=["auto", *FORMATS], help="source format (default: auto)"
+    )
     read.add_argument("--dataset", help="path of the scan inside an HDF5 file, e.g. /datacube")
-    read.add_argument("--scan-shape", type=int_pair, metavar="RX,RY", help="probe positions of a flat frame stack")
+    read.add_argument(
+        "--scan-shape", type=int_pair, metavar="RX,RY", help="probe positions of a flat frame stack"
+    )
     read.add_argument("--dtype", help="raw binary: element type, e.g. uint16 or <f4")
-    read.add_argument("--frame-shape", type=int_pair, metavar="QX,QY", help="raw binary: pixels of one frame")
-    read.add_argument("--header-bytes", type=int, default=0, help="raw binary: bytes before the first frame")
-    read.add_argument("--frame-header-bytes", type=int, default=0, help="raw binary: bytes before each frame")
-    read.add_argument("--frame-footer-bytes", type=int, default=0, help="raw binary: bytes after each frame")
+    read.add_argument(
+        "--frame-shape", type=int_pair, metavar="QX,QY", help="raw binary: pixels of one frame"
+    )
+    read.add_argument(
+        "--header-bytes", type=int, default=0, help="raw binary: bytes before the first frame"
+    )
+    read.add_argument(
+        "--frame-header-bytes", type=int, default=0, help="raw binary: bytes before each frame"
+    )
+    read.add_argument(
+        "--frame-footer-bytes", type=int, default=0, help="raw binary: bytes after each frame"
+    )
     cal = parser.add_argument_group("calibration (overrides what the file says)")
     cal.add_argument("--probe-step-nm", type=float, help="scan step (nm)")
     cal.add_argument("--q-pixel-size", type=float, help="detector pixel size in --q-pixel-units")
     cal.add_argument("--q-pixel-units", choices=["1/A", "mrad"], help="units of --q-pixel-size")
     cal.add_argument("--beam-energy-kev", type=float, help="beam energy (keV)")
     cal.add_argument("--convergence-mrad", type=float, help="probe convergence semi-angle (mrad)")
-    cal.add_argument("--origin", type=float_pair, metavar="QX,QY", help="direct-beam pixel (qx, qy)")
+    cal.add_argument(
+        "--origin", type=float_pair, metavar="QX,QY", help="direct-beam pixel (qx, qy)"
+    )
     cal.add_argument("--qr-rotation-deg", type=float, help="scan-to-detector rotation (deg)")
-    parser.add_argument("--allow-nonfinite", action="store_true", help="store float data holding NaN/Inf")
+    parser.add_argument(
+        "--allow-nonfinite", action="store_true", help="store float data holding NaN/Inf"
+    )
 
 
 def options_from_args(args: argparse.Namespace) -> IngestOptions:
@@ -73,7 +89,8 @@ def describe(result: IngestResult) -> str:
             f"wrote {url}: data {tuple(a['shape'])} {a['dtype']}, chunks {tuple(a['chunks'])}"
             + (f", shards {tuple(a['shards'])}" if a.get("shards") else "")
             + f", {a['stored_bytes'] / 1e6:.1f} MB stored ({ratio:.1f}x compression)\n"
-            f"  source {a['source']} read as {a['reader']}; content sha256 {a['content_sha256'][:16]}..."
+            f"  source {a['source']} read as {a['reader']}; "
+            f"content sha256 {a['content_sha256'][:16]}..."
         )
     return f"{head}\n  open it with:  xr.open_zarr({url!r})"
 
@@ -102,10 +119,16 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "compressed Zarr v3 store, streaming block by block. A rerun with the same source and "
         "options skips the finished store.",
     )
-    parser.add_argument("source", nargs="?", metavar="SOURCE", help="raw scan: path or URL (s3://bucket/key)")
+    parser.add_argument(
+        "source", nargs="?", metavar="SOURCE", help="raw scan: path or URL (s3://bucket/key)"
+    )
     parser.add_argument("dest", nargs="?", metavar="DEST", help="scan store to write: path or URL")
     add_source_arguments(parser)
-    parser.add_argument("--overwrite", action="store_true", help="replace a different scan stored at DEST")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace a different scan stored at DEST"
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    parser.add_argument("--list-formats", action="store_true", help="list the supported formats and exit")
+    parser.add_argument(
+        "--list-formats", action="store_true", help="list the supported formats and exit"
+    )
     parser.set_defaults(run=_run)

@@ -21,19 +21,56 @@ def add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of a strain run (shared by ``run`` and ``demo``)."""
     strain = parser.add_argument_group("strain")
     strain.add_argument(
-        "--method", action="append", choices=["ccstae", "py4dstem"], dest="methods",
+        "--method",
+        action="append",
+        choices=["ccstae", "py4dstem"],
+        dest="methods",
         help="a method to run (repeat for both; default: both)",
     )
-    strain.add_argument("--reference", default="auto", metavar="auto|RX0:RX1,RY0:RY1|mask.npy", help="reference region (default: auto)")
-    strain.add_argument("--symmetry", default="auto", choices=["auto", "2", "4", "6"], help="lattice symmetry (default: auto)")
-    strain.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where CC-ST-AE trains (default: auto)")
-    strain.add_argument("--preset", default="auto", choices=["auto", "cpu", "gpu"], help="CC-ST-AE recipe (default: gpu on CUDA, else cpu)")
-    strain.add_argument("--ccstae-config", metavar="FILE", help="YAML or JSON CC-ST-AE configuration (replaces --preset)")
-    strain.add_argument("--py4dstem-config", metavar="FILE", help="YAML or JSON py4DSTEM baseline settings")
+    strain.add_argument(
+        "--reference",
+        default="auto",
+        metavar="auto|RX0:RX1,RY0:RY1|mask.npy",
+        help="reference region (default: auto)",
+    )
+    strain.add_argument(
+        "--symmetry",
+        default="auto",
+        choices=["auto", "2", "4", "6"],
+        help="lattice symmetry (default: auto)",
+    )
+    strain.add_argument(
+        "--device",
+        default="auto",
+        choices=["auto", "cpu", "cuda"],
+        help="where CC-ST-AE trains (default: auto)",
+    )
+    strain.add_argument(
+        "--preset",
+        default="auto",
+        choices=["auto", "cpu", "gpu"],
+        help="CC-ST-AE recipe (default: gpu on CUDA, else cpu)",
+    )
+    strain.add_argument(
+        "--ccstae-config",
+        metavar="FILE",
+        help="YAML or JSON CC-ST-AE configuration (replaces --preset)",
+    )
+    strain.add_argument(
+        "--py4dstem-config", metavar="FILE", help="YAML or JSON py4DSTEM baseline settings"
+    )
     where = parser.add_argument_group("where")
-    where.add_argument("--scan-store", help="where to keep the ingested scan (default: beside DEST)")
-    where.add_argument("--workdir", help="intermediate results and checkpoints (default: beside DEST)")
-    where.add_argument("--dask-address", metavar="tcp://HOST:8786", help="an existing Dask cluster (default: a local one)")
+    where.add_argument(
+        "--scan-store", help="where to keep the ingested scan (default: beside DEST)"
+    )
+    where.add_argument(
+        "--workdir", help="intermediate results and checkpoints (default: beside DEST)"
+    )
+    where.add_argument(
+        "--dask-address",
+        metavar="tcp://HOST:8786",
+        help="an existing Dask cluster (default: a local one)",
+    )
 
 
 def pipeline_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -51,23 +88,36 @@ def pipeline_options(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def run_pipeline(source: str, dest: str, *, dask_address: str | None = None, **options: Any) -> dict[str, Any]:
+def run_pipeline(
+    source: str, dest: str, *, dask_address: str | None = None, **options: Any
+) -> dict[str, Any]:
     """Run process_scan on a Dask task runner (local cluster, or ``dask_address``)."""
     from flows.process_scan import process_scan
     from flows.runners import dask_runner
 
     logging.getLogger("distributed").setLevel(logging.WARNING)
-    return process_scan.with_options(task_runner=dask_runner(dask_address))(source=source, dest=dest, **options)
+    return process_scan.with_options(task_runner=dask_runner(dask_address))(
+        source=source, dest=dest, **options
+    )
 
 
 def _check(source: str, dest: str, options: dict[str, Any]) -> None:
     """Refuse a mistake before any work starts (one sentence, nothing written)."""
-    scan = open_source(source, format=options["ingest"].format, options=options["ingest"].read_options()) if not _is_store(source) else None
+    scan = (
+        open_source(
+            source, format=options["ingest"].format, options=options["ingest"].read_options()
+        )
+        if not _is_store(source)
+        else None
+    )
     if scan is not None:
         parse_reference(options["reference"], tuple(int(n) for n in scan.data.shape[:2]))  # type: ignore[arg-type]
     target = locate(dest)
     if target.exists() and not _is_store(dest):
-        raise InputError(f"{redact(dest)} already exists and is not a stemflow strain store; choose another destination.")
+        raise InputError(
+            f"{redact(dest)} already exists and is not a stemflow strain store; "
+            "choose another destination."
+        )
 
 
 def _is_store(url: str) -> bool:
@@ -82,7 +132,9 @@ def _run(args: argparse.Namespace) -> int:
     _check(args.source, args.dest, options)
     published = run_pipeline(args.source, args.dest, dask_address=args.dask_address, **options)
     print(f"\n{published['table']}\n")
-    print(f"strain dataset: {published['url']}\n  open it with:  xr.open_zarr({published['url']!r})")
+    print(
+        f"strain dataset: {published['url']}\n  open it with:  xr.open_zarr({published['url']!r})"
+    )
     for name, png in published["pngs"].items():
         print(f"  {name} maps: {png}")
     return 0

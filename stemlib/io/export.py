@@ -22,7 +22,11 @@ __all__ = ["write_hdf5_scan"]
 
 
 def write_hdf5_scan(
-    data: da.Array, path: str | Path, *, truth: xr.Dataset | None = None, attrs: dict[str, Any] | None = None
+    data: da.Array,
+    path: str | Path,
+    *,
+    truth: xr.Dataset | None = None,
+    attrs: dict[str, Any] | None = None,
 ) -> Path:
     """Write ``data`` (dask array of shape (RX, RY, QX, QY)) to a new HDF5 file at ``path``.
 
@@ -52,7 +56,9 @@ def write_hdf5_scan(
     partial = path.with_name(f".{path.name}.partial")
     try:
         with h5py.File(partial, "w") as f:
-            target = f.create_dataset("data", shape=data.shape, dtype=data.dtype, chunks=(1, 1) + data.shape[2:])
+            target = f.create_dataset(
+                "data", shape=data.shape, dtype=data.dtype, chunks=(1, 1) + data.shape[2:]
+            )
             da.store(data, target, lock=True)
             if truth is not None:
                 write_truth_group(f.create_group("truth"), truth)

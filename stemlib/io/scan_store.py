@@ -44,7 +44,9 @@ __all__ = [
 ]
 
 SCAN_VARIABLE = "data"
-HASH_SCHEME = "sha256 over the sha256 of each pattern's little-endian bytes, patterns in (rx, ry) C order"
+HASH_SCHEME = (
+    "sha256 over the sha256 of each pattern's little-endian bytes, patterns in (rx, ry) C order"
+)
 #: Target bytes of one chunk of a small scan, and of one shard of a large one.
 CHUNK_BYTES = READ_BLOCK_BYTES
 #: Target bytes of one inner chunk of a sharded scan.
@@ -119,7 +121,10 @@ def _skeleton(
 ) -> xr.Dataset:
     shape = tuple(int(n) for n in data.shape)
     coords = scan_coords(shape, calibration)  # type: ignore[arg-type]
-    var_attrs = {"units": "counts" if data.dtype.kind in "ui" else "1", "long_name": "diffraction intensity"}
+    var_attrs = {
+        "units": "counts" if data.dtype.kind in "ui" else "1",
+        "long_name": "diffraction intensity",
+    }
     ds = xr.Dataset(
         {SCAN_VARIABLE: (DIMS, data, var_attrs)},
         coords={name: (dim, values, a) for name, (dim, values, a) in coords.items()},
@@ -127,7 +132,10 @@ def _skeleton(
     if extras is not None:
         for name, var in extras.data_vars.items():
             if var.dims != ("rx", "ry") or var.shape != shape[:2]:
-                raise InputError(f"extra variable {name} has dims {var.dims} {var.shape}; expected (rx, ry) {shape[:2]}.")
+                raise InputError(
+                    f"extra variable {name} has dims {var.dims} {var.shape}; "
+                    f"expected (rx, ry) {shape[:2]}."
+                )
             ds[name] = (var.dims, np.asarray(var.values), dict(var.attrs))
     ds.attrs = {**calibration.to_attrs(), **attrs}
     return ds
@@ -139,7 +147,9 @@ def read_store_attrs(location: Location) -> dict[str, Any] | None:
         if not location.fs.exists(location.path.rstrip("/") + "/zarr.json"):
             return None
         try:
-            group = zarr.open_group(location.url, mode="r", storage_options=location.storage_options or None)
+            group = zarr.open_group(
+                location.url, mode="r", storage_options=location.storage_options or None
+            )
         except Exception:  # noqa: BLE001 - any unreadable metadata means "not a store of ours"
             return None
         return dict(group.attrs)
@@ -216,7 +226,9 @@ def write_scan(
     def verify(temp: Location) -> None:
         opened = open_scan(temp.url)
         if opened.shape != shape or opened.dtype != data.dtype:
-            raise RuntimeError(f"verification of {redact(dest.url)} failed: wrote {opened.shape} {opened.dtype}")
+            raise RuntimeError(
+                f"verification of {redact(dest.url)} failed: wrote {opened.shape} {opened.dtype}"
+            )
 
     with staged(dest, verify=verify) as temp:
         options = temp.storage_options or None
@@ -231,9 +243,16 @@ def write_scan(
         with warnings.catch_warnings(), storage_errors(dest.url):
             warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
             skeleton.to_zarr(
-                temp.url, mode="w-", compute=False, zarr_format=3, encoding=encoding, storage_options=options
+                temp.url,
+                mode="w-",
+                compute=False,
+                zarr_format=3,
+                encoding=encoding,
+                storage_options=options,
             )
-            target = zarr.open_array(temp.url, path=SCAN_VARIABLE, mode="r+", storage_options=options)
+            target = zarr.open_array(
+                temp.url, path=SCAN_VARIABLE, mode="r+", storage_options=options
+            )
             records = data.map_blocks(
                 _write_and_hash,
                 target=target,
@@ -249,9 +268,9 @@ def write_scan(
         if nonfinite and not allow_nonfinite:
             bad_patterns = int((np.ascontiguousarray(records[..., _DIGEST:]).view("<u8") > 0).sum())
             raise InputError(
-                f"{attrs.get('source', 'the source') if attrs else 'the source'} holds {nonfinite} NaN/Inf "
-                f"pixels in {bad_patterns} patterns; clean the data, or pass --allow-nonfinite to store "
-                "them with their count recorded."
+                f"{attrs.get('source', 'the source') if attrs else 'the source'} holds "
+                f"{nonfinite} NaN/Inf pixels in {bad_patterns} patterns; clean the data, or pass "
+                "--allow-nonfinite to store them with their count recorded."
             )
         content = hashlib.sha256(np.ascontiguousarray(digests).tobytes()).hexdigest()
         with warnings.catch_warnings(), storage_errors(dest.url):
@@ -297,7 +316,9 @@ def open_scan(url: str | Location) -> xr.DataArray:
     if attrs is None:
         if not location.exists():
             raise InputError(f"{where} does not exist; run `stemflow ingest SOURCE {where}` first.")
-        raise InputError(f"{where} is not a Zarr scan store; convert the raw scan with `stemflow ingest` first.")
+        raise InputError(
+            f"{where} is not a Zarr scan store; convert the raw scan with `stemflow ingest` first."
+        )
     options = location.storage_options or None
     with warnings.catch_warnings(), storage_errors(location.url):
         warnings.filterwarnings("ignore", category=RuntimeWarning, message=".*consolidated.*")
@@ -311,6 +332,6 @@ def open_scan(url: str | Location) -> xr.DataArray:
     scan = ds[SCAN_VARIABLE]
     shards = scan.encoding.get("shards")
     if shards:  # one dask block per shard, the unit a writer wrote, rather than per inner chunk
-        scan = scan.chunk(dict(zip(DIMS, shards)))
+        scan = scan.chunk(dict(zip(DIMS, shards, strict=False)))
     scan.attrs = {**ds.attrs, **scan.attrs}
     return scan

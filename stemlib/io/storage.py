@@ -133,7 +133,9 @@ def locate(url: str | os.PathLike[str]) -> Location:
     """
     url = os.fspath(url)
     if not url:
-        raise InputError("An empty path was given: pass a file path or a URL such as s3://bucket/key.")
+        raise InputError(
+            "An empty path was given: pass a file path or a URL such as s3://bucket/key."
+        )
     scheme = urlsplit(url).scheme
     if len(scheme) <= 1:  # a plain path (or a Windows drive letter)
         path = os.path.abspath(os.path.expanduser(url))
@@ -155,12 +157,15 @@ def _classify(exc: BaseException) -> str | None:
     if name in {"NoCredentialsError", "PartialCredentialsError", "InvalidAccessKeyId"}:
         return "auth"
     if isinstance(exc, PermissionError) or any(
-        key in text for key in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "Forbidden")
+        key in text
+        for key in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "Forbidden")
     ):
         return "auth"
-    if name in {"EndpointConnectionError", "ConnectTimeoutError", "ClientConnectorError"} or isinstance(
-        exc, (ConnectionError, TimeoutError)
-    ):
+    if name in {
+        "EndpointConnectionError",
+        "ConnectTimeoutError",
+        "ClientConnectorError",
+    } or isinstance(exc, (ConnectionError, TimeoutError)):
         return "unreachable"
     if "Could not connect to the endpoint" in text or "Connect timeout" in text:
         return "unreachable"
@@ -193,7 +198,9 @@ def storage_errors(url: str) -> Iterator[None]:
                 "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) to a key with access."
             ) from None
         if kind == "auth":
-            raise StorageError(f"{where}: permission denied; choose a path you can write to.") from None
+            raise StorageError(
+                f"{where}: permission denied; choose a path you can write to."
+            ) from None
         if kind == "unreachable":
             endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
             at = f" at {endpoint}" if endpoint else ""
@@ -244,7 +251,9 @@ def _publish_remote(temp: Location, dest: Location) -> None:
 
 
 @contextlib.contextmanager
-def staged(dest: Location, *, verify: Callable[[Location], None] | None = None) -> Iterator[Location]:
+def staged(
+    dest: Location, *, verify: Callable[[Location], None] | None = None
+) -> Iterator[Location]:
     """Write under a temporary sibling of ``dest``; verify and publish only on success.
 
     Parameters

@@ -42,7 +42,10 @@ _CORE_FORMATS = [
     ),
     Format(
         "hdf5",
-        "HDF5: --dataset PATH, py4DSTEM/EMD 1.0, the CC-ST-AE output4D .mat/.h5, or the one 4D dataset",
+        (
+            "HDF5: --dataset PATH, py4DSTEM/EMD 1.0, the CC-ST-AE output4D .mat/.h5, "
+            "or the one 4D dataset"
+        ),
         (".h5", ".hdf5", ".hdf", ".mat", ".emd", ".hspy"),
         read_hdf5,
         sniff=_is_hdf5,
@@ -55,7 +58,9 @@ FORMATS: dict[str, Format] = {f.name: f for f in [*VENDOR_FORMATS, *_CORE_FORMAT
 
 def supported_formats() -> str:
     """One line per format: its name, extensions and what it reads."""
-    return "\n".join(f"  {f.name:<13} {' '.join(f.extensions):<28} {f.description}" for f in FORMATS.values())
+    return "\n".join(
+        f"  {f.name:<13} {' '.join(f.extensions):<28} {f.description}" for f in FORMATS.values()
+    )
 
 
 def _detect(location: Location) -> Format:
@@ -78,7 +83,9 @@ def _detect(location: Location) -> Format:
     )
 
 
-def open_source(url: str, *, format: str = "auto", options: ReadOptions | None = None) -> SourceScan:
+def open_source(
+    url: str, *, format: str = "auto", options: ReadOptions | None = None
+) -> SourceScan:
     """Open a raw scan lazily.
 
     Parameters
@@ -114,9 +121,13 @@ def open_source(url: str, *, format: str = "auto", options: ReadOptions | None =
     elif format in FORMATS:
         fmt = FORMATS[format]
     else:
-        raise InputError(f"--format {format!r} is not supported; use auto or one of: {', '.join(FORMATS)}.")
+        raise InputError(
+            f"--format {format!r} is not supported; use auto or one of: {', '.join(FORMATS)}."
+        )
     scan = fmt.read(location, options)
     data = as_scan_4d(scan.data, source=scan.source, scan_shape=None)
     if data.size == 0:
-        raise InputError(f"{scan.source} holds an empty scan of shape {data.shape}; pass a file with data.")
+        raise InputError(
+            f"{scan.source} holds an empty scan of shape {data.shape}; pass a file with data."
+        )
     return scan

@@ -117,7 +117,10 @@ class Format:
 
 
 def probe_block(
-    shape: tuple[int, ...], itemsize: int, target_bytes: int = READ_BLOCK_BYTES, align: tuple[int, int] = (1, 1)
+    shape: tuple[int, ...],
+    itemsize: int,
+    target_bytes: int = READ_BLOCK_BYTES,
+    align: tuple[int, int] = (1, 1),
 ) -> tuple[int, int]:
     """Probe positions ``(crx, cry)`` per block so that a block holds about ``target_bytes``.
 
@@ -149,7 +152,9 @@ def probe_block(
     return min(crx, rx), min(cry, ry)
 
 
-def default_chunks(shape: tuple[int, ...], itemsize: int, target_bytes: int = READ_BLOCK_BYTES) -> tuple[int, int]:
+def default_chunks(
+    shape: tuple[int, ...], itemsize: int, target_bytes: int = READ_BLOCK_BYTES
+) -> tuple[int, int]:
     """Probe positions per read block: :func:`probe_block` with the default block size."""
     return probe_block(shape, itemsize, target_bytes)
 
@@ -157,7 +162,9 @@ def default_chunks(shape: tuple[int, ...], itemsize: int, target_bytes: int = RE
 def check_pattern_shape(shape: tuple[int, ...], source: str) -> None:
     """Refuse shapes that cannot be a scan of patterns (empty, or patterns under 2 px)."""
     if any(n == 0 for n in shape):
-        raise InputError(f"{source} holds an empty scan of shape {tuple(shape)}; pass a file with data.")
+        raise InputError(
+            f"{source} holds an empty scan of shape {tuple(shape)}; pass a file with data."
+        )
     if len(shape) == 4 and min(shape[2:]) < 2:
         raise InputError(
             f"{source} has shape {tuple(shape)}: its last two axes are not a diffraction pattern; "
@@ -189,10 +196,11 @@ def resolve_scan_shape(
     --------
     >>> resolve_scan_shape((6, 16, 16), (2, 3), "x.npy")
     ((2, 3), (16, 16))
-    >>> resolve_scan_shape((6, 16, 16), None, "x.npy")
+    >>> resolve_scan_shape((6, 16, 16), None, "x.npy")  # doctest: +NORMALIZE_WHITESPACE
     Traceback (most recent call last):
     ...
-    stemlib.errors.InputError: x.npy has shape (6, 16, 16) (6 frames); expected 4 dims (rx, ry, qx, qy): pass --scan-shape RX,RY.
+    stemlib.errors.InputError: x.npy has shape (6, 16, 16) (6 frames); expected 4 dims
+    (rx, ry, qx, qy): pass --scan-shape RX,RY.
     """
     shape = tuple(int(n) for n in shape)
     if len(shape) > 4:
@@ -218,7 +226,8 @@ def resolve_scan_shape(
         raise InputError(f"--scan-shape {rx},{ry} for {source}: both numbers must be at least 1.")
     if rx * ry != frames:
         raise InputError(
-            f"{source} holds {frames} frames of {shape[-2]}x{shape[-1]}, which --scan-shape {rx},{ry} "
+            f"{source} holds {frames} frames of {shape[-2]}x{shape[-1]}, "
+            f"which --scan-shape {rx},{ry} "
             f"({rx * ry} positions) does not fit: pass a scan shape whose product is {frames}."
         )
     return (rx, ry), frame_shape
@@ -292,7 +301,7 @@ class ByteRangeArray:
     def __getitem__(self, key: Any) -> np.ndarray:
         key = key if isinstance(key, tuple) else (key,)
         key = key + (slice(None),) * (4 - len(key))
-        rows, cols = (as_slice(k, n) for k, n in zip(key[:2], self.scan_shape))
+        rows, cols = (as_slice(k, n) for k, n in zip(key[:2], self.scan_shape, strict=False))
         ry = self.scan_shape[1]
         r0, r1, _ = rows.indices(self.scan_shape[0])
         c0, c1, _ = cols.indices(ry)
@@ -357,6 +366,9 @@ def _read_range(url: str, start: int, length: int) -> bytes:
 
 
 def lazy_scan(array: Any, *, chunks: tuple[int, int] | None = None) -> da.Array:
-    """A dask array over a 4D array-like (``shape``, ``dtype``, ``__getitem__``) in whole-pattern blocks."""
+    """A dask array over a 4D array-like (``shape``, ``dtype``, ``__getitem__``) in
+    whole-pattern blocks."""
     crx, cry = chunks or default_chunks(array.shape, np.dtype(array.dtype).itemsize)
-    return da.from_array(array, chunks=(crx, cry) + tuple(array.shape[2:]), asarray=False, fancy=False)
+    return da.from_array(
+        array, chunks=(crx, cry) + tuple(array.shape[2:]), asarray=False, fancy=False
+    )

@@ -127,7 +127,9 @@ def _py4dstem_calibration(group: h5py.Group) -> Calibration:
 
 def _datasets(f: h5py.File) -> list[tuple[str, h5py.Dataset]]:
     found: list[tuple[str, h5py.Dataset]] = []
-    f.visititems(lambda name, obj: found.append(("/" + name, obj)) if isinstance(obj, h5py.Dataset) else None)
+    f.visititems(
+        lambda name, obj: found.append(("/" + name, obj)) if isinstance(obj, h5py.Dataset) else None
+    )
     return found
 
 
@@ -145,7 +147,9 @@ def _emd_arrays(f: h5py.File) -> list[str]:
     return paths
 
 
-def _choose_dataset(f: h5py.File, source: str, scan_shape: tuple[int, int] | None) -> tuple[str, str]:
+def _choose_dataset(
+    f: h5py.File, source: str, scan_shape: tuple[int, int] | None
+) -> tuple[str, str]:
     """Find the scan in a file: returns ``(dataset path, layout)``; layout is
     ``"emd1"``, ``"output4D"`` or ``"plain"``."""
     if f.attrs.get("emd_group_type") == "file":
@@ -164,7 +168,9 @@ def _choose_dataset(f: h5py.File, source: str, scan_shape: tuple[int, int] | Non
     candidates = [
         path
         for path, ds in datasets
-        if ds.ndim in (wanted, 4) and min(ds.shape[-2:]) >= _MIN_PATTERN_PX and ds.dtype.kind in "uif"
+        if ds.ndim in (wanted, 4)
+        and min(ds.shape[-2:]) >= _MIN_PATTERN_PX
+        and ds.dtype.kind in "uif"
     ]
     four = [p for p in candidates if f[p].ndim == 4]
     candidates = four if four and scan_shape is None else candidates
@@ -177,7 +183,9 @@ def _choose_dataset(f: h5py.File, source: str, scan_shape: tuple[int, int] | Non
             "pass --dataset PATH (and --scan-shape RX,RY for a stack of frames)."
         )
     listing = ", ".join(f"{p} {tuple(f[p].shape)}" for p in candidates)
-    raise InputError(f"{source} holds several candidate scans ({listing}); pass --dataset with one of them.")
+    raise InputError(
+        f"{source} holds several candidate scans ({listing}); pass --dataset with one of them."
+    )
 
 
 def _scan_shape_of(
@@ -188,7 +196,11 @@ def _scan_shape_of(
         return tuple(scan_shape)  # type: ignore[return-value]
     if len(stored_shape) != 4:
         return None
-    return (stored_shape[1], stored_shape[0]) if layout == "output4D" else (stored_shape[0], stored_shape[1])
+    return (
+        (stored_shape[1], stored_shape[0])
+        if layout == "output4D"
+        else (stored_shape[0], stored_shape[1])
+    )
 
 
 def _scan_alignment(
@@ -230,16 +242,24 @@ def read_hdf5(location: Location, options: ReadOptions) -> SourceScan:
                 if isinstance(truth_group, h5py.Group) and truth_shape is not None
                 else None
             )
-            calibration = _py4dstem_calibration(f[path].parent.parent) if layout == "emd1" else Calibration()
+            calibration = (
+                _py4dstem_calibration(f[path].parent.parent) if layout == "emd1" else Calibration()
+            )
     except OSError as exc:
-        if "truncated" in str(exc) or "file signature" in str(exc) or "unable to open" in str(exc).lower():
+        if (
+            "truncated" in str(exc)
+            or "file signature" in str(exc)
+            or "unable to open" in str(exc).lower()
+        ):
             raise InputError(
                 f"{source} is not a readable HDF5 file (it is truncated or another format); "
                 "check the file or pass --format."
             ) from None
         raise
     if dtype.kind not in "uif":
-        raise InputError(f"{source}:{path} holds {dtype} values, not numbers; pass --dataset with the scan.")
+        raise InputError(
+            f"{source}:{path} holds {dtype} values, not numbers; pass --dataset with the scan."
+        )
     axes = _OUTPUT4D_AXES if layout == "output4D" and len(stored_shape) == 4 else None
     shape = tuple(stored_shape[a] for a in axes) if axes else stored_shape
     scan, frame = resolve_scan_shape(shape, options.scan_shape, f"{source}:{path}")
@@ -249,9 +269,16 @@ def read_hdf5(location: Location, options: ReadOptions) -> SourceScan:
             f"--scan-shape {shape[0]},{shape[1]}."
         )
     view = H5Array(
-        location.url, path, stored_shape, dtype, axes=axes, scan_shape=scan if len(shape) == 3 else None
+        location.url,
+        path,
+        stored_shape,
+        dtype,
+        axes=axes,
+        scan_shape=scan if len(shape) == 3 else None,
     )
-    chunks = options.chunks or probe_block(view.shape, dtype.itemsize, align=_scan_alignment(stored_chunks, axes, scan))
+    chunks = options.chunks or probe_block(
+        view.shape, dtype.itemsize, align=_scan_alignment(stored_chunks, axes, scan)
+    )
     return SourceScan(
         data=lazy_scan(view, chunks=chunks),
         calibration=calibration,

@@ -45,12 +45,17 @@ def read_npy(location: Location, options: ReadOptions) -> SourceScan:
         raise InputError(f"{source} holds Python objects, not numbers; save it as a numeric array.")
     if fortran and len(shape) > 1:
         raise InputError(
-            f"{source} is stored in Fortran order; re-save it with np.save(path, np.ascontiguousarray(a))."
+            f"{source} is stored in Fortran order; "
+            "re-save it with np.save(path, np.ascontiguousarray(a))."
         )
     shape = tuple(int(n) for n in shape)
     scan_shape, frame_shape = resolve_scan_shape(shape, options.scan_shape, source)
     frames = ByteRangeArray(
-        location.url, scan_shape=scan_shape, frame_shape=frame_shape, dtype=dtype, header_bytes=header_bytes
+        location.url,
+        scan_shape=scan_shape,
+        frame_shape=frame_shape,
+        dtype=dtype,
+        header_bytes=header_bytes,
     )
     _check_size(frames, size, source)
     return SourceScan(
@@ -78,11 +83,17 @@ def read_raw(location: Location, options: ReadOptions) -> SourceScan:
     try:
         dtype = np.dtype(options.dtype)
     except TypeError:
-        raise InputError(f"--dtype {options.dtype!r} is not a NumPy dtype; use e.g. uint16 or <f4.") from None
+        raise InputError(
+            f"--dtype {options.dtype!r} is not a NumPy dtype; use e.g. uint16 or <f4."
+        ) from None
     with storage_errors(location.url):
         size = int(location.fs.size(location.path))
     frame_shape = options.frame_shape
-    stride = options.frame_header_bytes + int(np.prod(frame_shape)) * dtype.itemsize + options.frame_footer_bytes
+    stride = (
+        options.frame_header_bytes
+        + int(np.prod(frame_shape)) * dtype.itemsize
+        + options.frame_footer_bytes
+    )
     body = size - options.header_bytes
     if options.scan_shape is None:
         n = body // stride if stride else 0
