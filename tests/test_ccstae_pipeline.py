@@ -211,3 +211,30 @@ def test_zero_epochs_uses_the_rotation_stage_alone_and_reruns(square, tmp_path):
     np.testing.assert_allclose(runs[1]["exx"].values, runs[0]["exx"].values, atol=1e-9)
     errors = strain_errors(runs[0].isel(method=0), truth, symmetry=4)
     assert errors["coverage"] == 1.0 and max(errors[c] for c in ("exx", "eyy", "exy")) < 2e-3
+
+
+@pytest.mark.parametrize("background", [0.7, 1.0])
+def test_background_alone_is_refused_and_noisy_disks_keep_their_answer(
+    square, tmp_path, background
+):
+    """At w = 1 (the paper's noise model with no diffracted signal left) the scan holds no
+    disks: one clear sentence, as py4DSTEM's baseline gives; at w = 0.7 every pattern keeps
+    its answer."""
+    from stemlib.errors import InputError
+    from stemlib.noise import noise_store
+
+    folder, truth, _ = square
+    store = str(tmp_path / "noisy.zarr")
+    noise_store(str(folder / "scan.zarr"), store, background=background, counts=1e5, seed=3)
+    run = dict(reference=str(folder / "reference.npy"), config=CONFIG, device="cpu", progress=False)
+    if background == 1.0:
+        with pytest.raises(
+            InputError, match="shows no Bragg disks above the noise in the 64 patterns sampled"
+        ):
+            ccstae_strain(open_scan(store), **run)
+        return
+    ds = ccstae_strain(open_scan(store), **run)
+    assert bool(ds["valid"].values.all())
+    assert ds.attrs["methods"]["ccstae"]["setup"]["angular_order"] > 20
+    errors = strain_errors(ds.isel(method=0), truth, symmetry=4)
+    assert max(errors[k] for k in ("exx", "eyy", "exy")) < 2e-3, errors

@@ -32,6 +32,7 @@ import torch
 import xarray as xr
 from scipy import ndimage
 
+from ..angular import angular_order
 from ..errors import InputError
 from ..masks import MaskSchedule, ring_mask
 from ..provenance import software_versions
@@ -259,6 +260,12 @@ def _rotation_stage(
     }
 
 
+#: Least :func:`stemlib.angular.angular_order` of the sampled patterns for a scan to hold Bragg
+#: disks. Background alone scores 0 to 2; multislice WS2 at w = 0.5 (single patterns show no
+#: lattice) 19; crystals hundreds (256 patterns of 128 px, measured).
+MIN_ANGULAR_ORDER = 6.0
+
+
 def _valid_positions(result: Inference, bases: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """Positions with an answer: finite warp, a crystalline base, and disks actually present.
 
@@ -339,6 +346,17 @@ def _train_stages(
         )
         beam = beam_radius(Preprocess("linear", 1.0)(sample).mean(0), center=center)
         schedule = config.mask or _derived_schedule(config, size=min(h, w), beam=beam)
+        order = angular_order(
+            Preprocess("linear", 1.0)(sample), center=center, radii=schedule.radii(0)
+        )
+        if order < MIN_ANGULAR_ORDER:
+            where = str(attrs.get("source") or getattr(scan, "name", None) or "the scan")
+            raise InputError(
+                f"{where} shows no Bragg disks above the noise in the {len(sample)} patterns "
+                f"sampled (their angular order is {order:.1f} standard errors, a crystal's "
+                f"{MIN_ANGULAR_ORDER:g} or more: a vacuum or background-only scan); pass a "
+                "diffraction scan of a crystal."
+            )
         ring = schedule.mask((h, w), 0)
         poisson = _poisson(config, sample, ring, dtype=data.dtype)
         raw = Preprocess("linear" if poisson else config.intensity, 1.0)(sample)
@@ -349,6 +367,7 @@ def _train_stages(
             "beam_radius_px": beam,
             "intensity_scale": scale,
             "noise_model": "poisson" if poisson else "gaussian",
+            "angular_order": order,
             "mask": json.loads(schedule.model_dump_json()),
             "reference": reference,
         }
@@ -537,7 +556,9 @@ def ccstae_strain(
     ------
     InputError
         Bad device, symmetry or config for this scan, a reference region outside the scan or
-        without a valid answer, or a ``workdir`` holding another run's checkpoint.
+        without a valid answer, a scan whose sampled patterns show no Bragg disks
+        (:func:`stemlib.angular.angular_order`), or a ``workdir`` holding another run's
+        checkpoint.
 
     References
     ----------
