@@ -14,19 +14,57 @@ from stemlib.reference import parse_reference
 from .ingest import add_source_arguments, options_from_args
 from .strain import read_config
 
-__all__ = ["register", "run_pipeline", "add_pipeline_arguments", "pipeline_options"]
+__all__ = [
+    "register",
+    "run_pipeline",
+    "add_method_arguments",
+    "method_options",
+    "add_pipeline_arguments",
+    "pipeline_options",
+]
 
 
-def add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of a strain run (shared by ``run`` and ``demo``)."""
-    strain = parser.add_argument_group("strain")
-    strain.add_argument(
+def add_method_arguments(group: argparse._ArgumentGroup) -> None:
+    """Which methods run and with which settings (shared by ``run``, ``demo`` and ``sweep``):
+    ``--method``, ``--preset``, ``--ccstae-config``, ``--py4dstem-config``."""
+    group.add_argument(
         "--method",
         action="append",
         choices=["ccstae", "py4dstem"],
         dest="methods",
         help="a method to run (repeat for both; default: both)",
     )
+    group.add_argument(
+        "--preset",
+        default="auto",
+        choices=["auto", "cpu", "gpu"],
+        help="CC-ST-AE recipe (default: gpu on CUDA, else cpu)",
+    )
+    group.add_argument(
+        "--ccstae-config",
+        metavar="FILE",
+        help="YAML or JSON CC-ST-AE configuration (replaces --preset)",
+    )
+    group.add_argument(
+        "--py4dstem-config", metavar="FILE", help="YAML or JSON py4DSTEM baseline settings"
+    )
+
+
+def method_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The flows' ``methods``, ``ccstae_preset``, ``ccstae`` and ``py4dstem`` parameters from
+    :func:`add_method_arguments`' options (configuration files read and checked)."""
+    return {
+        "methods": args.methods,
+        "ccstae_preset": args.preset,
+        "ccstae": read_config(args.ccstae_config, "ccstae"),
+        "py4dstem": read_config(args.py4dstem_config, "py4dstem"),
+    }
+
+
+def add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of a strain run (shared by ``run`` and ``demo``)."""
+    strain = parser.add_argument_group("strain")
+    add_method_arguments(strain)
     strain.add_argument(
         "--reference",
         default="auto",
@@ -45,20 +83,6 @@ def add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
         choices=["auto", "cpu", "cuda"],
         help="where CC-ST-AE trains (default: auto)",
     )
-    strain.add_argument(
-        "--preset",
-        default="auto",
-        choices=["auto", "cpu", "gpu"],
-        help="CC-ST-AE recipe (default: gpu on CUDA, else cpu)",
-    )
-    strain.add_argument(
-        "--ccstae-config",
-        metavar="FILE",
-        help="YAML or JSON CC-ST-AE configuration (replaces --preset)",
-    )
-    strain.add_argument(
-        "--py4dstem-config", metavar="FILE", help="YAML or JSON py4DSTEM baseline settings"
-    )
     where = parser.add_argument_group("where")
     where.add_argument(
         "--scan-store", help="where to keep the ingested scan (default: beside DEST)"
@@ -76,13 +100,10 @@ def add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
 def pipeline_options(args: argparse.Namespace) -> dict[str, Any]:
     """process_scan's parameters from the parsed arguments."""
     return {
-        "methods": args.methods,
+        **method_options(args),
         "reference": args.reference,
         "symmetry": args.symmetry if args.symmetry == "auto" else int(args.symmetry),
         "device": args.device,
-        "ccstae_preset": args.preset,
-        "ccstae": read_config(args.ccstae_config, "ccstae"),
-        "py4dstem": read_config(args.py4dstem_config, "py4dstem"),
         "scan_store": args.scan_store,
         "workdir": args.workdir,
     }

@@ -12,8 +12,8 @@ import logging
 
 from stemlib.simulate import LATTICE_SYMMETRY, SimulationConfig
 
+from .run import add_method_arguments, method_options
 from .simulate import config_from_args, parse_levels
-from .strain import read_config
 
 __all__ = ["register", "simulation_from_args"]
 
@@ -56,13 +56,10 @@ def _run(args: argparse.Namespace) -> int:
         dest=args.dest,
         simulation=simulation,
         noise=noise,
-        methods=args.methods,
         reference=args.reference,
         device=args.device,
-        ccstae_preset=args.preset,
-        ccstae=read_config(args.ccstae_config, "ccstae"),
-        py4dstem=read_config(args.py4dstem_config, "py4dstem"),
         workdir=args.workdir,
+        **method_options(args),
     )
     print(f"\n{sweep_table(rows)}\n")
     print(f"tables: {table_url(args.dest, 'md')}  {table_url(args.dest, 'json')}")
@@ -109,13 +106,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "--noise-seed", type=int, default=0, metavar="S", help="seed of the Poisson draws (0)"
     )
     strain = parser.add_argument_group("strain")
-    strain.add_argument(
-        "--method",
-        action="append",
-        choices=["ccstae", "py4dstem"],
-        dest="methods",
-        help="a method to run (repeat for both; default: both)",
-    )
+    add_method_arguments(strain)
     strain.add_argument(
         "--reference",
         default="truth",
@@ -124,18 +115,6 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     )
     strain.add_argument(
         "--device", default="auto", choices=["auto", "cpu", "cuda"], help="where CC-ST-AE trains"
-    )
-    strain.add_argument(
-        "--preset",
-        default="auto",
-        choices=["auto", "cpu", "gpu"],
-        help="CC-ST-AE recipe (default: gpu on CUDA, else cpu)",
-    )
-    strain.add_argument(
-        "--ccstae-config", metavar="FILE", help="YAML or JSON CC-ST-AE configuration"
-    )
-    strain.add_argument(
-        "--py4dstem-config", metavar="FILE", help="YAML or JSON py4DSTEM baseline settings"
     )
     where = parser.add_argument_group("where")
     where.add_argument("--workdir", help="strain maps and checkpoints (default: beside DEST)")
