@@ -344,11 +344,11 @@ def _train_stages(
         sample, pick = sample_patterns(
             data, n=config.search_patterns, seed=config.seed, include=include
         )
-        beam = beam_radius(Preprocess("linear", 1.0)(sample).mean(0), center=center)
+        linear = Preprocess("linear", 1.0)(sample)
+        beam = beam_radius(linear.mean(0), center=center)
         schedule = config.mask or _derived_schedule(config, size=min(h, w), beam=beam)
-        order = angular_order(
-            Preprocess("linear", 1.0)(sample), center=center, radii=schedule.radii(0)
-        )
+        order = angular_order(linear, center=center, radii=schedule.radii(0))
+        del linear
         if order < MIN_ANGULAR_ORDER:
             where = str(attrs.get("source") or getattr(scan, "name", None) or "the scan")
             raise InputError(
