@@ -432,20 +432,25 @@ def test_multislice_scans(name, tolerance, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    raises=InputError,
-    reason="WS2 at w = 0.5: each Bragg disk holds ~30 counts on ~5 counts/px of background "
-    "(SNR ~1.3 per disk), so single patterns show no lattice; the issue's 2e-3 bar is not met",
-)
-def test_multislice_ws2_at_half_background(tmp_path):
+def test_multislice_ws2_at_half_background_is_below_any_method_and_refused(tmp_path):
+    """WS2 at w = 0.5 holds about 470 Bragg counts per pattern on 5e4 of background: no unbiased
+    per-pattern method can reach the issue's 2e-3 (the Cramér-Rao bound of stemlib.bounds is
+    about 12e-3 on exx and eyy, 8e-3 on exy). Single patterns show no lattice to py4DSTEM's
+    disk detection, and the baseline says so in one sentence instead of answering noise."""
+    from stemlib.bounds import least_errors
+    from stemlib.devdata import abtem_dev_path, read_abtem_dev
+
     store = _multislice_store("dev_ws2_32x32_128px_12grains_seed12_auto4dstem50", tmp_path)
+    clean = read_abtem_dev(abtem_dev_path("dev_ws2_32x32_128px_12grains_seed12_clean")).data
+    least = least_errors(clean[::4, ::4].reshape(-1, 128, 128), counts=1e5, background=0.5)
+    assert min(least[c] for c in ("exx", "eyy", "exy")) > 3 * 2e-3, least
     truth = open_truth(store)
     np.save(tmp_path / "ref.npy", truth["reference_mask"].values)
-    with dask.config.set(scheduler="threads"):
-        ds = py4dstem_strain(open_scan(store), reference=str(tmp_path / "ref.npy"))
-    errors = strain_errors(ds.sel(method="py4dstem"), truth, symmetry=6)
-    assert errors["coverage"] >= 0.99 and max(errors[c] for c in ("exx", "eyy", "exy")) < 2e-3
+    with (
+        dask.config.set(scheduler="threads"),
+        pytest.raises(InputError, match="shows a lattice of Bragg disks above the noise in"),
+    ):
+        py4dstem_strain(open_scan(store), reference=str(tmp_path / "ref.npy"))
 
 
 def test_strain_from_deformation_sanity():
