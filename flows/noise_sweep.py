@@ -11,8 +11,10 @@ Tran, Agar 2023, Figure 3) on one simulated scan and prints our errors beside th
    cluster, against the same reference region: by default the truth's unstrained reference
    grain, so that both methods are scored the same way. Each result goes to the work folder
    beside `dest` with a fingerprint of its scan and parameters; a rerun skips finished levels.
-3. **Score** each map against the truth (mean absolute error over every position) and
-   publish the table: a Markdown artifact, and `sim-sweep.md` / `sim-sweep.json` beside `dest`.
+3. **Score** each map against the truth (mean absolute error over every position), beside the
+   least error that each level's counts allow any unbiased per-pattern method (the
+   Cramér-Rao bound of `stemlib.bounds`, from the clean patterns), and publish the table: a
+   Markdown artifact, and `sim-sweep.md` / `sim-sweep.json` beside `dest`.
 
 A method that refuses a level (e.g. py4DSTEM finding no disks in 90 % background) gives an
 empty row for that level, not a failed sweep.
@@ -50,7 +52,7 @@ from stemlib.types import Device, Method
 from tasks.ccstae import gpu_resources, infer_ccstae, train_ccstae
 from tasks.publish import finished_step, run_key, scan_identity
 from tasks.py4dstem import py4dstem_strain_scan
-from tasks.score import score_strain
+from tasks.score import least_errors_scan, score_strain
 from tasks.simulate import noise_scan, simulate_scan
 
 from .process_scan import resolved_parameters
@@ -85,19 +87,20 @@ def sweep_table(rows: list[dict[str, Any]]) -> str:
 
     One line per background level: MAE of each component (1e-3 for strain, deg for theta) as
     "py4DSTEM / CC-ST-AE", the paper's figures in parentheses where it has the level, the
-    ratio CC-ST-AE / py4DSTEM beside the paper's, and each method's coverage; "-" where a
-    method was not run or gave no answer.
+    ratio CC-ST-AE / py4DSTEM beside the paper's, each method's coverage, and the least MAE
+    of exx/eyy/exy (1e-3) the counts allow; "-" where a method was not run or gave no answer.
     """
     head = (
         "| background | exx (1e-3) | eyy (1e-3) | exy (1e-3) | theta (deg) | ratio exx/eyy/exy "
-        "| paper ratio | coverage |"
+        "| paper ratio | coverage | least possible exx/eyy/exy (1e-3) |"
     )
     lines = [
         "MAE against the truth, py4DSTEM / CC-ST-AE (the paper's Figure 3 in parentheses); "
-        "ratio = CC-ST-AE / py4DSTEM.",
+        "ratio = CC-ST-AE / py4DSTEM; least possible = the Cramér-Rao bound of any unbiased "
+        "method fitting one pattern at a time (none for the clean scan).",
         "",
         head,
-        "|" + "---|" * 8,
+        "|" + "---|" * 9,
     ]
     for row in rows:
         p4, cc = (row["methods"].get(m, {}) for m in ("py4dstem", "ccstae"))
@@ -115,6 +118,8 @@ def sweep_table(rows: list[dict[str, Any]]) -> str:
             "/".join(_number(paper["ratio"][c]) for c in PAPER_COMPONENTS) if paper else "-"
         )
         cells.append(_pair(p4.get("coverage"), cc.get("coverage"), 1, 3))
+        least = row.get("least") or {}
+        cells.append("/".join(_number(least.get(c), 1e3) for c in PAPER_COMPONENTS))
         lines.append(f"| {' | '.join(cells)} |")
     notes = [
         f"- {row['level'] * 100:g} %, {_NAMES[m]}: {r['error']}"
@@ -170,8 +175,10 @@ def noise_sweep(
     Returns:
         One row per level: ``level`` (w), ``scan`` (its store), ``methods`` (per method its
         ``status``, ``url`` and MAE ``exx, eyy, exy`` ("1"), ``theta`` (rad), ``coverage``, or
-        ``error``), ``ratio`` (CC-ST-AE / py4DSTEM per strain component) and ``paper`` (the
-        paper's MAE and ratio at this level, or None).
+        ``error``), ``ratio`` (CC-ST-AE / py4DSTEM per strain component), ``paper`` (the
+        paper's MAE and ratio at this level, or None) and ``least`` (the least MAE that the
+        level's counts allow, keyed as the methods' MAE, None where they allow no answer; None
+        for the clean scan).
     """
     logger = get_run_logger()
     noise = noise or NoiseLevels()
@@ -261,11 +268,19 @@ def noise_sweep(
             if isinstance(outcome, BaseException):
                 raise outcome
 
-    # 3. Score every map against the truth (small maps: here, not on the cluster), and publish.
+    # 3. Score every map against the truth (small maps: here, not on the cluster), beside the
+    #    least error each level's counts allow, and publish.
     for pair, url in outputs.items():
         if status[pair]["status"] != "failed":
             status[pair].update(score_strain(url, scans[pair[0]]["url"], pair[1]))
-    rows = [_row(level, scans[level], {m: status[level, m] for m in methods}) for level in levels]
+    least = {
+        level: least_errors_scan(dest, background=level, counts=noise.counts) if level else None
+        for level in levels
+    }
+    rows = [
+        _row(level, scans[level], {m: status[level, m] for m in methods}, least[level])
+        for level in levels
+    ]
     table = sweep_table(rows)
     record = {
         "created": utc_now(),
@@ -378,7 +393,12 @@ def _write(url: str, content: bytes) -> None:
         location.fs.pipe_file(location.path, content)
 
 
-def _row(level: float, scan: dict[str, Any], methods: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def _row(
+    level: float,
+    scan: dict[str, Any],
+    methods: dict[str, dict[str, Any]],
+    least: dict[str, float] | None,
+) -> dict[str, Any]:
     """One level's row of the table (JSON-ready: NaN as None)."""
     finite = {
         m: {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in r.items()}
@@ -398,6 +418,9 @@ def _row(level: float, scan: dict[str, Any], methods: dict[str, dict[str, Any]])
         "methods": finite,
         "ratio": ratio,
         "paper": paper,
+        "least": None
+        if least is None
+        else {k: (v if math.isfinite(v) else None) for k, v in least.items()},
     }
 
 

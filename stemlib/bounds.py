@@ -56,7 +56,8 @@ def affine_information(
     counts
         Dose ``N``, electrons per pattern.
     background
-        Background weight ``w`` in [0, 1) of the paper's model; 0 is shot noise alone.
+        Background weight ``w`` in [0, 1] of the paper's model; 0 is shot noise alone, 1 the
+        background alone (no information).
     origin
         Direct beam ``(qx, qy)`` px; default the pattern's centre ``(QX // 2, QY // 2)``.
         :func:`strain_bound` also takes one per pattern, (N, 2).
@@ -71,8 +72,8 @@ def affine_information(
     p = np.asarray(pattern, np.float64)
     if p.ndim != 2 or not np.isfinite(p).all() or p.sum() <= 0:
         raise ValueError("pattern must be a finite 2D array with a positive sum.")
-    if not 0.0 <= background < 1.0:
-        raise ValueError(f"background={background} is not in [0, 1).")
+    if not 0.0 <= background <= 1.0:
+        raise ValueError(f"background={background} is not in [0, 1].")
     p = p / p.sum()
     o = np.array([p.shape[0] // 2, p.shape[1] // 2] if origin is None else origin, float)
     qx, qy = np.indices(p.shape, dtype=np.float64)

@@ -1,4 +1,5 @@
-"""Prefect task: score one method's strain store against the truth its scan carries."""
+"""Prefect tasks: score one method's strain store against the truth its scan carries, and the
+least error that a scan's counts allow any method."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ from typing import Any
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from stemlib.bounds import least_errors
 from stemlib.errors import InputError
+from stemlib.io import open_scan
 from stemlib.io.storage import redact
 from stemlib.metrics import strain_errors
 from stemlib.results import open_strain
@@ -16,7 +19,7 @@ from stemlib.truth import open_truth
 
 from ._retry import STORAGE_RETRY_DELAYS, retry_on_storage_error
 
-__all__ = ["score_strain"]
+__all__ = ["score_strain", "least_errors_scan"]
 
 
 @task(
@@ -47,3 +50,23 @@ def score_strain(result: str, scan: str, method: str) -> dict[str, Any]:
         errors["coverage"],
     )
     return {**errors, "symmetry": symmetry}
+
+
+@task(
+    name="least-errors",
+    retries=len(STORAGE_RETRY_DELAYS),
+    retry_delay_seconds=STORAGE_RETRY_DELAYS,
+    retry_condition_fn=retry_on_storage_error,
+    cache_policy=NO_CACHE,
+)
+def least_errors_scan(
+    clean: str, *, background: float, counts: float, patterns: int = 256
+) -> dict[str, float]:
+    """The least MAE (``exx, eyy, exy`` "1", ``theta`` rad) that an unbiased per-pattern method
+    reaches on the clean scan ``clean`` recorded at ``counts`` electrons per pattern with
+    background weight ``background`` (:func:`stemlib.bounds.least_errors`), from about
+    ``patterns`` of its patterns read in whole chunks spread over the scan."""
+    from stemlib.py4dstem.calibrate import sample_patterns
+
+    sample, _, _ = sample_patterns(open_scan(clean).data, patterns)
+    return least_errors(sample, counts=counts, background=background)

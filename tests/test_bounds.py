@@ -74,7 +74,7 @@ def test_least_errors_excludes_the_beam_and_averages_the_patterns():
     [
         (np.full((8, 8), np.nan), {}, "finite 2D array"),
         (np.zeros((8, 8)), {}, "positive sum"),
-        (np.ones((8, 8)), {"background": 1.0}, r"background=1.0 is not in \[0, 1\)"),
+        (np.ones((8, 8)), {"background": 1.5}, r"background=1.5 is not in \[0, 1\]"),
     ],
 )
 def test_bad_input(pattern, kwargs, message):
@@ -82,6 +82,8 @@ def test_bad_input(pattern, kwargs, message):
         affine_information(pattern, counts=10.0, **kwargs)
 
 
-def test_a_pattern_without_disks_has_no_bound():
+def test_a_pattern_without_disks_or_signal_has_no_bound():
     flat = np.ones((32, 32))
     assert strain_bound(flat, counts=100.0)["exx"] == np.inf
+    spots = _spots(SQUARE, [1.0] * len(SQUARE))
+    assert strain_bound(spots, counts=100.0, background=1.0)["exx"] == np.inf

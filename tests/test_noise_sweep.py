@@ -78,11 +78,12 @@ def test_paper_rows_and_table_layout():
         },
         "ratio": None,
         "paper": {"percent": 30, "mae": paper_mae(30), "ratio": paper_ratio(30)},
+        "least": {"exx": 1.2e-4, "eyy": 1.3e-4, "exy": 0.9e-4, "theta": 1e-4},
     }
     line = sweep_table([row]).splitlines()[-1]
     assert line == (
         "| 30 % | 2.00 / - (2.5 / 1.6) | 3.00 / - (2.6 / 1.7) | 1.00 / - (1.4 / 1.2) "
-        "| 0.573 / - | -/-/- | 0.64/0.65/0.86 | 1.000 / - |"
+        "| 0.573 / - | -/-/- | 0.64/0.65/0.86 | 1.000 / - | 0.12/0.13/0.09 |"
     )
 
 
@@ -109,6 +110,11 @@ def test_sweep_scores_both_methods_and_a_rerun_skips_finished_levels(
         assert row["ratio"] == {c: ours[c] / theirs[c] for c in STRAIN}
     assert rows[0]["paper"]["ratio"] == paper_ratio(0)
     assert rows[1]["paper"]["mae"] == paper_mae(30)
+    # No method beats the Cramér-Rao bound of the noisy level (the clean scan has none).
+    assert rows[0]["least"] is None
+    assert all(
+        0 < rows[1]["least"][c] < min(noisy[c], rows[1]["methods"]["ccstae"][c]) for c in STRAIN
+    )
 
     # The table: an artifact of the run, and files beside DEST holding the same rows.
     markdown = _sweep_artifact(state.state_details.flow_run_id)
