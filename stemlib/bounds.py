@@ -16,6 +16,9 @@ order, ``exx = 1 - A_xx``, ``eyy = 1 - A_yy``, ``exy = -(A_xy + A_yx) / 2`` and
 
 The warp also rescales each disk about the beam, which a real strain does not: that adds a
 little information, so the value is, if anything, below the true bound. It stays a lower bound.
+Gradients are central differences (within 1 % of the closed form for spots 2.5 px wide). A
+method that pools patterns (a spatial prior, binning) can go below the bound; one fitting each
+pattern alone, without bias, cannot.
 
 References
 ----------
