@@ -206,3 +206,21 @@ def test_grains_each_on_one_branch_keep_the_measured_correction():
         S = rotation_matrix(0.0 if j < 4 else np.pi / 2)
         A[:, j] = np.linalg.inv(F).T @ np.linalg.inv(B0 @ S)
     np.testing.assert_array_equal(refine_correction(A, B0, np.ones((8, 8), bool), symmetry=4), B0)
+
+
+def test_neighbour_starts_take_each_neighbour_on_the_positions_own_branch():
+    """The second refinement starts from the median of the neighbours' warps, each turned by
+    the lattice symmetry onto the branch nearest the position's own; missing neighbours (NaN)
+    are ignored."""
+    from stemlib.ccstae.infer import _neighbour_median
+
+    warp = rotation_matrix(0.2) @ np.array([[1.01, 0.004], [0.004, 0.99]])
+    field = np.repeat(np.repeat(warp[None, None], 3, 0), 3, 1).copy()
+    field[0, 0] = field[0, 0] @ rotation_matrix(np.pi / 2)  # same lattice, another branch
+    field[0, 1] = field[0, 1] @ rotation_matrix(np.pi / 3)
+    field[2, 2] = field[2, 2] @ rotation_matrix(-np.pi)
+    field[1, 2] = np.nan
+    start = _neighbour_median(field)
+    assert np.allclose(start[1, 1], warp, atol=1e-12)
+    shifts = np.arange(18, dtype=float).reshape(3, 3, 1, 2)
+    assert np.allclose(_neighbour_median(shifts)[1, 1, 0], [8.0, 9.0])  # median of the 8 around

@@ -151,6 +151,12 @@ class CCSTAEConfig(BaseModel):
     compile: bool = Field(False, description="torch.compile the model on CUDA.")
     # Inference and per-pattern refinement.
     infer_batch_size: int = Field(256, ge=1, description="Patterns per inference step.")
+    neighbour_starts: bool = Field(
+        True,
+        description="Refine each pattern a second time from the median warp of its eight "
+        "neighbours and keep the better fit (escapes the local minima of low-dose likelihoods; "
+        "each answer is still the pattern's own fit). Doubles the refinement's cost.",
+    )
     refine_steps: int = Field(
         6,
         ge=0,

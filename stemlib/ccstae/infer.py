@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -59,6 +60,7 @@ def infer(
     disk_radius: float = 3.0,
     num_workers: int = 0,
     amp: bool = True,
+    neighbour_starts: bool = True,
 ) -> Inference:
     """Run the model over every pattern of ``stream`` and refine each warp against its base.
 
@@ -90,6 +92,11 @@ def infer(
         DataLoader workers.
     amp
         bf16 autocast for the network on CUDA.
+    neighbour_starts
+        Refine every pattern a second time, from the median warp of its eight neighbours, and
+        keep whichever fit reaches the lower objective. Each answer is still that pattern's own
+        fit; only the start is shared. At low dose the likelihood has local minima near the
+        network's start, and a grain's neighbours start closer to the truth.
 
     Returns
     -------
@@ -104,6 +111,7 @@ def infer(
     class_map = np.full(n, -1, np.int64)
     error = np.full(n, np.nan)
     gain = np.full(n, np.nan)
+    objective = np.full(n, np.inf)
     bases = model.bases().float()
     bg = radial_background(bases, center=model.center) if background else torch.zeros_like(bases)
     regions = (
@@ -112,6 +120,24 @@ def infer(
         else None
     )
     mask = mask.to(device)
+
+    def refine(
+        x: torch.Tensor, cls: torch.Tensor, A: torch.Tensor, t: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """Each pattern of ``x`` registered onto its class's base from the warp ``A``, ``t``."""
+        return refine_affine(
+            x,
+            (bases - bg)[cls],
+            A,
+            t,
+            mask,
+            center=model.center,
+            steps=refine_steps,
+            poisson=poisson,
+            background=bg[cls] if background else None,
+            regions=None if regions is None else regions[cls],
+        )
+
     for batch in loader(stream, num_workers=num_workers, device=device):
         x = batch["pattern"].to(device, non_blocking=True)
         theta0 = batch["theta0"].to(device, non_blocking=True)
@@ -147,19 +173,9 @@ def infer(
             )
             A = torch.where(worse[:, None, None], A0, A)
             t = torch.where(worse[:, None], t0, t)
-            fit = refine_affine(
-                x,
-                (bases - bg)[cls],
-                A,
-                t,
-                mask,
-                center=model.center,
-                steps=refine_steps,
-                poisson=poisson,
-                background=bg[cls] if background else None,
-                regions=None if regions is None else regions[cls],
-            )
+            fit = refine(x, cls, A, t)
             A, t, err, g = fit["matrix"], fit["shift"], fit["error"], fit["gain"]
+            objective[idx] = fit["objective"].cpu().numpy()
         else:
             err, g = (
                 masked_error(x.float(), base, A, t, mask, center=model.center),
@@ -170,6 +186,27 @@ def infer(
         class_map[idx] = cls.cpu().numpy()
         error[idx] = err.cpu().numpy()
         gain[idx] = g.cpu().numpy()
+    if refine_steps > 0 and neighbour_starts:
+        start_A = _neighbour_median(matrix.reshape(rx, ry, 2, 2)).reshape(n, 2, 2)
+        start_t = _neighbour_median(shift.reshape(rx, ry, 1, 2)).reshape(n, 2)
+        for batch in loader(stream, num_workers=num_workers, device=device):
+            idx = batch["index"].numpy()
+            ok = np.isfinite(start_A[idx]).all(axis=(1, 2))
+            if not ok.any():
+                continue
+            idx = idx[ok]
+            x = batch["pattern"][torch.from_numpy(ok)].to(device)
+            cls = torch.from_numpy(class_map[idx]).to(device)
+            A = torch.from_numpy(start_A[idx]).float().to(device)
+            t = torch.from_numpy(start_t[idx]).float().to(device)
+            fit = refine(x, cls, A, t)
+            better = fit["objective"].cpu().numpy() < objective[idx]
+            pick = idx[better]
+            matrix[pick] = fit["matrix"].cpu().numpy()[better]
+            shift[pick] = fit["shift"].cpu().numpy()[better]
+            error[pick] = fit["error"].cpu().numpy()[better]
+            gain[pick] = fit["gain"].cpu().numpy()[better]
+            objective[pick] = fit["objective"].cpu().numpy()[better]
     return Inference(
         matrix=matrix.reshape(rx, ry, 2, 2),
         shift=shift.reshape(rx, ry, 2),
@@ -178,3 +215,36 @@ def infer(
         error=error.reshape(rx, ry),
         gain=gain.reshape(rx, ry),
     )
+
+
+def _neighbour_median(values: np.ndarray) -> np.ndarray:
+    """Median of each position's eight neighbours, NaN-aware: warps (RX, RY, 2, 2) after turning
+    each neighbour's onto the branch nearest the position's own (a base is the same turned by
+    its lattice's symmetry: multiples of 30 deg cover 2-, 4- and 6-fold), or shifts (RX, RY, 1, 2).
+    """
+    rx, ry = values.shape[:2]
+    padded = np.pad(values, ((1, 1), (1, 1), (0, 0), (0, 0)), constant_values=np.nan)
+    around = np.stack(
+        [
+            padded[1 + i : 1 + i + rx, 1 + j : 1 + j + ry]
+            for i in (-1, 0, 1)
+            for j in (-1, 0, 1)
+            if (i, j) != (0, 0)
+        ]
+    )  # (8, RX, RY, a, 2)
+    if values.shape[-2:] == (2, 2):
+        angles = np.radians(np.arange(0, 360, 30))
+        turns = np.stack(
+            [
+                np.stack([np.cos(angles), -np.sin(angles)], -1),
+                np.stack([np.sin(angles), np.cos(angles)], -1),
+            ],
+            -2,
+        )  # (12, 2, 2)
+        turned = np.einsum("nxyab,kbc->knxyac", around, turns)  # (12, 8, RX, RY, 2, 2)
+        distance = np.abs(turned - values[None, None]).sum(axis=(-1, -2))
+        best = np.nanargmin(np.where(np.isnan(distance), np.inf, distance), axis=0)
+        around = np.take_along_axis(turned, best[None, ..., None, None], axis=0)[0]
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN neighbourhoods stay NaN
+        return np.nanmedian(around, axis=0)

@@ -602,6 +602,7 @@ def ccstae_strain(
             poisson=setup["noise_model"] == "poisson",
             background=config.background,
             disk_gains=config.disk_gains,
+            neighbour_starts=config.neighbour_starts,
             inner=schedule.radii(0)[0],
             disk_radius=setup["beam_radius_px"],
             num_workers=config.num_workers,

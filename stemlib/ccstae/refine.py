@@ -204,8 +204,9 @@ def refine_affine(
     dict
         ``matrix`` (B, 2, 2) and ``shift`` (B, 2): the refined warp; ``gain``, ``offset`` (B,);
         ``error`` (B,): the masked mean squared residual; ``start_error`` (B,): the same for the
-        starting warp with unit gain and zero offset; ``level`` (B,), the background's amplitude,
-        when a background is given.
+        starting warp with unit gain and zero offset; ``objective`` (B,): the minimised
+        objective (the mean squared residual, or the Poisson one), to compare two fits of the
+        same patterns; ``level`` (B,), the background's amplitude, when a background is given.
 
     Examples
     --------
@@ -335,6 +336,7 @@ def refine_affine(
         "offset": best_dense[:, 0],
         "error": best_error,
         "start_error": start_error,
+        "objective": best,
     }
     if k > 1:
         out["region_gains"] = best_gains

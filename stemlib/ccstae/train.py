@@ -39,7 +39,9 @@ __all__ = ["Checkpoint", "train", "seeded", "INFERENCE_ONLY_FIELDS"]
 log = logging.getLogger("stemlib.ccstae")
 
 #: Config fields that do not change training: a checkpoint is reused when only these differ.
-INFERENCE_ONLY_FIELDS = frozenset({"infer_batch_size", "refine_steps", "num_workers", "disk_gains"})
+INFERENCE_ONLY_FIELDS = frozenset(
+    {"infer_batch_size", "refine_steps", "num_workers", "disk_gains", "neighbour_starts"}
+)
 
 CHECKPOINT_NAME = "checkpoint.pt"
 
