@@ -175,7 +175,7 @@ def test_requests_without_the_auth_string_are_refused(prefect_server):
 
 
 def test_the_deployments_of_prefect_yaml_register(prefect_server):
-    """`prefect deploy --all` registers both deployments of prefect.yaml, as the file's header
+    """`prefect deploy --all` registers the three deployments of prefect.yaml, as the file's header
     says, against a server that requires the auth string; their forms, schedule and pool are
     read back through the API."""
     repo = DEPLOY.parent
@@ -209,7 +209,7 @@ def test_the_deployments_of_prefect_yaml_register(prefect_server):
     )
     response.raise_for_status()
     deployments = {d["name"]: d for d in response.json()}
-    assert set(deployments) == {"process-scan", "facility-reprocess"}
+    assert set(deployments) == {"process-scan", "facility-reprocess", "noise-sweep"}
     for deployment in deployments.values():
         assert deployment["work_pool_name"] == "stemflow-process"
         assert deployment["work_queue_name"] == "default"
@@ -238,6 +238,13 @@ def test_the_deployments_of_prefect_yaml_register(prefect_server):
     [schedule] = nightly["schedules"]
     assert schedule["active"]
     assert schedule["schedule"]["cron"] == "0 2 * * *" and schedule["schedule"]["timezone"] == "UTC"
+
+    sweep = deployments["noise-sweep"]
+    assert sweep["entrypoint"] == "flows.noise_sweep.noise_sweep"
+    assert sweep["schedules"] == []
+    form = sweep["parameter_openapi_schema"]
+    assert form["required"] == ["dest"]
+    assert {"SimulationConfig", "NoiseLevels"} <= set(form["definitions"])
     assert nightly["parameters"] == {
         "root": "s3://facility-raw/",
         "dest_root": "s3://facility-results/",
