@@ -14,6 +14,7 @@ from stemlib.errors import InputError
 from stemlib.io import open_scan
 from stemlib.io.storage import redact
 from stemlib.metrics import strain_errors
+from stemlib.py4dstem.calibrate import sample_patterns
 from stemlib.results import open_strain
 from stemlib.truth import open_truth
 
@@ -66,7 +67,5 @@ def least_errors_scan(
     reaches on the clean scan ``clean`` recorded at ``counts`` electrons per pattern with
     background weight ``background`` (:func:`stemlib.bounds.least_errors`), from about
     ``patterns`` of its patterns read in whole chunks spread over the scan."""
-    from stemlib.py4dstem.calibrate import sample_patterns
-
     sample, _, _ = sample_patterns(open_scan(clean).data, patterns)
     return least_errors(sample, counts=counts, background=background)
