@@ -273,13 +273,10 @@ def noise_sweep(
     for pair, url in outputs.items():
         if status[pair]["status"] != "failed":
             status[pair].update(score_strain(url, scans[pair[0]]["url"], pair[1]))
-    least = {
-        level: least_errors_scan(dest, background=level, counts=noise.counts) if level else None
-        for level in levels
-    }
+    least = least_errors_scan(dest, backgrounds=levels, counts=noise.counts)
     rows = [
-        _row(level, scans[level], {m: status[level, m] for m in methods}, least[level])
-        for level in levels
+        _row(level, scans[level], {m: status[level, m] for m in methods}, bound)
+        for level, bound in zip(levels, least, strict=True)
     ]
     table = sweep_table(rows)
     record = {
@@ -400,10 +397,7 @@ def _row(
     least: dict[str, float] | None,
 ) -> dict[str, Any]:
     """One level's row of the table (JSON-ready: NaN as None)."""
-    finite = {
-        m: {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in r.items()}
-        for m, r in methods.items()
-    }
+    finite = {m: _finite(r) for m, r in methods.items()}
     p4, cc = finite.get("py4dstem", {}), finite.get("ccstae", {})
     ratio = {c: _ratio(cc.get(c), p4.get(c)) for c in PAPER_COMPONENTS} if p4 and cc else None
     percent = paper_percent(level)
@@ -418,9 +412,14 @@ def _row(
         "methods": finite,
         "ratio": ratio,
         "paper": paper,
-        "least": None
-        if least is None
-        else {k: (v if math.isfinite(v) else None) for k, v in least.items()},
+        "least": None if least is None else _finite(least),
+    }
+
+
+def _finite(values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` with every non-finite float as None (JSON has no NaN or infinity)."""
+    return {
+        k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in values.items()
     }
 
 

@@ -61,11 +61,14 @@ def score_strain(result: str, scan: str, method: str) -> dict[str, Any]:
     cache_policy=NO_CACHE,
 )
 def least_errors_scan(
-    clean: str, *, background: float, counts: float, patterns: int = 256
-) -> dict[str, float]:
+    clean: str, *, backgrounds: list[float], counts: float, patterns: int = 256
+) -> list[dict[str, float] | None]:
     """The least MAE (``exx, eyy, exy`` "1", ``theta`` rad) that an unbiased per-pattern method
-    reaches on the clean scan ``clean`` recorded at ``counts`` electrons per pattern with
-    background weight ``background`` (:func:`stemlib.bounds.least_errors`), from about
-    ``patterns`` of its patterns read in whole chunks spread over the scan."""
+    reaches on the clean scan ``clean`` recorded at ``counts`` electrons per pattern with each
+    background weight of ``backgrounds`` (:func:`stemlib.bounds.least_errors`); None for a
+    weight of 0 (the clean scan itself: no Poisson step, no bound). The about ``patterns``
+    patterns, read once in whole chunks spread over the scan, serve every weight."""
+    if not any(backgrounds):
+        return [None] * len(backgrounds)
     sample, _, _ = sample_patterns(open_scan(clean).data, patterns)
-    return least_errors(sample, counts=counts, background=background)
+    return [least_errors(sample, counts=counts, background=w) if w else None for w in backgrounds]
