@@ -11,16 +11,14 @@ from prefect.cache_policies import NO_CACHE
 from stemlib.ingest import IngestOptions, ingest
 from stemlib.io.storage import redact
 
-from ._retry import STORAGE_RETRY_DELAYS, retry_on_storage_error
+from ._retry import STORAGE_RETRY
 
 __all__ = ["ingest_scan"]
 
 
 @task(
     name="ingest-scan",
-    retries=len(STORAGE_RETRY_DELAYS),
-    retry_delay_seconds=STORAGE_RETRY_DELAYS,
-    retry_condition_fn=retry_on_storage_error,
+    **STORAGE_RETRY,
     # The store itself records its source key: a rerun finds it and skips, even across servers.
     cache_policy=NO_CACHE,
 )

@@ -18,7 +18,7 @@ from stemlib.provenance import fingerprint, software_versions, utc_now
 from stemlib.results import combine_methods, open_strain, write_strain
 from stemlib.truth import open_truth
 
-from ._retry import STORAGE_RETRY_DELAYS, retry_on_storage_error
+from ._retry import STORAGE_RETRY
 
 __all__ = [
     "scan_identity",
@@ -86,9 +86,7 @@ def finished_step(url: str, key: str) -> bool:
 
 @task(
     name="publish-strain",
-    retries=len(STORAGE_RETRY_DELAYS),
-    retry_delay_seconds=STORAGE_RETRY_DELAYS,
-    retry_condition_fn=retry_on_storage_error,
+    **STORAGE_RETRY,
     cache_policy=NO_CACHE,
 )
 def publish_strain(

@@ -15,7 +15,7 @@ from stemlib.plots import png_url, save_png, strain_figure
 from stemlib.results import write_strain
 from stemlib.types import Symmetry
 
-from ._retry import STORAGE_RETRY_DELAYS, retry_on_storage_error
+from ._retry import STORAGE_RETRY
 
 __all__ = ["py4dstem_strain_scan"]
 
@@ -34,10 +34,8 @@ def _dask_client() -> contextlib.AbstractContextManager[Any]:
 
 @task(
     name="py4dstem-strain",
-    retries=len(STORAGE_RETRY_DELAYS),
-    retry_delay_seconds=STORAGE_RETRY_DELAYS,
     # Only an unreachable store is retried; a scan without disks or a bad region fails at once.
-    retry_condition_fn=retry_on_storage_error,
+    **STORAGE_RETRY,
     cache_policy=NO_CACHE,
 )
 def py4dstem_strain_scan(

@@ -18,16 +18,14 @@ from stemlib.py4dstem.calibrate import sample_patterns
 from stemlib.results import open_strain
 from stemlib.truth import open_truth
 
-from ._retry import STORAGE_RETRY_DELAYS, retry_on_storage_error
+from ._retry import STORAGE_RETRY
 
 __all__ = ["score_strain", "least_errors_scan"]
 
 
 @task(
     name="score-strain",
-    retries=len(STORAGE_RETRY_DELAYS),
-    retry_delay_seconds=STORAGE_RETRY_DELAYS,
-    retry_condition_fn=retry_on_storage_error,
+    **STORAGE_RETRY,
     cache_policy=NO_CACHE,
 )
 def score_strain(result: str, scan: str, method: str) -> dict[str, Any]:
@@ -55,9 +53,7 @@ def score_strain(result: str, scan: str, method: str) -> dict[str, Any]:
 
 @task(
     name="least-errors",
-    retries=len(STORAGE_RETRY_DELAYS),
-    retry_delay_seconds=STORAGE_RETRY_DELAYS,
-    retry_condition_fn=retry_on_storage_error,
+    **STORAGE_RETRY,
     cache_policy=NO_CACHE,
 )
 def least_errors_scan(

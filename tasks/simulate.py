@@ -14,7 +14,7 @@ from stemlib.noise import PAPER_COUNTS, noise_store
 from stemlib.simulate import SimulationConfig, write_simulation
 from stemlib.types import NoiseModel
 
-from ._retry import STORAGE_RETRY_DELAYS, retry_on_storage_error
+from ._retry import STORAGE_RETRY
 
 __all__ = ["simulate_scan", "noise_scan"]
 
@@ -31,9 +31,7 @@ def _record(result: WriteResult) -> dict[str, Any]:
 
 @task(
     name="simulate-scan",
-    retries=len(STORAGE_RETRY_DELAYS),
-    retry_delay_seconds=STORAGE_RETRY_DELAYS,
-    retry_condition_fn=retry_on_storage_error,
+    **STORAGE_RETRY,
     # The store is the cache: a task's inputs say nothing about whether it still exists.
     cache_policy=NO_CACHE,
 )
@@ -55,9 +53,7 @@ def simulate_scan(config: SimulationConfig, dest: str) -> dict[str, Any]:
 
 @task(
     name="noise-scan",
-    retries=len(STORAGE_RETRY_DELAYS),
-    retry_delay_seconds=STORAGE_RETRY_DELAYS,
-    retry_condition_fn=retry_on_storage_error,
+    **STORAGE_RETRY,
     cache_policy=NO_CACHE,
 )
 def noise_scan(
