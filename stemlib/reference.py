@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import re
 
+import dask.array as da
 import numpy as np
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
@@ -18,7 +19,7 @@ from scipy.sparse.csgraph import connected_components
 from .errors import InputError
 from .io.storage import locate, redact, storage_errors
 
-__all__ = ["parse_reference", "auto_reference", "describe_reference"]
+__all__ = ["parse_reference", "auto_reference", "describe_reference", "region_mean"]
 
 _REGION = re.compile(r"^\s*(-?\d*)\s*:\s*(-?\d*)\s*,\s*(-?\d*)\s*:\s*(-?\d*)\s*$")
 
@@ -198,3 +199,39 @@ def auto_reference(
 def describe_reference(spec: str, mask: np.ndarray) -> str:
     """A short description for the result's attributes, e.g. ``"auto: 120 positions"``."""
     return f"{str(spec).strip()}: {int(mask.sum())} positions"
+
+
+def region_mean(data: da.Array, mask: np.ndarray) -> np.ndarray:
+    """The mean pattern of a region, reading only the stored chunks that hold one of its positions.
+
+    Parameters
+    ----------
+    data
+        Lazy scan of shape (RX, RY, QX, QY).
+    mask
+        (RX, RY) bool, not empty.
+
+    Returns
+    -------
+    ndarray of shape (QX, QY), float64, in the scan's intensity unit.
+
+    Examples
+    --------
+    >>> data = da.from_array(np.arange(64).reshape(4, 4, 2, 2), chunks=(2, 2, 2, 2))
+    >>> mask = np.zeros((4, 4), bool)
+    >>> mask[0, 0] = mask[3, 3] = True
+    >>> region_mean(data, mask)
+    array([[30., 31.],
+           [32., 33.]])
+    """
+    mask = np.asarray(mask, bool)
+    offsets = [np.concatenate([[0], np.cumsum(c)]) for c in data.chunks[:2]]
+    parts = []
+    for i in range(data.numblocks[0]):
+        for j in range(data.numblocks[1]):
+            inside = mask[offsets[0][i] : offsets[0][i + 1], offsets[1][j] : offsets[1][j + 1]]
+            if inside.any():
+                block = data.blocks[i, j]
+                flat = block.reshape((-1,) + block.shape[2:])
+                parts.append(flat[np.flatnonzero(inside)].astype(np.float64).sum(axis=0))
+    return np.asarray(da.stack(parts).sum(axis=0).compute()) / mask.sum()

@@ -36,6 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from scipy.spatial import cKDTree
 
 from .calibration import Calibration, scan_coords
+from .ellipse import ellipse_matrix
 from .errors import InputError
 from .io.scan_store import WriteResult, choose_layout, write_scan
 from .provenance import software_versions, utc_now
@@ -193,8 +194,7 @@ class SimulationConfig(BaseModel):
 
     def ellipse_matrix(self) -> np.ndarray:
         """Detector distortion ``E``, shape (2, 2): a point ``u`` from the beam lands at ``E u``."""
-        q = rotation_matrix(math.radians(self.ellipse_angle_deg))
-        return q @ np.diag([1 + self.ellipticity / 2, 1 - self.ellipticity / 2]) @ q.T
+        return ellipse_matrix(self.ellipticity, self.ellipse_angle_deg)
 
 
 def _check(config: SimulationConfig) -> None:

@@ -35,6 +35,7 @@ __all__ = [
     "strain_from_deformation",
     "fold_rotation",
     "detect_symmetry",
+    "reduce_basis",
     "reference_lattice",
     "strain_from_lattice",
     "rotate_strain",
@@ -166,6 +167,41 @@ def strain_from_deformation(F: np.ndarray, *, symmetry: int = 1) -> dict[str, np
         "exy": V[..., 0, 1],
         "theta": fold_rotation(theta, symmetry) if symmetry > 1 else theta,
     }
+
+
+def reduce_basis(basis: np.ndarray) -> np.ndarray:
+    """Lagrange-Gauss reduction: the two shortest independent vectors of a 2D lattice.
+
+    Parameters
+    ----------
+    basis
+        (2, 2), columns ``g1, g2`` (independent).
+
+    Returns
+    -------
+    ndarray of shape (2, 2)
+        Columns ``a, b`` spanning the same lattice with ``|a| <= |b|`` and ``|a . b| <= |a|^2 / 2``,
+        with ``det [a b] > 0`` (``b`` negated where needed).
+
+    Examples
+    --------
+    >>> reduce_basis(np.array([[10.0, 30.0], [0.0, 10.0]]))
+    array([[10.,  0.],
+           [ 0., 10.]])
+    """
+    a, b = np.array(basis[:, 0], float), np.array(basis[:, 1], float)
+    if a @ a > b @ b:
+        a, b = b, a
+    for _ in range(64):
+        mu = round(float(a @ b) / float(a @ a))
+        b = b - mu * a
+        if b @ b >= a @ a:
+            break
+        a, b = b, a
+    out = np.column_stack([a, b])
+    if np.linalg.det(out) < 0:
+        out[:, 1] *= -1
+    return out
 
 
 def detect_symmetry(

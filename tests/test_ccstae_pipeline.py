@@ -167,9 +167,9 @@ def test_bases_picture(square, tmp_path):
 
 @pytest.mark.slow
 def test_vacuum_gets_its_own_base_and_no_answer(tmp_path):
-    # The simulator's hardest settings (descan, disk gradients, falloff, soft edges, a vacuum
-    # band) without its elliptic detector distortion, which no method here corrects.
-    config = SimulationConfig.hard(scan=(12, 12), pattern=96, grains=3, seed=5, ellipticity=0.0)
+    # The simulator's hardest settings: descan, disk gradients, falloff, soft edges, a vacuum
+    # band and a 3 % elliptic detector distortion, which must be measured and removed.
+    config = SimulationConfig.hard(scan=(12, 12), pattern=96, grains=3, seed=5)
     write_simulation(config, str(tmp_path / "scan.zarr"))
     truth = open_truth(str(tmp_path / "scan.zarr"))
     np.save(tmp_path / "reference.npy", truth["reference_mask"].values)
@@ -185,11 +185,14 @@ def test_vacuum_gets_its_own_base_and_no_answer(tmp_path):
     assert vacuum.any() and len(np.unique(classes[vacuum])) == 1
     assert not np.isin(classes[~vacuum], classes[vacuum]).any()
     assert not ds["valid"].values[0][vacuum].any() and ds["valid"].values[0][~vacuum].all()
+    ellipse = ds.attrs["methods"]["ccstae"]["detector_ellipse"]
+    assert ellipse["removed"] and abs(ellipse["ellipticity"] - config.ellipticity) < 1e-3
+    assert abs(ellipse["angle_deg"] - config.ellipse_angle_deg) < 2.0
     errors = strain_errors(ds.isel(method=0), truth, symmetry=4, mask=~vacuum)
     assert (
         max(errors[k] for k in ("exx", "eyy", "exy")) < 1.5e-3
         and np.degrees(errors["theta"]) < 0.05
-    )
+    ), errors
 
 
 def test_zero_epochs_uses_the_rotation_stage_alone_and_reruns(square, tmp_path):

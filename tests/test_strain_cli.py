@@ -39,7 +39,9 @@ def _nothing_published(folder) -> bool:
 
 
 def test_cli_writes_the_strain_store_and_the_maps(scan, tmp_path, capsys):
-    (tmp_path / "py4dstem.yaml").write_text("threshold_sigma: 6.0\nmin_disks: 5\n")
+    (tmp_path / "py4dstem.yaml").write_text(
+        "threshold_sigma: 6.0\nmin_disks: 5\nellipse: {ellipticity: 0.0}\n"
+    )
     dest = str(tmp_path / "strain.zarr")
     args = [
         "strain",
@@ -58,6 +60,12 @@ def test_cli_writes_the_strain_store_and_the_maps(scan, tmp_path, capsys):
     assert list(ds["method"].values) == ["py4dstem"] and ds.attrs["convention"] == "stemflow-1"
     record = ds.attrs["methods"]["py4dstem"]
     assert record["config"]["threshold_sigma"] == 6.0 and record["config"]["min_disks"] == 5
+    assert record["detector_ellipse"] == {
+        "ellipticity": 0.0,
+        "angle_deg": 0.0,
+        "removed": False,
+        "how": "given",
+    }
     assert record["coverage"] == 1.0 and record["invalid_positions"] == 0
     assert ds.attrs["input_content_sha256"] and "py4DSTEM" in ds.attrs["software"]
     truth = open_truth(scan)

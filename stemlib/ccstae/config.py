@@ -15,6 +15,7 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..ellipse import DetectorEllipse
 from ..errors import InputError
 from ..masks import MaskSchedule
 from ..types import Device
@@ -162,6 +163,11 @@ class CCSTAEConfig(BaseModel):
         ge=0,
         description="Gauss-Newton steps refining each pattern's affine against its base (0: "
         "network only).",
+    )
+    ellipse: DetectorEllipse = Field(
+        default_factory=DetectorEllipse,
+        description="The detector's elliptic distortion, removed from every warp and base "
+        "before the strain: measured on the reference region's mean pattern, or given.",
     )
 
     @classmethod

@@ -33,9 +33,11 @@ import xarray as xr
 from scipy import ndimage
 
 from ..angular import angular_order
+from ..ellipse import detector_distortion
 from ..errors import InputError
 from ..masks import MaskSchedule, ring_mask
 from ..provenance import software_versions
+from ..py4dstem.pipeline import region_lattice
 from ..results import strain_dataset
 from ..strain import detect_symmetry
 from ..types import SCAN_DIMS, Device, Symmetry
@@ -159,6 +161,28 @@ def _base_symmetry(
     if harmonic == 4 and abs(lengths.max() / lengths.min() - 1) > 0.1:
         harmonic = 2
     return harmonic, int(detect_symmetry(lattice))
+
+
+def _base_corrections(
+    matrix: np.ndarray,
+    lattices: list[np.ndarray | None],
+    classes: np.ndarray,
+    valid: np.ndarray,
+    *,
+    symmetry: int,
+) -> np.ndarray:
+    """Each position's base distortion ``B`` (2, 2): measured on its base's lattice
+    (:func:`symmetric_correction`) and, for a 4- or 6-fold lattice, refined so that one
+    lattice has one stretch on every branch (:func:`refine_correction`). Shape (RX, RY, 2, 2)."""
+    per_base = np.stack([symmetric_correction(g, symmetry) for g in lattices])
+    if symmetry in (4, 6):
+        per_base = np.stack(
+            [
+                refine_correction(matrix, b, valid & (classes == c), symmetry=symmetry)
+                for c, b in enumerate(per_base)
+            ]
+        )
+    return per_base[classes]
 
 
 def _derived_schedule(config: CCSTAEConfig, *, size: int, beam: float) -> MaskSchedule:
@@ -625,29 +649,26 @@ def ccstae_strain(
     )
     n = detected if symmetry == "auto" else int(symmetry)
     window = max(2, int(round(setup["beam_radius_px"])))
-    per_base = np.stack(
-        [
-            symmetric_correction(
-                base_lattice(b, center=t.center, inner=schedule.radii(0)[0], window=window), n
-            )
-            for b in bases
-        ]
-    )
+    lattices = [
+        base_lattice(b, center=t.center, inner=schedule.radii(0)[0], window=window) for b in bases
+    ]
     classes = np.clip(result.class_map, 0, len(bases) - 1)
-    if n in (4, 6):
-        per_base = np.stack(
-            [
-                refine_correction(result.matrix, b, valid & (classes == c), symmetry=n)
-                for c, b in enumerate(per_base)
-            ]
-        )
-    correction = per_base[classes]
+    correction = _base_corrections(result.matrix, lattices, classes, valid, symmetry=n)
     reference_mask = t.reference_mask
     if reference_mask is None:
         warps = np.where(valid[..., None, None], result.matrix @ correction, np.nan)
         reference_mask = auto_reference(fold_deformation(deformation_from_affine(warps), n), valid)
+    distortion, ellipse = detector_distortion(
+        config.ellipse, n, lambda: region_lattice(t.data, reference_mask & valid)
+    )
+    matrix = result.matrix
+    if ellipse["removed"]:
+        inverse = np.linalg.inv(distortion)
+        matrix = inverse @ matrix @ distortion
+        lattices = [None if g is None else inverse @ g for g in lattices]
+        correction = _base_corrections(matrix, lattices, classes, valid, symmetry=n)
     strain, _ = strain_from_affine(
-        result.matrix, reference=reference_mask, symmetry=n, valid=valid, correction=correction
+        matrix, reference=reference_mask, symmetry=n, valid=valid, correction=correction
     )
     if bases_png is not None:
         save_bases_png(bases, bases_png, mask=ring_last)
@@ -682,6 +703,7 @@ def ccstae_strain(
             "symmetry": n,
             "symmetry_detected": detected,
             "symmetry_from_base_lattice": lattice_symmetry,
+            "detector_ellipse": ellipse,
             "device": str(t.device),
             "setup": setup,
             "training": t.record.history,

@@ -40,7 +40,14 @@ log = logging.getLogger("stemlib.ccstae")
 
 #: Config fields that do not change training: a checkpoint is reused when only these differ.
 INFERENCE_ONLY_FIELDS = frozenset(
-    {"infer_batch_size", "refine_steps", "num_workers", "disk_gains", "neighbour_starts"}
+    {
+        "infer_batch_size",
+        "refine_steps",
+        "num_workers",
+        "disk_gains",
+        "neighbour_starts",
+        "ellipse",
+    }
 )
 
 CHECKPOINT_NAME = "checkpoint.pt"

@@ -7,6 +7,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..ellipse import DetectorEllipse
+
 __all__ = ["Py4DSTEMConfig"]
 
 
@@ -128,3 +130,8 @@ class Py4DSTEMConfig(BaseModel):
         description="Sampled patterns without Bragg disks needed to build a vacuum template.",
     )
     block_patterns: int = Field(256, ge=1, description="At most this many patterns per Dask task.")
+    ellipse: DetectorEllipse = Field(
+        default_factory=DetectorEllipse,
+        description="The detector's elliptic distortion, removed from every lattice before the "
+        "strain: measured on the reference lattice, or given.",
+    )

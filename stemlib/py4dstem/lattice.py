@@ -16,11 +16,10 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from ..strain import deformation_from_lattice, polar_decompose
+from ..strain import deformation_from_lattice, polar_decompose, reduce_basis
 
 __all__ = [
     "LatticeFit",
-    "reduce_basis",
     "basis_metric",
     "find_basis",
     "fit_lattice",
@@ -68,41 +67,6 @@ class LatticeFit:
     n_disks: int
     residual: float
     indexed_fraction: float = 1.0
-
-
-def reduce_basis(basis: np.ndarray) -> np.ndarray:
-    """Lagrange-Gauss reduction: the two shortest independent vectors of a 2D lattice.
-
-    Parameters
-    ----------
-    basis
-        (2, 2), columns ``g1, g2`` (independent).
-
-    Returns
-    -------
-    ndarray of shape (2, 2)
-        Columns ``a, b`` spanning the same lattice with ``|a| <= |b|`` and ``|a . b| <= |a|^2 / 2``,
-        with ``det [a b] > 0`` (``b`` negated where needed).
-
-    Examples
-    --------
-    >>> reduce_basis(np.array([[10.0, 30.0], [0.0, 10.0]]))
-    array([[10.,  0.],
-           [ 0., 10.]])
-    """
-    a, b = np.array(basis[:, 0], float), np.array(basis[:, 1], float)
-    if a @ a > b @ b:
-        a, b = b, a
-    for _ in range(64):
-        mu = round(float(a @ b) / float(a @ a))
-        b = b - mu * a
-        if b @ b >= a @ a:
-            break
-        a, b = b, a
-    out = np.column_stack([a, b])
-    if np.linalg.det(out) < 0:
-        out[:, 1] *= -1
-    return out
 
 
 def basis_metric(basis: np.ndarray) -> np.ndarray:

@@ -10,19 +10,20 @@ import numpy as np
 import xarray as xr
 from dask.base import tokenize
 
+from ..ellipse import detector_distortion, undistort_lattice
 from ..errors import InputError
 from ..provenance import software_versions, utc_now
-from ..reference import auto_reference, describe_reference, parse_reference
+from ..reference import auto_reference, describe_reference, parse_reference, region_mean
 from ..results import strain_dataset
 from ..strain import detect_symmetry, reference_lattice
 from ..types import SCAN_DIMS, Symmetry
 from .calibrate import DetectionSetup, calibrate
 from .config import Py4DSTEMConfig
 from .convention import strain_from_bases
-from .detect import RECORD_FIELDS, process_block
+from .detect import RECORD_FIELDS, detect_lattices_in, expected_origin, process_block
 from .lattice import align_bases
 
-__all__ = ["METHOD", "py4dstem_strain", "lattice_records"]
+__all__ = ["METHOD", "py4dstem_strain", "lattice_records", "region_lattice"]
 
 #: The ``method`` label of this baseline's results.
 METHOD = "py4dstem"
@@ -83,6 +84,56 @@ def lattice_records(
     )
 
 
+def region_lattice(
+    data: da.Array,
+    mask: np.ndarray,
+    config: Py4DSTEMConfig | None = None,
+    *,
+    where: str = "the scan",
+) -> np.ndarray:
+    """The lattice of a region's mean pattern, by py4DSTEM's disk detection and the lattice fit.
+
+    The mean of a grain's patterns keeps their disks and averages their noise away, so this
+    measures the region's lattice on the detector far better than any one pattern (the
+    detection set-up is measured on the scan as in :func:`py4dstem_strain`).
+
+    Parameters
+    ----------
+    data
+        Lazy scan of shape (RX, RY, QX, QY).
+    mask
+        (RX, RY) bool: the region (one grain, e.g. the reference region).
+    config
+        Detection overrides.
+    where
+        The scan's name, for messages.
+
+    Returns
+    -------
+    ndarray of shape (2, 2)
+        Reciprocal basis, columns ``g1, g2`` as ``(qx, qy)`` px.
+
+    Raises
+    ------
+    InputError
+        If the mean pattern shows no lattice of Bragg disks.
+    """
+    config = config or Py4DSTEMConfig()
+    setup = calibrate(data, config, where=where)
+    rx, ry = np.argwhere(mask).mean(axis=0)
+    expected = expected_origin(np.array([rx]), np.array([ry]), setup.params.origin_plane)
+    _, _, records = detect_lattices_in(
+        region_mean(data, mask)[None], expected, setup.kernel, setup.params
+    )
+    basis = records[0, 2:6].reshape(2, 2).T
+    if not np.isfinite(basis).all():
+        raise InputError(
+            f"the mean pattern of {where}'s reference region shows no lattice of Bragg disks; "
+            "choose another reference region, or give the ellipse in the config."
+        )
+    return basis
+
+
 def _anchor(
     bases: np.ndarray, valid: np.ndarray, n_disks: np.ndarray, mask: np.ndarray | None
 ) -> np.ndarray:
@@ -124,9 +175,11 @@ def py4dstem_strain(
     2. py4DSTEM's ``find_Bragg_disks`` (sub-pixel ``multicorr``) on every block of the scan, one
        Dask task per block; each pattern's own basis is found among its disks and refined by an
        intensity-weighted least-squares fit of every indexed disk (any grain rotation).
-    3. Every basis put on the reference's branch under the lattice symmetry; the reference
-       lattice is the median over the reference region; strain and rotation by
-       :func:`stemlib.strain.strain_from_lattice`.
+    3. The reference lattice is the median over the reference region; the detector's elliptic
+       distortion, measured on it (a square or hexagonal lattice is isotropic) or given, is
+       removed from every basis (:mod:`stemlib.ellipse`).
+    4. Every basis put on the reference's branch under the lattice symmetry; strain and
+       rotation by :func:`stemlib.strain.strain_from_lattice`.
 
     Parameters
     ----------
@@ -150,7 +203,8 @@ def py4dstem_strain(
         ``(-pi/n, pi/n]``), ``valid`` (at least ``min_disks`` Bragg disks indexed; NaN
         elsewhere), extras ``n_disks``, ``fit_residual`` (px), ``origin_qx, origin_qy`` (px, the
         measured direct beam) and ``reference_region``; the method's attributes hold the
-        parameters used, the reference lattice, the descan plane and the coverage.
+        parameters used, the reference lattice, the detector ellipse, the descan plane and the
+        coverage.
 
     Raises
     ------
@@ -196,7 +250,10 @@ def py4dstem_strain(
         mask = auto_reference(provisional, valid)
     g_ref = reference_lattice(provisional, mask)
     n = detect_symmetry(g_ref) if symmetry == "auto" else int(symmetry)
-    maps = strain_from_bases(bases, g_ref, symmetry=n)
+    distortion, ellipse = detector_distortion(config.ellipse, n, lambda: g_ref)
+    maps = strain_from_bases(
+        undistort_lattice(bases, distortion), undistort_lattice(g_ref, distortion), symmetry=n
+    )
 
     coords = {d: scan.coords[d] for d in SCAN_DIMS if d in scan.coords}
     extras = {
@@ -233,6 +290,7 @@ def py4dstem_strain(
         "symmetry": n,
         "reference_lattice_px": g_ref.T.tolist(),
         "reference_lattice_layout": "[[g1_qx, g1_qy], [g2_qx, g2_qy]] in detector px",
+        "detector_ellipse": ellipse,
         "positions": int(valid.size),
         "invalid_positions": int((~valid).sum()),
         **_descan(records, valid),
