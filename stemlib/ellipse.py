@@ -20,6 +20,7 @@ on its own: its ellipse must be given (from a calibration standard).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -28,6 +29,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .errors import InputError
 from .strain import reduce_basis, rotation_matrix
+
+log = logging.getLogger("stemlib.ellipse")
 
 __all__ = [
     "DetectorEllipse",
@@ -176,7 +179,8 @@ def detector_distortion(
         The lattice's n-fold symmetry; ``"auto"`` measures only a 4- or 6-fold lattice.
     measure
         Returns the reference lattice as measured on the detector, (2, 2) columns ``g1, g2``;
-        called only for ``"auto"``.
+        called only for ``"auto"``. An :class:`~stemlib.errors.InputError` it raises (no
+        lattice to measure) leaves the detector as it is, with the reason in the record.
 
     Returns
     -------
@@ -202,11 +206,16 @@ def detector_distortion(
             "give it in the config"
         )
     else:
-        e, angle = fit_ellipse(measure(), symmetry)
-        removed = e >= setting.least
-        how = "measured on the reference lattice" + (
-            "" if removed else f", below least={setting.least:g}: not removed"
-        )
+        try:
+            e, angle = fit_ellipse(measure(), symmetry)
+        except InputError as exc:  # the strain is still worth having; the record says why
+            log.warning("the detector's ellipse was not measured: %s", exc)
+            e, angle, removed, how = 0.0, 0.0, False, f"not measured: {exc}"
+        else:
+            removed = e >= setting.least
+            how = "measured on the reference lattice" + (
+                "" if removed else f", below least={setting.least:g}: not removed"
+            )
     record = {"ellipticity": e, "angle_deg": angle, "removed": removed, "how": how}
     return (ellipse_matrix(e, angle) if removed else np.eye(2)), record
 

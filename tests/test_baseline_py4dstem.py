@@ -227,13 +227,14 @@ def test_calibration_reads_a_sample_not_the_scan():
     data = da.zeros((32, 32, 16, 16), chunks=(8, 8, 16, 16)).map_blocks(note, dtype=float)
     with dask.config.set(scheduler="synchronous"):
         patterns, rx, ry = sample_patterns(data, 128)
-    assert len(set(read)) == 2 and patterns.shape == (128, 16, 16)
-    assert (rx.min(), rx.max(), ry.min(), ry.max()) == (
-        0,
-        31,
-        0,
-        31,
-    )  # first and last chunk: spread
+    assert len(set(read)) == 8 and patterns.shape == (128, 16, 16)  # 8 of the 16 chunks
+    assert {(0, 0), (3, 3)} <= set(read)  # spread from the first chunk to the last
+    # A big scan stored by rows: the sample still spans it, from 8 rows
+    read.clear()
+    rows = da.zeros((256, 64, 4, 4), chunks=(1, 64, 4, 4)).map_blocks(note, dtype=float)
+    with dask.config.set(scheduler="synchronous"):
+        patterns, rx, _ = sample_patterns(rows, 256)
+    assert len(set(read)) == 8 and len(patterns) == 256 and (rx.min(), rx.max()) == (0, 255)
 
 
 # --- known answers on simulated scans --------------------------------------------------------

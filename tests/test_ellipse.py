@@ -109,6 +109,18 @@ def test_distortion_given_measured_small_or_unmeasurable():
     assert record == {"ellipticity": 0.01, "angle_deg": 10.0, "removed": True, "how": "given"}
     np.testing.assert_allclose(E, ellipse_matrix(0.01, 10.0))
 
+    def no_lattice() -> np.ndarray:
+        raise InputError("the mean pattern shows no lattice of Bragg disks.")
+
+    E, record = detector_distortion(DetectorEllipse(), 6, no_lattice)
+    assert record == {
+        "ellipticity": 0.0,
+        "angle_deg": 0.0,
+        "removed": False,
+        "how": "not measured: the mean pattern shows no lattice of Bragg disks.",
+    }
+    np.testing.assert_array_equal(E, np.eye(2))
+
     E, record = detector_distortion(DetectorEllipse(), 2, never)
     assert not record["removed"] and record["how"].startswith("not measured: a 2-fold lattice")
     np.testing.assert_array_equal(E, np.eye(2))

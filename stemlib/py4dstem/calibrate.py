@@ -42,6 +42,9 @@ _SMALLEST_RADIUS = 1.5
 #: Disks smaller than this (px) have correlation peaks too sharp for DFT up-sampling unless the
 #: patterns are smoothed (see ``Py4DSTEMConfig.sigma_dp``).
 _SHARP_PEAK_RADIUS = 6.0
+#: Fewest stored chunks a sample is read from: one large chunk (a scan row of a big scan) is
+#: one line across the sample, which may miss its grains or hold only vacuum.
+_SPREAD_CHUNKS = 8
 
 __all__ = [
     "DetectionSetup",
@@ -82,7 +85,8 @@ class DetectionSetup:
 
 
 def sample_patterns(data: da.Array, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """About ``n`` patterns from whole chunks spread evenly over the scan.
+    """About ``n`` patterns from whole chunks spread evenly over the scan (at least
+    ``_SPREAD_CHUNKS`` of them where the scan has that many).
 
     Parameters
     ----------
@@ -100,7 +104,8 @@ def sample_patterns(data: da.Array, n: int) -> tuple[np.ndarray, np.ndarray, np.
     crx, cry = data.chunks[0][0], data.chunks[1][0]
     per_chunk = crx * cry
     grid = data.numblocks[:2]
-    n_chunks = min(grid[0] * grid[1], max(1, math.ceil(n / per_chunk)))
+    # At least a few chunks, so that large chunks (a scan row) still sample the whole scan.
+    n_chunks = min(grid[0] * grid[1], max(_SPREAD_CHUNKS, math.ceil(n / per_chunk)))
     flat = np.unique(np.linspace(0, grid[0] * grid[1] - 1, n_chunks).round().astype(int))
     step = max(1, (len(flat) * per_chunk) // n)  # every step-th pattern of each chunk, raster order
     parts, where = [], []
