@@ -18,9 +18,11 @@ from stemlib.ccstae.rotation import correlate_angles, polar_features
 from stemlib.ccstae.strain import (
     deformation_from_affine,
     refine_correction,
+    remove_ellipse,
     strain_from_affine,
     symmetric_correction,
 )
+from stemlib.ellipse import ellipse_matrix
 from stemlib.masks import ring_mask
 from stemlib.strain import rotation_matrix, strain_from_deformation
 
@@ -246,3 +248,56 @@ def test_neighbour_starts_take_each_neighbour_on_the_positions_own_branch():
     assert np.allclose(start[1, 1], warp, atol=1e-12)
     shifts = np.arange(18, dtype=float).reshape(3, 3, 1, 2)
     assert np.allclose(_neighbour_median(shifts)[1, 1, 0], [8.0, 9.0])  # median of the 8 around
+
+
+def test_two_grains_turned_apart_do_not_refine_the_correction():
+    """Neighbours on two branches whose stretches agree but whose rotations differ (modulo the
+    branches) are two grains, not one lattice seen twice: they say nothing about ``B``."""
+    A = np.empty((12, 12, 2, 2))
+    for j in range(12):
+        if j < 6:
+            F, S = np.eye(2), np.eye(2)
+        else:  # turned by 20 deg, on the next branch, with a stretch 3e-3 from the left's
+            F = rotation_matrix(np.radians(20.0)) @ np.diag([1.003, 1.0])
+            S = rotation_matrix(np.pi / 2)
+        A[:, j] = np.linalg.inv(F).T @ np.linalg.inv(S)
+    B0 = np.eye(2)
+    everywhere = np.ones((12, 12), bool)
+    np.testing.assert_array_equal(refine_correction(A, B0, everywhere, symmetry=4), B0)
+    # counted as one lattice, the boundary's 12 pairs would have moved B
+    moved = refine_correction(A, B0, everywhere, symmetry=4, turn=1.0)
+    assert np.abs(moved - B0).max() > 5e-4
+
+
+def test_the_ellipse_is_removed_in_each_base_frame():
+    """A base is learned from patterns turned back onto it, so it sees the detector's ellipse
+    turned by its warps' rotation: removed in that frame, its lattice is square again and a grain
+    on every branch gets its strain back. Removed with ``E`` on both sides, the base keeps 3 % of
+    distortion, beyond what a base correction is trusted with (1e-2 errors on the hard scans)."""
+    E = ellipse_matrix(0.03, 25.0)
+    L0 = np.diag([16.0, 16.0])
+    R = rotation_matrix(np.radians(40.0))
+    base = np.linalg.inv(R) @ E @ L0  # learned from the reference, turned by -40 deg
+    grains = [
+        np.eye(2),  # the reference
+        (np.eye(2) + np.array([[0.01, 0.004], [0.004, -0.008]])) @ rotation_matrix(0.2),
+        (np.eye(2) + np.array([[-0.006, 0.01], [0.01, 0.012]])) @ rotation_matrix(-0.6),
+    ]
+    A = np.empty((1, 3, 2, 2))
+    for j, (F, k) in enumerate(zip(grains, (0, 0, 1), strict=True)):
+        pattern = E @ np.linalg.inv(F).T @ L0  # what the detector shows
+        M = np.linalg.inv(L0) @ rotation_matrix(np.pi / 2 * k) @ L0  # the branch, in indices
+        A[0, j] = pattern @ np.linalg.inv(M) @ np.linalg.inv(base)
+    classes, reference = np.zeros((1, 3), int), np.array([[True, False, False]])
+    truth = strain_from_deformation(np.stack(grains), symmetry=4)
+
+    matrix, (lattice,) = remove_ellipse(A, [base], classes, reference, E)
+    B = symmetric_correction(lattice, 4)
+    got, _ = strain_from_affine(matrix, reference=reference, symmetry=4, correction=B)
+    for name in ("exx", "eyy", "exy", "theta"):
+        np.testing.assert_allclose(got[name][0], truth[name], atol=1e-9)
+
+    # With E on both sides the base keeps about e of shear: a correction beyond ``most``
+    lengths = np.linalg.norm(np.linalg.inv(E) @ base, axis=0)
+    assert abs(lengths[0] / lengths[1] - 1) > 0.02
+    np.testing.assert_allclose(np.linalg.norm(lattice, axis=0), [16.0, 16.0], rtol=1e-12)

@@ -54,9 +54,11 @@ from .rotation import (
     polar_features,
 )
 from .strain import (
+    base_lattice_from_reference,
     deformation_from_affine,
     fold_deformation,
     refine_correction,
+    remove_ellipse,
     strain_from_affine,
     symmetric_correction,
 )
@@ -658,15 +660,27 @@ def ccstae_strain(
     if reference_mask is None:
         warps = np.where(valid[..., None, None], result.matrix @ correction, np.nan)
         reference_mask = auto_reference(fold_deformation(deformation_from_affine(warps), n), valid)
-    distortion, ellipse = detector_distortion(
-        config.ellipse, n, lambda: region_lattice(t.data, reference_mask & valid)
-    )
+    on_reference = reference_mask & valid
+    try:
+        measured: np.ndarray | None = region_lattice(t.data, on_reference)
+    except InputError as exc:
+        measured, unmeasured = None, exc
+
+    def reference_lattice() -> np.ndarray:
+        if measured is None:
+            raise unmeasured
+        return measured
+
+    distortion, ellipse = detector_distortion(config.ellipse, n, reference_lattice)
     matrix = result.matrix
     if ellipse["removed"]:
-        inverse = np.linalg.inv(distortion)
-        matrix = inverse @ matrix @ distortion
-        lattices = [None if g is None else inverse @ g for g in lattices]
-        correction = _base_corrections(matrix, lattices, classes, valid, symmetry=n)
+        matrix, lattices = remove_ellipse(matrix, lattices, classes, on_reference, distortion)
+    if measured is not None:
+        main = int(np.bincount(classes[on_reference], minlength=len(bases)).argmax())
+        lattices[main] = base_lattice_from_reference(
+            matrix, on_reference & (classes == main), np.linalg.inv(distortion) @ measured, n
+        )
+    correction = _base_corrections(matrix, lattices, classes, valid, symmetry=n)
     strain, _ = strain_from_affine(
         matrix, reference=reference_mask, symmetry=n, valid=valid, correction=correction
     )

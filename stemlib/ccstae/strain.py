@@ -21,6 +21,8 @@ from ..errors import InputError
 from ..strain import fold_rotation, polar_decompose, rotation_matrix, strain_from_deformation
 
 __all__ = [
+    "base_lattice_from_reference",
+    "remove_ellipse",
     "deformation_from_affine",
     "fold_deformation",
     "strain_from_affine",
@@ -104,6 +106,7 @@ def refine_correction(
     *,
     symmetry: int,
     tolerance: float = 5e-3,
+    turn: float = 0.01,
     most: float = 0.02,
 ) -> np.ndarray:
     """Refine a base's distortion ``B`` so that one lattice has one stretch on every branch.
@@ -129,11 +132,17 @@ def refine_correction(
         n of the base's n-fold lattice: branches are rotations by multiples of 2 pi / n.
     tolerance
         Stretch difference (Frobenius, "1") above which a pair counts as a grain boundary.
+    turn
+        Difference of rotation (rad, modulo the branches) above which a pair counts as a grain
+        boundary: one grain on two branches is one lattice turned by 2 pi / n. Without it, two
+        grains turned by tens of degrees whose noisy stretches came within ``tolerance`` at
+        their boundary pulled ``B`` by 0.6 % (1e-2 errors on every grain of the other branch).
     most
         Largest refinement ``|D|`` (any entry) taken for the base's own distortion. Beyond it
         the stretches differ between branches for another reason, which no ``B`` explains: an
-        elliptic detector distortion, fixed in the detector frame, stretches each grain
-        differently by its rotation (3 % of it gave ``|D|`` = 8 % and grain errors of 4-19 %).
+        elliptic detector distortion left on the warps (:mod:`stemlib.ellipse` removes it
+        first), fixed in the detector frame, stretches each grain differently by its rotation
+        (3 % of it gave ``|D|`` = 8 % and grain errors of 4-19 %).
 
     Returns
     -------
@@ -161,6 +170,7 @@ def refine_correction(
     ):
         both = valid[head] & valid[tail] & (branch[head] != branch[tail])
         both &= np.linalg.norm(V0[head] - V0[tail], axis=(-1, -2)) < tolerance
+        both &= np.abs(fold_rotation(theta[head] - theta[tail], symmetry)) < turn
         pairs.append((both, head, tail))
     if sum(int(both.sum()) for both, *_ in pairs) < 8:
         return correction
@@ -195,6 +205,115 @@ def _circular_mean(theta: np.ndarray, symmetry: int) -> float:
     n = max(symmetry, 1)
     z = np.exp(1j * n * theta)
     return float(np.angle(z.mean()) / n)
+
+
+def base_lattice_from_reference(
+    matrix: np.ndarray, where: np.ndarray, lattice: np.ndarray, symmetry: int
+) -> np.ndarray:
+    """A base's reciprocal basis from the reference region's measured lattice and its warps.
+
+    A pattern's disks sit at ``A g`` for the base's ``g``, so the base's lattice is
+    ``A_ref^-1 g_ref``, with ``A_ref`` the reference region's median warp (taken on one branch:
+    ``F_b = A^-T`` folded about the region's circular mean rotation). The reference lattice,
+    measured on the mean of its patterns, is far more precise than the disks of the learned
+    base picture, which are blurred and whose centres lock to whole pixels.
+
+    Parameters
+    ----------
+    matrix
+        Warps ``A`` of shape (RX, RY, 2, 2) (base -> pattern).
+    where
+        (RX, RY) bool: the reference positions of this base.
+    lattice
+        (2, 2) the reference lattice in the frame of ``matrix``, columns ``g1, g2`` (px).
+    symmetry
+        n of the lattice's n-fold symmetry.
+
+    Returns
+    -------
+    ndarray of shape (2, 2)
+        The base's basis, columns ``g1, g2`` (px).
+
+    Examples
+    --------
+    >>> A = np.broadcast_to(rotation_matrix(0.3) * 1.01, (2, 2, 2, 2))
+    >>> g = np.array([[16.0, 0.0], [0.0, 16.0]])
+    >>> np.round(base_lattice_from_reference(A, np.ones((2, 2), bool), A[0, 0] @ g, 4), 6) + 0.0
+    array([[16.,  0.],
+           [ 0., 16.]])
+    """
+    F_b = deformation_from_affine(np.asarray(matrix, np.float64)[np.asarray(where, bool)])
+    F_b = F_b[np.all(np.isfinite(F_b), axis=(-1, -2))]
+    _, theta = polar_decompose(F_b)
+    F_ref = np.median(fold_deformation(F_b, symmetry, around=_circular_mean(theta, symmetry)), 0)
+    return F_ref.T @ np.asarray(lattice, np.float64)  # A_ref^-1 = (F_ref^-T)^-1
+
+
+def remove_ellipse(
+    matrix: np.ndarray,
+    lattices: list[np.ndarray | None],
+    classes: np.ndarray,
+    where: np.ndarray,
+    distortion: np.ndarray,
+) -> tuple[np.ndarray, list[np.ndarray | None]]:
+    """Warps and base lattices without the detector's elliptic distortion ``E``.
+
+    A pattern is seen through ``E``: ``P = E P'``. A base is a detector picture too, but turned
+    by the rotation ``R_c`` of its warps (it is learned from patterns warped back onto it), so
+    it is seen through ``E_c = R_c^-1 E R_c``: ``base = E_c base'``. From ``P = A base``,
+    ``P' = (E^-1 A E_c) base'``. (With ``E`` on both sides instead, the base of a grain turned
+    by 40 deg keeps about ``e`` of shear, which only a branch correction beyond its bounds
+    could take out: 1e-2 errors on the grains of the other branches.)
+
+    Parameters
+    ----------
+    matrix
+        Warps ``A`` (base -> pattern), shape (RX, RY, 2, 2); NaN where unknown.
+    lattices
+        Each base's reciprocal basis (2, 2) on the detector's pixel grid, or None.
+    classes
+        (RX, RY) int: each position's base.
+    where
+        (RX, RY) bool: the positions whose warps give a base's rotation (the reference region;
+        a base without one there uses all of its positions).
+    distortion
+        ``E``, shape (2, 2) (:func:`stemlib.ellipse.ellipse_matrix`).
+
+    Returns
+    -------
+    matrix : ndarray of shape (RX, RY, 2, 2)
+        ``E^-1 A E_c``.
+    lattices : list
+        ``E_c^-1 g`` for each base.
+
+    Examples
+    --------
+    >>> from stemlib.ellipse import ellipse_matrix
+    >>> E, R = ellipse_matrix(0.03, 25.0), rotation_matrix(np.radians(40.0))
+    >>> base = np.linalg.inv(R) @ E @ np.diag([16.0, 16.0])  # an unstrained pattern, turned
+    >>> A = np.broadcast_to(R, (1, 1, 2, 2))
+    >>> m, (g,) = remove_ellipse(A, [base], np.zeros((1, 1), int), np.ones((1, 1), bool), E)
+    >>> bool(np.allclose(m[0, 0], R)), bool(np.allclose(g, np.linalg.inv(R) @ np.diag([16.0] * 2)))
+    (True, True)
+    """
+    matrix = np.asarray(matrix, np.float64)
+    E = np.asarray(distortion, np.float64)
+    inverse = np.linalg.inv(E)
+    out = np.full_like(matrix, np.nan)
+    turned: list[np.ndarray | None] = []
+    known = np.all(np.isfinite(matrix), axis=(-1, -2))
+    for c, lattice in enumerate(lattices):
+        mine = (classes == c) & known
+        pick = mine & where if (mine & where).any() else mine
+        if not pick.any():
+            turned.append(lattice)
+            continue
+        _, theta = polar_decompose(matrix[pick])
+        R = rotation_matrix(_circular_mean(theta, 1))
+        E_c = R.T @ E @ R
+        out[mine] = inverse @ matrix[mine] @ E_c
+        turned.append(None if lattice is None else np.linalg.inv(E_c) @ lattice)
+    return out, turned
 
 
 def strain_from_affine(
