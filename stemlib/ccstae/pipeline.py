@@ -655,10 +655,10 @@ def ccstae_strain(
         base_lattice(b, center=t.center, inner=schedule.radii(0)[0], window=window) for b in bases
     ]
     classes = np.clip(result.class_map, 0, len(bases) - 1)
-    correction = _base_corrections(result.matrix, lattices, classes, valid, symmetry=n)
     reference_mask = t.reference_mask
     if reference_mask is None:
-        warps = np.where(valid[..., None, None], result.matrix @ correction, np.nan)
+        first = _base_corrections(result.matrix, lattices, classes, valid, symmetry=n)
+        warps = np.where(valid[..., None, None], result.matrix @ first, np.nan)
         reference_mask = auto_reference(fold_deformation(deformation_from_affine(warps), n), valid)
     on_reference = reference_mask & valid
     try:
