@@ -662,7 +662,9 @@ def ccstae_strain(
         reference_mask = auto_reference(fold_deformation(deformation_from_affine(warps), n), valid)
     on_reference = reference_mask & valid
     try:
-        measured: np.ndarray | None = region_lattice(t.data, on_reference)
+        measured: np.ndarray | None = region_lattice(
+            t.data, on_reference, where=str(scan.attrs.get("source") or "the scan")
+        )
     except InputError as exc:
         measured, unmeasured = None, exc
 

@@ -404,6 +404,7 @@ def _indexes_as_well(
     with noise (measured: 0 of 144 patterns indexed at w = 0.5, 90 % with the synthetic one)."""
     crystal = crystal[: max(16, config.sample_patterns // 4)]
     smoothing = math.hypot(params.sigma_dp, params.sigma_cc)
+    expected = np.tile(params.origin_plane[::3], (len(crystal), 1))
     counts = []
     for kernel in (vacuum, synthetic):
         trial = replace(
@@ -411,7 +412,6 @@ def _indexes_as_well(
             subpixel="poly",
             min_intensity=_floor(kernel, crystal.mean(axis=0), noise, smoothing, config),
         )
-        expected = np.tile(params.origin_plane[::3], (len(crystal), 1))
         _, _, records = detect_lattices_in(crystal, expected, kernel, trial)
         counts.append(int((np.isfinite(records[:, 2]) & _valid(records, config)).sum()))
     return counts[0] >= counts[1]
