@@ -171,7 +171,9 @@ def least_errors(
     Parameters
     ----------
     patterns
-        (N, QX, QY) clean patterns (a few hundred spread over the scan is plenty).
+        (N, QX, QY) clean patterns (a few hundred spread over the scan is plenty), of crystal
+        only, like the positions a method's MAE is taken over: a vacuum pattern has no lattice
+        to measure, and its huge bound would dominate the mean.
     counts, background
         The noise model of CONVENTIONS.md section 3 (``background=0``: shot noise alone).
 
