@@ -180,3 +180,61 @@ def test_disk_gains_keep_the_geometry_when_disk_intensities_change():
     np.testing.assert_allclose(
         np.sort(per_disk["region_gains"][0, 1:].numpy()), np.sort(weights), atol=0.02
     )
+
+
+def test_rigid_disks_recover_a_strain_that_moves_disks_without_stretching_them():
+    from stemlib.ccstae.refine import disk_centres, disk_regions
+
+    shape = (96, 96)
+    c = 48.0
+    # A square lattice of soft disks of radius 3 px, spacing 14 px, fading with |g|.
+    g = [(14.0 * i, 14.0 * j) for i in range(-2, 3) for j in range(-2, 3) if (i, j) != (0, 0)]
+
+    def lattice(A: np.ndarray) -> torch.Tensor:
+        rows = torch.arange(shape[0], dtype=torch.float64)[:, None]
+        cols = torch.arange(shape[1], dtype=torch.float64)[None, :]
+        img = torch.zeros(shape, dtype=torch.float64)
+        for v in g:
+            p = A @ np.array(v)
+            amp = np.exp(-((np.hypot(*v) / 20.0) ** 2))
+            r = torch.sqrt((rows - c - p[0]) ** 2 + (cols - c - p[1]) ** 2)
+            img += amp / (1 + torch.exp((r - 3.0) / 0.5))
+        return img.float()[None, None]
+
+    A = affine_matrix(
+        torch.tensor([1.015]), torch.tensor([0.985]), torch.tensor([0.012]), torch.tensor([0.3])
+    )[0]
+    base = lattice(np.eye(2))
+    x = lattice(A.double().numpy())  # disks at A g, each the same circle as in the base
+    mask = torch.from_numpy(ring_mask(shape, inner=7, outer=40)).float()
+    labels = disk_regions(base, center=(c, c), inner=7, disk_radius=3.0)
+    assert int(labels.max()) >= 20  # all but the four faint corners
+    disks = (labels, disk_centres(base, labels, center=(c, c), disk_radius=3.0))
+    start = (A[None] @ rotation(torch.tensor([0.02])), torch.zeros(1, 2))
+    rigid = refine_affine(x, base, *start, mask, center=(c, c), steps=15, disks=disks)
+    stretched = refine_affine(x, base, *start, mask, center=(c, c), steps=15)
+    # Rigid disks are the model that made the pattern; stretched ones pull A towards I.
+    rigid_error = float((rigid["matrix"][0] - A).abs().max())
+    assert rigid_error < 2e-4  # bilinear interpolation of the base
+    assert float((stretched["matrix"][0] - A).abs().max()) > 4 * rigid_error
+    assert float(rigid["shift"].abs().max()) < 1e-2
+
+
+def test_radial_background_does_not_spread_the_direct_beam_into_a_dark_halo():
+    from stemlib.ccstae.refine import radial_background
+
+    shape = (64, 64)
+    rows = torch.arange(64.0)[:, None]
+    cols = torch.arange(64.0)[None, :]
+    r = torch.hypot(rows - 32, cols - 32)
+    beam = 5.0 / (1 + torch.exp((r - 3.2) / 0.6))  # a bright, sharp direct beam
+    diffuse = 0.02 * torch.exp(-r / 20)  # a smooth isotropic background
+    base = beam + diffuse + 0.1 * _blobs(shape, [(32, 48), (48, 32), (32, 16), (16, 32)])[0, 0]
+    bg = radial_background(base[None, None], center=(32.0, 32.0))[0, 0]
+    lattice = base - bg
+    # Beyond the beam's edge the lattice part dips below zero by at most the spread of a 1 px
+    # ring (0.2 % of the beam), not by the smoothed beam's edge...
+    assert float(lattice[(r > 5) & (r < 12)].min()) > -0.01
+    # ...and between the disks the background still follows the diffuse level.
+    between = (r > 12) & (r < 20) & ((rows - 32).abs() > 6) & ((cols - 32).abs() > 6)
+    np.testing.assert_allclose(bg[between].numpy(), diffuse[between].numpy(), atol=2e-3)

@@ -98,6 +98,12 @@ class CCSTAEConfig(BaseModel):
         description="Refine with one gain per Bragg disk (disk intensities that differ from the "
         "base's).",
     )
+    rigid_disks: bool = Field(
+        True,
+        description="Register each Bragg disk as moving rigidly with the lattice (its size and "
+        "shape are the probe's) rather than stretched with the whole pattern, which biases the "
+        "strain towards zero.",
+    )
     background: bool = Field(
         True,
         description="Fit an isotropic background that does not move with the lattice when "

@@ -11,7 +11,13 @@ import torch
 from .affine import rotation
 from .data import PatternStream, loader
 from .model import CCSTAE
-from .refine import disk_regions, masked_error, radial_background, refine_affine
+from .refine import (
+    disk_centres,
+    disk_regions,
+    masked_error,
+    radial_background,
+    refine_affine,
+)
 
 __all__ = ["Inference", "infer"]
 
@@ -56,6 +62,7 @@ def infer(
     poisson: bool = False,
     background: bool = True,
     disk_gains: bool = False,
+    rigid_disks: bool = False,
     inner: float = 0.0,
     disk_radius: float = 3.0,
     num_workers: int = 0,
@@ -84,6 +91,9 @@ def infer(
     disk_gains
         Give every Bragg disk of a base its own gain in the refinement
         (:func:`stemlib.ccstae.refine.disk_regions`).
+    rigid_disks
+        Move each Bragg disk of a base rigidly with the lattice in the refinement, rather than
+        stretching it with the pattern (``disks`` of :func:`stemlib.ccstae.refine.refine_affine`).
     inner
         Inner radius (px) of the ring: disks inside it are not labelled.
     disk_radius
@@ -114,9 +124,14 @@ def infer(
     objective = np.full(n, np.inf)
     bases = model.bases().float()
     bg = radial_background(bases, center=model.center) if background else torch.zeros_like(bases)
-    regions = (
+    disks = (
         disk_regions(bases - bg, center=model.center, inner=inner, disk_radius=disk_radius)
-        if disk_gains
+        if disk_gains or rigid_disks
+        else None
+    )
+    centres = (
+        disk_centres(bases - bg, disks, center=model.center, disk_radius=disk_radius)
+        if rigid_disks
         else None
     )
     mask = mask.to(device)
@@ -135,7 +150,8 @@ def infer(
             steps=refine_steps,
             poisson=poisson,
             background=bg[cls] if background else None,
-            regions=None if regions is None else regions[cls],
+            regions=disks[cls] if disk_gains else None,
+            disks=(disks[cls], centres[cls]) if rigid_disks else None,
         )
 
     for batch in loader(stream, num_workers=num_workers, device=device):

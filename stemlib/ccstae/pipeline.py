@@ -109,6 +109,8 @@ def base_lattice(
         return None
     values = smooth[peaks]
     keep = values > 0.25 * values.max()
+    if keep.sum() < 2:  # e.g. a vacuum base: noise peaks, none of them brighter than the rest
+        return None
     pr, pc = rows[peaks][keep], cols[peaks][keep]
     vectors = []
     for i, j in zip(pr, pc, strict=True):
@@ -292,16 +294,21 @@ def _rotation_stage(
 MIN_ANGULAR_ORDER = 6.0
 
 
-def _valid_positions(result: Inference, bases: np.ndarray, mask: np.ndarray) -> np.ndarray:
+def _valid_positions(
+    result: Inference, bases: np.ndarray, mask: np.ndarray, lattices: list[np.ndarray | None]
+) -> np.ndarray:
     """Positions with an answer: finite warp, a crystalline base, and disks actually present.
 
-    A class whose base has less than 10 % of the strongest base's contrast in the ring (e.g.
-    vacuum) has no lattice; a pattern whose fitted gain is below a quarter of the median gain
-    shows no disks of its base.
+    A class whose base shows no lattice (``lattices``, :func:`base_lattice`) or whose brightest
+    disk in ``mask`` (the ring beyond the direct beam's tail) rises above the ring's median by
+    less than 10 % of the strongest base's has no answer (vacuum: a clean vacuum base is the
+    beam alone, which its patterns fit as well as crystal patterns fit theirs); a pattern whose
+    fitted gain is below a quarter of the median gain shows no disks of its base.
     """
     finite = np.all(np.isfinite(result.matrix), axis=(-1, -2))
-    contrast = np.array([b[mask].std() for b in bases])
-    crystalline = contrast >= 0.1 * contrast.max()
+    smooth = [ndimage.gaussian_filter(np.asarray(b, np.float64), 1.0)[mask] for b in bases]
+    contrast = np.array([v.max() - np.median(v) for v in smooth])
+    crystalline = (contrast >= 0.1 * contrast.max()) & np.array([g is not None for g in lattices])
     ok = finite & crystalline[np.clip(result.class_map, 0, len(bases) - 1)]
     gain = np.where(ok, result.gain, np.nan)
     if np.isfinite(gain).any():
@@ -628,6 +635,7 @@ def ccstae_strain(
             poisson=setup["noise_model"] == "poisson",
             background=config.background,
             disk_gains=config.disk_gains,
+            rigid_disks=config.rigid_disks,
             neighbour_starts=config.neighbour_starts,
             inner=schedule.radii(0)[0],
             disk_radius=setup["beam_radius_px"],
@@ -640,7 +648,13 @@ def ccstae_strain(
         np.save(folder / "bases.npy", bases)
 
     ring_last = last_mask.numpy() > 0.5
-    valid = _valid_positions(result, bases, ring_last)
+    window = max(2, int(round(setup["beam_radius_px"])))
+    lattices = [
+        base_lattice(b, center=t.center, inner=schedule.radii(0)[0], window=window) for b in bases
+    ]
+    rows, cols = np.indices(ring_last.shape)
+    beyond = np.hypot(rows - t.center[0], cols - t.center[1]) > schedule.radii(0)[0] + window
+    valid = _valid_positions(result, bases, ring_last & beyond, lattices)
     main_class = (
         int(np.bincount(result.class_map[valid], minlength=len(bases)).argmax())
         if valid.any()
@@ -650,10 +664,6 @@ def ccstae_strain(
         bases[main_class], center=t.center, radii=schedule.radii(0), beam=setup["beam_radius_px"]
     )
     n = detected if symmetry == "auto" else int(symmetry)
-    window = max(2, int(round(setup["beam_radius_px"])))
-    lattices = [
-        base_lattice(b, center=t.center, inner=schedule.radii(0)[0], window=window) for b in bases
-    ]
     classes = np.clip(result.class_map, 0, len(bases) - 1)
     reference_mask = t.reference_mask
     if reference_mask is None:

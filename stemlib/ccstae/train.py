@@ -45,6 +45,7 @@ INFERENCE_ONLY_FIELDS = frozenset(
         "refine_steps",
         "num_workers",
         "disk_gains",
+        "rigid_disks",
         "neighbour_starts",
         "ellipse",
     }
