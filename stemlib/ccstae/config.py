@@ -96,7 +96,9 @@ class CCSTAEConfig(BaseModel):
     disk_gains: bool = Field(
         False,
         description="Refine with one gain per Bragg disk (disk intensities that differ from the "
-        "base's).",
+        "base's). Not for lattices whose disk intensities have less symmetry than their "
+        "positions (WS2: three-fold intensities on a six-fold lattice): the gains absorb the "
+        "intensities that tell the branches apart.",
     )
     rigid_disks: bool = Field(
         True,
