@@ -238,3 +238,22 @@ def test_radial_background_does_not_spread_the_direct_beam_into_a_dark_halo():
     # ...and between the disks the background still follows the diffuse level.
     between = (r > 12) & (r < 20) & ((rows - 32).abs() > 6) & ((cols - 32).abs() > 6)
     np.testing.assert_allclose(bg[between].numpy(), diffuse[between].numpy(), atol=2e-3)
+
+
+def test_disk_centres_are_not_pulled_by_the_level_a_disk_sits_on():
+    from stemlib.ccstae.refine import disk_centres, disk_regions
+
+    rows = torch.arange(64.0)[:, None]
+    cols = torch.arange(64.0)[None, :]
+    truth = [(20.3, 44.6), (44.7, 19.4)]
+    disks = sum(
+        1 / (1 + torch.exp((torch.hypot(rows - r, cols - c) - 3.0) / 0.5)) for r, c in truth
+    )
+    # A level the disks sit on: a plain centre of mass of each disk's region is pulled towards
+    # the region's middle (the whole pixel of the peak), 0.1-0.2 px from the true centre.
+    base = (disks + 0.3)[None, None]
+    labels = disk_regions(base, center=(32.0, 32.0), inner=5, disk_radius=3.0)
+    centres = disk_centres(base, labels, center=(32.0, 32.0), disk_radius=3.0)[0, 1:]
+    found = centres.numpy() + 32.0
+    for r, c in truth:
+        assert float(np.hypot(*(found - (r, c)).T).min()) < 0.03
