@@ -294,21 +294,19 @@ def _rotation_stage(
 MIN_ANGULAR_ORDER = 6.0
 
 
-def _valid_positions(
-    result: Inference, bases: np.ndarray, mask: np.ndarray, lattices: list[np.ndarray | None]
-) -> np.ndarray:
+def _valid_positions(result: Inference, bases: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """Positions with an answer: finite warp, a crystalline base, and disks actually present.
 
-    A class whose base shows no lattice (``lattices``, :func:`base_lattice`) or whose brightest
-    disk in ``mask`` (the ring beyond the direct beam's tail) rises above the ring's median by
-    less than 10 % of the strongest base's has no answer (vacuum: a clean vacuum base is the
-    beam alone, which its patterns fit as well as crystal patterns fit theirs); a pattern whose
-    fitted gain is below a quarter of the median gain shows no disks of its base.
+    A class whose base's brightest disk in ``mask`` (the ring beyond the direct beam's tail)
+    rises above the ring's median by less than 10 % of the strongest base's has no answer
+    (vacuum: a clean vacuum base is the beam alone, which its patterns fit as well as crystal
+    patterns fit theirs, so the fit's gain cannot tell); a pattern whose fitted gain is below a
+    quarter of the median gain shows no disks of its base.
     """
     finite = np.all(np.isfinite(result.matrix), axis=(-1, -2))
     smooth = [ndimage.gaussian_filter(np.asarray(b, np.float64), 1.0)[mask] for b in bases]
     contrast = np.array([v.max() - np.median(v) for v in smooth])
-    crystalline = (contrast >= 0.1 * contrast.max()) & np.array([g is not None for g in lattices])
+    crystalline = contrast >= 0.1 * contrast.max()
     ok = finite & crystalline[np.clip(result.class_map, 0, len(bases) - 1)]
     gain = np.where(ok, result.gain, np.nan)
     if np.isfinite(gain).any():
@@ -654,7 +652,7 @@ def ccstae_strain(
     ]
     rows, cols = np.indices(ring_last.shape)
     beyond = np.hypot(rows - t.center[0], cols - t.center[1]) > schedule.radii(0)[0] + window
-    valid = _valid_positions(result, bases, ring_last & beyond, lattices)
+    valid = _valid_positions(result, bases, ring_last & beyond)
     main_class = (
         int(np.bincount(result.class_map[valid], minlength=len(bases)).argmax())
         if valid.any()
