@@ -493,3 +493,48 @@ def test_strain_from_deformation_sanity():
         0.003,
         0.2,
     ]
+
+
+def test_first_imports_of_py4dstem_from_several_threads_do_not_deadlock():
+    """Two py4DSTEM tasks of one flow first import py4DSTEM in threads at once; its circular
+    package imports deadlocked importlib (``_DeadlockError``) before they were serialised.
+    A fresh interpreter, so that py4DSTEM is not imported yet."""
+    import subprocess
+    import sys
+
+    script = """
+import threading
+import numpy as np
+from stemlib.py4dstem import calibrate, detect
+
+errors = []
+
+def kernel():
+    try:
+        calibrate._synthetic_kernel((32, 32), 3.0, 0.5, (1.0, 2.0))
+    except Exception as exc:
+        errors.append(repr(exc))
+
+def disks():
+    try:
+        detect.detect_disks(np.zeros((0, 32, 32)), None, None)
+    except Exception as exc:
+        errors.append(repr(exc))
+
+threads = [threading.Thread(target=f) for f in (kernel, disks) * 3]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+print(len(errors), errors[:1])
+"""
+    for _ in range(3):
+        out = subprocess.run(
+            [sys.executable, "-c", script],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env={**os.environ, "MPLBACKEND": "Agg"},
+            check=True,
+        )
+        assert out.stdout.strip().startswith("0 "), out.stdout

@@ -25,6 +25,7 @@ import numpy as np
 from scipy import ndimage, signal
 
 from ..errors import InputError
+from ._import import load_py4dstem
 from .config import Py4DSTEMConfig
 from .detect import (
     RECORD_FIELDS,
@@ -343,6 +344,7 @@ def _kernel(
 def _synthetic_kernel(
     shape: tuple[int, int], radius: float, width: float, radii: tuple[float, float]
 ) -> np.ndarray:
+    load_py4dstem()
     from py4DSTEM.braggvectors import Probe
 
     with np.errstate(over="ignore"):  # exp of the far field overflows to a probe value of 0
@@ -354,6 +356,7 @@ def _vacuum_kernel(
     patterns: np.ndarray, beams: np.ndarray, radius: float, radii: tuple[float, float]
 ) -> np.ndarray:
     """Kernel of the mean vacuum direct beam, each pattern shifted onto the first one's beam."""
+    load_py4dstem()
     from py4DSTEM.braggvectors import Probe
     from py4DSTEM.process.utils import get_shifted_ar
 

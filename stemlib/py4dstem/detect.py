@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 from threadpoolctl import threadpool_limits
 
+from ._import import load_py4dstem
 from .convention import peaks_from_qpoints
 from .lattice import index_pattern
 
@@ -90,6 +91,7 @@ def detect_disks(
     list of ndarray of shape (K, 3)
         Per pattern: ``qx, qy`` (px) and correlation intensity of each peak, brightest first.
     """
+    load_py4dstem()
     from py4DSTEM.braggvectors.diskdetection import find_Bragg_disks
 
     stack = np.asarray(patterns, dtype=np.float64)
