@@ -189,8 +189,9 @@ def test_vacuum_gets_its_own_base_and_no_answer(tmp_path):
     assert ellipse["removed"] and abs(ellipse["ellipticity"] - config.ellipticity) < 1e-3
     assert abs(ellipse["angle_deg"] - config.ellipse_angle_deg) < 2.0
     errors = strain_errors(ds.isel(method=0), truth, symmetry=4, mask=~vacuum)
+    # Measured 0.15/0.11/0.07e-3 with rigid disks; stretching them gives 0.59/0.55/0.31e-3.
     assert (
-        max(errors[k] for k in ("exx", "eyy", "exy")) < 1.5e-3
+        max(errors[k] for k in ("exx", "eyy", "exy")) < 0.4e-3
         and np.degrees(errors["theta"]) < 0.05
     ), errors
 
