@@ -647,9 +647,6 @@ def ccstae_strain(
 
     ring_last = last_mask.numpy() > 0.5
     window = max(2, int(round(setup["beam_radius_px"])))
-    lattices = [
-        base_lattice(b, center=t.center, inner=schedule.radii(0)[0], window=window) for b in bases
-    ]
     rows, cols = np.indices(ring_last.shape)
     beyond = np.hypot(rows - t.center[0], cols - t.center[1]) > schedule.radii(0)[0] + window
     valid = _valid_positions(result, bases, ring_last & beyond)
@@ -662,6 +659,9 @@ def ccstae_strain(
         bases[main_class], center=t.center, radii=schedule.radii(0), beam=setup["beam_radius_px"]
     )
     n = detected if symmetry == "auto" else int(symmetry)
+    lattices = [
+        base_lattice(b, center=t.center, inner=schedule.radii(0)[0], window=window) for b in bases
+    ]
     classes = np.clip(result.class_map, 0, len(bases) - 1)
     reference_mask = t.reference_mask
     if reference_mask is None:

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .affine import invert, warp
+from .affine import invert, rotation, warp
 
 __all__ = [
     "refine_affine",
@@ -340,9 +340,7 @@ def refine_affine(
         disk = _sample_at(disk_labels, c + affine, mode="nearest")[:, 0].round().long()
         disk = disk.clamp(0, centres.shape[1] - 1)[..., None].expand(-1, -1, 2)
         lever = torch.where(disk > 0, centres.gather(1, disk), affine)
-        angle = torch.atan2(W[:, 1, 0] - W[:, 0, 1], W[:, 0, 0] + W[:, 1, 1])
-        cos, sin = torch.cos(angle), torch.sin(angle)
-        R = torch.stack([torch.stack([cos, -sin], -1), torch.stack([sin, cos], -1)], -2)
+        R = rotation(torch.atan2(W[:, 1, 0] - W[:, 0, 1], W[:, 0, 0] + W[:, 1, 1]))
         offset = u - lever @ W.transpose(1, 2) - shift[:, None]  # from the disk's new centre
         return c + lever + offset @ R, lever, R
 
