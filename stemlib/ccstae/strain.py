@@ -63,6 +63,10 @@ def symmetric_correction(
 ) -> np.ndarray:
     """The distortion ``B`` of a base's reciprocal basis from the nearest n-fold lattice.
 
+    ``B`` turns a warp onto another branch (``A B S B^-1``): it is needed where warps on
+    different branches are compared or pooled (the reference region's median, the choice of a
+    reference); the strain of every other position does not depend on it (module docstring).
+
     Parameters
     ----------
     lattice
@@ -73,7 +77,7 @@ def symmetric_correction(
         Largest element of ``B - I`` believed. A base is learned from one lattice and is within
         about 1 % of its symmetry (measured on Si); a larger distortion is a misfit of its disks
         (measured: 3-5 % on multislice WS2, whose wide disks carry dynamical gradients), and
-        correcting by it would put that error on every grain on another branch: ``I`` then.
+        turning the reference's warps with it would put that error on every grain: ``I`` then.
 
     Returns
     -------
