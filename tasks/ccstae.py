@@ -10,6 +10,9 @@ is visible)::
         trained = train_ccstae.submit(scan, workdir, config=config)
     strain = infer_ccstae.submit(scan, dest, workdir, config=config, wait_for=[trained])
 
+On CPU both use every core the worker process may run on (:func:`torch_cores`), not the one
+thread per task a Dask worker starts with.
+
 Training checkpoints into ``workdir`` after every epoch: a retried or rerun task resumes from the
 last epoch, and inference with the same ``workdir`` only infers. A ``workdir`` in object storage
 (``s3://...``) is mirrored into a local folder for the task and copied back when it ends, failed
@@ -30,12 +33,13 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from stemlib.ccstae import CCSTAEConfig, ccstae_strain, train_on_scan
+from stemlib.ccstae.config import resolve_device
 from stemlib.io import open_scan
 from stemlib.io.storage import locate, redact, storage_errors
 from stemlib.results import write_strain
 from stemlib.types import Device, Symmetry
 
-__all__ = ["train_ccstae", "infer_ccstae", "gpu_resources"]
+__all__ = ["train_ccstae", "infer_ccstae", "gpu_resources", "torch_cores"]
 
 
 @contextlib.contextmanager
@@ -49,6 +53,36 @@ def gpu_resources() -> Iterator[None]:
             yield
     else:
         yield
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+@contextlib.contextmanager
+def torch_cores(device: Device) -> Iterator[None]:
+    """On CPU, torch uses every core this process may run on inside the block.
+
+    A Dask worker starts with ``OMP_NUM_THREADS=1``, one thread per task, so torch ran the
+    CC-ST-AE, one long task on the flow's critical path, on one core: 316 s in the flow
+    against 160 s for the same step run alone on a 2-core machine (``benchmarks/pipeline.py``).
+    The py4DSTEM baseline's short block tasks share the cores with it meanwhile. On CUDA the
+    thread count is left alone (several GPU workers may share one host's cores).
+    """
+    import torch
+
+    if resolve_device(device).type != "cpu":
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(usable_cores())
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @contextlib.contextmanager
@@ -92,7 +126,7 @@ def train_ccstae(
 ) -> dict[str, Any]:
     """Train the CC-ST-AE on the scan store ``scan``; the checkpoint goes to ``workdir``."""
     logger = get_run_logger()
-    with local_workdir(workdir) as folder:
+    with local_workdir(workdir) as folder, torch_cores(device):
         summary = train_on_scan(
             open_scan(scan),
             workdir=folder,
@@ -128,7 +162,7 @@ def infer_ccstae(
     atomically to ``dest``; ``run_key`` is recorded in its ``run_keys`` (see
     :func:`tasks.py4dstem.py4dstem_strain_scan`)."""
     logger = get_run_logger()
-    with local_workdir(workdir) as folder:
+    with local_workdir(workdir) as folder, torch_cores(device):
         ds = ccstae_strain(
             open_scan(scan),
             reference=reference,

@@ -30,6 +30,31 @@ def test_gpu_resources_is_a_no_op_without_cuda():
     assert ("resources" in annotations) == torch.cuda.is_available()
 
 
+def _torch_threads_in_and_after_torch_cores() -> tuple[int, int]:
+    import torch
+
+    from tasks.ccstae import torch_cores
+
+    with torch_cores("cpu"):
+        inside = torch.get_num_threads()
+    return inside, torch.get_num_threads()
+
+
+def test_ccstae_tasks_use_every_core_on_a_one_thread_dask_worker():
+    """A Dask worker runs torch on one thread (OMP_NUM_THREADS=1); the CC-ST-AE's tasks take
+    every core for their block and give them back after it."""
+    from distributed import Client
+
+    from flows.runners import local_cluster
+    from tasks.ccstae import usable_cores
+
+    if usable_cores() < 2:
+        pytest.skip("one core: nothing to tell apart")
+    with local_cluster(n_workers=1) as cluster, Client(cluster) as client:
+        inside, after = client.submit(_torch_threads_in_and_after_torch_cores).result()
+    assert (inside, after) == (usable_cores(), 1)
+
+
 @pytest.mark.usefixtures("prefect_harness")
 def test_train_then_infer_in_a_flow(tmp_path):
     from prefect import flow
