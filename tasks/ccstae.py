@@ -39,7 +39,7 @@ from stemlib.io.storage import locate, redact, storage_errors
 from stemlib.results import write_strain
 from stemlib.types import Device, Symmetry
 
-__all__ = ["train_ccstae", "infer_ccstae", "gpu_resources", "torch_cores"]
+__all__ = ["train_ccstae", "infer_ccstae", "gpu_resources", "torch_cores", "usable_cores"]
 
 
 @contextlib.contextmanager

@@ -367,7 +367,8 @@ def strain_from_affine(
     strain : dict
         ``exx, eyy, exy`` ("1", detector frame, tensor shear) and ``theta`` (rad), (RX, RY).
     F : ndarray of shape (RX, RY, 2, 2)
-        The deformation gradient against the reference.
+        The deformation gradient against the reference; its rotation includes the branch the
+        network chose (``theta`` is folded, ``F`` is not).
 
     Raises
     ------
