@@ -67,10 +67,11 @@ def torch_cores(device: Device) -> Iterator[None]:
     """On CPU, torch uses every core this process may run on inside the block.
 
     A Dask worker starts with ``OMP_NUM_THREADS=1``, one thread per task, so torch ran the
-    CC-ST-AE, one long task on the flow's critical path, on one core: 316 s in the flow
-    against 160 s for the same step run alone on a 2-core machine (``benchmarks/pipeline.py``).
-    The py4DSTEM baseline's short block tasks share the cores with it meanwhile. On CUDA the
-    thread count is left alone (several GPU workers may share one host's cores).
+    CC-ST-AE, one long task on the flow's critical path, on one core. Measured side by side on
+    a 2-core machine (the process-scan flow, 64 x 64 patterns of 128 px, 2 epochs): the step
+    took 434 and 440 s on one core, 348 and 312 s on both, the whole flow 466/476 s against
+    381/342 s. The py4DSTEM baseline's short block tasks share the cores with it meanwhile. On
+    CUDA the thread count is left alone (several GPU workers may share one host's cores).
     """
     import torch
 
