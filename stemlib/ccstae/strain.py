@@ -7,17 +7,10 @@ pattern (:mod:`stemlib.ccstae.affine`), so relative to the base ``F_b^-T = A``, 
 ``= (F_b F_ref^-1)^-T g_ref``). ``F = V R`` then gives ``e = V - I`` and ``theta``
 (:func:`stemlib.strain.strain_from_deformation`).
 
-Rotations are only defined modulo the lattice's n-fold symmetry, and the network puts each
-pattern on any of the n branches: a base whose disks sit at ``D g`` (a learned base is a little
-off square or hexagonal) and a pattern on branch ``k`` give ``A = F^-T R_0 R_k D^-1``. The local
-deformation is therefore taken against the reference region's warp *as the network gave it*,
-``F = F_b F_ref^-1 = F_loc R(k - k_ref)``: ``D`` cancels and the stretch is the same
-on every branch; only ``theta`` is folded at the end. Folding ``F_b`` first would leave
-``D^T R D^-T`` between the two, a strain of the size of the base's distortion on every pattern
-on another branch than the reference (1-3e-3 on the multislice WS2 scan). The reference region's
-own warps are brought onto the branch most of them are on (``V_b`` does not change) before their
-median; only those on another branch need the base's distortion ``B``
-(:func:`symmetric_correction`).
+Rotations are only defined modulo the lattice's n-fold symmetry: before the median, each
+``F_b = V_b R(theta_b)`` is re-expressed with ``theta_b`` in the branch nearest the reference
+region's mean rotation (``V_b`` does not change), so a reference grain that straddles a branch
+boundary still has a meaningful median.
 """
 
 from __future__ import annotations
@@ -63,10 +56,6 @@ def symmetric_correction(
 ) -> np.ndarray:
     """The distortion ``B`` of a base's reciprocal basis from the nearest n-fold lattice.
 
-    ``B`` turns a warp onto another branch (``A B S B^-1``): it is needed where warps on
-    different branches are compared or pooled (the reference region's median, the choice of a
-    reference); the strain of every other position does not depend on it (module docstring).
-
     Parameters
     ----------
     lattice
@@ -77,7 +66,7 @@ def symmetric_correction(
         Largest element of ``B - I`` believed. A base is learned from one lattice and is within
         about 1 % of its symmetry (measured on Si); a larger distortion is a misfit of its disks
         (measured: 3-5 % on multislice WS2, whose wide disks carry dynamical gradients), and
-        turning the reference's warps with it would put that error on every grain: ``I`` then.
+        correcting by it would put that error on every grain on another branch: ``I`` then.
 
     Returns
     -------
@@ -218,16 +207,6 @@ def _circular_mean(theta: np.ndarray, symmetry: int) -> float:
     return float(np.angle(z.mean()) / n)
 
 
-def _main_branch(theta: np.ndarray, symmetry: int) -> float:
-    """The rotation (rad) to fold the rotations ``theta`` about so that those on the branch most
-    of them are on stay as they are: their circular mean modulo ``2 pi / n``, on that branch."""
-    n = max(symmetry, 1)
-    mean = _circular_mean(theta, n)
-    step = 2 * np.pi / n
-    branch = np.round((np.asarray(theta) - mean) / step).astype(int) % n
-    return float(mean + step * np.bincount(branch, minlength=n).argmax())
-
-
 def base_lattice_from_reference(
     matrix: np.ndarray, where: np.ndarray, lattice: np.ndarray, symmetry: int
 ) -> np.ndarray:
@@ -235,7 +214,7 @@ def base_lattice_from_reference(
 
     A pattern's disks sit at ``A g`` for the base's ``g``, so the base's lattice is
     ``A_ref^-1 g_ref``, with ``A_ref`` the reference region's median warp (taken on one branch:
-    ``F_b = A^-T`` on the branch most of the region is on). The reference lattice,
+    ``F_b = A^-T`` folded about the region's circular mean rotation). The reference lattice,
     measured on the mean of its patterns, is far more precise than the disks of the learned
     base picture, which are blurred and whose centres lock to whole pixels.
 
@@ -266,7 +245,7 @@ def base_lattice_from_reference(
     F_b = deformation_from_affine(np.asarray(matrix, np.float64)[np.asarray(where, bool)])
     F_b = F_b[np.all(np.isfinite(F_b), axis=(-1, -2))]
     _, theta = polar_decompose(F_b)
-    F_ref = np.median(fold_deformation(F_b, symmetry, around=_main_branch(theta, symmetry)), 0)
+    F_ref = np.median(fold_deformation(F_b, symmetry, around=_circular_mean(theta, symmetry)), 0)
     return F_ref.T @ np.asarray(lattice, np.float64)  # A_ref^-1 = (F_ref^-T)^-1
 
 
@@ -367,8 +346,7 @@ def strain_from_affine(
     strain : dict
         ``exx, eyy, exy`` ("1", detector frame, tensor shear) and ``theta`` (rad), (RX, RY).
     F : ndarray of shape (RX, RY, 2, 2)
-        The deformation gradient against the reference; its rotation includes the branch the
-        network chose (``theta`` is folded, ``F`` is not).
+        The deformation gradient against the reference.
 
     Raises
     ------
@@ -388,10 +366,11 @@ def strain_from_affine(
             "another region."
         )
     safe = np.where(ok[..., None, None], F_b, np.eye(2))
-    _, theta_ref = polar_decompose(safe[reference])
-    around = _main_branch(theta_ref, symmetry)
-    F_ref = np.median(fold_deformation(safe[reference], symmetry, around=around), axis=0)
-    F = safe @ np.linalg.inv(F_ref)  # not folded first: the base's distortion cancels
+    _, theta_b = polar_decompose(safe)
+    around = _circular_mean(theta_b[reference], symmetry)
+    folded = fold_deformation(safe, symmetry, around=around)
+    F_ref = np.median(folded[reference], axis=0)
+    F = folded @ np.linalg.inv(F_ref)
     strain = strain_from_deformation(F, symmetry=symmetry)
     strain = {k: np.where(ok, v, np.nan) for k, v in strain.items()}
     return strain, np.where(ok[..., None, None], F, np.nan)
