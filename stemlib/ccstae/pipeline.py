@@ -33,7 +33,6 @@ import xarray as xr
 from scipy import ndimage
 
 from ..angular import angular_order
-from ..ellipse import detector_distortion, ellipse_matrix, fit_ellipse
 from ..errors import InputError
 from ..masks import MaskSchedule, ring_mask
 from ..provenance import software_versions
@@ -53,15 +52,7 @@ from .rotation import (
     correlate_angles,
     polar_features,
 )
-from .strain import (
-    base_lattice_from_reference,
-    deformation_from_affine,
-    fold_deformation,
-    refine_correction,
-    remove_ellipse,
-    strain_from_affine,
-    symmetric_correction,
-)
+from .strain import strain_from_warps
 from .template import learn_bases
 from .train import Checkpoint, seeded, train
 
@@ -165,28 +156,6 @@ def _base_symmetry(
     if harmonic == 4 and abs(lengths.max() / lengths.min() - 1) > 0.1:
         harmonic = 2
     return harmonic, int(detect_symmetry(lattice))
-
-
-def _base_corrections(
-    matrix: np.ndarray,
-    lattices: list[np.ndarray | None],
-    classes: np.ndarray,
-    valid: np.ndarray,
-    *,
-    symmetry: int,
-) -> np.ndarray:
-    """Each position's base distortion ``B`` (2, 2): measured on its base's lattice
-    (:func:`symmetric_correction`) and, for a 4- or 6-fold lattice, refined so that one
-    lattice has one stretch on every branch (:func:`refine_correction`). Shape (RX, RY, 2, 2)."""
-    per_base = np.stack([symmetric_correction(g, symmetry) for g in lattices])
-    if symmetry in (4, 6):
-        per_base = np.stack(
-            [
-                refine_correction(matrix, b, valid & (classes == c), symmetry=symmetry)
-                for c, b in enumerate(per_base)
-            ]
-        )
-    return per_base[classes]
 
 
 def _derived_schedule(config: CCSTAEConfig, *, size: int, beam: float) -> MaskSchedule:
@@ -596,8 +565,6 @@ def ccstae_strain(
     Qin, Tran, Agar, "Extremely Noisy 4D-TEM Strain Mapping Using Cycle Consistent Spatial
     Transforming Autoencoders", NeurIPS 2023 ML4PS workshop.
     """
-    from ..reference import auto_reference
-
     if symmetry not in ("auto", 2, 4, 6):
         raise InputError(f"symmetry={symmetry!r} is not known; use auto, 2, 4 or 6.")
     with ExitStack() as stack:
@@ -663,40 +630,16 @@ def ccstae_strain(
         base_lattice(b, center=t.center, inner=schedule.radii(0)[0], window=window) for b in bases
     ]
     classes = np.clip(result.class_map, 0, len(bases) - 1)
-    reference_mask = t.reference_mask
-    if reference_mask is None:
-        first = _base_corrections(result.matrix, lattices, classes, valid, symmetry=n)
-        warps = np.where(valid[..., None, None], result.matrix @ first, np.nan)
-        reference_mask = auto_reference(fold_deformation(deformation_from_affine(warps), n), valid)
-    on_reference = reference_mask & valid
-    try:
-        measured: np.ndarray | None = region_lattice(
-            t.data, on_reference, where=str(scan.attrs.get("source") or "the scan")
-        )
-    except InputError as exc:
-        measured, unmeasured = None, exc
-
-    def reference_lattice() -> np.ndarray:
-        if measured is None:
-            raise unmeasured
-        return measured
-
-    distortion, ellipse = detector_distortion(config.ellipse, n, reference_lattice)
-    matrix = result.matrix
-    if ellipse["removed"]:
-        matrix, lattices = remove_ellipse(matrix, lattices, classes, on_reference, distortion)
-    if measured is not None and n in (4, 6):
-        # The reference is unstrained, so its lattice is square or hexagonal: what anisotropy
-        # its measurement keeps below `least` is the measurement's (0.1-0.2 % on multislice
-        # scans), and B taken from it cost 0.6e-3 of exy on WS2.
-        ideal = np.linalg.inv(ellipse_matrix(*fit_ellipse(measured, n))) @ measured
-        main = int(np.bincount(classes[on_reference], minlength=len(bases)).argmax())
-        lattices[main] = base_lattice_from_reference(
-            matrix, on_reference & (classes == main), ideal, n
-        )
-    correction = _base_corrections(matrix, lattices, classes, valid, symmetry=n)
-    strain, _ = strain_from_affine(
-        matrix, reference=reference_mask, symmetry=n, valid=valid, correction=correction
+    where = str(scan.attrs.get("source") or "the scan")
+    strain, reference_mask, ellipse = strain_from_warps(
+        result.matrix,
+        classes,
+        valid,
+        lattices,
+        symmetry=n,
+        reference=t.reference_mask,
+        measure=lambda region: region_lattice(t.data, region, where=where),
+        ellipse=config.ellipse,
     )
     if bases_png is not None:
         save_bases_png(bases, bases_png, mask=ring_last)

@@ -15,9 +15,14 @@ boundary still has a meaningful median.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import numpy as np
 
+from ..ellipse import DetectorEllipse, detector_distortion, ellipse_matrix, fit_ellipse
 from ..errors import InputError
+from ..reference import auto_reference
 from ..strain import fold_rotation, polar_decompose, rotation_matrix, strain_from_deformation
 
 __all__ = [
@@ -26,6 +31,7 @@ __all__ = [
     "deformation_from_affine",
     "fold_deformation",
     "strain_from_affine",
+    "strain_from_warps",
     "symmetric_correction",
     "refine_correction",
 ]
@@ -63,10 +69,16 @@ def symmetric_correction(
     symmetry
         n: 4 (square) or 6 (hexagonal) are corrected; any other n (and None) gives ``I``.
     most
-        Largest element of ``B - I`` believed. A base is learned from one lattice and is within
-        about 1 % of its symmetry (measured on Si); a larger distortion is a misfit of its disks
-        (measured: 3-5 % on multislice WS2, whose wide disks carry dynamical gradients), and
-        correcting by it would put that error on every grain on another branch: ``I`` then.
+        Largest anisotropy of ``B`` believed: the largest ``|s - 1|`` over the principal
+        stretches ``s`` of ``B`` (polar decomposition, scaled to unit determinant), so that the
+        rotation ``B`` carries when ``g1`` is not along the ideal's does not count. A base is
+        learned from one lattice and is within about 1.5 % of its symmetry (measured: 1 % on Si,
+        1.4 % on the demo's scan, where its 0.6 deg skew made an element of ``B - I`` 2.2 %); a
+        larger distortion is a misfit of its disks, and correcting by it would put that error
+        on every grain on another branch: ``I`` then. Disks can misfit by less (1.9 % on
+        multislice WS2, whose wide disks carry dynamical gradients and whose base the reference
+        shows square within 0.1 %): :func:`strain_from_warps` measures the reference's base on
+        the reference's lattice instead, and finds the reference with and without ``B``.
 
     Returns
     -------
@@ -96,7 +108,9 @@ def symmetric_correction(
     c2 = rotation_matrix(np.array(angle)) @ c1
     ideal = np.stack([c1, c2], axis=1)
     distortion = np.asarray(lattice, np.float64) @ np.linalg.inv(ideal)
-    return distortion if np.abs(distortion - np.eye(2)).max() <= most else np.eye(2)
+    stretches = np.linalg.svd(distortion, compute_uv=False)
+    anisotropy = np.abs(stretches / np.sqrt(np.prod(stretches)) - 1).max()
+    return distortion if anisotropy <= most else np.eye(2)
 
 
 def refine_correction(
@@ -213,8 +227,12 @@ def base_lattice_from_reference(
     """A base's reciprocal basis from the reference region's measured lattice and its warps.
 
     A pattern's disks sit at ``A g`` for the base's ``g``, so the base's lattice is
-    ``A_ref^-1 g_ref``, with ``A_ref`` the reference region's median warp (taken on one branch:
-    ``F_b = A^-T`` folded about the region's circular mean rotation). The reference lattice,
+    ``A_ref^-1 g_ref``, with ``A_ref^-1`` the reference region's median inverse warp, taken on
+    one branch. The network puts the reference's patterns on any of the n branches: with a base
+    distortion ``D``, ``A^-1 = D R_k^-1`` on branch k, whose left stretch (that of ``D``) is the
+    same on every branch, so ``A^-1 = V R`` is folded about the region's circular mean rotation
+    (the stretch of ``F_b = A^-T`` is ``D``'s turned by ``R_k``: its median mixed the branches
+    and, on the demo's scan, reversed the base's 1.4 % distortion). The reference lattice,
     measured on the mean of its patterns, is far more precise than the disks of the learned
     base picture, which are blurred and whose centres lock to whole pixels.
 
@@ -243,10 +261,10 @@ def base_lattice_from_reference(
            [ 0., 16.]])
     """
     F_b = deformation_from_affine(np.asarray(matrix, np.float64)[np.asarray(where, bool)])
-    F_b = F_b[np.all(np.isfinite(F_b), axis=(-1, -2))]
-    _, theta = polar_decompose(F_b)
-    F_ref = np.median(fold_deformation(F_b, symmetry, around=_circular_mean(theta, symmetry)), 0)
-    return F_ref.T @ np.asarray(lattice, np.float64)  # A_ref^-1 = (F_ref^-T)^-1
+    inverse = np.swapaxes(F_b[np.all(np.isfinite(F_b), axis=(-1, -2))], -1, -2)  # A^-1 = F_b^T
+    _, theta = polar_decompose(inverse)
+    folded = fold_deformation(inverse, symmetry, around=_circular_mean(theta, symmetry))
+    return np.median(folded, 0) @ np.asarray(lattice, np.float64)
 
 
 def remove_ellipse(
@@ -374,3 +392,148 @@ def strain_from_affine(
     strain = strain_from_deformation(F, symmetry=symmetry)
     strain = {k: np.where(ok, v, np.nan) for k, v in strain.items()}
     return strain, np.where(ok[..., None, None], F, np.nan)
+
+
+def _base_corrections(
+    matrix: np.ndarray,
+    lattices: list[np.ndarray | None],
+    classes: np.ndarray,
+    valid: np.ndarray,
+    *,
+    symmetry: int,
+) -> np.ndarray:
+    """Each position's base distortion ``B`` (2, 2): measured on its base's lattice
+    (:func:`symmetric_correction`) and, for a 4- or 6-fold lattice, refined so that one
+    lattice has one stretch on every branch (:func:`refine_correction`). Shape (RX, RY, 2, 2)."""
+    per_base = np.stack([symmetric_correction(g, symmetry) for g in lattices])
+    if symmetry in (4, 6):
+        per_base = np.stack(
+            [
+                refine_correction(matrix, b, valid & (classes == c), symmetry=symmetry)
+                for c, b in enumerate(per_base)
+            ]
+        )
+    return per_base[classes]
+
+
+def _largest_reference(
+    matrix: np.ndarray,
+    lattices: list[np.ndarray | None],
+    classes: np.ndarray,
+    valid: np.ndarray,
+    *,
+    symmetry: int,
+) -> np.ndarray:
+    """The largest region of one lattice (:func:`stemlib.reference.auto_reference`) among the
+    warps, each folded onto one branch, corrected by their bases' distortions as the bases'
+    disks measure them, or not corrected, whichever finds the larger region.
+
+    One grain put on several branches is one region only under its base's true distortion
+    (the demo's base is 1.4 % off square: uncorrected, its unstrained grain fell apart and a
+    strained one was taken); a base whose disks misfit (1.9 % on multislice WS2, whose base
+    is square within 0.1 %) would split it under the measured one instead.
+    """
+    regions, failures = [], []
+    measured = _base_corrections(matrix, lattices, classes, valid, symmetry=symmetry)
+    for correction in (measured, np.eye(2)):
+        warps = np.where(valid[..., None, None], matrix @ correction, np.nan)
+        try:
+            regions.append(
+                auto_reference(fold_deformation(deformation_from_affine(warps), symmetry), valid)
+            )
+        except InputError as exc:
+            failures.append(exc)
+    if not regions:
+        raise failures[0]
+    return max(regions, key=np.sum)
+
+
+def strain_from_warps(
+    matrix: np.ndarray,
+    classes: np.ndarray,
+    valid: np.ndarray,
+    lattices: list[np.ndarray | None],
+    *,
+    symmetry: int,
+    reference: np.ndarray | None,
+    measure: Callable[[np.ndarray], np.ndarray],
+    ellipse: DetectorEllipse,
+) -> tuple[dict[str, np.ndarray], np.ndarray, dict[str, Any]]:
+    """Strain maps from the network's inferred warps: the whole step after inference.
+
+    1. The reference region: given, or the largest region of one lattice
+       (:func:`_largest_reference`).
+    2. The reference lattice, measured on the mean of its patterns (``measure``), gives the
+       detector's ellipse (:func:`stemlib.ellipse.detector_distortion`), removed from the warps
+       and bases (:func:`remove_ellipse`), and, its ideal form being exact, the reference's
+       base lattice (:func:`base_lattice_from_reference`).
+    3. Each base's distortion (:func:`symmetric_correction`, :func:`refine_correction`) and the
+       strain against the reference (:func:`strain_from_affine`).
+
+    Parameters
+    ----------
+    matrix
+        Warps ``A`` (base -> pattern), shape (RX, RY, 2, 2); NaN where unknown.
+    classes
+        (RX, RY) int: each position's base.
+    valid
+        (RX, RY) bool: the positions with an answer.
+    lattices
+        Each base's reciprocal basis (2, 2), columns ``g1, g2`` (px), measured on its disks
+        (:func:`stemlib.ccstae.pipeline.base_lattice`), or None.
+    symmetry
+        n of the lattice's n-fold symmetry.
+    reference
+        (RX, RY) bool reference region, or None to find it.
+    measure
+        The lattice (2, 2) of a region's mean pattern, given the region's (RX, RY) mask; an
+        :class:`~stemlib.errors.InputError` it raises leaves the ellipse unmeasured and the
+        bases' lattices as measured on their disks.
+    ellipse
+        The detector-ellipse setting (:class:`stemlib.ellipse.DetectorEllipse`).
+
+    Returns
+    -------
+    strain : dict
+        ``exx, eyy, exy`` ("1") and ``theta`` (rad), each (RX, RY), NaN where not valid.
+    reference : ndarray of shape (RX, RY), bool
+        The reference region used.
+    ellipse : dict
+        The record of :func:`stemlib.ellipse.detector_distortion`.
+
+    Raises
+    ------
+    InputError
+        If no reference region is found, or the reference holds no valid position.
+    """
+    lattices = list(lattices)
+    if reference is None:
+        reference = _largest_reference(matrix, lattices, classes, valid, symmetry=symmetry)
+    on_reference = reference & valid
+    try:
+        measured: np.ndarray | None = measure(on_reference)
+    except InputError as exc:
+        measured, unmeasured = None, exc
+
+    def reference_lattice() -> np.ndarray:
+        if measured is None:
+            raise unmeasured
+        return measured
+
+    distortion, record = detector_distortion(ellipse, symmetry, reference_lattice)
+    if record["removed"]:
+        matrix, lattices = remove_ellipse(matrix, lattices, classes, on_reference, distortion)
+    if measured is not None and symmetry in (4, 6):
+        # The reference is unstrained, so its lattice is square or hexagonal: what anisotropy
+        # its measurement keeps below `least` is the measurement's (0.1-0.2 % on multislice
+        # scans), and B taken from it cost 0.6e-3 of exy on WS2.
+        ideal = np.linalg.inv(ellipse_matrix(*fit_ellipse(measured, symmetry))) @ measured
+        main = int(np.bincount(classes[on_reference], minlength=len(lattices)).argmax())
+        lattices[main] = base_lattice_from_reference(
+            matrix, on_reference & (classes == main), ideal, symmetry
+        )
+    correction = _base_corrections(matrix, lattices, classes, valid, symmetry=symmetry)
+    strain, _ = strain_from_affine(
+        matrix, reference=reference, symmetry=symmetry, valid=valid, correction=correction
+    )
+    return strain, reference, record
