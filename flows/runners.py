@@ -3,11 +3,12 @@ existing one."""
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import dask
 from prefect_dask import DaskTaskRunner
+
+from stemlib.resources import usable_cores
 
 __all__ = ["dask_runner", "local_cluster", "local_cluster_kwargs"]
 
@@ -23,10 +24,11 @@ dask.config.update_defaults(
 
 def local_cluster_kwargs(n_workers: int | None = None) -> dict[str, Any]:
     """``distributed.LocalCluster`` arguments: ``n_workers`` single-threaded worker processes
-    (default one per core), scheduler and dashboard on loopback only, and the resource ``GPU=1``
-    on every worker when CUDA is visible, so that GPU tasks are placed where a GPU is."""
+    (default one per core this process may use, :func:`stemlib.resources.usable_cores`),
+    scheduler and dashboard on loopback only, and the resource ``GPU=1`` on every worker when
+    CUDA is visible, so that GPU tasks are placed where a GPU is."""
     kwargs: dict[str, Any] = {
-        "n_workers": n_workers or max(1, os.cpu_count() or 1),
+        "n_workers": n_workers or usable_cores(),
         "threads_per_worker": 1,
         "processes": True,
         "host": "127.0.0.1",

@@ -1,11 +1,21 @@
-"""Resource use of this process, for benchmarks and memory tests."""
+"""Resources of this process: the cores it may use, and its peak memory for benchmarks and
+memory tests."""
 
 from __future__ import annotations
 
+import os
 import resource
 import sys
 
-__all__ = ["peak_rss"]
+__all__ = ["peak_rss", "usable_cores"]
+
+
+def usable_cores() -> int:
+    """Cores this process may run on: its CPU affinity where the OS has one (a batch job or
+    container given 4 of a node's 64 cores has 4), else every core."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def peak_rss() -> int:

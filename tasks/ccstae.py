@@ -36,10 +36,11 @@ from stemlib.ccstae import CCSTAEConfig, ccstae_strain, train_on_scan
 from stemlib.ccstae.config import resolve_device
 from stemlib.io import open_scan
 from stemlib.io.storage import locate, redact, storage_errors
+from stemlib.resources import usable_cores
 from stemlib.results import write_strain
 from stemlib.types import Device, Symmetry
 
-__all__ = ["train_ccstae", "infer_ccstae", "gpu_resources", "torch_cores", "usable_cores"]
+__all__ = ["train_ccstae", "infer_ccstae", "gpu_resources", "torch_cores"]
 
 
 @contextlib.contextmanager
@@ -53,13 +54,6 @@ def gpu_resources() -> Iterator[None]:
             yield
     else:
         yield
-
-
-def usable_cores() -> int:
-    """Cores this process may run on (its CPU affinity where the OS has one)."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
 
 
 @contextlib.contextmanager

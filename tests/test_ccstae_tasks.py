@@ -46,7 +46,7 @@ def test_ccstae_tasks_use_every_core_on_a_one_thread_dask_worker():
     from distributed import Client
 
     from flows.runners import local_cluster
-    from tasks.ccstae import usable_cores
+    from stemlib.resources import usable_cores
 
     if usable_cores() < 2:
         pytest.skip("one core: nothing to tell apart")
