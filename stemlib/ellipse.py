@@ -56,9 +56,10 @@ class DetectorEllipse(BaseModel):
 
     ellipticity: float | Literal["auto"] = Field(
         "auto",
-        description="'auto': measured on the reference region's lattice (square and hexagonal "
-        "lattices; a 2-fold lattice is left as it is). A number: given, e.g. from a calibration "
-        "standard; 0 removes nothing.",
+        description="'auto': measured on the reference region's lattice, which is taken to be "
+        "unstrained, so that its anisotropy is the detector's (square and hexagonal lattices; a "
+        "2-fold lattice is left as it is). A number: given, e.g. from a calibration standard; 0 "
+        "removes nothing.",
     )
     angle_deg: float = Field(
         0.0,
