@@ -164,6 +164,21 @@ def test_symmetry_is_detected_from_a_base(lattice, expected):
         assert symmetry == expected
 
 
+#: The demo's learned base: 1.4 % off square along a diagonal, which turns ``g1`` by 0.8 deg.
+SKEWED = np.array([[1.0, 0.014], [0.014, 1.0]]) @ rotation_matrix(np.radians(0.3))
+SQUARE = np.diag([15.8, 15.8])
+
+
+def _warps(
+    grains: list[np.ndarray], grain: np.ndarray, branch: np.ndarray, base: np.ndarray = SKEWED
+) -> np.ndarray:
+    """Warps ``A = F^-T R_k D^-1`` (base disks at ``D g0``, pattern disks at ``F^-T g0``, for any
+    square ``g0``) of positions with the given grain and branch k, shape (RX, RY, 2, 2)."""
+    F = np.stack(grains)[grain]
+    R = rotation_matrix(np.pi / 2 * branch)
+    return np.linalg.inv(F).swapaxes(-1, -2) @ R @ np.linalg.inv(base)
+
+
 def test_a_distorted_base_gives_one_strain_on_every_branch():
     """A learned base that is 1 % off square (disks at ``B g0``) while the network puts the
     positions of one grain on different 90-degree branches: the warps ``A`` differ by the
@@ -176,16 +191,11 @@ def test_a_distorted_base_gives_one_strain_on_every_branch():
         "left": rotation_matrix(np.radians(8.0)) @ np.array([[1.012, 0.004], [0.004, 0.995]]),
         "right": np.eye(2),  # the unstrained reference grain
     }
-    A = np.empty((12, 12, 2, 2))
-    F_true = np.empty((12, 12, 2, 2))
-    for i in range(12):
-        for j in range(12):
-            F = truth["left" if j < 5 else "right"]
-            S = rotation_matrix(np.pi / 2 * rng.integers(4))
-            # pattern disks at F^-T g0 = A B S g0  ->  A = F^-T (B S)^-1
-            A[i, j] = np.linalg.inv(F).T @ np.linalg.inv(B @ S)
-            F_true[i, j] = F
+    grains = [truth["left"], truth["right"]]
+    grain = np.broadcast_to(np.arange(12) >= 5, (12, 12)).astype(int)
+    A = _warps(grains, grain, rng.integers(4, size=grain.shape), B)
     A += rng.normal(0, 2e-5, A.shape)
+    F_true = np.stack(grains)[grain]
     reference = np.zeros((12, 12), bool)
     reference[:, 7:] = True
     expected = strain_from_deformation(F_true, symmetry=4)
@@ -206,12 +216,9 @@ def test_a_refinement_larger_than_most_keeps_the_measured_correction():
     refinement beyond ``most`` is therefore not trusted: the measured B0 is kept."""
     rng = np.random.default_rng(3)
     B = np.array([[1.006, 0.004], [0.004, 0.994]])  # a real 0.6 % distortion of the base
-    A = np.empty((12, 12, 2, 2))
-    for i in range(12):
-        for j in range(12):
-            F = np.eye(2) if j < 6 else rotation_matrix(np.radians(8.0)) @ np.diag([1.01, 0.99])
-            S = rotation_matrix(np.pi / 2 * rng.integers(4))
-            A[i, j] = np.linalg.inv(F).T @ np.linalg.inv(B @ S)
+    grains = [np.eye(2), rotation_matrix(np.radians(8.0)) @ np.diag([1.01, 0.99])]
+    grain = np.broadcast_to(np.arange(12) >= 6, (12, 12)).astype(int)
+    A = _warps(grains, grain, rng.integers(4, size=grain.shape), B)
     B0 = symmetric_correction(B @ np.diag([14.0, 14.0]) + rng.normal(0, 0.03, (2, 2)), 4)
     everywhere = np.ones((12, 12), bool)
     refined = refine_correction(A, B0, everywhere, symmetry=4)
@@ -226,11 +233,9 @@ def test_grains_each_on_one_branch_keep_the_measured_correction():
     """When every grain sits on one branch, neighbours on different branches are grain
     boundaries: the refinement must not pull different grains' strains together."""
     B0 = np.array([[1.0001, 0.0], [0.0, 0.9999]])
-    A = np.empty((8, 8, 2, 2))
-    for j in range(8):
-        F = np.eye(2) if j < 4 else rotation_matrix(np.radians(3.0)) @ np.diag([1.015, 0.99])
-        S = rotation_matrix(0.0 if j < 4 else np.pi / 2)
-        A[:, j] = np.linalg.inv(F).T @ np.linalg.inv(B0 @ S)
+    grains = [np.eye(2), rotation_matrix(np.radians(3.0)) @ np.diag([1.015, 0.99])]
+    grain = np.broadcast_to(np.arange(8) >= 4, (8, 8)).astype(int)
+    A = _warps(grains, grain, grain, B0)  # the second grain on the next branch
     np.testing.assert_array_equal(refine_correction(A, B0, np.ones((8, 8), bool), symmetry=4), B0)
 
 
@@ -326,21 +331,6 @@ def test_a_detector_distortion_left_on_the_warps_is_the_same_on_every_branch():
     for name in ("exx", "eyy", "exy"):
         assert np.abs(got[name][:, :4]).max() < 1e-5, name
         assert np.ptp(got[name][:, 4:]) < 1e-5, name
-
-
-#: The demo's learned base: 1.4 % off square along a diagonal, which turns ``g1`` by 0.8 deg.
-SKEWED = np.array([[1.0, 0.014], [0.014, 1.0]]) @ rotation_matrix(np.radians(0.3))
-SQUARE = np.diag([15.8, 15.8])
-
-
-def _warps(
-    grains: list[np.ndarray], grain: np.ndarray, branch: np.ndarray, base: np.ndarray = SKEWED
-) -> np.ndarray:
-    """Warps ``A = F^-T R_k D^-1`` (base disks at ``D @ SQUARE``, pattern disks at
-    ``F^-T SQUARE``) of positions with the given grain and branch k, shape (RX, RY, 2, 2)."""
-    F = np.stack(grains)[grain]
-    R = rotation_matrix(np.pi / 2 * branch)
-    return np.linalg.inv(F).swapaxes(-1, -2) @ R @ np.linalg.inv(base)
 
 
 def test_a_base_distortion_is_judged_by_its_stretch_alone():
