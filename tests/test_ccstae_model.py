@@ -189,3 +189,22 @@ def test_warps_stay_float32_under_bf16_autocast():
     reference = model(x, torch.full((3,), 0.3))
     # identical warp of the input (the head starts at the identity around theta0)
     torch.testing.assert_close(out.transformed_input, reference.transformed_input)
+
+
+def test_the_model_compiles_into_one_graph():
+    # The GPU preset sets `compile: true`. Dynamo must trace the forward and the backward pass
+    # whole; a graph break would lose the speed-up on the GPU. The aot_eager backend traces as
+    # inductor does, without a C++ compiler, so this runs on any CI machine.
+    torch._dynamo.reset()
+    config = CCSTAEConfig.preset("gpu", channels=8, num_bases=2)
+    model = _model(config)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    x, theta0, shift0 = _input(), torch.full((3,), 0.3), torch.tensor([[0.5, -0.25]] * 3)
+    mask = torch.from_numpy(ring_mask((48, 48), inner=4, outer=20)).float()
+    grads = []
+    for forward in (compiled, model):
+        model.zero_grad()
+        out = forward(x, theta0, shift0)
+        cycle_loss(out, x, mask, config, center=model.center).total.backward()
+        grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
