@@ -72,9 +72,20 @@ def s3_server() -> Iterator[S3Server]:
         server.stop()
 
 
-def _clear_s3fs_cache() -> None:
-    import s3fs
+def forget_s3_clients() -> None:
+    """Close and forget s3fs's cached clients, so that the next one reads the environment.
 
+    s3fs closes a synchronous client's session when the client is collected, but not an
+    asynchronous one's (zarr's store opens those on its own event loop): closed here on that
+    loop, or each would end the test run with an "Unclosed client session" warning.
+    """
+    import s3fs
+    from zarr.core.sync import sync
+
+    for fs in list(s3fs.S3FileSystem._cache.values()):
+        creator = getattr(fs, "_s3creator", None)
+        if fs.asynchronous and creator is not None:
+            sync(creator.__aexit__(None, None, None))
     s3fs.S3FileSystem.clear_instance_cache()
 
 
@@ -106,9 +117,9 @@ def s3(
         region_name="us-east-1",
     )
     client.create_bucket(Bucket=bucket)
-    _clear_s3fs_cache()
+    forget_s3_clients()
     yield f"s3://{bucket}"
-    _clear_s3fs_cache()
+    forget_s3_clients()
 
 
 def closed_port() -> int:

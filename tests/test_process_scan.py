@@ -26,7 +26,7 @@ from stemlib.noise import add_noise
 from stemlib.simulate import SimulationConfig, simulate
 from stemlib.truth import open_truth
 
-from .conftest import closed_port
+from .conftest import closed_port, forget_s3_clients
 
 #: A one-epoch CC-ST-AE: the plumbing is tested here, its accuracy in test_ccstae_*.
 TINY = CCSTAEConfig.preset("cpu", epochs=1, channels=4, search_patterns=32, batch_size=16)
@@ -146,9 +146,7 @@ def test_an_unreachable_store_fails_clearly_and_publishes_nothing(
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{closed_port()}")
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAEXAMPLEEXAMPLE")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-a-real-secret-but-secret-all-the-same")
-    import s3fs
-
-    s3fs.S3FileSystem.clear_instance_cache()
+    forget_s3_clients()
     state = process_scan(
         source=raw,
         dest="s3://nowhere/grains/strain.zarr",

@@ -14,7 +14,7 @@ from stemlib.ingest import ingest
 from stemlib.io.scan_store import open_scan
 from stemlib.results import open_strain, strain_dataset, write_strain
 
-from .conftest import closed_port
+from .conftest import closed_port, forget_s3_clients
 
 pytestmark = pytest.mark.s3
 
@@ -67,7 +67,7 @@ def test_wrong_credentials_are_named_not_printed(tmp_path, s3, monkeypatch, caps
     secret = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYzEXAMPLEKEY"
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAIOSFODNN7EXAMPLE")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
-    s3fs.S3FileSystem.clear_instance_cache()
+    forget_s3_clients()
     code = main(["ingest", str(tmp_path / "s.npy"), f"{s3}/s.zarr", "--quiet"])
     err = capsys.readouterr().err
     assert code == 2
@@ -91,7 +91,7 @@ def test_unreachable_endpoint_fails_fast_with_one_sentence(tmp_path, s3, monkeyp
     np.save(tmp_path / "s.npy", scan())
     endpoint = f"http://127.0.0.1:{closed_port()}"
     monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
-    s3fs.S3FileSystem.clear_instance_cache()
+    forget_s3_clients()
     code = main(["ingest", str(tmp_path / "s.npy"), f"{s3}/s.zarr", "--quiet"])
     err = capsys.readouterr().err
     assert code == 2
