@@ -8,7 +8,7 @@ import torch
 from scipy import ndimage
 
 from stemlib.ccstae.affine import affine_matrix, invert, rotation, torch_theta, warp
-from stemlib.ccstae.refine import average_base, refine_affine
+from stemlib.ccstae.refine import average_base, catmull_rom_upsample, refine_affine
 from stemlib.masks import ring_mask
 
 
@@ -109,10 +109,31 @@ def test_warp_then_inverse_warp_is_identity_inside_the_mask():
     assert float(err) < 0.03 * float(x.max())  # bilinear resampling, twice, of 4 px blobs
 
 
+def _blobs_seen_through(
+    shape: tuple[int, int],
+    centres: list[tuple[float, float]],
+    A: torch.Tensor,
+    t: torch.Tensor,
+    *,
+    sigma: float,
+    center: tuple[float, float],
+) -> torch.Tensor:
+    """``_blobs`` as patterns that hold the base's content at ``c + A v + t``, drawn exactly
+    rather than resampled: pixel ``u`` shows the base at ``v = c + A^-1 (u - c - t)``.
+    Shapes: ``A`` (B, 2, 2), ``t`` (B, 2); returns (B, 1, H, W)."""
+    c = torch.tensor(center)
+    rows, cols = torch.meshgrid(torch.arange(shape[0]), torch.arange(shape[1]), indexing="ij")
+    u = torch.stack([rows, cols], -1).float()
+    v = c + (u - c - t[:, None, None]) @ torch.linalg.inv(A).transpose(1, 2)[:, None]
+    dist2 = [((v - torch.tensor(p, dtype=torch.float32)) ** 2).sum(-1) for p in centres]
+    return sum(torch.exp(-d / (2 * sigma**2)) for d in dist2)[:, None]
+
+
 @pytest.mark.parametrize("poisson", [False, True])
 def test_refine_recovers_a_known_warp(poisson):
-    shape = (64, 64)
-    base = _blobs(shape, [(20, 30), (44, 40), (30, 48), (36, 14), (14, 44)], sigma=2.0) + 0.05
+    shape, center = (64, 64), (32.0, 32.0)
+    centres = [(20, 30), (44, 40), (30, 48), (36, 14), (14, 44)]
+    base = _blobs(shape, centres, sigma=3.0) + 0.05
     A = affine_matrix(
         torch.tensor([1.02, 0.99]),
         torch.tensor([0.985, 1.01]),
@@ -120,24 +141,47 @@ def test_refine_recovers_a_known_warp(poisson):
         torch.tensor([0.04, -0.06]),
     )
     t = torch.tensor([[0.6, -0.4], [-1.0, 0.3]])
-    # The pattern holds the base's content at c + A v + t: pattern = warp(base, inverse).
-    x = warp(base.expand(2, -1, -1, -1), *invert(A, t), center=(32.0, 32.0))
+    x = _blobs_seen_through(shape, centres, A, t, sigma=3.0, center=center) + 0.05
     x = 1.5 * x + 0.1  # gain and offset
     mask = torch.from_numpy(ring_mask(shape, inner=5, outer=28)).float()
-    fit = refine_affine(
-        x,
-        base.expand(2, -1, -1, -1),
-        torch.eye(2).expand(2, 2, 2),
-        torch.zeros(2, 2),
-        mask,
-        center=(32.0, 32.0),
-        steps=20,
-        poisson=poisson,
-    )
-    assert float((fit["matrix"] - A).abs().max()) < 5e-4  # strain-equivalent 5e-4
-    assert float((fit["shift"] - t).abs().max()) < 1e-2
+    start = (torch.eye(2).expand(2, 2, 2), torch.zeros(2, 2))
+    fits = {
+        upsample: refine_affine(
+            x,
+            base.expand(2, -1, -1, -1),
+            *start,
+            mask,
+            center=center,
+            steps=20,
+            poisson=poisson,
+            upsample=upsample,
+        )
+        for upsample in (4, 1)
+    }
+    fit = fits[4]
+    error = float((fit["matrix"] - A).abs().max())
+    assert error < 2e-4  # strain-equivalent 2e-4
+    assert float((fit["shift"] - t).abs().max()) < 3e-3
     np.testing.assert_allclose(fit["gain"].numpy(), 1.5, atol=2e-3)
     assert bool((fit["error"] < fit["start_error"]).all())
+    # The base sampled bilinearly on its own pixels is piecewise linear: 7e-4 here.
+    assert float((fits[1]["matrix"] - A).abs().max()) > 3 * error
+
+
+def test_catmull_rom_upsampling_keeps_pixel_centres_and_quadratics():
+    rows, cols = torch.meshgrid(torch.arange(12.0), torch.arange(10.0), indexing="ij")
+    quadratic = lambda r, c: 0.3 * r**2 - 0.2 * r * c + 0.1 * c**2 + r - 2.0  # noqa: E731
+    image = quadratic(rows, cols)[None, None]
+    torch.testing.assert_close(catmull_rom_upsample(image, 1), image)
+    fine = catmull_rom_upsample(image, 4)
+    assert fine.shape == (1, 1, 48, 40)
+    # Output pixel j lies at (j + 0.5) / 4 - 0.5 input pixels; away from the zero border
+    # (two input pixels), the cubic reproduces the quadratic there.
+    r, c = torch.meshgrid(
+        (torch.arange(48.0) + 0.5) / 4 - 0.5, (torch.arange(40.0) + 0.5) / 4 - 0.5, indexing="ij"
+    )
+    inside = (slice(10, -10), slice(10, -10))
+    torch.testing.assert_close(fine[0, 0][inside], quadratic(r, c)[inside], atol=1e-4, rtol=0)
 
 
 def test_average_base_undoes_the_warps():
@@ -170,9 +214,11 @@ def test_disk_gains_keep_the_geometry_when_disk_intensities_change():
     mask = torch.from_numpy(ring_mask(shape, inner=5, outer=28)).float()
     regions = disk_regions(base, center=(32.0, 32.0), inner=5, disk_radius=2.0)
     assert int(regions.max()) == len(centres)
+    # The pattern was resampled bilinearly from the base: the fit samples the base so too.
+    fit = dict(center=(32.0, 32.0), steps=20, upsample=1)
     start = (torch.eye(2)[None], torch.zeros(1, 2))
-    one_gain = refine_affine(x, base, *start, mask, center=(32.0, 32.0), steps=20)
-    per_disk = refine_affine(x, base, *start, mask, center=(32.0, 32.0), steps=20, regions=regions)
+    one_gain = refine_affine(x, base, *start, mask, **fit)
+    per_disk = refine_affine(x, base, *start, mask, regions=regions, **fit)
     assert float((per_disk["matrix"] - A).abs().max()) < 2e-4
     assert float((one_gain["matrix"] - A).abs().max()) > 3 * float(
         (per_disk["matrix"] - A).abs().max()
