@@ -156,16 +156,16 @@ def test_refine_recovers_a_known_warp(poisson):
             poisson=poisson,
             upsample=upsample,
         )
-        for upsample in (4, 1)
+        for upsample in (2, 1)
     }
-    fit = fits[4]
+    fit = fits[2]
     error = float((fit["matrix"] - A).abs().max())
-    assert error < 2e-4  # strain-equivalent 2e-4
+    assert error < 3e-4  # strain-equivalent 3e-4
     assert float((fit["shift"] - t).abs().max()) < 3e-3
-    np.testing.assert_allclose(fit["gain"].numpy(), 1.5, atol=2e-3)
+    np.testing.assert_allclose(fit["gain"].numpy(), 1.5, atol=6e-3)
     assert bool((fit["error"] < fit["start_error"]).all())
     # The base sampled bilinearly on its own pixels is piecewise linear: 7e-4 here.
-    assert float((fits[1]["matrix"] - A).abs().max()) > 3 * error
+    assert float((fits[1]["matrix"] - A).abs().max()) > 2.5 * error
 
 
 def test_catmull_rom_upsampling_keeps_pixel_centres_and_quadratics():
