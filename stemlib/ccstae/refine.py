@@ -11,7 +11,9 @@ pattern's intensity relative to its base), ``m'`` being the ring mask carried by
 residual compares the base (smooth, learned from every pattern) with the data as recorded, so
 noise is not interpolated. Gauss-Newton steps with a small Levenberg-Marquardt damping, using
 the base's gradient images, converge in a few iterations; a pattern whose fit did not improve
-keeps its starting warp.
+keeps its starting warp. Between its pixels ``B`` is read from a finer Catmull-Rom copy
+(:func:`catmull_rom_upsample`): read bilinearly from its own pixels it is only piecewise
+linear, and the fit stopped in the valleys between the kinks.
 
 A warp stretches the Bragg disks with the lattice, but a real disk is an image of the probe's
 aperture: its size and shape do not change with the strain. With ``disks`` (the labels of
