@@ -110,11 +110,14 @@ def test_sweep_scores_both_methods_and_a_rerun_skips_finished_levels(
         assert row["ratio"] == {c: ours[c] / theirs[c] for c in STRAIN}
     assert rows[0]["paper"]["ratio"] == paper_ratio(0)
     assert rows[1]["paper"]["mae"] == paper_mae(30)
-    # No method beats the Cramér-Rao bound of the noisy level (the clean scan has none).
+    # The Cramér-Rao bound of the noisy level (the clean scan has none) is a floor for an
+    # unbiased fit of each pattern alone, as py4DSTEM's is. CC-ST-AE's refinement also starts
+    # from its neighbours' answer and keeps the better fit, which can take it below the floor
+    # (exy 0.18e-3 against 0.20e-3 here): it is held to the bound's scale only.
     assert rows[0]["least"] is None
-    assert all(
-        0 < rows[1]["least"][c] < min(noisy[c], rows[1]["methods"]["ccstae"][c]) for c in STRAIN
-    )
+    least = rows[1]["least"]
+    assert all(0 < least[c] < noisy[c] for c in STRAIN)
+    assert all(rows[1]["methods"]["ccstae"][c] > 0.5 * least[c] for c in STRAIN)
 
     # The table: an artifact of the run, and files beside DEST holding the same rows.
     markdown = _sweep_artifact(state.state_details.flow_run_id)
