@@ -363,12 +363,10 @@ def refine_affine(
         """The base, its qx and qy gradients (B, 3, P) at the base-frame points ``v``."""
         out = v.new_empty(b, 3, v.shape[1])
         fine_v = (v + 0.5) * upsample - 0.5
-        for k in range(len(image)):
-            mine = which == k
-            points = fine_v[mine].reshape(1, -1, 2)
-            out[mine] = (
-                _sample_at(image[k : k + 1], points).reshape(3, -1, v.shape[1]).transpose(0, 1)
-            )
+        for j in range(len(image)):
+            mine = which == j
+            at = fine_v[mine].reshape(1, -1, 2)
+            out[mine] = _sample_at(image[j : j + 1], at).reshape(3, -1, v.shape[1]).transpose(0, 1)
         return out
 
     labels = (regions if regions is not None else torch.zeros_like(base)).float()
