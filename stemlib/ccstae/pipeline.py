@@ -234,6 +234,8 @@ def _rotation_stage(
         background=config.background,
         start=None if start is None else torch.from_numpy(start),
         shift=beams - beams.new_tensor(center),
+        disk_radius=beam if config.rigid_disks else None,
+        inner=radii[0],
     )
     rx, ry = data.shape[:2]
     theta = np.zeros(rx * ry, np.float32)

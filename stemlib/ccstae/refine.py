@@ -222,6 +222,62 @@ def disk_regions(
     return out
 
 
+def _base_points(
+    u: torch.Tensor,
+    W: torch.Tensor,
+    shift: torch.Tensor,
+    *,
+    center: tuple[float, float],
+    disks: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The base-frame point ``v`` (B, P, 2) px of each pattern pixel ``u`` (P, 2) (px about
+    ``center``), the lever ``l`` (B, P, 2) and the turn ``T`` (B, 2, 2) with
+    ``d mu / d W_ij = (T grad B)_i l_j`` and ``d mu / d shift = T grad B`` (both negated for
+    rigid disks).
+
+    Affine (``disks`` None; ``W``, ``shift`` the inverse warp ``M``, ``d``): ``v = c + M u + d``,
+    lever ``u``, ``T = I``. Rigid disks (``W``, ``shift`` the warp ``A``, ``t``; ``disks`` the
+    labels (B, 1, H, W) and centres (B, L, 2) of the base's disks): a pixel of disk ``n``
+    (centre ``b_n`` in the base) is that disk's pixel placed at the disk's new centre
+    ``A b_n + t``, turned by the rotation ``R`` of ``A`` but not stretched,
+    ``v = c + b_n + R^T (u - A b_n - t)``, ``T = R`` (held fixed in each step); a pixel between
+    disks keeps the affine point (``b`` = its own base point). Turning the disk with the lattice
+    makes an error in ``b_n`` cost only ``(A - R) db``, not ``(A - I) db``.
+    """
+    b = W.shape[0]
+    c = u.new_tensor(center)
+    if disks is None:
+        eye = torch.eye(2, dtype=u.dtype, device=u.device)
+        return c + u @ W.transpose(1, 2) + shift[:, None], u.expand(b, -1, -1), eye.expand(b, 2, 2)
+    labels, centres = disks[0].float(), disks[1].to(u)
+    M, d = invert(W, shift)
+    affine = u @ M.transpose(1, 2) + d[:, None]  # (B, P, 2), about the centre
+    disk = _sample_at(labels, c + affine, mode="nearest")[:, 0].round().long()
+    disk = disk.clamp(0, centres.shape[1] - 1)[..., None].expand(-1, -1, 2)
+    lever = torch.where(disk > 0, centres.gather(1, disk), affine)
+    R = rotation(torch.atan2(W[:, 1, 0] - W[:, 0, 1], W[:, 0, 0] + W[:, 1, 1]))
+    offset = u - lever @ W.transpose(1, 2) - shift[:, None]  # from the disk's new centre
+    return c + lever + offset @ R, lever, R
+
+
+def _sample_bases(
+    images: torch.Tensor, which: torch.Tensor, v: torch.Tensor, *, upsample: int
+) -> torch.Tensor:
+    """Pattern ``i``'s points ``v[i]`` (B, P, 2) px (base frame) read from ``images[which[i]]``
+    ((K, C, fH, fW), a grid ``upsample`` times finer than the base): (B, C, P)."""
+    out = v.new_empty(v.shape[0], images.shape[1], v.shape[1])
+    fine = (v + 0.5) * upsample - 0.5
+    for j in which.unique().tolist():
+        mine = which == j
+        at = fine[mine].reshape(1, -1, 2)
+        out[mine] = (
+            _sample_at(images[j : j + 1], at)
+            .reshape(images.shape[1], -1, v.shape[1])
+            .transpose(0, 1)
+        )
+    return out
+
+
 def masked_error(
     x: torch.Tensor,
     base: torch.Tensor,
@@ -361,23 +417,14 @@ def refine_affine(
 
     def sample_base(v: torch.Tensor) -> torch.Tensor:
         """The base, its qx and qy gradients (B, 3, P) at the base-frame points ``v``."""
-        out = v.new_empty(b, 3, v.shape[1])
-        fine_v = (v + 0.5) * upsample - 0.5
-        for j in range(len(image)):
-            mine = which == j
-            at = fine_v[mine].reshape(1, -1, 2)
-            out[mine] = _sample_at(image[j : j + 1], at).reshape(3, -1, v.shape[1]).transpose(0, 1)
-        return out
+        return _sample_bases(image, which, v, upsample=upsample)
 
     labels = (regions if regions is not None else torch.zeros_like(base)).float()
     k = int(labels.max()) + 1
     rigid = disks is not None
-    if rigid:
-        disk_labels, centres = disks[0].float(), disks[1].to(x)
     target = x[:, 0][:, near]  # (B, P)
     radius = float(u.norm(dim=1).max())
     bg = None if background is None else background.float()[:, 0][:, near].expand(b, -1)  # (B, P)
-    eye = torch.eye(2, dtype=x.dtype, device=x.device)
     # The warp fitted: the inverse (M, d) for the affine model, (A, t) itself for rigid disks.
     W, shift = (A, t) if rigid else invert(A, t)
     # Intensity model: mu(u) = gain[L(v)] B(v) + offset + level bg(u), with L the region of
@@ -385,37 +432,8 @@ def refine_affine(
     dense = torch.zeros(b, 2 if bg is not None else 1, dtype=x.dtype, device=x.device)
     gains = torch.ones(b, k, dtype=x.dtype, device=x.device)
 
-    def coordinates(
-        W: torch.Tensor, shift: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The base-frame point ``v`` (B, P, 2) px of each pixel, the lever ``l`` (B, P, 2) and
-        the turn ``T`` (B, 2, 2) with ``d mu / d W_ij = (T grad B)_i l_j`` and
-        ``d mu / d shift = T grad B`` (both negated for rigid disks).
-
-        Affine: ``v = c + M u + d``, lever ``u``, ``T = I``. Rigid disks: a pixel of disk ``n``
-        (centre ``b_n`` in the base) is that disk's pixel placed at the disk's new centre
-        ``A b_n + t``, turned by the rotation ``R`` of ``A`` but not stretched,
-        ``v = c + b_n + R^T (u - A b_n - t)``, ``T = R`` (held fixed in each step); a pixel
-        between disks keeps the affine point (``b`` = its own base point). Turning the disk
-        with the lattice makes an error in ``b_n`` cost only ``(A - R) db``, not ``(A - I) db``.
-        """
-        if not rigid:
-            return (
-                c + u @ W.transpose(1, 2) + shift[:, None],
-                u.expand(b, -1, -1),
-                eye.expand(b, 2, 2),
-            )
-        M, d = invert(W, shift)
-        affine = u @ M.transpose(1, 2) + d[:, None]  # (B, P, 2), about the centre
-        disk = _sample_at(disk_labels, c + affine, mode="nearest")[:, 0].round().long()
-        disk = disk.clamp(0, centres.shape[1] - 1)[..., None].expand(-1, -1, 2)
-        lever = torch.where(disk > 0, centres.gather(1, disk), affine)
-        R = rotation(torch.atan2(W[:, 1, 0] - W[:, 0, 1], W[:, 0, 0] + W[:, 1, 1]))
-        offset = u - lever @ W.transpose(1, 2) - shift[:, None]  # from the disk's new centre
-        return c + lever + offset @ R, lever, R
-
     def residuals(W: torch.Tensor, shift: torch.Tensor, dense: torch.Tensor, gains: torch.Tensor):
-        v, lever, turn = coordinates(W, shift)
+        v, lever, turn = _base_points(u, W, shift, center=center, disks=disks)
         s = torch.cat([sample_base(v), _sample_at(ring, v)], 1)
         region = _sample_at(labels, v, mode="nearest")[:, 0].round().long().clamp(0, k - 1)
         pixel_gain = gains.gather(1, region)
@@ -556,6 +574,8 @@ def solve_bases(
     *,
     center: tuple[float, float],
     background: torch.Tensor | None = None,
+    disks: tuple[torch.Tensor, torch.Tensor] | None = None,
+    upsample: int = 2,
     iterations: int = 8,
     batch_size: int = 256,
 ) -> torch.Tensor:
@@ -564,29 +584,41 @@ def solve_bases(
 
     Minimises ``sum_i sum_u m'_i (mu_i(u) - x_i(u))^2`` over the bases, with ``mu_i`` the model of
     :func:`refine_affine` (the base warped onto pattern ``i``, its gain, offset and background
-    level held fixed). Unlike the average of the patterns warped onto the base, this
-    does not blur the bases by the interpolation of the data, which matters for small sharp disks.
+    level held fixed), read from the base as the refinement reads it (``upsample``, ``disks``:
+    the bases' disks, each moved rigidly). Unlike the average of the patterns warped onto the
+    base, this does not blur the bases by the interpolation of the data, which matters for small
+    sharp disks; and a base solved through another model than the refinement's is fitted to that
+    model's errors.
 
     Shapes: ``x`` (n, 1, H, W); ``bases`` (K, 1, H, W) (the lattice part when ``background``
     (K, 1, H, W) is given); ``labels`` (n,); ``A`` (n, 2, 2); ``t`` (n, 2); ``intensity``: the
     (n,) tensors ``gain``, ``offset`` and, with a background, ``level``; ``mask``
-    (H, W). Returns (K, 1, H, W).
+    (H, W); ``disks``: labels (K, 1, H, W) and centres (K, L, 2) (:func:`disk_regions`,
+    :func:`disk_centres`). Returns (K, 1, H, W).
     """
     n, _, h, w = x.shape
-    M, d = invert(A, t)
+    rows, cols = torch.meshgrid(
+        torch.arange(h, dtype=x.dtype, device=x.device),
+        torch.arange(w, dtype=x.dtype, device=x.device),
+        indexing="ij",
+    )
+    u = torch.stack([rows, cols], -1).reshape(-1, 2) - x.new_tensor(center)
+    W, shift = (A, t) if disks is not None else invert(A, t)
+    ring = mask.to(x)[None, None]
 
     def gradient(B: torch.Tensor) -> torch.Tensor:
         B = B.detach().requires_grad_(True)
         for start in range(0, n, batch_size):
             sl = slice(start, start + batch_size)
             k = labels[sl]
-            stack = torch.cat([B[k], mask.to(x).expand(len(k), 1, -1, -1)], 1)
-            s = warp(stack, M[sl], d[sl], center=center)
-            model = intensity["gain"][sl, None, None] * s[:, 0]
-            model = model + intensity["offset"][sl, None, None]
+            mine = None if disks is None else (disks[0][k], disks[1][k])
+            v, _, _ = _base_points(u, W[sl], shift[sl], center=center, disks=mine)
+            sampled = _sample_bases(catmull_rom_upsample(B, upsample), k, v, upsample=upsample)
+            weight = _sample_at(ring.expand(len(k), -1, -1, -1), v)[:, 0]
+            model = intensity["gain"][sl, None] * sampled[:, 0] + intensity["offset"][sl, None]
             if background is not None:
-                model = model + intensity["level"][sl, None, None] * background[k][:, 0]
-            loss = (s[:, 1].detach() * (model - x[sl, 0]) ** 2).sum()
+                model = model + intensity["level"][sl, None] * background[k].reshape(len(k), -1)
+            loss = (weight * (model - x[sl].reshape(len(k), -1)) ** 2).sum()
             loss.backward()
         return B.grad.detach()
 
