@@ -222,6 +222,14 @@ def disk_regions(
     return out
 
 
+def _reachable(mask: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The pixels (H, W) bool that the ring ``mask`` (H, W) can reach when it moves with a warp:
+    the ring widened by the largest scale (6 %) and shift (``t`` (B, 2) px) plus a margin."""
+    h, w = mask.shape
+    reach = int(6 + float(t.abs().max()) + 0.06 * max(h, w) / 2)
+    return F.max_pool2d(mask[None, None], 2 * reach + 1, stride=1, padding=reach)[0, 0] > 0
+
+
 def _base_points(
     u: torch.Tensor,
     W: torch.Tensor,
@@ -395,13 +403,8 @@ def refine_affine(
     x, base, A, t = x.float(), base.float(), A.float(), t.float()
     b, _, h, w = x.shape
     mask = mask.to(x)
-    # Pixels the moving ring can reach: the ring, widened by the largest scale and shift it
-    # carries plus a margin.
-    reach = int(6 + float(t.abs().max()) + 0.06 * max(h, w) / 2)
-    near = F.max_pool2d(mask[None, None], 2 * reach + 1, stride=1, padding=reach)[0, 0] > 0
-    points = near.nonzero().to(x.dtype)  # (P, 2) (qx, qy) px
-    c = points.new_tensor(center)
-    u = points - c
+    near = _reachable(mask, t)
+    u = near.nonzero().to(x.dtype) - x.new_tensor(center)  # (P, 2) px about the centre
     # Each distinct base (a batch holds a few, repeated) on a grid `upsample` times finer, no
     # value beyond its own range (a cubic rings past a sharp disk's edge), and its gradients
     # per pixel of the pattern.
@@ -596,15 +599,11 @@ def solve_bases(
     (H, W); ``disks``: labels (K, 1, H, W) and centres (K, L, 2) (:func:`disk_regions`,
     :func:`disk_centres`). Returns (K, 1, H, W).
     """
-    n, _, h, w = x.shape
-    rows, cols = torch.meshgrid(
-        torch.arange(h, dtype=x.dtype, device=x.device),
-        torch.arange(w, dtype=x.dtype, device=x.device),
-        indexing="ij",
-    )
-    u = torch.stack([rows, cols], -1).reshape(-1, 2) - x.new_tensor(center)
-    W, shift = (A, t) if disks is not None else invert(A, t)
+    n = x.shape[0]
     ring = mask.to(x)[None, None]
+    near = _reachable(ring[0, 0], t)  # the rest has no weight
+    u = near.nonzero().to(x.dtype) - x.new_tensor(center)  # (P, 2) px about the centre
+    W, shift = (A, t) if disks is not None else invert(A, t)
 
     def gradient(B: torch.Tensor) -> torch.Tensor:
         B = B.detach().requires_grad_(True)
@@ -617,8 +616,8 @@ def solve_bases(
             weight = _sample_at(ring.expand(len(k), -1, -1, -1), v)[:, 0]
             model = intensity["gain"][sl, None] * sampled[:, 0] + intensity["offset"][sl, None]
             if background is not None:
-                model = model + intensity["level"][sl, None] * background[k].reshape(len(k), -1)
-            loss = (weight * (model - x[sl].reshape(len(k), -1)) ** 2).sum()
+                model = model + intensity["level"][sl, None] * background[k][:, 0][:, near]
+            loss = (weight * (model - x[sl, 0][:, near]) ** 2).sum()
             loss.backward()
         return B.grad.detach()
 
