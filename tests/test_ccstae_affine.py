@@ -248,10 +248,9 @@ def _disk_lattice(A: np.ndarray, *, size: int = 96) -> torch.Tensor:
 
 
 def _lattice_disks(base: torch.Tensor, c: float) -> tuple[torch.Tensor, torch.Tensor]:
-    from stemlib.ccstae.refine import disk_centres, disk_regions
+    from stemlib.ccstae.refine import rigid_disk_model
 
-    labels = disk_regions(base, center=(c, c), inner=7, disk_radius=3.0)
-    return labels, disk_centres(base, labels, center=(c, c), disk_radius=3.0)
+    return rigid_disk_model(base, center=(c, c), inner=7, disk_radius=3.0)
 
 
 def test_rigid_disks_recover_a_strain_that_moves_disks_without_stretching_them():

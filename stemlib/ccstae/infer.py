@@ -12,11 +12,11 @@ from .affine import rotation
 from .data import PatternStream, loader
 from .model import CCSTAE
 from .refine import (
-    disk_centres,
     disk_regions,
     masked_error,
     radial_background,
     refine_affine,
+    rigid_disk_model,
 )
 
 __all__ = ["Inference", "infer"]
@@ -124,16 +124,11 @@ def infer(
     objective = np.full(n, np.inf)
     bases = model.bases().float()
     bg = radial_background(bases, center=model.center) if background else torch.zeros_like(bases)
-    disks = (
-        disk_regions(bases - bg, center=model.center, inner=inner, disk_radius=disk_radius)
-        if disk_gains or rigid_disks
-        else None
-    )
-    centres = (
-        disk_centres(bases - bg, disks, center=model.center, disk_radius=disk_radius)
-        if rigid_disks
-        else None
-    )
+    found = dict(center=model.center, inner=inner, disk_radius=disk_radius)
+    disks = rigid_disk_model(bases - bg, **found) if rigid_disks else None
+    regions = None
+    if disk_gains:
+        regions = disks[0] if disks is not None else disk_regions(bases - bg, **found)
     mask = mask.to(device)
 
     def refine(
@@ -150,8 +145,8 @@ def infer(
             steps=refine_steps,
             poisson=poisson,
             background=bg[cls] if background else None,
-            regions=disks[cls] if disk_gains else None,
-            disks=(disks[cls], centres[cls]) if rigid_disks else None,
+            regions=None if regions is None else regions[cls],
+            disks=None if disks is None else (disks[0][cls], disks[1][cls]),
         )
 
     for batch in loader(stream, num_workers=num_workers, device=device):

@@ -41,6 +41,7 @@ __all__ = [
     "radial_background",
     "disk_regions",
     "disk_centres",
+    "rigid_disk_model",
 ]
 
 
@@ -220,6 +221,17 @@ def disk_regions(
         )
         out[i, 0] = label.reshape(image.shape).to(out.dtype)
     return out
+
+
+def rigid_disk_model(
+    lattice: torch.Tensor, *, center: tuple[float, float], inner: float, disk_radius: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``disks`` argument of :func:`refine_affine` and :func:`solve_bases` for bases
+    (K, 1, H, W) (their lattice part): the labels of :func:`disk_regions` beyond ``inner`` px,
+    (K, 1, H, W), and the centres of :func:`disk_centres`, (K, L, 2). One function, so that
+    the starting bases are solved with the disks the inference moves."""
+    labels = disk_regions(lattice, center=center, inner=inner, disk_radius=disk_radius)
+    return labels, disk_centres(lattice, labels, center=center, disk_radius=disk_radius)
 
 
 def _reachable(mask: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -418,10 +430,6 @@ def refine_affine(
     image = torch.cat([fine, _gradients(fine) * upsample], 1)  # (K, 3, fH, fW)
     ring = mask.expand(b, 1, -1, -1)
 
-    def sample_base(v: torch.Tensor) -> torch.Tensor:
-        """The base, its qx and qy gradients (B, 3, P) at the base-frame points ``v``."""
-        return _sample_bases(image, which, v, upsample=upsample)
-
     labels = (regions if regions is not None else torch.zeros_like(base)).float()
     k = int(labels.max()) + 1
     rigid = disks is not None
@@ -437,7 +445,7 @@ def refine_affine(
 
     def residuals(W: torch.Tensor, shift: torch.Tensor, dense: torch.Tensor, gains: torch.Tensor):
         v, lever, turn = _base_points(u, W, shift, center=center, disks=disks)
-        s = torch.cat([sample_base(v), _sample_at(ring, v)], 1)
+        s = torch.cat([_sample_bases(image, which, v, upsample=upsample), _sample_at(ring, v)], 1)
         region = _sample_at(labels, v, mode="nearest")[:, 0].round().long().clamp(0, k - 1)
         pixel_gain = gains.gather(1, region)
         model = pixel_gain * s[:, 0] + dense[:, :1]

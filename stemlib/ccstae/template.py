@@ -24,10 +24,9 @@ import torch.nn.functional as F
 from .affine import rotation, warp
 from .refine import (
     average_base,
-    disk_centres,
-    disk_regions,
     radial_background,
     refine_affine,
+    rigid_disk_model,
     solve_bases,
 )
 
@@ -138,7 +137,7 @@ def learn_bases(
     disk_radius
         Given, register and solve with each Bragg disk moved rigidly, as the inference does
         (``rigid_disks``): the radius (px) of the disks, found beyond ``inner`` px
-        (:func:`stemlib.ccstae.refine.disk_regions`).
+        (:func:`stemlib.ccstae.refine.rigid_disk_model`).
     inner
         Inner radius (px) of the ring.
 
@@ -175,13 +174,11 @@ def learn_bases(
     for _ in range(rounds):
         bg = radial_background(bases, center=center) if background else torch.zeros_like(bases)
         lattice = bases - bg
-        disks = None
-        if disk_radius is not None:
-            regions = disk_regions(lattice, center=center, inner=inner, disk_radius=disk_radius)
-            disks = (
-                regions,
-                disk_centres(lattice, regions, center=center, disk_radius=disk_radius),
-            )
+        disks = (
+            None
+            if disk_radius is None
+            else rigid_disk_model(lattice, center=center, inner=inner, disk_radius=disk_radius)
+        )
         total = torch.zeros_like(bases)
         count = torch.zeros_like(bases)
         fits: list[dict[str, torch.Tensor]] = []
