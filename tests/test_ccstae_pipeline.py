@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from stemlib.ccstae import CCSTAEConfig, ccstae_strain
+from stemlib.ccstae.pipeline import _grain_of_one_turn
 from stemlib.io import open_scan
 from stemlib.metrics import strain_errors
 from stemlib.simulate import SimulationConfig, write_simulation
@@ -273,3 +274,17 @@ def test_the_demo_scan_with_an_automatic_reference_matches_its_truth(tmp_path):
         for key in ("exx", "eyy", "exy"):
             offset = float(np.median(result[key].values[inside] - truth[key].values[inside]))
             assert abs(offset) < 0.32e-3, (grain, key, offset)
+
+
+def test_the_starting_base_begins_at_the_largest_grain_of_one_turn_on_any_branch():
+    """A four-fold grain whose positions the rotation stage put on all four branches is one
+    grain of one turn; a smaller grain turned by 11.6 deg is not it."""
+    rng = np.random.default_rng(0)
+    theta = np.full((8, 8), np.radians(11.6))
+    branches = rng.choice([0.0, np.pi / 2, np.pi, -np.pi / 2], size=(8, 5))
+    theta[:, :5] = branches + rng.normal(0, 1e-4, (8, 5))
+    region = _grain_of_one_turn(theta, 4)
+    assert region[:, :5].all() and not region[:, 5:].any()
+    # Two-fold, the branches 90 deg apart are other rotations: the 11.6 deg grain is larger.
+    two = _grain_of_one_turn(theta, 2)
+    assert two[:, 5:].all() and not two[:, :5].any()
