@@ -39,7 +39,7 @@ from ..provenance import software_versions
 from ..py4dstem.pipeline import region_lattice
 from ..reference import auto_reference
 from ..results import strain_dataset
-from ..strain import detect_symmetry, rotation_matrix
+from ..strain import detect_symmetry, fold_rotation, rotation_matrix
 from ..types import SCAN_DIMS, Device, Symmetry
 from .config import CCSTAEConfig, check_config, resolve_device
 from .data import PatternStream, Preprocess, as_dask, data_fingerprint, sample_patterns
@@ -251,7 +251,7 @@ def _rotation_stage(
         steps=config.template_steps,
         poisson=poisson,
         background=config.background,
-        start=None if start is None else torch.from_numpy(start),
+        start=torch.from_numpy(start),
         shift=beams - beams.new_tensor(center),
         disk_radius=beam if config.rigid_disks else None,
         inner=radii[0],
@@ -278,10 +278,8 @@ def _grain_of_one_turn(theta: np.ndarray, symmetry: int) -> np.ndarray:
     +0.2e-3 in exx or eyy and -0.012 to -0.020 deg off. Started from the reference grain, theta's
     error fell from 0.0119 to 0.0101 deg.
     """
-    turn = 2 * np.pi / symmetry
-    folded = (theta + turn / 2) % turn - turn / 2
     try:
-        return auto_reference(rotation_matrix(folded), np.isfinite(theta))
+        return auto_reference(rotation_matrix(fold_rotation(theta, symmetry)), np.isfinite(theta))
     except InputError:
         return np.zeros(theta.shape, bool)
 
