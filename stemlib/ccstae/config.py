@@ -85,10 +85,10 @@ class CCSTAEConfig(BaseModel):
         "auto",
         description="gaussian: least squares on transformed intensities; poisson: linear counts "
         "fitted by Poisson likelihood (low dose); auto: poisson for integer counts under 1 count "
-        "per ring pixel. Poisson weights stress the faint pixels, where a grain's pattern and the "
-        "base differ most: on clean multislice Si it doubled the error (0.80/1.33/0.74e-3 against "
-        "0.43/0.46/0.28), so it pays only where shot noise dominates (at 1,000 electrons per "
-        "pattern gaussian's exx error was 4.33e-3, poisson's 2.92e-3).",
+        "per ring pixel. Its 1/mu weights stress the faint pixels: on clean multislice Si it "
+        "doubled the error (0.80/1.33/0.74e-3 against 0.43/0.46/0.28), so it pays only where "
+        "shot noise dominates (at 1,000 electrons per pattern gaussian's exx error was 4.33e-3, "
+        "poisson's 2.92e-3).",
     )
     intensity: Literal["sqrt", "linear", "log"] = Field(
         "sqrt",
