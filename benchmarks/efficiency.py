@@ -33,6 +33,7 @@ from _results import save_results
 from stemlib.bounds import strain_bound
 from stemlib.ccstae.affine import rotation
 from stemlib.ccstae.config import CCSTAEConfig
+from stemlib.ccstae.data import Preprocess
 from stemlib.ccstae.pipeline import _derived_schedule, beam_radius
 from stemlib.ccstae.refine import masked_error, radial_background, refine_affine, rigid_disk_model
 from stemlib.devdata import abtem_dev_path, read_abtem_dev
@@ -73,7 +74,8 @@ def main() -> None:
     ring = ring.float()
 
     def normed(patterns: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(patterns / patterns.mean((-2, -1), keepdims=True))[:, None]
+        """Patterns (n, H, W) as inference preprocesses them for the Poisson fit: (n, 1, H, W)."""
+        return torch.from_numpy(Preprocess("linear")(patterns))[:, None]
 
     base = normed(data[scan.truth["reference_mask"].values][:1])
     background = radial_background(base, center=center)
@@ -117,7 +119,7 @@ def main() -> None:
         counts = rng.poisson(args.dose * pattern / pattern.sum(), (args.draws, size, size))
         A = start["matrix"] + args.perturb * torch.randn(args.draws, 2, 2)
         t = start["shift"].expand(args.draws, -1)
-        noisy = fit(normed(counts.astype(np.float32)), A, t, args.steps)
+        noisy = fit(normed(counts), A, t, args.steps)
         strain = _strain(noisy["matrix"], start["matrix"])
         bound = strain_bound(pattern, counts=args.dose, exclude_radius=inner)
         row = {"grain": int(g)}
