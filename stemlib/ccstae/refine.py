@@ -84,14 +84,26 @@ def catmull_rom_upsample(images: torch.Tensor, factor: int) -> torch.Tensor:
     return images
 
 
+def _grid(v: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """Points ``v`` (B, P, 2) px (qx, qy) of an image of ``shape`` (H, W) as ``grid_sample``'s
+    normalised grid (B, P, 1, 2). The same for a copy of the image on a finer grid (pixel
+    centres aligned): ``align_corners=False`` scales with the image."""
+    h, w = shape
+    return torch.stack([(2 * v[..., 1] + 1) / w - 1, (2 * v[..., 0] + 1) / h - 1], -1)[:, :, None]
+
+
+def _sample_grid(
+    images: torch.Tensor, grid: torch.Tensor, *, mode: str = "bilinear"
+) -> torch.Tensor:
+    """``images`` (B, C, H, W) at the points of :func:`_grid` (B, P, 1, 2): (B, C, P), zero
+    outside."""
+    return F.grid_sample(images, grid, mode=mode, padding_mode="zeros", align_corners=False)[..., 0]
+
+
 def _sample_at(images: torch.Tensor, v: torch.Tensor, *, mode: str = "bilinear") -> torch.Tensor:
     """``images`` (B, C, H, W) at the points ``v`` (B, P, 2) px (qx, qy): (B, C, P), zero
     outside."""
-    h, w = images.shape[-2:]
-    grid = torch.stack([(2 * v[..., 1] + 1) / w - 1, (2 * v[..., 0] + 1) / h - 1], -1)
-    return F.grid_sample(
-        images, grid[:, :, None], mode=mode, padding_mode="zeros", align_corners=False
-    )[..., 0]
+    return _sample_grid(images, _grid(v, images.shape[-2:]), mode=mode)
 
 
 def disk_centres(
@@ -268,33 +280,38 @@ def _base_points(
     c = u.new_tensor(center)
     if disks is None:
         eye = torch.eye(2, dtype=u.dtype, device=u.device)
-        return c + u @ W.transpose(1, 2) + shift[:, None], u.expand(b, -1, -1), eye.expand(b, 2, 2)
+        return c + _transform(W, u) + shift[:, None], u.expand(b, -1, -1), eye.expand(b, 2, 2)
     labels, centres = disks[0].float(), disks[1].to(u)
     M, d = invert(W, shift)
-    affine = u @ M.transpose(1, 2) + d[:, None]  # (B, P, 2), about the centre
+    affine = _transform(M, u) + d[:, None]  # (B, P, 2), about the centre
     disk = _sample_at(labels, c + affine, mode="nearest")[:, 0].round().long()
     disk = disk.clamp(0, centres.shape[1] - 1)[..., None].expand(-1, -1, 2)
     lever = torch.where(disk > 0, centres.gather(1, disk), affine)
     R = rotation(torch.atan2(W[:, 1, 0] - W[:, 0, 1], W[:, 0, 0] + W[:, 1, 1]))
-    offset = u - lever @ W.transpose(1, 2) - shift[:, None]  # from the disk's new centre
-    return c + lever + offset @ R, lever, R
+    # c + lever + R^T (u - A lever - t), with the per-pattern matrices formed first.
+    Q = R.transpose(1, 2)
+    eye = torch.eye(2, dtype=u.dtype, device=u.device)
+    fixed = _transform(Q, u) + (c - (Q @ shift[..., None])[..., 0])[:, None]
+    return fixed + _transform(eye - Q @ W, lever), lever, R
 
 
-def _sample_bases(
-    images: torch.Tensor, which: torch.Tensor, v: torch.Tensor, *, upsample: int
-) -> torch.Tensor:
-    """Pattern ``i``'s points ``v[i]`` (B, P, 2) px (base frame) read from ``images[which[i]]``
-    ((K, C, fH, fW), a grid ``upsample`` times finer than the base): (B, C, P)."""
-    out = v.new_empty(v.shape[0], images.shape[1], v.shape[1])
-    fine = (v + 0.5) * upsample - 0.5
+def _transform(M: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """``M p`` for matrices ``M`` (B, 2, 2) and points ``p`` (B or 1, P, 2) or (P, 2): (B, P, 2).
+    Written out: a batched product with an inner size of 2 is several times slower on CPU."""
+    return p[..., :1] * M[:, None, :, 0] + p[..., 1:] * M[:, None, :, 1]
+
+
+def _sample_bases(images: torch.Tensor, which: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    """Pattern ``i``'s points (:func:`_grid` (B, P, 1, 2), base frame) read from
+    ``images[which[i]]`` ((K, C, fH, fW), the bases or a finer copy): (B, C, P)."""
+    c, (b, p) = images.shape[1], grid.shape[:2]
+    if len(images) == 1:  # one base for all: one read, no copy
+        return _sample_grid(images, grid.reshape(1, -1, 1, 2)).reshape(c, b, p).transpose(0, 1)
+    out = grid.new_empty(b, c, p)
     for j in which.unique().tolist():
         mine = which == j
-        at = fine[mine].reshape(1, -1, 2)
-        out[mine] = (
-            _sample_at(images[j : j + 1], at)
-            .reshape(images.shape[1], -1, v.shape[1])
-            .transpose(0, 1)
-        )
+        at = grid[mine].reshape(1, -1, 1, 2)
+        out[mine] = _sample_grid(images[j : j + 1], at).reshape(c, -1, p).transpose(0, 1)
     return out
 
 
@@ -442,16 +459,22 @@ def refine_affine(
     # the base pixel v; linear in (offset, level) ("dense") and in the K gains.
     dense = torch.zeros(b, 2 if bg is not None else 1, dtype=x.dtype, device=x.device)
     gains = torch.ones(b, k, dtype=x.dtype, device=x.device)
+    nd = 6 + dense.shape[1]
 
     def residuals(W: torch.Tensor, shift: torch.Tensor, dense: torch.Tensor, gains: torch.Tensor):
         v, lever, turn = _base_points(u, W, shift, center=center, disks=disks)
-        s = torch.cat([_sample_bases(image, which, v, upsample=upsample), _sample_at(ring, v)], 1)
-        region = _sample_at(labels, v, mode="nearest")[:, 0].round().long().clamp(0, k - 1)
-        pixel_gain = gains.gather(1, region)
+        grid = _grid(v, (h, w))
+        s = _sample_bases(image, which, grid)  # (B, 3, P): B, dB/dqx, dB/dqy
+        if k == 1:
+            region, pixel_gain = None, gains
+        else:
+            region = _sample_grid(labels, grid, mode="nearest")[:, 0].round().long()
+            region = region.clamp(0, k - 1)
+            pixel_gain = gains.gather(1, region)
         model = pixel_gain * s[:, 0] + dense[:, :1]
         if bg is not None:
             model = model + dense[:, 1:2] * bg
-        return s, lever, turn, region, pixel_gain, model - target, s[:, 3]
+        return s, lever, turn, region, pixel_gain, model - target, _sample_grid(ring, grid)[:, 0]
 
     def mse(r: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return (weight * r**2).sum(1) / weight.sum(1).clamp_min(1.0)
@@ -473,12 +496,32 @@ def refine_affine(
         deviance = mu - seen + torch.xlogy(seen, seen) - seen * torch.log(mu)
         return weight / mu, (weight * deviance).sum(1) / weight.sum(1).clamp_min(1.0)
 
-    def scatter(values: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
-        """Sum of ``values`` (B, P, ...) over the pixels of each region: (B, K, ...)."""
-        index = region.reshape(*region.shape, *([1] * (values.ndim - 2))).expand_as(values)
-        return torch.zeros(
-            b, k, *values.shape[2:], dtype=values.dtype, device=values.device
-        ).scatter_add_(1, index, values)
+    def jacobian(
+        s: torch.Tensor,
+        lever: torch.Tensor,
+        turn: torch.Tensor,
+        region: torch.Tensor | None,
+        pixel_gain: torch.Tensor,
+        root_w: torch.Tensor,
+    ) -> torch.Tensor:
+        """d mu / d (W, shift, offset, level, gains), each pixel's entry times the root of its
+        weight: (B, nd + K, P), so that the normal matrix is ``J J^T`` (one batched product)."""
+        J = root_w.new_empty(b, nd + k, root_w.shape[1])
+        # T grad B, weighted: the shift's rows; the warp's are these times the lever.
+        g = sign * pixel_gain * root_w
+        gx = torch.mul(g, turn[:, 0, :1] * s[:, 1] + turn[:, 0, 1:] * s[:, 2], out=J[:, 4])
+        gy = torch.mul(g, turn[:, 1, :1] * s[:, 1] + turn[:, 1, 1:] * s[:, 2], out=J[:, 5])
+        for row, (grad, i) in enumerate(((gx, 0), (gx, 1), (gy, 0), (gy, 1))):
+            torch.mul(grad, lever[..., i], out=J[:, row])
+        J[:, 6] = root_w
+        if bg is not None:
+            torch.mul(bg, root_w, out=J[:, 7])
+        e = s[:, 0] * root_w  # d mu / d gain of the pixel's region
+        if region is None:
+            J[:, nd] = e
+        for j in range(k if region is not None else 0):
+            torch.mul(e, region == j, out=J[:, nd + j])
+        return J
 
     sign = -1.0 if rigid else 1.0
     with torch.no_grad():
@@ -486,31 +529,11 @@ def refine_affine(
         start_error = mse(r, weight)
         w_fit, best = fit_weights(r, weight)
         best_W, best_shift, best_dense, best_gains, best_error = W, shift, dense, gains, start_error
-        nd = 6 + dense.shape[1]
         for _ in range(steps):
-            turned = s[:, 1:3].transpose(1, 2) @ turn.transpose(1, 2)  # (B, P, 2): T grad B
-            gx, gy = (sign * pixel_gain * turned[..., i] for i in (0, 1))
-            columns = [
-                gx * lever[..., 0],
-                gx * lever[..., 1],
-                gy * lever[..., 0],
-                gy * lever[..., 1],
-                gx,
-                gy,
-                torch.ones_like(gx),
-            ]
-            D = torch.stack(columns + ([bg] if bg is not None else []), -1)  # (B, P, nd)
-            e = s[:, 0]  # d mu / d gain of the pixel's region
-            Dw = D * w_fit[..., None]
-            H = torch.zeros(b, nd + k, nd + k, dtype=x.dtype, device=x.device)
-            H[:, :nd, :nd] = Dw.transpose(1, 2) @ D
-            cross = scatter(Dw * e[..., None], region)  # (B, K, nd)
-            H[:, nd:, :nd] = cross
-            H[:, :nd, nd:] = cross.transpose(1, 2)
-            H[:, nd:, nd:] = torch.diag_embed(scatter(w_fit * e * e, region))
-            rhs = -torch.cat(
-                [(Dw.transpose(1, 2) @ r[..., None])[..., 0], scatter(w_fit * e * r, region)], 1
-            )
+            root_w = w_fit.sqrt()
+            J = jacobian(s, lever, turn, region, pixel_gain, root_w)
+            H = J @ J.transpose(1, 2)
+            rhs = -(J @ (root_w * r)[..., None])[..., 0]
             diag = torch.diagonal(H, dim1=1, dim2=2)
             H = H + torch.diag_embed(damping * diag + 1e-6 * diag.mean(1, keepdim=True) + 1e-12)
             step = torch.linalg.solve(H, rhs)
@@ -620,8 +643,9 @@ def solve_bases(
             k = labels[sl]
             mine = None if disks is None else (disks[0][k], disks[1][k])
             v, _, _ = _base_points(u, W[sl], shift[sl], center=center, disks=mine)
-            sampled = _sample_bases(catmull_rom_upsample(B, upsample), k, v, upsample=upsample)
-            weight = _sample_at(ring.expand(len(k), -1, -1, -1), v)[:, 0]
+            grid = _grid(v, x.shape[-2:])
+            sampled = _sample_bases(catmull_rom_upsample(B, upsample), k, grid)
+            weight = _sample_grid(ring.expand(len(k), -1, -1, -1), grid)[:, 0]
             model = intensity["gain"][sl, None] * sampled[:, 0] + intensity["offset"][sl, None]
             if background is not None:
                 model = model + intensity["level"][sl, None] * background[k][:, 0][:, near]
