@@ -168,6 +168,38 @@ def test_refine_recovers_a_known_warp(poisson):
     assert float((fits[1]["matrix"] - A).abs().max()) > 2.5 * error
 
 
+def test_a_batch_of_two_bases_fits_each_pattern_as_it_is_fitted_alone():
+    """Patterns of two bases in one batch (each read from its own base) against each base's
+    patterns alone (one base for the whole batch): the same warps, to float rounding."""
+    shape, center = (64, 64), (32.0, 32.0)
+    layouts = ([(20, 30), (44, 40), (30, 48), (36, 14)], [(16, 24), (40, 46), (48, 20)])
+    A = affine_matrix(
+        torch.tensor([1.02, 0.99, 1.01, 0.98]),
+        torch.tensor([0.985, 1.01, 0.99, 1.02]),
+        torch.tensor([0.01, -0.015, 0.0, 0.012]),
+        torch.tensor([0.04, -0.06, 0.5, -1.1]),
+    )
+    t = torch.tensor([[0.6, -0.4], [-1.0, 0.3], [0.2, 0.5], [-0.3, -0.7]])
+    bases = torch.cat([_blobs(shape, c, sigma=3.0) for c in layouts])
+    x = torch.cat(
+        [
+            _blobs_seen_through(shape, c, A[i : i + 2], t[i : i + 2], sigma=3.0, center=center)
+            for c, i in zip(layouts, (0, 2), strict=True)
+        ]
+    )
+    which = torch.tensor([0, 0, 1, 1])
+    start = (rotation(torch.tensor([0.04, -0.06, 0.5, -1.1])), torch.zeros(4, 2))
+    mask = torch.from_numpy(ring_mask(shape, inner=5, outer=28)).float()
+    run = dict(center=center, steps=8)
+    mixed = refine_affine(x, bases[which], *start, mask, **run)
+    for half in (slice(0, 2), slice(2, 4)):
+        alone = refine_affine(
+            x[half], bases[which[half]], start[0][half], start[1][half], mask, **run
+        )
+        torch.testing.assert_close(mixed["matrix"][half], alone["matrix"], atol=1e-5, rtol=0)
+    assert float((mixed["matrix"] - A).abs().max()) < 1e-3
+
+
 def test_catmull_rom_upsampling_keeps_pixel_centres_and_quadratics():
     rows, cols = torch.meshgrid(torch.arange(12.0), torch.arange(10.0), indexing="ij")
     quadratic = lambda r, c: 0.3 * r**2 - 0.2 * r * c + 0.1 * c**2 + r - 2.0  # noqa: E731

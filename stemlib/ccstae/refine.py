@@ -280,25 +280,27 @@ def _base_points(
     c = u.new_tensor(center)
     if disks is None:
         eye = torch.eye(2, dtype=u.dtype, device=u.device)
-        return c + _transform(W, u) + shift[:, None], u.expand(b, -1, -1), eye.expand(b, 2, 2)
+        return _affine(W, c + shift, u), u.expand(b, -1, -1), eye.expand(b, 2, 2)
     labels, centres = disks[0].float(), disks[1].to(u)
     M, d = invert(W, shift)
-    affine = _transform(M, u) + d[:, None]  # (B, P, 2), about the centre
+    affine = _affine(M, d, u)  # (B, P, 2), about the centre
     disk = _sample_at(labels, c + affine, mode="nearest")[:, 0].round().long()
     disk = disk.clamp(0, centres.shape[1] - 1)[..., None].expand(-1, -1, 2)
     lever = torch.where(disk > 0, centres.gather(1, disk), affine)
     R = rotation(torch.atan2(W[:, 1, 0] - W[:, 0, 1], W[:, 0, 0] + W[:, 1, 1]))
-    # c + lever + R^T (u - A lever - t), with the per-pattern matrices formed first.
+    # c + lever + R^T (u - A lever - t) = c - R^T t + R^T u + (I - R^T A) lever
     Q = R.transpose(1, 2)
     eye = torch.eye(2, dtype=u.dtype, device=u.device)
-    fixed = _transform(Q, u) + (c - (Q @ shift[..., None])[..., 0])[:, None]
-    return fixed + _transform(eye - Q @ W, lever), lever, R
+    fixed = _affine(Q, c - (Q @ shift[..., None])[..., 0], u)
+    return fixed + _affine(eye - Q @ W, torch.zeros_like(shift), lever), lever, R
 
 
-def _transform(M: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """``M p`` for matrices ``M`` (B, 2, 2) and points ``p`` (B or 1, P, 2) or (P, 2): (B, P, 2).
-    Written out: a batched product with an inner size of 2 is several times slower on CPU."""
-    return p[..., :1] * M[:, None, :, 0] + p[..., 1:] * M[:, None, :, 1]
+def _affine(M: torch.Tensor, t: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """``M p + t`` for matrices ``M`` (B, 2, 2), shifts ``t`` (B, 2) and points ``p`` (B, P, 2)
+    or (P, 2): (B, P, 2). Written out per component: batched products with an inner size of 2,
+    or broadcasts over the last axis, are several times slower on CPU."""
+    p0, p1 = p[..., 0], p[..., 1]
+    return torch.stack([M[:, i, :1] * p0 + M[:, i, 1:] * p1 + t[:, i : i + 1] for i in (0, 1)], -1)
 
 
 def _sample_bases(images: torch.Tensor, which: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
@@ -496,17 +498,19 @@ def refine_affine(
         deviance = mu - seen + torch.xlogy(seen, seen) - seen * torch.log(mu)
         return weight / mu, (weight * deviance).sum(1) / weight.sum(1).clamp_min(1.0)
 
-    def jacobian(
+    def weighted_rows(
         s: torch.Tensor,
         lever: torch.Tensor,
         turn: torch.Tensor,
         region: torch.Tensor | None,
         pixel_gain: torch.Tensor,
+        r: torch.Tensor,
         root_w: torch.Tensor,
     ) -> torch.Tensor:
-        """d mu / d (W, shift, offset, level, gains), each pixel's entry times the root of its
-        weight: (B, nd + K, P), so that the normal matrix is ``J J^T`` (one batched product)."""
-        J = root_w.new_empty(b, nd + k, root_w.shape[1])
+        """d mu / d (W, shift, offset, level, gains) and the residual, each pixel's entry times
+        the root of its weight: (B, nd + K + 1, P). Their Gram matrix (one batched product)
+        holds the normal matrix and, in its last column, the gradient."""
+        J = root_w.new_empty(b, nd + k + 1, root_w.shape[1])
         # T grad B, weighted: the shift's rows; the warp's are these times the lever.
         g = sign * pixel_gain * root_w
         gx = torch.mul(g, turn[:, 0, :1] * s[:, 1] + turn[:, 0, 1:] * s[:, 2], out=J[:, 4])
@@ -521,6 +525,7 @@ def refine_affine(
             J[:, nd] = e
         for j in range(k if region is not None else 0):
             torch.mul(e, region == j, out=J[:, nd + j])
+        torch.mul(r, root_w, out=J[:, -1])
         return J
 
     sign = -1.0 if rigid else 1.0
@@ -530,10 +535,9 @@ def refine_affine(
         w_fit, best = fit_weights(r, weight)
         best_W, best_shift, best_dense, best_gains, best_error = W, shift, dense, gains, start_error
         for _ in range(steps):
-            root_w = w_fit.sqrt()
-            J = jacobian(s, lever, turn, region, pixel_gain, root_w)
-            H = J @ J.transpose(1, 2)
-            rhs = -(J @ (root_w * r)[..., None])[..., 0]
+            rows = weighted_rows(s, lever, turn, region, pixel_gain, r, w_fit.sqrt())
+            gram = rows @ rows.transpose(1, 2)
+            H, rhs = gram[:, :-1, :-1], -gram[:, :-1, -1]
             diag = torch.diagonal(H, dim1=1, dim2=2)
             H = H + torch.diag_embed(damping * diag + 1e-6 * diag.mean(1, keepdim=True) + 1e-12)
             step = torch.linalg.solve(H, rhs)
