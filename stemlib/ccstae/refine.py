@@ -280,10 +280,10 @@ def _base_points(
     c = u.new_tensor(center)
     if disks is None:
         eye = torch.eye(2, dtype=u.dtype, device=u.device)
-        return _affine(W, c + shift, u), u.expand(b, -1, -1), eye.expand(b, 2, 2)
+        return _affine(W, u, c + shift), u.expand(b, -1, -1), eye.expand(b, 2, 2)
     labels, centres = disks[0].float(), disks[1].to(u)
     M, d = invert(W, shift)
-    affine = _affine(M, d, u)  # (B, P, 2), about the centre
+    affine = _affine(M, u, d)  # (B, P, 2), about the centre
     disk = _sample_at(labels, c + affine, mode="nearest")[:, 0].round().long()
     disk = disk.clamp(0, centres.shape[1] - 1)[..., None].expand(-1, -1, 2)
     lever = torch.where(disk > 0, centres.gather(1, disk), affine)
@@ -291,16 +291,19 @@ def _base_points(
     # c + lever + R^T (u - A lever - t) = c - R^T t + R^T u + (I - R^T A) lever
     Q = R.transpose(1, 2)
     eye = torch.eye(2, dtype=u.dtype, device=u.device)
-    fixed = _affine(Q, c - (Q @ shift[..., None])[..., 0], u)
-    return fixed + _affine(eye - Q @ W, torch.zeros_like(shift), lever), lever, R
+    fixed = _affine(Q, u, c - (Q @ shift[..., None])[..., 0])
+    return fixed + _affine(eye - Q @ W, lever), lever, R
 
 
-def _affine(M: torch.Tensor, t: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """``M p + t`` for matrices ``M`` (B, 2, 2), shifts ``t`` (B, 2) and points ``p`` (B, P, 2)
-    or (P, 2): (B, P, 2). Written out per component: batched products with an inner size of 2,
-    or broadcasts over the last axis, are several times slower on CPU."""
+def _affine(M: torch.Tensor, p: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
+    """``M p + t`` for matrices ``M`` (B, 2, 2), points ``p`` (B, P, 2) or (P, 2) and shifts
+    ``t`` (B, 2) (none: zero): (B, P, 2). Written out per component: batched products with an
+    inner size of 2, or broadcasts over the last axis, are several times slower on CPU."""
     p0, p1 = p[..., 0], p[..., 1]
-    return torch.stack([M[:, i, :1] * p0 + M[:, i, 1:] * p1 + t[:, i : i + 1] for i in (0, 1)], -1)
+    out = [M[:, i, :1] * p0 + M[:, i, 1:] * p1 for i in (0, 1)]
+    if t is not None:
+        out = [o + t[:, i : i + 1] for i, o in enumerate(out)]
+    return torch.stack(out, -1)
 
 
 def _sample_bases(images: torch.Tensor, which: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
@@ -523,8 +526,9 @@ def refine_affine(
         e = s[:, 0] * root_w  # d mu / d gain of the pixel's region
         if region is None:
             J[:, nd] = e
-        for j in range(k if region is not None else 0):
-            torch.mul(e, region == j, out=J[:, nd + j])
+        else:
+            for j in range(k):
+                torch.mul(e, region == j, out=J[:, nd + j])
         torch.mul(r, root_w, out=J[:, -1])
         return J
 
