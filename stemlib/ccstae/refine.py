@@ -278,8 +278,8 @@ def _base_points(
     """
     b = W.shape[0]
     c = u.new_tensor(center)
+    eye = torch.eye(2, dtype=u.dtype, device=u.device)
     if disks is None:
-        eye = torch.eye(2, dtype=u.dtype, device=u.device)
         return _affine(W, u, c + shift), u.expand(b, -1, -1), eye.expand(b, 2, 2)
     labels, centres = disks[0].float(), disks[1].to(u)
     M, d = invert(W, shift)
@@ -290,7 +290,6 @@ def _base_points(
     R = rotation(torch.atan2(W[:, 1, 0] - W[:, 0, 1], W[:, 0, 0] + W[:, 1, 1]))
     # c + lever + R^T (u - A lever - t) = c - R^T t + R^T u + (I - R^T A) lever
     Q = R.transpose(1, 2)
-    eye = torch.eye(2, dtype=u.dtype, device=u.device)
     fixed = _affine(Q, u, c - (Q @ shift[..., None])[..., 0])
     return fixed + _affine(eye - Q @ W, lever), lever, R
 
