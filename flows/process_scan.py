@@ -30,7 +30,6 @@ from prefect.runtime import flow_run
 
 from stemlib.baseline_py4dstem import Py4DSTEMConfig
 from stemlib.ccstae import CCSTAEConfig
-from stemlib.ccstae.config import resolve_device
 from stemlib.ingest import IngestOptions
 from stemlib.io.storage import locate, redact
 from stemlib.types import Device, Method, Symmetry
@@ -82,8 +81,11 @@ def resolved_parameters(
     """The parameters a run really uses (defaults filled in, the CC-ST-AE preset resolved for
     the device): what its request key is computed from."""
     if ccstae is None:
-        auto = "gpu" if resolve_device(device) == "cuda" else "cpu"
-        ccstae = CCSTAEConfig.preset(auto if ccstae_preset == "auto" else ccstae_preset)
+        ccstae = (
+            CCSTAEConfig.for_device(device)
+            if ccstae_preset == "auto"
+            else CCSTAEConfig.preset(ccstae_preset)
+        )
     return {
         "methods": list(dict.fromkeys(methods or ALL_METHODS)),
         "reference": reference,

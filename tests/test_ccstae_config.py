@@ -68,6 +68,19 @@ def test_auto_device_is_cuda_only_when_present():
     assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def test_the_automatic_preset_follows_the_device(monkeypatch):
+    """``auto`` picks the gpu preset wherever CUDA is visible: in the library and in the flows'
+    parameters (a GPU machine is stood in for by what torch reports)."""
+    from flows.process_scan import resolved_parameters
+
+    assert CCSTAEConfig.for_device("cpu") == CCSTAEConfig.preset("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert CCSTAEConfig.for_device("auto") == CCSTAEConfig.preset("gpu")
+    assert resolved_parameters(device="auto")["ccstae"] == CCSTAEConfig.preset("gpu")
+    assert resolved_parameters(device="cpu")["ccstae"] == CCSTAEConfig.preset("cpu")
+    assert resolved_parameters(ccstae_preset="cpu")["ccstae"] == CCSTAEConfig.preset("cpu")
+
+
 def test_unknown_symmetry():
     with pytest.raises(InputError, match="symmetry=3 is not known; use auto, 2, 4 or 6"):
         ccstae_strain(_scan(), symmetry=3, device="cpu", progress=False)  # type: ignore[arg-type]

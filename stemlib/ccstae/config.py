@@ -188,6 +188,12 @@ class CCSTAEConfig(BaseModel):
         return cls(**{**PRESETS[name], **overrides})
 
     @classmethod
+    def for_device(cls, device: Device | torch.device = "auto") -> CCSTAEConfig:
+        """The preset for where the model runs: ``"gpu"`` on CUDA, else ``"cpu"``."""
+        dev = device if isinstance(device, torch.device) else resolve_device(device)
+        return cls.preset("gpu" if dev.type == "cuda" else "cpu")
+
+    @classmethod
     def from_file(cls, path: str | Path) -> CCSTAEConfig:
         """Read a config from YAML or JSON; a ``preset`` key starts from that preset.
 

@@ -343,7 +343,7 @@ def _train_stages(
     from ..reference import parse_reference
 
     dev = resolve_device(device)
-    config = config or CCSTAEConfig.preset("gpu" if dev.type == "cuda" else "cpu")
+    config = config or CCSTAEConfig.for_device(dev)
     data = as_dask(scan)
     rx, ry, h, w = (int(n) for n in data.shape)
     check_config(config, pattern_shape=(h, w))
