@@ -20,6 +20,14 @@ Gradients are central differences (within 1 % of the closed form for spots 2.5 p
 method that pools patterns (a spatial prior, binning) can go below the bound; one fitting each
 pattern alone, without bias, cannot.
 
+Patterns whose disks are sharp to the pixel and sit on no background (multislice simulations
+without noise background) need ``psf``. Across a one-pixel edge, central differences give the
+faint pixels just outside a disk a slope of half the edge's step at almost no expected counts,
+and those pixels then hold most of the information. No fit we tried recovers it: on the
+multislice Si scan, CC-ST-AE's per-pattern fit spreads 2.3-2.8x the bound of the patterns as
+simulated, at 1,000 and at 100,000 electrons per pattern, and 1.05-1.2x the bound of the same
+patterns seen through a Gaussian point spread of 0.7 px (``benchmarks/efficiency.py``).
+
 References
 ----------
 Kay, "Fundamentals of Statistical Signal Processing: Estimation Theory", Prentice Hall (1993),
@@ -31,6 +39,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from scipy.ndimage import gaussian_filter
 
 from .noise import background_pattern
 from .py4dstem.calibrate import measure_direct_beam
@@ -49,6 +58,7 @@ def affine_information(
     background: float = 0.0,
     origin: tuple[float, float] | np.ndarray | None = None,
     exclude_radius: float = 0.0,
+    psf: float = 0.0,
 ) -> np.ndarray:
     """Fisher information of the pattern warp ``A`` from one recorded pattern.
 
@@ -66,6 +76,9 @@ def affine_information(
         :func:`strain_bound` also takes one per pattern, (N, 2).
     exclude_radius
         Pixels closer than this (px) to ``origin`` carry no strain information (the beam).
+    psf
+        Standard deviation (px) of the detector's Gaussian point spread, applied to the clean
+        pattern first; 0 takes the pattern as it is (see the module's text for when to give it).
 
     Returns
     -------
@@ -77,6 +90,9 @@ def affine_information(
         raise ValueError("pattern must be a finite 2D array with a positive sum.")
     if not 0.0 <= background <= 1.0:
         raise ValueError(f"background={background} is not in [0, 1].")
+    if psf < 0:
+        raise ValueError(f"psf={psf} px is negative; give 0 for no point spread.")
+    p = gaussian_filter(p, psf) if psf > 0 else p
     p = p / p.sum()
     o = np.array([p.shape[0] // 2, p.shape[1] // 2] if origin is None else origin, float)
     qx, qy = np.indices(p.shape, dtype=np.float64)
@@ -96,6 +112,7 @@ def strain_bound(
     background: float = 0.0,
     origin: tuple[float, float] | np.ndarray | None = None,
     exclude_radius: float = 0.0,
+    psf: float = 0.0,
 ) -> dict[str, np.ndarray]:
     """Least standard deviation of ``exx, eyy, exy`` ("1") and ``theta`` (rad) that an unbiased
     estimator reaches on each pattern (see the module's text).
@@ -104,7 +121,7 @@ def strain_bound(
     ----------
     patterns
         (N, QX, QY) or (QX, QY) clean patterns.
-    counts, background, origin, exclude_radius
+    counts, background, origin, exclude_radius, psf
         As :func:`affine_information`.
 
     Returns
@@ -138,6 +155,7 @@ def strain_bound(
             background=background,
             origin=origins[n],
             exclude_radius=exclude_radius,
+            psf=psf,
         )
         if np.linalg.cond(info) > 1e12:
             continue
@@ -160,7 +178,7 @@ def bound_mae(std: np.ndarray) -> float:
 
 
 def least_errors(
-    patterns: np.ndarray, *, counts: float, background: float = 0.0
+    patterns: np.ndarray, *, counts: float, background: float = 0.0, psf: float = 0.0
 ) -> dict[str, float]:
     """Least mean absolute error of ``exx, eyy, exy`` ("1") and ``theta`` (rad) over a sample of
     a scan's clean patterns recorded at ``counts`` with background weight ``background``.
@@ -176,6 +194,8 @@ def least_errors(
         to measure, and its huge bound would dominate the mean.
     counts, background
         The noise model of CONVENTIONS.md section 3 (``background=0``: shot noise alone).
+    psf
+        The detector's point spread (px), as :func:`affine_information`.
 
     Returns
     -------
@@ -186,6 +206,11 @@ def least_errors(
     centre, radius, _ = measure_direct_beam(stack.mean(axis=0))
     origins = beam_positions(stack, np.tile(centre, (len(stack), 1)), radius)
     std = strain_bound(
-        stack, counts=counts, background=background, origin=origins, exclude_radius=1.5 * radius
+        stack,
+        counts=counts,
+        background=background,
+        origin=origins,
+        exclude_radius=1.5 * radius,
+        psf=psf,
     )
     return {k: bound_mae(v) for k, v in std.items()}

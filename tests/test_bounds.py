@@ -37,6 +37,18 @@ def test_information_matches_the_closed_form_for_gaussian_spots():
     assert abs(info[0, 3]) < 0.05 * info[0, 0]
 
 
+def test_a_point_spread_widens_each_spot_in_the_closed_form():
+    """A Gaussian point spread of sigma turns spots of width s into spots of width
+    sqrt(s^2 + sigma^2): the information is the closed form above at that width."""
+    counts = [100.0] * len(SQUARE)
+    sigma = 2.0
+    info = affine_information(_spots(SQUARE, counts), counts=sum(counts), psf=sigma)
+    wide = WIDTH**2 + sigma**2
+    expected_xx = sum(n * (gx**2 / wide + 3) for (gx, _), n in zip(SQUARE, counts, strict=True))
+    assert info[0, 0] == pytest.approx(expected_xx, rel=0.03)
+    assert affine_information(_spots(SQUARE, counts), counts=sum(counts))[0, 0] > 1.5 * info[0, 0]
+
+
 def test_the_bound_falls_as_one_over_the_root_of_the_dose():
     pattern = _spots(SQUARE, [1.0] * len(SQUARE))
     low = strain_bound(pattern, counts=1e3)
@@ -75,6 +87,7 @@ def test_least_errors_excludes_the_beam_and_averages_the_patterns():
         (np.full((8, 8), np.nan), {}, "finite 2D array"),
         (np.zeros((8, 8)), {}, "positive sum"),
         (np.ones((8, 8)), {"background": 1.5}, r"background=1.5 is not in \[0, 1\]"),
+        (np.ones((8, 8)), {"psf": -1.0}, "psf=-1.0 px is negative; give 0 for no point spread"),
     ],
 )
 def test_bad_input(pattern, kwargs, message):
