@@ -30,6 +30,7 @@ from prefect.runtime import flow_run
 
 from stemlib.baseline_py4dstem import Py4DSTEMConfig
 from stemlib.ccstae import CCSTAEConfig
+from stemlib.ccstae.train import model_folder_name
 from stemlib.ingest import IngestOptions
 from stemlib.io.storage import locate, redact
 from stemlib.types import Device, Method, Symmetry
@@ -197,7 +198,8 @@ def process_scan(
             run_key=keys["py4dstem"],
         )
     if "ccstae" in methods and not finished_step(outputs["ccstae"], keys["ccstae"]):
-        model_dir = work.child(f"ccstae-model-{keys['ccstae'][:12]}").url
+        name = model_folder_name(scan["content_sha256"], reference=reference, config=ccstae)
+        model_dir = work.child(name).url
         with gpu_resources():
             trained = train_ccstae.submit(
                 scan["url"], model_dir, reference=reference, config=ccstae, device=device

@@ -22,9 +22,6 @@ or not.
 from __future__ import annotations
 
 import contextlib
-import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from typing import Any
 
@@ -35,7 +32,7 @@ from prefect.cache_policies import NO_CACHE
 from stemlib.ccstae import CCSTAEConfig, ccstae_strain, train_on_scan
 from stemlib.ccstae.config import resolve_device
 from stemlib.io import open_scan
-from stemlib.io.storage import locate, redact, storage_errors
+from stemlib.io.storage import local_workdir, redact
 from stemlib.resources import usable_cores
 from stemlib.results import write_strain
 from stemlib.types import Device, Symmetry
@@ -78,36 +75,6 @@ def torch_cores(device: Device) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
-
-
-@contextlib.contextmanager
-def local_workdir(url: str) -> Iterator[str]:
-    """A local folder for the CC-ST-AE's checkpoints: ``url`` itself when local; otherwise a
-    temporary copy of it, copied back to ``url`` when the block ends (also on failure, so that
-    a retry resumes from the last epoch)."""
-    where = locate(url)
-    if where.is_local:
-        yield where.path
-        return
-    folder = tempfile.mkdtemp(prefix="ccstae-work-")
-    try:
-        with storage_errors(url):
-            if where.fs.isdir(where.path):
-                for remote in where.fs.find(where.path):
-                    where.fs.get_file(
-                        remote, os.path.join(folder, os.path.relpath(remote, where.path))
-                    )
-        try:
-            yield folder
-        finally:
-            with storage_errors(url):
-                for parent, _, names in os.walk(folder):
-                    for name in names:
-                        local = os.path.join(parent, name)
-                        relative = os.path.relpath(local, folder).replace(os.sep, "/")
-                        where.fs.put_file(local, f"{where.path.rstrip('/')}/{relative}")
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 @task(name="train-ccstae", tags=["gpu"], cache_policy=NO_CACHE)

@@ -1,6 +1,6 @@
-"""``stemflow strain SCAN DEST --method py4dstem`` and the Prefect task (issue 5): a published
-strain store with its PNG, and one clear sentence, a non-zero exit and nothing published for
-each kind of bad input."""
+"""``stemflow strain SCAN DEST --method py4dstem|ccstae`` and the Prefect task (issues 5 and 6): a
+published strain store with its PNGs, and one clear sentence, a non-zero exit and nothing
+published for each kind of bad input."""
 
 from __future__ import annotations
 
@@ -72,6 +72,38 @@ def test_cli_writes_the_strain_store_and_the_maps(scan, tmp_path, capsys):
     errors = strain_errors(ds.sel(method="py4dstem"), truth, symmetry=4)
     assert max(errors[c] for c in ("exx", "eyy", "exy")) < 1.5e-3
     assert (tmp_path / "strain-py4dstem.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cli_trains_ccstae_draws_its_bases_and_a_rerun_only_infers(scan, tmp_path, capsys):
+    """Issue 6: ``--method ccstae`` publishes the maps with the class map and reconstruction
+    error, a picture of the learned bases, and leaves its model in the work folder, where a
+    rerun finds it, also after a change that only alters inference."""
+    (tmp_path / "cc.yaml").write_text(
+        "preset: cpu\nepochs: 2\nchannels: 8\nsearch_patterns: 64\nbatch_size: 16\n"
+    )
+    dest = str(tmp_path / "strain.zarr")
+    args = ["strain", scan, dest, "--method", "ccstae", "--config", str(tmp_path / "cc.yaml")]
+    assert main([*args, "--device", "cpu"]) == 0
+    run = capsys.readouterr()
+    assert "epoch 2/2" in run.err  # progress while it trains
+    assert f"wrote {dest}: ccstae strain of 12 x 12 positions, coverage 100.0 %" in run.out
+    bases = tmp_path / "strain-ccstae-bases.png"
+    assert f"learned bases {bases}" in run.out
+    assert bases.read_bytes()[:4] == b"\x89PNG" and (tmp_path / "strain-ccstae.png").is_file()
+    models = list((tmp_path / ".strain.zarr.work").glob("ccstae-model-*/checkpoint.pt"))
+    assert len(models) == 1 and f"model {models[0].parent}" in run.out
+    first = open_strain(dest)
+    assert {"class_map", "reconstruction_error"} <= set(first.data_vars)
+    sha = first.attrs["methods"]["ccstae"]["model_checkpoint_sha256"]
+
+    (tmp_path / "cc.yaml").write_text(
+        (tmp_path / "cc.yaml").read_text() + "refine_steps: 0\n"  # inference only
+    )
+    assert main(args) == 0
+    again = capsys.readouterr()
+    assert "epoch" not in again.err  # nothing trained again
+    assert open_strain(dest).attrs["methods"]["ccstae"]["model_checkpoint_sha256"] == sha
+    assert list((tmp_path / ".strain.zarr.work").glob("ccstae-model-*")) == [models[0].parent]
 
 
 @pytest.mark.parametrize(

@@ -2,9 +2,11 @@
 
 The scan is opened lazily; the method writes nothing until its maps are complete. The strain
 dataset (CONVENTIONS.md section 4) is then published atomically at DEST (a path or an s3 URL),
-and the four maps beside it as ``<DEST stem>-<method>.png``. A user's mistake (a store that is
-not a scan, a reference region outside the scan or empty, a mask of the wrong shape, a scan
-without Bragg disks) stops before anything is published.
+and the four maps beside it as ``<DEST stem>-<method>.png``. CC-ST-AE also draws its learned
+bases (``<DEST stem>-ccstae-bases.png``) and keeps its checkpoints in a work folder (``--workdir``,
+by default ``.<DEST name>.work`` beside DEST): a rerun resumes an interrupted training, or only
+infers. A user's mistake (a store that is not a scan, a reference region outside the scan or
+empty, a mask of the wrong shape, a scan without Bragg disks) stops before anything is published.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import xarray as xr
 
 from stemlib.errors import InputError
 from stemlib.io import open_scan
-from stemlib.io.storage import redact
+from stemlib.io.storage import local_workdir, locate, redact
 from stemlib.plots import png_url, save_png, strain_figure
 from stemlib.reference import parse_reference
 from stemlib.results import write_strain
@@ -32,12 +34,21 @@ __all__ = ["register", "run_method", "read_config"]
 METHODS = ("ccstae", "py4dstem")
 
 
+def _ccstae() -> Any:
+    """The ``stemlib.ccstae`` package, or a clear error where PyTorch is missing."""
+    try:
+        import stemlib.ccstae
+    except ImportError as exc:
+        raise InputError(
+            f"--method ccstae is not available in this installation ({exc}); use --method py4dstem."
+        ) from None
+    return stemlib.ccstae
+
+
 def read_config(path: str | None, method: str) -> Any:
     """The method's config model read from a YAML or JSON file (None: the defaults)."""
     if method == "ccstae":
-        from stemlib.ccstae import CCSTAEConfig
-
-        return CCSTAEConfig.from_file(path) if path else None
+        return _ccstae().CCSTAEConfig.from_file(path) if path else None
     from stemlib.baseline_py4dstem import Py4DSTEMConfig
 
     if path is None:
@@ -87,20 +98,41 @@ def run_method(
     symmetry: Any,
     config: Any,
     device: Device,
+    workdir: str | None = None,
+    bases_png: str | None = None,
 ) -> xr.Dataset:
-    """Call the method's entry function (the ccstae package is imported only when asked for)."""
+    """Call the method's entry function (the ccstae package is imported only when asked for).
+    CC-ST-AE keeps its checkpoints in ``workdir`` (a path or URL; None: a temporary folder) and
+    draws its bases to ``bases_png`` if given."""
     if method == "py4dstem":
         from stemlib.baseline_py4dstem import py4dstem_strain
 
         with _dask_cluster():
             return py4dstem_strain(scan, reference=reference, symmetry=symmetry, config=config)
-    try:
-        from stemlib.ccstae import ccstae_strain
-    except ImportError as exc:
-        raise InputError(
-            f"--method ccstae is not available in this installation ({exc}); use --method py4dstem."
-        ) from None
-    return ccstae_strain(scan, reference=reference, symmetry=symmetry, config=config, device=device)
+    ccstae = _ccstae()
+    with local_workdir(workdir) if workdir else contextlib.nullcontext() as folder:
+        return ccstae.ccstae_strain(
+            scan,
+            reference=reference,
+            symmetry=symmetry,
+            config=config,
+            device=device,
+            workdir=folder,
+            bases_png=bases_png,
+        )
+
+
+def _model_folder(scan: xr.DataArray, args: argparse.Namespace, config: Any) -> str:
+    """Where CC-ST-AE keeps this run's checkpoint: a folder per scan, reference and training
+    settings in ``--workdir`` (default ``.<DEST name>.work`` beside DEST)."""
+    from stemlib.ccstae.data import data_fingerprint
+    from stemlib.ccstae.train import model_folder_name
+
+    config = config or _ccstae().CCSTAEConfig.for_device(args.device)
+    dest = locate(args.dest)
+    work = locate(args.workdir) if args.workdir else dest.sibling(f".{dest.name}.work")
+    name = model_folder_name(data_fingerprint(scan), reference=args.reference, config=config)
+    return work.child(name).url
 
 
 def _symmetry(text: str) -> Any:
@@ -112,6 +144,12 @@ def _run(args: argparse.Namespace) -> int:
     # Check the cheap arguments before any compute: nothing is published on a mistake.
     parse_reference(args.reference, (int(scan.shape[0]), int(scan.shape[1])))
     config = read_config(args.config, args.method)
+    files = {}
+    if args.method == "ccstae":
+        files = {
+            "workdir": _model_folder(scan, args, config),
+            "bases_png": png_url(args.dest, "ccstae-bases"),
+        }
     ds = run_method(
         scan,
         args.method,
@@ -119,17 +157,24 @@ def _run(args: argparse.Namespace) -> int:
         symmetry=_symmetry(args.symmetry),
         config=config,
         device=args.device,
+        **files,
     )
     url = write_strain(ds, args.dest)
     png = save_png(strain_figure(ds, args.method), png_url(args.dest, args.method))
     record = ds.attrs["methods"][args.method]
-    print(
+    lines = [
         f"wrote {redact(url)}: {args.method} strain of {ds.sizes['rx']} x {ds.sizes['ry']} "
         f"positions, coverage {100 * record['coverage']:.1f} %, "
         f"reference {ds.attrs.get('reference', args.reference)}, "
-        f"symmetry {ds.attrs.get('symmetry', args.symmetry)}\n"
-        f"  maps {redact(png)}\n  open it with:  xr.open_zarr({redact(url)!r})"
-    )
+        f"symmetry {ds.attrs.get('symmetry', args.symmetry)}",
+        f"  maps {redact(png)}",
+    ]
+    if files:
+        lines += [
+            f"  learned bases {redact(files['bases_png'])}",
+            f"  model {redact(files['workdir'])} (a rerun resumes or only infers)",
+        ]
+    print("\n".join([*lines, f"  open it with:  xr.open_zarr({redact(url)!r})"]))
     return 0
 
 
@@ -170,5 +215,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         default="auto",
         choices=["auto", "cpu", "cuda"],
         help="where CC-ST-AE runs (default: auto)",
+    )
+    parser.add_argument(
+        "--workdir",
+        metavar="DIR",
+        help="CC-ST-AE's checkpoints, so that a rerun resumes training or only infers: path or "
+        "URL (default: .DEST.work beside DEST)",
     )
     parser.set_defaults(run=_run)

@@ -24,6 +24,7 @@ import tempfile
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -186,9 +187,9 @@ def _poisson(
     return np.dtype(dtype).kind in "ui" and float(sample[:, ring].mean()) < 1.0
 
 
-def _print_progress(metrics: dict[str, Any]) -> None:
+def _print_progress(metrics: dict[str, Any], *, epochs: int) -> None:
     print(
-        f"ccstae: epoch {metrics['epoch']}  loss {metrics['loss']:.5g}  "
+        f"ccstae: epoch {metrics['epoch']}/{epochs}  loss {metrics['loss']:.5g}  "
         f"{metrics['patterns_per_s']:.0f} patterns/s"
         f"  ({metrics['seconds']:.1f} s, {metrics['skipped_batches']} skipped)",
         file=sys.stderr,
@@ -466,7 +467,7 @@ def _train_stages(
         device=dev,
         record=record,
         workdir=folder,
-        progress=_print_progress if progress else None,
+        progress=partial(_print_progress, epochs=config.epochs) if progress else None,
     )
     timings["training_s"] = time.perf_counter() - start
     if config.epochs == 0:

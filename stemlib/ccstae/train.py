@@ -28,13 +28,13 @@ import torch
 
 from ..errors import InputError
 from ..masks import MaskSchedule
-from ..provenance import software_versions, utc_now
+from ..provenance import fingerprint, software_versions, utc_now
 from .config import CCSTAEConfig
 from .data import PatternStream, loader
 from .loss import cycle_loss
 from .model import CCSTAE
 
-__all__ = ["Checkpoint", "train", "seeded", "INFERENCE_ONLY_FIELDS"]
+__all__ = ["Checkpoint", "train", "seeded", "model_folder_name", "INFERENCE_ONLY_FIELDS"]
 
 log = logging.getLogger("stemlib.ccstae")
 
@@ -52,6 +52,33 @@ INFERENCE_ONLY_FIELDS = frozenset(
 )
 
 CHECKPOINT_NAME = "checkpoint.pt"
+
+
+def _training_fields(config: CCSTAEConfig) -> dict[str, Any]:
+    """The config's fields that change training, as JSON values."""
+    fields = config.model_dump(mode="json")
+    return {k: v for k, v in fields.items() if k not in INFERENCE_ONLY_FIELDS}
+
+
+def model_folder_name(scan_fingerprint: str, *, reference: str, config: CCSTAEConfig) -> str:
+    """Name of the folder, under a run's work folder, that holds the model trained on a scan:
+    ``ccstae-model-`` and 12 hex digits of the SHA-256 of the scan
+    (:func:`~stemlib.ccstae.data.data_fingerprint`), the reference region and the config's
+    training fields (all but :data:`INFERENCE_ONLY_FIELDS`). A rerun that changes only
+    inference finds the trained model; one that changes training gets a folder of its own.
+
+    Examples
+    --------
+    >>> cpu = CCSTAEConfig.preset("cpu")
+    >>> def name(**change):
+    ...     return model_folder_name("1f2e", reference="auto", config=cpu.model_copy(update=change))
+    >>> name().startswith("ccstae-model-"), name() == name(refine_steps=2), name() == name(epochs=3)
+    (True, True, False)
+    """
+    key = fingerprint(
+        {"scan": scan_fingerprint, "reference": reference, "config": _training_fields(config)}
+    )
+    return f"ccstae-model-{key[:12]}"
 
 
 @dataclass
@@ -128,10 +155,8 @@ class Checkpoint:
                 f"{where} holds a checkpoint trained on another scan; pass an empty workdir for "
                 f"this scan."
             )
-        mine = config.model_dump(mode="json")
-        differ = sorted(
-            k for k in mine if k not in INFERENCE_ONLY_FIELDS and mine[k] != self.config.get(k)
-        )
+        mine = _training_fields(config)
+        differ = sorted(k for k in mine if mine[k] != self.config.get(k))
         if differ:
             raise InputError(
                 f"{where} holds a checkpoint trained with other settings ({', '.join(differ)}); "

@@ -18,6 +18,7 @@ import contextlib
 import os
 import posixpath
 import shutil
+import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ __all__ = [
     "storage_errors",
     "staged",
     "remove",
+    "local_workdir",
 ]
 
 #: Seconds to wait for an object store before calling it unreachable.
@@ -284,3 +286,33 @@ def staged(
         with contextlib.suppress(Exception):
             remove(temp)
         raise
+
+
+@contextlib.contextmanager
+def local_workdir(url: str) -> Iterator[str]:
+    """A local folder for the CC-ST-AE's checkpoints: ``url`` itself when local; otherwise a
+    temporary copy of it, copied back to ``url`` when the block ends (also on failure, so that
+    a retry resumes from the last epoch)."""
+    where = locate(url)
+    if where.is_local:
+        yield where.path
+        return
+    folder = tempfile.mkdtemp(prefix="ccstae-work-")
+    try:
+        with storage_errors(url):
+            if where.fs.isdir(where.path):
+                for remote in where.fs.find(where.path):
+                    where.fs.get_file(
+                        remote, os.path.join(folder, os.path.relpath(remote, where.path))
+                    )
+        try:
+            yield folder
+        finally:
+            with storage_errors(url):
+                for parent, _, names in os.walk(folder):
+                    for name in names:
+                        local = os.path.join(parent, name)
+                        relative = os.path.relpath(local, folder).replace(os.sep, "/")
+                        where.fs.put_file(local, f"{where.path.rstrip('/')}/{relative}")
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
