@@ -59,8 +59,10 @@ def densest_mean(
 def kmeans_labels(
     aligned: torch.Tensor, ring: torch.Tensor, *, k: int, seed: int, iterations: int = 20
 ) -> torch.Tensor:
-    """k-means (k-means++ seeding) of aligned patterns inside the ring: labels (n,) in [0, k)."""
-    feats = _features(aligned, ring)
+    """k-means (k-means++ seeding) of aligned patterns inside the ring: labels (n,) in [0, k),
+    on the CPU whatever the patterns' device (as ``learn_bases``'s labels of one base are), and
+    the same on every device: the seeding draws from a CPU generator."""
+    feats = _features(aligned, ring).cpu()
     generator = torch.Generator().manual_seed(seed)
     centres = feats[torch.randint(len(feats), (1,), generator=generator)]
     for _ in range(1, k):
