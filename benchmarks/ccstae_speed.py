@@ -2,7 +2,8 @@
 
 A simulated scan of ``--n`` patterns of ``--pattern`` px (default 65,536 of 128 px, the paper's
 256 x 256 scan) is written to a temporary Zarr store first (not timed). Then, per device
-(``cpu``, and ``cuda`` when present), with the preset of that device:
+(``--devices``: CUDA where present, else the CPU; ``cpu,cuda`` for both side by side), with the
+preset of that device:
 
 - the starting stage (statistics, rotation search and starting bases on the sample), seconds;
 - one training epoch over the whole scan, streamed from the store: seconds and patterns/s;
@@ -11,8 +12,9 @@ A simulated scan of ``--n`` patterns of ``--pattern`` px (default 65,536 of 128 
 
 Usage::
 
-    python benchmarks/ccstae_speed.py --n 1024           # a quick CPU run
-    python benchmarks/ccstae_speed.py                    # 65,536 patterns (GPU machine)
+    python benchmarks/ccstae_speed.py --n 1024           # a quick run (CPU without a GPU)
+    python benchmarks/ccstae_speed.py                    # 65,536 patterns on the GPU
+    python benchmarks/ccstae_speed.py --n 4096 --devices cpu,cuda   # both, side by side
 
 Goals (issue 6): >= 20,000 patterns/s inference on one H100; training that converges in < 10 min
 there. Results go to ``benchmarks/results/ccstae-speed-<n>x<pattern>.{json,md}``.
@@ -91,14 +93,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pattern", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2, help="torch threads on CPU")
     parser.add_argument(
-        "--devices", default="auto", help="comma list of cpu,cuda (auto: cpu, and cuda if present)"
+        "--devices", default="auto", help="comma list of cpu,cuda (auto: cuda if present, else cpu)"
     )
     parser.add_argument("--epochs", type=int, default=1, help="epochs timed per device")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     side = max(1, int(math.isqrt(args.n)))
     devices = (
-        ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+        ["cuda" if torch.cuda.is_available() else "cpu"]
         if args.devices == "auto"
         else args.devices.split(",")
     )
