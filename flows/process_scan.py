@@ -234,6 +234,8 @@ def process_scan(
         run_keys={m: keys[m] for m in methods},
         request=request,
     ).result()
+    if "ccstae" in methods:  # drawn by the CC-ST-AE inference, in this run or an earlier one
+        published["pngs"]["ccstae-bases"] = redact(_bases_png(dest))
     create_markdown_artifact(
         key="strain-statistics",
         markdown=f"## {posixpath.basename(source.rstrip('/'))}\n\n{published['table']}\n\n"
@@ -242,7 +244,7 @@ def process_scan(
     )
     for name, png in published["pngs"].items():
         create_link_artifact(
-            key=f"map-{name}", link=png, link_text=os.path.basename(png), description=f"{name} maps"
+            key=f"map-{name}", link=png, link_text=os.path.basename(png), description=name
         )
     create_link_artifact(key="strain-dataset", link=published["url"], link_text="strain dataset")
     return {**published, "steps": steps}

@@ -122,7 +122,7 @@ def test_process_scan_publishes_both_methods_to_s3(prefect_harness, raw, s3, s3_
     # The CC-ST-AE's checkpoint is kept beside the result in the bucket (for resuming).
     work = fs.find(f"{s3[len('s3://') :]}/grains/.strain.zarr.work")
     assert any(p.endswith("/checkpoint.pt") for p in work)
-    for name in ("ccstae", "py4dstem", "comparison"):
+    for name in ("ccstae", "py4dstem", "comparison", "ccstae-bases"):
         assert fs.cat_file(published["pngs"][name][len("s3://") :])[:4] == b"\x89PNG"
 
     logs, artifacts = _run_logs_and_artifacts(state.state_details.flow_run_id)

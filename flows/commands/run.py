@@ -157,7 +157,7 @@ def _run(args: argparse.Namespace) -> int:
         f"strain dataset: {published['url']}\n  open it with:  xr.open_zarr({published['url']!r})"
     )
     for name, png in published["pngs"].items():
-        print(f"  {name} maps: {png}")
+        print(f"  {name}: {png}")
     return 0
 
 
