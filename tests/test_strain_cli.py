@@ -128,6 +128,17 @@ def test_bad_reference(scan, tmp_path, capsys, monkeypatch, reference, message, 
     assert _nothing_published(tmp_path)
 
 
+def test_a_workdir_that_is_a_file(scan, tmp_path, capsys):
+    (tmp_path / "work").write_text("not a folder")
+    dest = str(tmp_path / "strain.zarr")
+    args = ["strain", scan, dest, "--method", "ccstae", "--workdir", str(tmp_path / "work")]
+    assert main(args) == 2
+    err = _error(capsys)
+    assert f"cannot make the work folder {tmp_path / 'work'}/ccstae-model-" in err
+    assert "(Not a directory); give a workdir that is a folder you can write to." in err
+    assert _nothing_published(tmp_path)
+
+
 def test_a_store_that_is_not_a_scan(tmp_path, capsys):
     dest = str(tmp_path / "strain.zarr")
     assert main(["strain", str(tmp_path / "missing.zarr"), dest, "--method", "py4dstem"]) == 2

@@ -357,7 +357,13 @@ def _train_stages(
         else (float(h // 2), float(w // 2))
     )
     timings: dict[str, float] = {}
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(
+            f"cannot make the work folder {folder} ({exc.strerror}); give a workdir that is a "
+            "folder you can write to."
+        ) from None
     fingerprint = data_fingerprint(scan)
     record = Checkpoint.load(folder)
     if record is not None:
