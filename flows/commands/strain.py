@@ -125,10 +125,11 @@ def run_method(
 def _model_folder(scan: xr.DataArray, args: argparse.Namespace, config: Any) -> str:
     """Where CC-ST-AE keeps this run's checkpoint: a folder per scan, reference and training
     settings in ``--workdir`` (default ``.<DEST name>.work`` beside DEST)."""
+    ccstae = _ccstae()  # first: a clear error where PyTorch is missing
     from stemlib.ccstae.data import data_fingerprint
     from stemlib.ccstae.train import model_folder_name
 
-    config = config or _ccstae().CCSTAEConfig.for_device(args.device)
+    config = config or ccstae.CCSTAEConfig.for_device(args.device)
     dest = locate(args.dest)
     work = locate(args.workdir) if args.workdir else dest.sibling(f".{dest.name}.work")
     name = model_folder_name(data_fingerprint(scan), reference=args.reference, config=config)
