@@ -55,6 +55,32 @@ def test_ccstae_tasks_use_every_core_on_a_one_thread_dask_worker():
     assert (inside, after) == (usable_cores(), 1)
 
 
+def _patterns_read_with_two_loader_workers() -> int:
+    import dask.array as da
+    import torch
+
+    from stemlib.ccstae.data import PatternStream, Preprocess, loader
+
+    data = da.from_array(np.random.rand(6, 6, 16, 16).astype(np.float32), chunks=(2, 6, 16, 16))
+    stream = PatternStream(data, Preprocess("sqrt"), batch_size=8)
+    return sum(len(b["pattern"]) for b in loader(stream, num_workers=2, device=torch.device("cpu")))
+
+
+@pytest.mark.parametrize("daemon", [False, True])
+def test_loader_workers_inside_a_dask_worker(daemon):
+    """The gpu preset reads with DataLoader workers inside a flow's Dask worker: stemflow's
+    clusters start their workers non-daemonic, so that they may; on a cluster whose workers are
+    daemonic (distributed's default) the patterns are read in the worker itself."""
+    import dask
+    from distributed import Client
+
+    from flows.runners import local_cluster
+
+    with dask.config.set({"distributed.worker.daemon": True} if daemon else {}):
+        with local_cluster(n_workers=1) as cluster, Client(cluster) as client:
+            assert client.submit(_patterns_read_with_two_loader_workers).result() == 36
+
+
 @pytest.mark.usefixtures("prefect_harness")
 def test_train_then_infer_in_a_flow(tmp_path):
     from prefect import flow

@@ -9,6 +9,7 @@ preprocessed patterns with their flat indices ``rx * RY + ry``.
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import multiprocessing
 import multiprocessing.context
@@ -32,6 +33,8 @@ __all__ = [
     "data_fingerprint",
     "sample_patterns",
 ]
+
+log = logging.getLogger("stemlib.ccstae")
 
 
 def as_dask(scan: Any) -> da.Array:
@@ -256,7 +259,19 @@ def _worker_context() -> multiprocessing.context.BaseContext:
 
 
 def loader(stream: PatternStream, *, num_workers: int, device: torch.device) -> DataLoader:
-    """A DataLoader over ``stream`` (batches already formed) with pinned memory on CUDA."""
+    """A DataLoader over ``stream`` (batches already formed) with pinned memory on CUDA.
+
+    A daemonic process may not start worker processes (a Dask worker under
+    ``distributed.worker.daemon: true``, distributed's default, which stemflow's own clusters
+    turn off): there the patterns are read in the process itself, with a warning."""
+    if num_workers and multiprocessing.current_process().daemon:
+        log.warning(
+            "reading patterns without DataLoader workers: this process is daemonic (a Dask "
+            "worker with distributed.worker.daemon true) and may not start them; set "
+            "distributed.worker.daemon: false on the workers to use %d",
+            num_workers,
+        )
+        num_workers = 0
     return DataLoader(
         stream,
         batch_size=None,
