@@ -235,7 +235,7 @@ def process_scan(
         request=request,
     ).result()
     if "ccstae" in methods:  # drawn by the CC-ST-AE inference, in this run or an earlier one
-        published["pngs"]["ccstae-bases"] = redact(_bases_png(dest))
+        published["pngs"]["ccstae-bases"] = _bases_png(published["url"])
     create_markdown_artifact(
         key="strain-statistics",
         markdown=f"## {posixpath.basename(source.rstrip('/'))}\n\n{published['table']}\n\n"
