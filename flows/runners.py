@@ -20,10 +20,10 @@ __all__ = ["dask_runner", "local_cluster", "local_cluster_kwargs"]
 dask.config.update_defaults(
     {"distributed": {"nanny": {"pre-spawn-environ": {"MALLOC_TRIM_THRESHOLD_": None}}}}
 )
-# distributed starts daemonic worker processes, and a daemonic process may not start children:
-# the CC-ST-AE's DataLoader workers (4 in the gpu preset) stopped the training task with
-# "daemonic processes are not allowed to have children". Our workers are not daemonic; the
-# Nanny still ends them with the cluster.
+# distributed starts daemonic worker processes, and a daemonic process may not start children,
+# such as the CC-ST-AE's DataLoader workers (4 in the gpu preset: "daemonic processes are not
+# allowed to have children"). Our workers are not daemonic; the Nanny still ends them with the
+# cluster.
 dask.config.update_defaults({"distributed": {"worker": {"daemon": False}}})
 
 
