@@ -172,7 +172,7 @@ def _run(args: argparse.Namespace) -> int:
     ]
     if files:
         lines += [
-            f"  learned bases {redact(files['bases_png'])}",
+            f"  learned bases {redact(png_url(url, 'ccstae-bases'))}",
             f"  model {redact(files['workdir'])} (a rerun resumes or only infers)",
         ]
     print("\n".join([*lines, f"  open it with:  xr.open_zarr({redact(url)!r})"]))
