@@ -3,14 +3,17 @@ existing one."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import dask
 from prefect_dask import DaskTaskRunner
 
+from stemlib.errors import ResourceError
 from stemlib.resources import usable_cores
 
-__all__ = ["dask_runner", "local_cluster", "local_cluster_kwargs"]
+__all__ = ["dask_runner", "local_cluster", "local_cluster_kwargs", "workers_that_died_explained"]
 
 # distributed starts its workers with MALLOC_TRIM_THRESHOLD_=65536, which also pins glibc's mmap
 # threshold at 128 KiB: every pattern-sized temporary (py4DSTEM's per-pattern FFTs, torch's
@@ -77,3 +80,23 @@ def _cuda_visible() -> bool:
         return bool(torch.cuda.is_available())
     except Exception:  # noqa: BLE001 - no torch or no driver: no GPU
         return False
+
+
+@contextlib.contextmanager
+def workers_that_died_explained() -> Iterator[None]:
+    """A task that killed every Dask worker that ran it is one sentence (:class:`ResourceError`)
+    instead of distributed's ``KilledWorker`` traceback. The usual cause is memory: a worker's
+    Nanny restarts it past 95 % of its limit, and a local cluster gives each worker the
+    machine's memory divided by the number of workers."""
+    from distributed.scheduler import KilledWorker
+
+    try:
+        yield
+    except KilledWorker as exc:
+        task = str(exc.task).rsplit("-", 1)[0]
+        raise ResourceError(
+            f"task {task} stopped: every Dask worker that ran it died, most often from running "
+            "out of memory (a local worker may use the machine's memory divided by the number "
+            "of workers); give CC-ST-AE a smaller preset or batch_size, or use a machine with "
+            "more memory per core."
+        ) from None

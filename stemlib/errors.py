@@ -8,7 +8,7 @@ traceback.
 
 from __future__ import annotations
 
-__all__ = ["StemflowError", "InputError", "StorageError", "AlreadyDone"]
+__all__ = ["StemflowError", "InputError", "StorageError", "ResourceError", "AlreadyDone"]
 
 
 class StemflowError(Exception):
@@ -21,6 +21,10 @@ class InputError(StemflowError, ValueError):
 
 class StorageError(StemflowError, OSError):
     """A store that cannot be reached, read or written (network, credentials, permissions)."""
+
+
+class ResourceError(StemflowError):
+    """A run that outgrew the machine: a task whose worker processes all died (out of memory)."""
 
 
 class AlreadyDone(StemflowError):

@@ -22,3 +22,22 @@ def test_a_local_cluster_has_one_worker_per_core_the_process_may_use():
     assert local_cluster_kwargs()["n_workers"] == len(cores)
     assert local_cluster_kwargs(3)["n_workers"] == 3
     assert local_cluster_kwargs()["threads_per_worker"] == 1
+
+
+def test_a_task_that_kills_its_workers_is_one_sentence():
+    """A task whose worker dies (as the Nanny restarts one past its memory limit) ends the run
+    with a ResourceError naming the task and the fix, not distributed's KilledWorker."""
+    import dask
+    from distributed import Client
+
+    from flows.runners import local_cluster, workers_that_died_explained
+    from stemlib.errors import ResourceError
+
+    with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
+        with local_cluster(n_workers=1) as cluster, Client(cluster) as client:
+            future = client.submit(os._exit, 1, key="train_ccstae-0123abcd")
+            with pytest.raises(ResourceError) as caught, workers_that_died_explained():
+                future.result()
+    message = str(caught.value)
+    assert message.startswith("task train_ccstae stopped: every Dask worker that ran it died")
+    assert message.endswith("or use a machine with more memory per core.")

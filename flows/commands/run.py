@@ -114,12 +114,13 @@ def run_pipeline(
 ) -> dict[str, Any]:
     """Run process_scan on a Dask task runner (local cluster, or ``dask_address``)."""
     from flows.process_scan import process_scan
-    from flows.runners import dask_runner
+    from flows.runners import dask_runner, workers_that_died_explained
 
     logging.getLogger("distributed").setLevel(logging.WARNING)
-    return process_scan.with_options(task_runner=dask_runner(dask_address))(
-        source=source, dest=dest, **options
-    )
+    with workers_that_died_explained():
+        return process_scan.with_options(task_runner=dask_runner(dask_address))(
+            source=source, dest=dest, **options
+        )
 
 
 def _check(source: str, dest: str, options: dict[str, Any]) -> None:

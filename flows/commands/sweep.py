@@ -39,7 +39,7 @@ def simulation_from_args(args: argparse.Namespace) -> SimulationConfig:
 
 def _run(args: argparse.Namespace) -> int:
     from flows.noise_sweep import check_sweep, noise_sweep, sweep_table, table_url
-    from flows.runners import dask_runner
+    from flows.runners import dask_runner, workers_that_died_explained
     from flows.simulate_benchmark import NoiseLevels
 
     simulation = simulation_from_args(args)
@@ -52,15 +52,16 @@ def _run(args: argparse.Namespace) -> int:
         simulation=simulation,
     )
     logging.getLogger("distributed").setLevel(logging.WARNING)
-    rows = noise_sweep.with_options(task_runner=dask_runner(args.dask_address))(
-        dest=args.dest,
-        simulation=simulation,
-        noise=noise,
-        reference=args.reference,
-        device=args.device,
-        workdir=args.workdir,
-        **method_options(args),
-    )
+    with workers_that_died_explained():
+        rows = noise_sweep.with_options(task_runner=dask_runner(args.dask_address))(
+            dest=args.dest,
+            simulation=simulation,
+            noise=noise,
+            reference=args.reference,
+            device=args.device,
+            workdir=args.workdir,
+            **method_options(args),
+        )
     print(f"\n{sweep_table(rows)}\n")
     print(f"tables: {table_url(args.dest, 'md')}  {table_url(args.dest, 'json')}")
     return 0
