@@ -34,13 +34,22 @@ def local_cluster_kwargs(n_workers: int | None = None) -> dict[str, Any]:
     """``distributed.LocalCluster`` arguments: ``n_workers`` single-threaded worker processes
     (default one per core this process may use, :func:`stemlib.resources.usable_cores`),
     scheduler and dashboard on loopback only, and the resource ``GPU=1`` on every worker when
-    CUDA is visible, so that GPU tasks are placed where a GPU is."""
+    CUDA is visible, so that GPU tasks are placed where a GPU is.
+
+    Each worker's memory limit is the machine's, not an equal share of it (distributed's
+    default). The CC-ST-AE is one large task among many small ones: it peaked at 2.1 GB on the
+    demo scan with the cpu preset, above a share on, say, 16 cores and 32 GB, where the Nanny
+    would restart its worker again and again. Every step streams its data, so the workers
+    together stay within the machine."""
+    from distributed.system import MEMORY_LIMIT
+
     kwargs: dict[str, Any] = {
         "n_workers": n_workers or usable_cores(),
         "threads_per_worker": 1,
         "processes": True,
         "host": "127.0.0.1",
         "dashboard_address": "127.0.0.1:0",
+        "memory_limit": MEMORY_LIMIT,
     }
     if _cuda_visible():
         kwargs["resources"] = {"GPU": 1}
@@ -86,8 +95,7 @@ def _cuda_visible() -> bool:
 def workers_that_died_explained() -> Iterator[None]:
     """A task that killed every Dask worker that ran it is one sentence (:class:`ResourceError`)
     instead of distributed's ``KilledWorker`` traceback. The usual cause is memory: a worker's
-    Nanny restarts it past 95 % of its limit, and a local cluster gives each worker the
-    machine's memory divided by the number of workers."""
+    Nanny restarts it past 95 % of its limit (on a local cluster, the machine's memory)."""
     from distributed.scheduler import KilledWorker
 
     try:
@@ -96,7 +104,6 @@ def workers_that_died_explained() -> Iterator[None]:
         task = str(exc.task).rsplit("-", 1)[0]
         raise ResourceError(
             f"task {task} stopped: every Dask worker that ran it died, most often from running "
-            "out of memory (a local worker may use the machine's memory divided by the number "
-            "of workers); give CC-ST-AE a smaller preset or batch_size, or use a machine with "
-            "more memory per core."
+            "out of memory; give CC-ST-AE a smaller preset or batch_size, or use a machine "
+            "with more memory."
         ) from None

@@ -40,4 +40,31 @@ def test_a_task_that_kills_its_workers_is_one_sentence():
                 future.result()
     message = str(caught.value)
     assert message.startswith("task train_ccstae stopped: every Dask worker that ran it died")
-    assert message.endswith("or use a machine with more memory per core.")
+    assert message.endswith("or use a machine with more memory.")
+
+
+def test_a_worker_may_use_more_than_its_share_of_the_memory():
+    """One large task (the CC-ST-AE) runs where it needs more memory than the machine's memory
+    divided by the number of workers: distributed's default share would have its worker
+    restarted by the Nanny."""
+    from distributed import Client
+    from distributed.system import MEMORY_LIMIT
+
+    from flows.runners import local_cluster
+
+    workers = 8
+    share = MEMORY_LIMIT / workers
+    with local_cluster(n_workers=workers) as cluster, Client(cluster) as client:
+        held = client.submit(_hold, int(1.3 * share)).result()
+    assert held == int(1.3 * share) // 8 * 8
+
+
+def _hold(nbytes: int) -> int:
+    """Touch ``nbytes`` of memory for a moment (the Nanny checks every 100 ms)."""
+    import time
+
+    import numpy as np
+
+    block = np.ones(nbytes // 8)
+    time.sleep(1.0)
+    return block.nbytes
