@@ -22,6 +22,7 @@ or not.
 from __future__ import annotations
 
 import contextlib
+import socket
 from collections.abc import Iterator
 from typing import Any
 
@@ -37,7 +38,14 @@ from stemlib.resources import usable_cores
 from stemlib.results import write_strain
 from stemlib.types import Device, Symmetry
 
-__all__ = ["train_ccstae", "infer_ccstae", "gpu_resources", "torch_cores"]
+__all__ = [
+    "train_ccstae",
+    "infer_ccstae",
+    "gpu_resources",
+    "gpu_turn",
+    "host_slots",
+    "torch_cores",
+]
 
 
 @contextlib.contextmanager
@@ -77,6 +85,38 @@ def torch_cores(device: Device) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+@contextlib.contextmanager
+def gpu_turn(device: Device) -> Iterator[None]:
+    """On CUDA inside a Dask worker, wait for one of this host's GPUs and hold it for the block
+    (:func:`host_slots`, one slot per visible GPU); elsewhere a no-op.
+
+    A local cluster gives every worker the resource GPU=1, so that GPU tasks go where a GPU is.
+    Without turns, the noise sweep's levels or a reprocess's scans would train side by side on
+    one GPU, each with the gpu preset's memory (over 11 GB of activations when run on a CPU)."""
+    import torch
+
+    if resolve_device(device).type != "cuda":
+        yield
+        return
+    with host_slots(torch.cuda.device_count()):
+        yield
+
+
+@contextlib.contextmanager
+def host_slots(slots: int) -> Iterator[None]:
+    """Hold one of ``slots`` leases of this host's ``distributed.Semaphore`` for the block,
+    when it runs in a Dask worker (a no-op outside one)."""
+    from distributed import Semaphore, get_worker
+
+    try:
+        get_worker()
+    except ValueError:
+        yield
+        return
+    with Semaphore(max_leases=slots, name=f"stemflow-gpu-{socket.gethostname()}"):
+        yield
+
+
 @task(name="train-ccstae", tags=["gpu"], cache_policy=NO_CACHE)
 def train_ccstae(
     scan: str,
@@ -88,7 +128,7 @@ def train_ccstae(
 ) -> dict[str, Any]:
     """Train the CC-ST-AE on the scan store ``scan``; the checkpoint goes to ``workdir``."""
     logger = get_run_logger()
-    with local_workdir(workdir) as folder, torch_cores(device):
+    with gpu_turn(device), local_workdir(workdir) as folder, torch_cores(device):
         summary = train_on_scan(
             open_scan(scan),
             workdir=folder,
@@ -124,7 +164,7 @@ def infer_ccstae(
     atomically to ``dest``; ``run_key`` is recorded in its ``run_keys`` (see
     :func:`tasks.py4dstem.py4dstem_strain_scan`)."""
     logger = get_run_logger()
-    with local_workdir(workdir) as folder, torch_cores(device):
+    with gpu_turn(device), local_workdir(workdir) as folder, torch_cores(device):
         ds = ccstae_strain(
             open_scan(scan),
             reference=reference,

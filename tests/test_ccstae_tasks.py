@@ -81,6 +81,33 @@ def test_loader_workers_inside_a_dask_worker(daemon):
             assert client.submit(_patterns_read_with_two_loader_workers).result() == 36
 
 
+def _turn(slots: int) -> tuple[float, float]:
+    import time
+
+    from tasks.ccstae import host_slots
+
+    with host_slots(slots):
+        start = time.monotonic()
+        time.sleep(1.0)
+        return start, time.monotonic()
+
+
+@pytest.mark.parametrize("slots", [1, 2])
+def test_gpu_tasks_on_one_host_take_turns(slots):
+    """Two CC-ST-AE tasks on a host with one GPU run one after the other (with two GPUs, side by
+    side): the semaphore that gpu_turn holds on CUDA, run here on the CPU with its slot count."""
+    from distributed import Client
+
+    from flows.runners import local_cluster
+
+    with local_cluster(n_workers=2) as cluster, Client(cluster) as client:
+        first, second = sorted(
+            client.gather([client.submit(_turn, slots, pure=False) for _ in "ab"])
+        )
+    overlap = first[1] - second[0]
+    assert overlap < 0.05 if slots == 1 else overlap > 0.5
+
+
 @pytest.mark.usefixtures("prefect_harness")
 def test_train_then_infer_in_a_flow(tmp_path):
     from prefect import flow
