@@ -1,10 +1,11 @@
 """Prefect tasks: train the CC-ST-AE on a scan, and infer its strain maps.
 
-Both run on a GPU where there is one. They carry the tag ``gpu``, so a Prefect concurrency
-limit on that tag (``prefect concurrency-limit create gpu 1``) keeps one GPU job per GPU; on a
-Dask task runner, submit them inside :func:`gpu_resources` so that the scheduler places them on
-a worker advertising the resource ``GPU=1`` (:func:`flows.runners.dask_runner` does when CUDA
-is visible)::
+Both run on a GPU where there is one, and take turns on a machine's GPUs (:func:`gpu_turn`).
+They carry the tag ``gpu``, so a Prefect concurrency limit on that tag (``prefect
+concurrency-limit create gpu 1``) also limits them across a server's runs. On a Dask task
+runner, submit them inside :func:`gpu_resources` so that the scheduler places them on a worker
+advertising the resource ``GPU=1`` (:func:`flows.runners.dask_runner` does when CUDA is
+visible)::
 
     with gpu_resources():
         trained = train_ccstae.submit(scan, workdir, config=config)
