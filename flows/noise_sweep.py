@@ -42,7 +42,7 @@ from stemlib.baseline_py4dstem import Py4DSTEMConfig
 from stemlib.ccstae import CCSTAEConfig
 from stemlib.errors import InputError, StemflowError
 from stemlib.io.scan_store import read_store_attrs
-from stemlib.io.storage import Location, locate, redact, storage_errors
+from stemlib.io.storage import Location, locate, redact, storage_errors, work_folder
 from stemlib.paper import PAPER_COMPONENTS, paper_mae, paper_percent, paper_ratio
 from stemlib.provenance import software_versions, utc_now
 from stemlib.reference import parse_reference
@@ -195,7 +195,7 @@ def noise_sweep(
     methods = params["methods"]
     configs = {"ccstae": params["ccstae"], "py4dstem": params["py4dstem"]}
     name = locate(dest).name
-    work = locate(workdir) if workdir else locate(dest).sibling(f".{name}.work")
+    work = work_folder(dest, workdir)
 
     # 1. The clean scan, then its noisy copies in parallel (w = 0 is the clean scan itself).
     if _same_simulation(dest, simulation):

@@ -23,7 +23,7 @@ import xarray as xr
 
 from stemlib.errors import InputError
 from stemlib.io import open_scan
-from stemlib.io.storage import local_workdir, locate, redact
+from stemlib.io.storage import local_workdir, redact, work_folder
 from stemlib.plots import png_url, save_png, strain_figure
 from stemlib.reference import parse_reference
 from stemlib.results import write_strain
@@ -130,10 +130,8 @@ def _model_folder(scan: xr.DataArray, args: argparse.Namespace, config: Any) -> 
     from stemlib.ccstae.train import model_folder_name
 
     config = config or ccstae.CCSTAEConfig.for_device(args.device)
-    dest = locate(args.dest)
-    work = locate(args.workdir) if args.workdir else dest.sibling(f".{dest.name}.work")
     name = model_folder_name(data_fingerprint(scan), reference=args.reference, config=config)
-    return work.child(name).url
+    return work_folder(args.dest, args.workdir).child(name).url
 
 
 def _symmetry(text: str) -> Any:

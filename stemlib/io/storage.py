@@ -38,6 +38,7 @@ __all__ = [
     "staged",
     "remove",
     "local_workdir",
+    "work_folder",
 ]
 
 #: Seconds to wait for an object store before calling it unreachable.
@@ -286,6 +287,19 @@ def staged(
         with contextlib.suppress(Exception):
             remove(temp)
         raise
+
+
+def work_folder(dest: str, workdir: str | None = None) -> Location:
+    """Where a run keeps its intermediate results and checkpoints: ``workdir`` if given, else
+    the hidden folder ``.<dest name>.work`` beside ``dest``.
+
+    >>> work_folder("s3://bucket/runs/strain.zarr").url
+    's3://bucket/runs/.strain.zarr.work'
+    """
+    if workdir:
+        return locate(workdir)
+    target = locate(dest)
+    return target.sibling(f".{target.name}.work")
 
 
 @contextlib.contextmanager
