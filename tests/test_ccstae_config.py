@@ -96,6 +96,17 @@ def test_config_from_yaml_starts_from_a_preset(tmp_path):
     assert config.mask is not None and config.mask.radii(2) == (4.0, 24.0)
 
 
+def test_a_config_file_without_a_preset_changes_the_devices_preset(tmp_path):
+    """A file that only says ``epochs: 3`` keeps the small model on a CPU (it used to start
+    from the field defaults: the 128-channel model, about 100x slower there)."""
+    path = tmp_path / "ccstae.yaml"
+    path.write_text("epochs: 3\n")
+    assert CCSTAEConfig.from_file(path, device="cpu") == CCSTAEConfig.preset("cpu", epochs=3)
+    assert CCSTAEConfig.from_file(path, preset="gpu") == CCSTAEConfig.preset("gpu", epochs=3)
+    path.write_text("preset: cpu\nepochs: 3\n")  # the file's own preset wins
+    assert CCSTAEConfig.from_file(path, preset="gpu") == CCSTAEConfig.preset("cpu", epochs=3)
+
+
 def test_config_file_errors(tmp_path):
     with pytest.raises(InputError, match="config file .*missing.yaml does not exist"):
         CCSTAEConfig.from_file(tmp_path / "missing.yaml")

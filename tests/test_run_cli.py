@@ -65,3 +65,21 @@ def test_the_demo_scan_is_written_once_with_its_truth(tmp_path):
         assert {"exx", "eyy", "exy", "theta"} <= {k.removeprefix("truth_") for k in f["truth"]}
     stamp = path.stat().st_mtime_ns
     assert write_demo_scan(tmp_path) == path and path.stat().st_mtime_ns == stamp
+
+
+@pytest.mark.parametrize(
+    ("flags", "preset"),
+    [([], "cpu"), (["--preset", "gpu"], "gpu"), (["--device", "cpu"], "cpu")],
+)
+def test_a_ccstae_config_file_changes_the_chosen_preset(tmp_path, flags, preset):
+    """``--ccstae-config`` changes the recipe that ``--preset`` (auto: the device's) picks."""
+    from flows.cli import build_parser
+    from flows.commands.run import method_options
+    from stemlib.ccstae import CCSTAEConfig
+
+    config = tmp_path / "ccstae.yaml"
+    config.write_text("epochs: 3\n")
+    args = build_parser().parse_args(
+        ["run", "s.h5", "d.zarr", "--ccstae-config", str(config), *flags]
+    )
+    assert method_options(args)["ccstae"] == CCSTAEConfig.preset(preset, epochs=3)

@@ -79,7 +79,7 @@ def test_cli_trains_ccstae_draws_its_bases_and_a_rerun_only_infers(scan, tmp_pat
     error, a picture of the learned bases, and leaves its model in the work folder, where a
     rerun finds it, also after a change that only alters inference."""
     (tmp_path / "cc.yaml").write_text(
-        "preset: cpu\nepochs: 2\nchannels: 8\nsearch_patterns: 64\nbatch_size: 16\n"
+        "epochs: 2\nchannels: 8\nsearch_patterns: 64\nbatch_size: 16\n"  # on the cpu preset
     )
     dest = str(tmp_path / "strain.zarr")
     args = ["strain", scan, dest, "--method", "ccstae", "--config", str(tmp_path / "cc.yaml")]
@@ -94,7 +94,9 @@ def test_cli_trains_ccstae_draws_its_bases_and_a_rerun_only_infers(scan, tmp_pat
     assert len(models) == 1 and f"model {models[0].parent}" in run.out
     first = open_strain(dest)
     assert {"class_map", "reconstruction_error"} <= set(first.data_vars)
-    sha = first.attrs["methods"]["ccstae"]["model_checkpoint_sha256"]
+    record = first.attrs["methods"]["ccstae"]
+    assert record["config"]["encoder_downsample"] == 2 and record["config"]["lr"] == 2e-3
+    sha = record["model_checkpoint_sha256"]
 
     (tmp_path / "cc.yaml").write_text(
         (tmp_path / "cc.yaml").read_text() + "refine_steps: 0\n"  # inference only

@@ -69,10 +69,10 @@ def _run(args: argparse.Namespace) -> int:
         f"simulated scan: {raw} ({DEMO_SIMULATION.scan[0]} x {DEMO_SIMULATION.scan[1]} positions, "
         f"{DEMO_SIMULATION.pattern} px patterns, {DEMO_BACKGROUND:.0%} background noise)"
     )
+    if args.preset == "auto":
+        args.preset = "cpu"  # the demo's recipe on any machine
     options = pipeline_options(args)
     options["scan_store"] = options["scan_store"] or str(folder / "demo-scan.zarr")
-    if args.preset == "auto" and args.ccstae_config is None:
-        options["ccstae_preset"] = "cpu"
     published = run_pipeline(
         str(raw), str(folder / "strain.zarr"), dask_address=args.dask_address, **options
     )

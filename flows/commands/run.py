@@ -43,7 +43,8 @@ def add_method_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument(
         "--ccstae-config",
         metavar="FILE",
-        help="YAML or JSON CC-ST-AE configuration (replaces --preset)",
+        help="YAML or JSON file of CC-ST-AE settings that change --preset's recipe (a "
+        "'preset:' line in the file picks the recipe)",
     )
     group.add_argument(
         "--py4dstem-config", metavar="FILE", help="YAML or JSON py4DSTEM baseline settings"
@@ -56,7 +57,7 @@ def method_options(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "methods": args.methods,
         "ccstae_preset": args.preset,
-        "ccstae": read_config(args.ccstae_config, "ccstae"),
+        "ccstae": read_config(args.ccstae_config, "ccstae", preset=args.preset, device=args.device),
         "py4dstem": read_config(args.py4dstem_config, "py4dstem"),
     }
 

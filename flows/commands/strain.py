@@ -45,10 +45,16 @@ def _ccstae() -> Any:
     return stemlib.ccstae
 
 
-def read_config(path: str | None, method: str) -> Any:
-    """The method's config model read from a YAML or JSON file (None: the defaults)."""
+def read_config(
+    path: str | None, method: str, *, preset: str = "auto", device: str = "auto"
+) -> Any:
+    """The method's config model read from a YAML or JSON file (None: the defaults). A
+    CC-ST-AE file changes ``preset`` (``"auto"``: the one for ``device``) unless it names its
+    own."""
     if method == "ccstae":
-        return _ccstae().CCSTAEConfig.from_file(path) if path else None
+        if path is None:
+            return None
+        return _ccstae().CCSTAEConfig.from_file(path, preset=preset, device=device)
     from stemlib.baseline_py4dstem import Py4DSTEMConfig
 
     if path is None:
@@ -142,7 +148,7 @@ def _run(args: argparse.Namespace) -> int:
     scan = open_scan(args.scan)
     # Check the cheap arguments before any compute: nothing is published on a mistake.
     parse_reference(args.reference, (int(scan.shape[0]), int(scan.shape[1])))
-    config = read_config(args.config, args.method)
+    config = read_config(args.config, args.method, device=args.device)
     files = {}
     if args.method == "ccstae":
         files = {

@@ -188,14 +188,23 @@ class CCSTAEConfig(BaseModel):
         return cls(**{**PRESETS[name], **overrides})
 
     @classmethod
-    def for_device(cls, device: Device | torch.device = "auto") -> CCSTAEConfig:
-        """The preset for where the model runs: ``"gpu"`` on CUDA, else ``"cpu"``."""
+    def for_device(cls, device: Device | torch.device = "auto", **overrides: Any) -> CCSTAEConfig:
+        """The preset for where the model runs (``"gpu"`` on CUDA, else ``"cpu"``), with
+        ``overrides`` applied."""
         dev = device if isinstance(device, torch.device) else resolve_device(device)
-        return cls.preset("gpu" if dev.type == "cuda" else "cpu")
+        return cls.preset("gpu" if dev.type == "cuda" else "cpu", **overrides)
 
     @classmethod
-    def from_file(cls, path: str | Path) -> CCSTAEConfig:
-        """Read a config from YAML or JSON; a ``preset`` key starts from that preset.
+    def from_file(
+        cls,
+        path: str | Path,
+        *,
+        preset: Literal["auto", "cpu", "gpu"] = "auto",
+        device: Device | torch.device = "auto",
+    ) -> CCSTAEConfig:
+        """Read a config from YAML or JSON: its fields change a preset, the file's ``preset``
+        key if it has one, else ``preset`` (``"auto"``: the one for ``device``). So a file
+        that only says ``epochs: 4`` keeps the small model on a CPU.
 
         Raises
         ------
@@ -217,8 +226,8 @@ class CCSTAEConfig(BaseModel):
                 f"config file {path} does not hold a mapping of CCSTAEConfig fields; write "
                 f"`field: value` lines."
             )
-        preset = data.pop("preset", None)
-        return cls.preset(preset, **data) if preset else cls(**data)
+        name = data.pop("preset", None) or preset
+        return cls.for_device(device, **data) if name == "auto" else cls.preset(name, **data)
 
 
 #: The named recipes. ``cpu``: 16 channels, encoder on a 2x downsampled input, 12 epochs.
