@@ -68,10 +68,16 @@ def test_the_demo_scan_is_written_once_with_its_truth(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("flags", "preset"),
-    [([], "cpu"), (["--preset", "gpu"], "gpu"), (["--device", "cpu"], "cpu")],
+    ("command", "preset"),
+    [
+        (["run", "s.h5", "d.zarr"], "cpu"),
+        (["run", "s.h5", "d.zarr", "--preset", "gpu"], "gpu"),
+        (["run", "s.h5", "d.zarr", "--device", "cpu"], "cpu"),
+        (["demo", "--device", "auto"], "cpu"),  # the demo's recipe on any machine
+        (["demo", "--preset", "gpu"], "gpu"),
+    ],
 )
-def test_a_ccstae_config_file_changes_the_chosen_preset(tmp_path, flags, preset):
+def test_a_ccstae_config_file_changes_the_chosen_preset(tmp_path, command, preset):
     """``--ccstae-config`` changes the recipe that ``--preset`` (auto: the device's) picks."""
     from flows.cli import build_parser
     from flows.commands.run import method_options
@@ -79,7 +85,5 @@ def test_a_ccstae_config_file_changes_the_chosen_preset(tmp_path, flags, preset)
 
     config = tmp_path / "ccstae.yaml"
     config.write_text("epochs: 3\n")
-    args = build_parser().parse_args(
-        ["run", "s.h5", "d.zarr", "--ccstae-config", str(config), *flags]
-    )
+    args = build_parser().parse_args([*command, "--ccstae-config", str(config)])
     assert method_options(args)["ccstae"] == CCSTAEConfig.preset(preset, epochs=3)

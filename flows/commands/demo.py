@@ -69,8 +69,6 @@ def _run(args: argparse.Namespace) -> int:
         f"simulated scan: {raw} ({DEMO_SIMULATION.scan[0]} x {DEMO_SIMULATION.scan[1]} positions, "
         f"{DEMO_SIMULATION.pattern} px patterns, {DEMO_BACKGROUND:.0%} background noise)"
     )
-    if args.preset == "auto":
-        args.preset = "cpu"  # the demo's recipe on any machine
     options = pipeline_options(args)
     options["scan_store"] = options["scan_store"] or str(folder / "demo-scan.zarr")
     published = run_pipeline(
@@ -102,5 +100,5 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         metavar="DEST",
         help="output folder (default: ./stemflow-demo)",
     )
-    add_pipeline_arguments(parser)
+    add_pipeline_arguments(parser, preset="cpu")  # minutes on any machine
     parser.set_defaults(run=_run)

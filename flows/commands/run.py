@@ -24,9 +24,10 @@ __all__ = [
 ]
 
 
-def add_method_arguments(group: argparse._ArgumentGroup) -> None:
+def add_method_arguments(group: argparse._ArgumentGroup, *, preset: str = "auto") -> None:
     """Which methods run and with which settings (shared by ``run``, ``demo`` and ``sweep``):
-    ``--method``, ``--preset``, ``--ccstae-config``, ``--py4dstem-config``."""
+    ``--method``, ``--preset`` (default ``preset``), ``--ccstae-config``,
+    ``--py4dstem-config``."""
     group.add_argument(
         "--method",
         action="append",
@@ -36,9 +37,9 @@ def add_method_arguments(group: argparse._ArgumentGroup) -> None:
     )
     group.add_argument(
         "--preset",
-        default="auto",
+        default=preset,
         choices=["auto", "cpu", "gpu"],
-        help="CC-ST-AE recipe (default: gpu on CUDA, else cpu)",
+        help="CC-ST-AE recipe; auto: gpu on CUDA, else cpu (default: %(default)s)",
     )
     group.add_argument(
         "--ccstae-config",
@@ -62,10 +63,11 @@ def method_options(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of a strain run (shared by ``run`` and ``demo``)."""
+def add_pipeline_arguments(parser: argparse.ArgumentParser, *, preset: str = "auto") -> None:
+    """The options of a strain run (shared by ``run`` and ``demo``; ``preset``: the default
+    CC-ST-AE recipe)."""
     strain = parser.add_argument_group("strain")
-    add_method_arguments(strain)
+    add_method_arguments(strain, preset=preset)
     strain.add_argument(
         "--reference",
         default="auto",
