@@ -68,6 +68,34 @@ def test_known_strain_and_rotation_are_recovered_on_cuda(square):
     _check_known_answer(ds, truth)
 
 
+def test_known_answer_with_the_network_in_bf16(square, monkeypatch):
+    """The gpu preset's bf16 autocast (``amp``), run here on the CPU, which autocasts the same
+    layers (convolutions, linear) to bf16: the warps, losses and refinement must keep float32
+    and the answer must hold. CUDA itself is checked by the test above on a GPU."""
+    import stemlib.ccstae.model as model
+
+    monkeypatch.setattr(model, "AMP_DEVICES", ("cuda", "cpu"))
+    seen = []
+    for name in ("forward", "encode"):
+        method = getattr(model.CCSTAE, name)
+
+        def spy(self, *args, _method=method, **kwargs):
+            seen.append(torch.is_autocast_enabled("cpu"))
+            return _method(self, *args, **kwargs)
+
+        monkeypatch.setattr(model.CCSTAE, name, spy)
+    folder, truth, _ = square
+    ds = ccstae_strain(
+        open_scan(str(folder / "scan.zarr")),
+        reference=str(folder / "reference.npy"),
+        config=CONFIG,
+        device="cpu",
+        progress=False,
+    )
+    assert seen and all(seen)  # every training and inference step ran under autocast
+    _check_known_answer(ds, truth)
+
+
 def _check_known_answer(ds, truth) -> None:
     result = ds.isel(method=0)
     errors = strain_errors(result, truth, symmetry=4)

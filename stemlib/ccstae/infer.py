@@ -10,7 +10,7 @@ import torch
 
 from .affine import rotation
 from .data import PatternStream, loader
-from .model import CCSTAE
+from .model import CCSTAE, mixed_precision
 from .refine import (
     disk_regions,
     masked_error,
@@ -153,9 +153,7 @@ def infer(
         x = batch["pattern"].to(device, non_blocking=True)
         theta0 = batch["theta0"].to(device, non_blocking=True)
         shift0 = batch["shift0"].to(device, non_blocking=True)
-        with torch.autocast(
-            device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"
-        ):
+        with mixed_precision(device, amp):
             code, affine = model.encode(x, theta0, shift0)
         A, t = affine.matrix().float(), affine.shift.float()
         cls = code.argmax(-1)

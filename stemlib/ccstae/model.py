@@ -41,9 +41,20 @@ __all__ = [
     "CCSTAE",
     "derive_pools",
     "build_model",
+    "mixed_precision",
 ]
 
 NormLayer = Callable[[int], nn.Module]
+
+#: Devices on which ``amp`` runs the network under bf16 autocast (CPUs gain nothing from it).
+AMP_DEVICES: tuple[str, ...] = ("cuda",)
+
+
+def mixed_precision(device: torch.device, enabled: bool) -> torch.autocast:
+    """bf16 autocast for the network where ``enabled`` and ``device`` is one of
+    :data:`AMP_DEVICES`; the warps turn it off for themselves (float32 coordinates)."""
+    on = enabled and device.type in AMP_DEVICES
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=on)
 
 
 def _layer_norm(channels: int) -> nn.Module:

@@ -32,7 +32,7 @@ from ..provenance import fingerprint, software_versions, utc_now
 from .config import CCSTAEConfig
 from .data import PatternStream, loader
 from .loss import cycle_loss
-from .model import CCSTAE
+from .model import CCSTAE, mixed_precision
 
 __all__ = ["Checkpoint", "train", "seeded", "model_folder_name", "INFERENCE_ONLY_FIELDS"]
 
@@ -176,12 +176,6 @@ def _cosine(total_steps: int) -> Callable[[int], float]:
     return factor
 
 
-def _autocast(device: torch.device, enabled: bool) -> torch.autocast:
-    return torch.autocast(
-        device.type, dtype=torch.bfloat16, enabled=enabled and device.type == "cuda"
-    )
-
-
 def train(
     model: CCSTAE,
     stream: PatternStream,
@@ -253,7 +247,7 @@ def train(
             x = batch["pattern"].to(device, non_blocking=True)
             theta0 = batch["theta0"].to(device, non_blocking=True)
             shift0 = batch["shift0"].to(device, non_blocking=True)
-            with _autocast(device, config.amp):
+            with mixed_precision(device, config.amp):
                 out = forward(x, theta0, shift0)
             parts = cycle_loss(out, x.float(), mask, config, center=model.center)
             loss = parts.total
