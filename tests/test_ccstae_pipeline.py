@@ -68,13 +68,25 @@ def test_known_strain_and_rotation_are_recovered_on_cuda(square):
     _check_known_answer(ds, truth)
 
 
-def test_known_answer_with_the_network_in_bf16(square, monkeypatch):
-    """The gpu preset's bf16 autocast (``amp``), run here on the CPU, which autocasts the same
-    layers (convolutions, linear) to bf16: the warps, losses and refinement must keep float32
-    and the answer must hold. CUDA itself is checked by the test above on a GPU."""
+def test_known_answer_with_bf16_and_torch_compile(square, monkeypatch):
+    """What the gpu preset turns on for CUDA, run here on the CPU: bf16 autocast (``amp``; the
+    CPU autocasts the same convolution and linear layers) and ``torch.compile`` of the training
+    step (the same graph capture and autograd; no code generation). The warps, losses and
+    refinement must keep float32 and the answer must hold. CUDA itself is checked by the test
+    above on a GPU."""
     import stemlib.ccstae.model as model
+    import stemlib.ccstae.train as train
 
-    monkeypatch.setattr(model, "AMP_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(model, "ACCELERATORS", ("cuda", "cpu"))
+    monkeypatch.setattr(train, "ACCELERATORS", ("cuda", "cpu"))
+    compiled = []
+    compile_ = torch.compile
+
+    def compile_without_codegen(module, **kwargs):
+        compiled.append(module)  # dynamo's graph capture and AOT autograd, not Inductor's C++
+        return compile_(module, **{**kwargs, "backend": "aot_eager"})
+
+    monkeypatch.setattr(torch, "compile", compile_without_codegen)
     seen = []
     for name in ("forward", "encode"):
         method = getattr(model.CCSTAE, name)
@@ -88,11 +100,12 @@ def test_known_answer_with_the_network_in_bf16(square, monkeypatch):
     ds = ccstae_strain(
         open_scan(str(folder / "scan.zarr")),
         reference=str(folder / "reference.npy"),
-        config=CONFIG,
+        config=CONFIG.model_copy(update={"compile": True}),
         device="cpu",
         progress=False,
     )
     assert seen and all(seen)  # every training and inference step ran under autocast
+    assert len(compiled) == 1  # the training step
     _check_known_answer(ds, truth)
 
 

@@ -46,14 +46,15 @@ __all__ = [
 
 NormLayer = Callable[[int], nn.Module]
 
-#: Devices on which ``amp`` runs the network under bf16 autocast (CPUs gain nothing from it).
-AMP_DEVICES: tuple[str, ...] = ("cuda",)
+#: Devices on which the config's ``amp`` (bf16 autocast) and ``compile`` (``torch.compile``)
+#: apply; a CPU gains nothing from either.
+ACCELERATORS: tuple[str, ...] = ("cuda",)
 
 
 def mixed_precision(device: torch.device, enabled: bool) -> torch.autocast:
     """bf16 autocast for the network where ``enabled`` and ``device`` is one of
-    :data:`AMP_DEVICES`; the warps turn it off for themselves (float32 coordinates)."""
-    on = enabled and device.type in AMP_DEVICES
+    :data:`ACCELERATORS`; the warps turn it off for themselves (float32 coordinates)."""
+    on = enabled and device.type in ACCELERATORS
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=on)
 
 
