@@ -16,6 +16,8 @@ __all__ = ["angular_order"]
 
 #: Harmonics that lattices fill (+) and that noise fills as much as the former (-).
 _EVEN, _ODD = (2, 4, 6), (3, 5, 7)
+#: Pixels per block of patterns scored at once (float64 work arrays of 8 MB).
+_BLOCK_PIXELS = 2**20
 
 
 def angular_order(
@@ -35,7 +37,8 @@ def angular_order(
     Parameters
     ----------
     patterns
-        (N, QX, QY) patterns, linear intensities (``qx`` = rows); N >= 2.
+        (N, QX, QY) patterns, linear intensities (``qx`` = rows), any dtype; N >= 2. Read a
+        block at a time, so memory stays bounded for any N.
     center
         The direct beam ``(qx, qy)`` px.
     radii
@@ -62,8 +65,7 @@ def angular_order(
     ...               radii=(4, 30)) > 10
     True
     """
-    x = np.asarray(patterns, np.float64)
-    n, h, w = x.shape
+    n, h, w = patterns.shape
     rows, cols = np.indices((h, w), dtype=np.float64)
     dr, dc = rows - center[0], cols - center[1]
     radius = np.hypot(dr, dc)
@@ -73,21 +75,29 @@ def angular_order(
     rings = int(ring.max()) + 1
     count = np.maximum(np.bincount(ring, minlength=rings), 1)
     mean_radius = np.bincount(ring, r, minlength=rings) / count
-    values = x.reshape(n, -1)[:, inside]
-    # Per-ring sums for every pattern at once: one bincount over (pattern, ring) labels.
-    label = (np.arange(n)[:, None] * rings + ring[None, :]).ravel()
-
-    def ring_sums(v: np.ndarray) -> np.ndarray:
-        return np.bincount(label, v.ravel(), minlength=n * rings).reshape(n, rings)
-
-    profile = ring_sums(values) / count
-    smooth = make_interp_spline(mean_radius, profile.T, k=3)(r).T  # (N, P)
-    residual = values - smooth
-    floor = np.maximum(ring_sums(residual**2), 1e-300)
+    harmonics = [
+        (sign, np.cos(order * phi), np.sin(order * phi))
+        for order, sign in [(m, 1.0) for m in _EVEN] + [(m, -1.0) for m in _ODD]
+    ]
+    # Patterns a block at a time (float64 work arrays of about 8 MB each, whatever N and size).
+    block = max(1, _BLOCK_PIXELS // max(int(inside.sum()), 1))
     score = np.zeros(n)
-    for order, sign in [(m, 1.0) for m in _EVEN] + [(m, -1.0) for m in _ODD]:
-        real = ring_sums(residual * np.cos(order * phi))
-        imag = ring_sums(residual * np.sin(order * phi))
-        score += sign * ((real**2 + imag**2) / floor).sum(axis=1)
+    for start in range(0, n, block):
+        values = np.asarray(patterns[start : start + block], np.float64).reshape(-1, h * w)
+        values = values[:, inside]
+        b = len(values)
+        # Per-ring sums for every pattern of the block at once: one bincount over (pattern,
+        # ring) labels.
+        label = (np.arange(b)[:, None] * rings + ring[None, :]).ravel()
+
+        def ring_sums(v: np.ndarray, label: np.ndarray = label, b: int = b) -> np.ndarray:
+            return np.bincount(label, v.ravel(), minlength=b * rings).reshape(b, rings)
+
+        profile = ring_sums(values) / count
+        residual = values - make_interp_spline(mean_radius, profile.T, k=3)(r).T  # (b, P)
+        floor = np.maximum(ring_sums(residual**2), 1e-300)
+        for sign, cos, sin in harmonics:
+            real, imag = ring_sums(residual * cos), ring_sums(residual * sin)
+            score[start : start + b] += sign * ((real**2 + imag**2) / floor).sum(axis=1)
     spread = score.std(ddof=1) / np.sqrt(n)
     return float(score.mean() / spread) if spread > 0 else 0.0

@@ -393,8 +393,8 @@ def _train_stages(
             )
         ring = schedule.mask((h, w), 0)
         poisson = _poisson(config, sample, ring, dtype=data.dtype)
-        raw = Preprocess("linear" if poisson else config.intensity, 1.0)(sample)
-        scale = float(np.percentile(raw.mean(0)[ring], 99)) or 1.0
+        mean = Preprocess("linear" if poisson else config.intensity, 1.0)(sample).mean(0)
+        scale = float(np.percentile(mean[ring], 99)) or 1.0
         setup = {
             "pattern_shape": [h, w],
             "center": list(center),

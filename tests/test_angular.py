@@ -1,0 +1,36 @@
+"""``angular_order``: Bragg disks against background alone (known answers are its doctests),
+here its memory: CC-ST-AE scores a sample of 2,048 patterns with it, 537 MB as float32 at
+256 px, and it used to hold about 10 float64 copies of them (6.4 GB)."""
+
+from __future__ import annotations
+
+import tracemalloc
+
+import numpy as np
+
+import stemlib.angular
+from stemlib.angular import angular_order
+
+
+def _patterns(n: int, size: int, disks: float) -> np.ndarray:
+    rng = np.random.default_rng(0)
+    qx, qy = np.indices((size, size)) - size / 2
+    halo = 1e3 / (1 + (qx**2 + qy**2) / 8.0)
+    spots = sum(
+        np.exp(-((qx - 20 * np.cos(a)) ** 2 + (qy - 20 * np.sin(a)) ** 2) / 4)
+        for a in np.arange(4) * np.pi / 2
+    )
+    return rng.poisson(halo + disks * spots, (n, size, size)).astype(np.float32)
+
+
+def test_patterns_are_scored_a_block_at_a_time_in_bounded_memory(monkeypatch):
+    patterns = _patterns(1024, 128, disks=3.0)  # 67 MB
+    tracemalloc.start()
+    order = angular_order(patterns, center=(64, 64), radii=(4, 60))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 0.8 * patterns.nbytes, peak  # one float64 copy alone would be 2x
+    # The same score as all patterns at once.
+    monkeypatch.setattr(stemlib.angular, "_BLOCK_PIXELS", 2**40)
+    assert angular_order(patterns, center=(64, 64), radii=(4, 60)) == order
+    assert order > 3  # faint disks (3 counts at their centres on a halo of 1e3) are found
