@@ -26,13 +26,13 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+from _memory import run_sampled
 from _results import save_results
 
 STEPS = ("ingest", "ccstae", "py4dstem", "publish")
@@ -142,22 +142,10 @@ def run_sequential(raw: str, out: str, config: Any, device: str) -> dict[str, fl
 
 def measured(kind: str, raw: str, out: str, epochs: int | None, device: str) -> dict[str, Any]:
     """Run one kind in a child process; its whole process tree's peak RSS sampled meanwhile."""
-    import psutil
-
     args = [sys.executable, __file__, "--child", kind, raw, out, "--device", device]
     if epochs:
         args += ["--epochs", str(epochs)]
-    child = subprocess.Popen(args, stdout=subprocess.PIPE, text=True)
-    parent = psutil.Process(child.pid)
-    peak = 0
-    while child.poll() is None:
-        try:
-            tree = [parent, *parent.children(recursive=True)]
-            peak = max(peak, sum(p.memory_info().rss for p in tree if p.is_running()))
-        except psutil.Error:
-            pass
-        time.sleep(0.2)
-    output, _ = child.communicate()
+    child, output, peak = run_sampled(args)
     if child.returncode:
         raise SystemExit(f"the {kind} run failed (exit {child.returncode})")
     return {**json.loads(output.strip().splitlines()[-1]), "peak_rss_gb": peak / 1e9}
