@@ -12,6 +12,7 @@ Usage::
 
     python benchmarks/scale.py                                  # 32, 64, 128 positions of 128 px
     python benchmarks/scale.py --sizes 32x128,64x256 --epochs 1
+    python benchmarks/scale.py --sizes 256x256 --epochs 0 --refine-steps 0   # the full size
 
 Results go to ``benchmarks/results/scale-<sizes>-<device>.{json,md}``.
 """
