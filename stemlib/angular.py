@@ -81,23 +81,23 @@ def angular_order(
     ]
     # Patterns a block at a time (float64 work arrays of about 8 MB each, whatever N and size).
     block = max(1, _BLOCK_PIXELS // max(int(inside.sum()), 1))
+
+    def ring_sums(v: np.ndarray, label: np.ndarray) -> np.ndarray:
+        """Per-ring sums of every pattern of a block at once: one bincount over (pattern,
+        ring) ``label``."""
+        return np.bincount(label, v.ravel(), minlength=len(v) * rings).reshape(len(v), rings)
+
     score = np.zeros(n)
     for start in range(0, n, block):
         values = np.asarray(patterns[start : start + block], np.float64).reshape(-1, h * w)
         values = values[:, inside]
         b = len(values)
-        # Per-ring sums for every pattern of the block at once: one bincount over (pattern,
-        # ring) labels.
         label = (np.arange(b)[:, None] * rings + ring[None, :]).ravel()
-
-        def ring_sums(v: np.ndarray, label: np.ndarray = label, b: int = b) -> np.ndarray:
-            return np.bincount(label, v.ravel(), minlength=b * rings).reshape(b, rings)
-
-        profile = ring_sums(values) / count
+        profile = ring_sums(values, label) / count
         residual = values - make_interp_spline(mean_radius, profile.T, k=3)(r).T  # (b, P)
-        floor = np.maximum(ring_sums(residual**2), 1e-300)
+        floor = np.maximum(ring_sums(residual**2, label), 1e-300)
         for sign, cos, sin in harmonics:
-            real, imag = ring_sums(residual * cos), ring_sums(residual * sin)
+            real, imag = ring_sums(residual * cos, label), ring_sums(residual * sin, label)
             score[start : start + b] += sign * ((real**2 + imag**2) / floor).sum(axis=1)
     spread = score.std(ddof=1) / np.sqrt(n)
     return float(score.mean() / spread) if spread > 0 else 0.0

@@ -75,10 +75,8 @@ def test_known_answer_with_bf16_and_torch_compile(square, monkeypatch):
     refinement must keep float32 and the answer must hold. CUDA itself is checked by the test
     above on a GPU."""
     import stemlib.ccstae.model as model
-    import stemlib.ccstae.train as train
 
     monkeypatch.setattr(model, "ACCELERATORS", ("cuda", "cpu"))
-    monkeypatch.setattr(train, "ACCELERATORS", ("cuda", "cpu"))
     compiled = []
     compile_ = torch.compile
 

@@ -41,6 +41,7 @@ __all__ = [
     "CCSTAE",
     "derive_pools",
     "build_model",
+    "accelerated",
     "mixed_precision",
 ]
 
@@ -51,10 +52,15 @@ NormLayer = Callable[[int], nn.Module]
 ACCELERATORS: tuple[str, ...] = ("cuda",)
 
 
+def accelerated(device: torch.device) -> bool:
+    """Whether ``amp`` and ``compile`` apply on ``device`` (one of :data:`ACCELERATORS`)."""
+    return device.type in ACCELERATORS
+
+
 def mixed_precision(device: torch.device, enabled: bool) -> torch.autocast:
-    """bf16 autocast for the network where ``enabled`` and ``device`` is one of
-    :data:`ACCELERATORS`; the warps turn it off for themselves (float32 coordinates)."""
-    on = enabled and device.type in ACCELERATORS
+    """bf16 autocast for the network where ``enabled`` and :func:`accelerated`; the warps turn
+    it off for themselves (float32 coordinates)."""
+    on = enabled and accelerated(device)
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=on)
 
 

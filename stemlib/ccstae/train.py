@@ -32,7 +32,7 @@ from ..provenance import fingerprint, software_versions, utc_now
 from .config import CCSTAEConfig
 from .data import PatternStream, loader
 from .loss import cycle_loss
-from .model import ACCELERATORS, CCSTAE, mixed_precision
+from .model import CCSTAE, accelerated, mixed_precision
 
 __all__ = ["Checkpoint", "train", "seeded", "model_folder_name", "INFERENCE_ONLY_FIELDS"]
 
@@ -231,7 +231,7 @@ def train(
     if record.optimizer:  # absent after a run of 0 epochs (the template and rotation stages only)
         optimizer.load_state_dict(record.optimizer)
         scheduler.load_state_dict(record.scheduler)
-    forward = torch.compile(model) if config.compile and device.type in ACCELERATORS else model
+    forward = torch.compile(model) if config.compile and accelerated(device) else model
     shape = tuple(stream.data.shape[2:])
     running = record.running_loss
     for epoch in range(record.epoch, config.epochs):
