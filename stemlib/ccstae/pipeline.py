@@ -49,8 +49,8 @@ from .infer import Inference, infer
 from .model import build_model
 from .rotation import (
     angular_symmetry,
-    beam_centers,
     build_template,
+    centred_features,
     correlate_angles,
     polar_features,
 )
@@ -212,14 +212,21 @@ def _rotation_stage(
     beam: float,
 ) -> dict[str, np.ndarray]:
     """Each position's direct beam (descan) and rotation (rad), the correlation peak, the
-    template's angular symmetry and the starting bases learned on the sample (``pick``: its
-    flat scan indices; ``start``: its patterns of the reference, or None: of the largest grain
-    of one rotation, :func:`_grain_of_one_turn`)."""
+    template's angular symmetry and the starting bases learned on the sample (``sample``: its
+    patterns, preprocessed; ``pick``: their flat scan indices; ``start``: its patterns of the
+    reference, or None: of the largest grain of one rotation, :func:`_grain_of_one_turn`)."""
     h, w = data.shape[2:]
     search_radius = beam + 0.08 * min(h, w)  # the beam plus up to 8 % of the pattern of descan
-    x = torch.from_numpy(preprocess(sample))[:, None].to(device)
-    beams = beam_centers(x, center=center, radius=search_radius)
-    features = polar_features(x, center=beams, radii=radii, n_angles=config.search_angles)
+    x = torch.from_numpy(sample)[:, None].to(device)
+    search = partial(
+        centred_features,
+        center=center,
+        radius=search_radius,
+        radii=radii,
+        n_angles=config.search_angles,
+        block=config.infer_batch_size,
+    )
+    beams, features = search(x)
     template = build_template(features)
     sample_theta, _ = correlate_angles(features, template)
     ring = torch.from_numpy(
@@ -231,9 +238,7 @@ def _rotation_stage(
     shift = np.zeros((rx * ry, 2), np.float32)
     stream = PatternStream(data, preprocess, batch_size=config.infer_batch_size)
     for batch in stream:
-        patterns = batch["pattern"].to(device)
-        found = beam_centers(patterns, center=center, radius=search_radius)
-        f = polar_features(patterns, center=found, radii=radii, n_angles=config.search_angles)
+        found, f = search(batch["pattern"].to(device))
         t, p = correlate_angles(f, template)
         idx = batch["index"].numpy()
         theta[idx], peak[idx] = t.cpu().numpy(), p.cpu().numpy()
@@ -427,6 +432,7 @@ def _train_stages(
             sample, pick = sample_patterns(
                 data, n=config.search_patterns, seed=config.seed, include=include
             )
+        sample = preprocess(sample)  # not beside the raw copy: 0.5 GB each at 256 px
         search = _rotation_stage(
             data,
             preprocess,

@@ -152,7 +152,9 @@ def learn_bases(
     n = x.shape[0]
     A = rotation(theta.float())
     t = x.new_zeros(n, 2) if shift is None else shift.float().clone()
-    aligned = warp(x, A, t, center=center)
+    blocks = [slice(i, i + batch_size) for i in range(0, n, batch_size)]
+    # warped a block at a time: a sampling grid is twice the patterns it samples
+    aligned = torch.cat([warp(x[b], A[b], t[b], center=center) for b in blocks])
     labels = (
         torch.zeros(n, dtype=torch.long)
         if num_bases == 1
@@ -173,6 +175,7 @@ def learn_bases(
         else:
             starts.append(aligned.mean(0, keepdim=True))
     bases = torch.cat(starts)
+    del aligned, starts
     for _ in range(rounds):
         bg = radial_background(bases, center=center) if background else torch.zeros_like(bases)
         lattice = bases - bg
@@ -184,8 +187,7 @@ def learn_bases(
         total = torch.zeros_like(bases)
         count = torch.zeros_like(bases)
         fits: list[dict[str, torch.Tensor]] = []
-        for start_ in range(0, n, batch_size):
-            sl = slice(start_, start_ + batch_size)
+        for sl in blocks:
             fit = refine_affine(
                 x[sl],
                 lattice[labels[sl]],
