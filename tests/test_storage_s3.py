@@ -82,9 +82,16 @@ def test_credentials_in_the_url_never_reach_messages_or_stores(tmp_path, s3, s3_
     np.save(tmp_path / "s.npy", scan())
     bucket = s3.removeprefix("s3://")
     url = f"s3://{s3_server.access_key}:{s3_server.secret_key}@{bucket}/s.zarr"
-    code = main(["ingest", str(tmp_path / "nope.npy"), url, "--quiet"])
-    err = capsys.readouterr().err
-    assert code == 2 and s3_server.secret_key not in err
+    for args in ([str(tmp_path / "s.npy"), url], [url, str(tmp_path / "s.zarr")]):
+        code = main(["ingest", *args, "--quiet"])
+        err = capsys.readouterr().err
+        assert code == 2 and s3_server.secret_key not in err and s3_server.access_key not in err
+        assert err.strip() == (
+            f"stemflow ingest: error: {s3}/s.zarr: a URL must not carry credentials (they would "
+            "reach logs and messages); set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or "
+            "AWS_PROFILE) instead."
+        )
+    assert keys(s3) == [] and not (tmp_path / "s.zarr").exists()
 
 
 def test_unreachable_endpoint_fails_fast_with_one_sentence(tmp_path, s3, monkeypatch, capsys):

@@ -132,14 +132,21 @@ def locate(url: str | os.PathLike[str]) -> Location:
     Raises
     ------
     InputError
-        If the URL's protocol is not installed (e.g. ``gs://`` without gcsfs).
+        If the URL's protocol is not installed (e.g. ``gs://`` without gcsfs), or the URL
+        carries a user name or password (``s3://KEY:SECRET@bucket/key``).
     """
     url = os.fspath(url)
     if not url:
         raise InputError(
             "An empty path was given: pass a file path or a URL such as s3://bucket/key."
         )
-    scheme = urlsplit(url).scheme
+    parts = urlsplit(url)
+    scheme = parts.scheme
+    if len(scheme) > 1 and "@" in parts.netloc:
+        raise InputError(
+            f"{redact(url)}: a URL must not carry credentials (they would reach logs and "
+            "messages); set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) instead."
+        )
     if len(scheme) <= 1:  # a plain path (or a Windows drive letter)
         path = os.path.abspath(os.path.expanduser(url))
         return Location(url=path, fs=fsspec.filesystem("file"), path=path)
