@@ -119,7 +119,7 @@ def paper_scale(counts: float) -> float:
     return 1.0 / counts * 1e5 / 4
 
 
-def _check(background: float, counts: float, model: str) -> None:
+def _check(background: float, counts: float, model: str, seed: int) -> None:
     if model not in _MODELS:
         raise InputError(
             f"model={model!r} is not a noise model; use --model background or --model dose."
@@ -146,6 +146,8 @@ def _check(background: float, counts: float, model: str) -> None:
             f"counts={counts!r} is not a positive dose; pass --counts N > 0 (the paper uses 1e5)."
         )
     count_dtype(n)
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise InputError(f"seed={seed!r} is not an integer >= 0; pass --seed S with S >= 0.")
 
 
 def _noisy_block(
@@ -226,7 +228,7 @@ def add_noise(
     >>> noisy.dtype, int(noisy[0, 0].sum().compute()) > 9000
     (dtype('uint16'), True)
     """
-    _check(background, counts, model)
+    _check(background, counts, model, seed)
     if patterns.ndim != 4:
         raise InputError(
             f"patterns has shape {patterns.shape}; add_noise needs 4 dims (rx, ry, qx, qy)."
@@ -284,7 +286,7 @@ def noise_store(
         For bad parameters, a missing source, a store without the dims of CONVENTIONS.md, or
         ``dest`` equal to ``source``; nothing is published.
     """
-    _check(background, counts, model)
+    _check(background, counts, model, seed)
     src, out = locate(source), locate(dest)
     if src.fs.protocol == out.fs.protocol and src.path.rstrip("/") == out.path.rstrip("/"):
         raise InputError(f"DEST {redact(dest)} is the SOURCE; choose another destination.")

@@ -21,6 +21,7 @@ import numpy as np
 import xarray as xr
 
 from .errors import InputError
+from .io.scan_store import check_destination
 from .io.storage import Location, locate, redact, staged, storage_errors
 from .types import SCAN_DIMS
 
@@ -178,9 +179,11 @@ def write_strain(ds: xr.Dataset, dest: str | Location) -> str:
     """Write a strain dataset to a Zarr v3 store atomically; returns the URL.
 
     The store is written under a temporary name, opened and checked, then published (see
-    :func:`stemlib.io.storage.staged`); an existing store at ``dest`` is replaced only then.
+    :func:`stemlib.io.storage.staged`); an existing strain store at ``dest`` is replaced only
+    then, and anything else there is refused (:func:`stemlib.io.scan_store.check_destination`).
     """
     dest = locate(dest) if isinstance(dest, str) else dest
+    check_destination(dest, "strain")
     _check_strain(ds, redact(dest.url))
     out = ds.copy()
     out.attrs = _jsonable(ds.attrs)

@@ -290,6 +290,10 @@ def test_destination_equal_to_the_source_is_refused(source):
             "counts=0.0 is not a positive dose; pass --counts N > 0 (the paper uses 1e5).",
         ),
         (
+            ["--background", "0.5", "--seed", "-1"],
+            "seed=-1 is not an integer >= 0; pass --seed S with S >= 0.",
+        ),
+        (
             ["--background", "0.2", "--model", "dose"],
             "the dose model has no background, got background=0.2; pass --background 0 with "
             "--model dose, or use --model background.",
@@ -301,6 +305,21 @@ def test_cli_bad_input_exits_non_zero_with_one_sentence(source, tmp_path, capsys
     err = capsys.readouterr().err
     assert code == 2 and err == f"stemflow noise: error: {message}\n"
     assert leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("command", ["noise", "simulate"])
+def test_cli_never_replaces_what_is_not_a_scan_store(source, tmp_path, capsys, command):
+    (tmp_path / "notes.txt").write_text("my notes")
+    args = ["--background", "0.5"] if command == "noise" else ["--scan", "4,4", "--pattern", "32"]
+    src = [source] if command == "noise" else []
+    assert main([command, *src, str(tmp_path / "notes.txt"), *args, "--quiet"]) == 2
+    assert capsys.readouterr().err == (
+        f"stemflow {command}: error: {tmp_path / 'notes.txt'} already exists and is not a "
+        "stemflow scan store, the only thing a run replaces; choose another destination or "
+        "remove it.\n"
+    )
+    assert sorted(os.listdir(tmp_path)) == ["notes.txt"]
+    assert (tmp_path / "notes.txt").read_text() == "my notes"
 
 
 def test_cli_writes_the_noisy_store(source, tmp_path, capsys):

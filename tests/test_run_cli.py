@@ -4,6 +4,8 @@ through the flow in test_process_scan.py."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from flows.cli import main
@@ -48,6 +50,23 @@ def test_a_destination_holding_something_else_is_refused(raw, tmp_path, capsys):
     assert main(["run", raw, str(tmp_path / "notes.zarr")]) == 2
     assert "is not a stemflow strain store" in _error(capsys)
     assert (tmp_path / "notes.zarr").read_text() == "my notes"
+
+
+def test_a_scan_store_source_is_checked_and_never_replaced(tmp_path, capsys):
+    from stemlib.io import open_scan
+    from stemlib.simulate import SimulationConfig, write_simulation
+
+    store = str(tmp_path / "scan.zarr")
+    write_simulation(SimulationConfig(scan=(6, 6), pattern=32, grains=2, seed=1), store)
+    assert (
+        main(["run", store, str(tmp_path / "out" / "strain.zarr"), "--reference", "8:9,0:2"]) == 2
+    )
+    assert "lies outside the scan of 6 x 6 positions" in _error(capsys)
+    assert main(["run", store, store]) == 2
+    assert f"{store} already exists and is not a stemflow strain store" in _error(capsys)
+    assert open_scan(store).shape == (6, 6, 32, 32) and sorted(os.listdir(tmp_path)) == [
+        "scan.zarr"
+    ]
 
 
 def test_the_demo_scan_is_written_once_with_its_truth(tmp_path):

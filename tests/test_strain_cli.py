@@ -167,6 +167,23 @@ def test_a_strain_store_given_as_the_scan(tmp_path, capsys):
     assert _nothing_published(tmp_path)
 
 
+@pytest.mark.parametrize("method", ["py4dstem", "ccstae"])
+def test_a_destination_holding_something_else_is_refused_before_any_work(
+    scan, tmp_path, capsys, method
+):
+    folder = tmp_path / "thesis"
+    folder.mkdir()
+    (folder / "chapter1.tex").write_text("months of work")
+    for dest in (str(folder), scan):
+        assert main(["strain", scan, dest, "--method", method]) == 2
+        assert _error(capsys) == (
+            f"stemflow strain: error: {dest} already exists and is not a stemflow strain store, "
+            "the only thing a run replaces; choose another destination or remove it."
+        )
+    assert (folder / "chapter1.tex").read_text() == "months of work"
+    assert os.listdir(tmp_path) == ["thesis"] and open_truth(scan).sizes["rx"] == 12
+
+
 def test_bad_config(scan, tmp_path, capsys):
     (tmp_path / "bad.yaml").write_text("threshold_sigmaa: 3\n")
     dest = str(tmp_path / "strain.zarr")

@@ -6,9 +6,10 @@ import argparse
 import logging
 from typing import Any
 
-from stemlib.errors import InputError
+from stemlib.io import open_scan
 from stemlib.io.readers import open_source
-from stemlib.io.storage import locate, redact
+from stemlib.io.scan_store import check_destination
+from stemlib.io.storage import locate
 from stemlib.reference import parse_reference
 
 from .ingest import add_source_arguments, options_from_args
@@ -128,21 +129,15 @@ def run_pipeline(
 
 def _check(source: str, dest: str, options: dict[str, Any]) -> None:
     """Refuse a mistake before any work starts (one sentence, nothing written)."""
-    scan = (
-        open_source(
+    shape = (
+        open_scan(source).shape
+        if _is_store(source)
+        else open_source(
             source, format=options["ingest"].format, options=options["ingest"].read_options()
-        )
-        if not _is_store(source)
-        else None
+        ).data.shape
     )
-    if scan is not None:
-        parse_reference(options["reference"], tuple(int(n) for n in scan.data.shape[:2]))  # type: ignore[arg-type]
-    target = locate(dest)
-    if target.exists() and not _is_store(dest):
-        raise InputError(
-            f"{redact(dest)} already exists and is not a stemflow strain store; "
-            "choose another destination."
-        )
+    parse_reference(options["reference"], (int(shape[0]), int(shape[1])))
+    check_destination(dest, "strain")
 
 
 def _is_store(url: str) -> bool:

@@ -23,6 +23,7 @@ import xarray as xr
 
 from stemlib.errors import InputError
 from stemlib.io import open_scan
+from stemlib.io.scan_store import check_destination
 from stemlib.io.storage import local_workdir, redact, work_folder
 from stemlib.plots import png_url, save_png, strain_figure
 from stemlib.reference import parse_reference
@@ -147,6 +148,7 @@ def _symmetry(text: str) -> Any:
 def _run(args: argparse.Namespace) -> int:
     scan = open_scan(args.scan)
     # Check the cheap arguments before any compute: nothing is published on a mistake.
+    check_destination(args.dest, "strain")
     parse_reference(args.reference, (int(scan.shape[0]), int(scan.shape[1])))
     config = read_config(args.config, args.method, device=args.device)
     files = {}

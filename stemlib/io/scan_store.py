@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import dask
 import dask.array as da
@@ -40,6 +40,7 @@ __all__ = [
     "write_scan",
     "open_scan",
     "read_store_attrs",
+    "check_destination",
     "HASH_SCHEME",
 ]
 
@@ -155,6 +156,33 @@ def read_store_attrs(location: Location) -> dict[str, Any] | None:
         return dict(group.attrs)
 
 
+#: The attribute that marks each kind of stemflow store.
+_MARK = {"scan": "content_sha256", "strain": "methods"}
+
+
+def check_destination(dest: str | Location, kind: Literal["scan", "strain"]) -> None:
+    """Refuse a destination whose publication would destroy something else: a run replaces
+    only a stemflow store of its own ``kind`` (or an empty folder) at ``dest``, never a file
+    or folder of the user's, nor a store of the other kind (the input scan, say).
+
+    Raises
+    ------
+    InputError
+        If ``dest`` holds anything else.
+    """
+    dest = locate(dest) if isinstance(dest, str) else dest
+    if not dest.exists():
+        return
+    with storage_errors(dest.url):
+        empty = dest.fs.isdir(dest.path) and not dest.fs.ls(dest.path)
+    attrs = {} if empty else read_store_attrs(dest)
+    if attrs is None or not (empty or _MARK[kind] in attrs):
+        raise InputError(
+            f"{redact(dest.url)} already exists and is not a stemflow {kind} store, the only "
+            "thing a run replaces; choose another destination or remove it."
+        )
+
+
 @dataclass(frozen=True)
 class WriteResult:
     """What :func:`write_scan` published (JSON-ready via :meth:`as_dict`)."""
@@ -190,8 +218,9 @@ def write_scan(
     data
         Lazy array of shape (RX, RY, QX, QY) (``qx`` = pattern rows, axis 2), any dtype.
     dest
-        Local path or fsspec URL of the store. An existing store there is replaced only once the
-        new one is complete and verified.
+        Local path or fsspec URL of the store. An existing scan store there is replaced only
+        once the new one is complete and verified; anything else there is refused
+        (:func:`check_destination`).
     calibration
         Stored as attributes and used for the coordinates (:func:`stemlib.calibration.scan_coords`).
     attrs
@@ -213,9 +242,11 @@ def write_scan(
     Raises
     ------
     InputError
-        Float data holding NaN/Inf when ``allow_nonfinite`` is False (nothing is published).
+        Float data holding NaN/Inf when ``allow_nonfinite`` is False, or a ``dest`` that holds
+        something other than a scan store (nothing is published).
     """
     dest = locate(dest) if isinstance(dest, str) else dest
+    check_destination(dest, "scan")
     if data.ndim != 4:
         raise InputError(f"a scan needs 4 dims (rx, ry, qx, qy), got shape {data.shape}.")
     shape = tuple(int(n) for n in data.shape)
