@@ -129,7 +129,8 @@ def strain_dataset(
 def combine_methods(
     datasets: list[xr.Dataset], *, attrs: Mapping[str, Any] | None = None
 ) -> xr.Dataset:
-    """Concatenate single-method datasets along ``method`` (extras absent in one become NaN).
+    """Concatenate single-method datasets along ``method`` (extras absent in one become NaN, as
+    floats, also where the other method's are integers or booleans, and stay NaN when written).
 
     Dataset attributes are those of the first dataset, updated by ``attrs``; the per-method
     records under ``methods`` are merged.
@@ -152,6 +153,10 @@ def combine_methods(
     for ds in datasets:
         for name, var in ds.data_vars.items():
             combined[name].attrs = dict(var.attrs)
+    for var in combined.data_vars.values():
+        # A store's integer or boolean encoding would write the NaN of a method without that
+        # variable as INT_MIN or True.
+        var.encoding = {}
     methods: dict[str, Any] = {}
     for ds in datasets:
         methods.update(ds.attrs.get("methods", {}))

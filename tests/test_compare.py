@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from stemlib.compare import compare_methods, statistics_table
-from stemlib.results import combine_methods, strain_dataset
+from stemlib.results import combine_methods, open_strain, strain_dataset, write_strain
 from stemlib.truth import truth_dataset
 
 
@@ -38,6 +38,28 @@ def test_differences_and_mae_against_a_known_truth():
     table = statistics_table(stats)
     assert "| MAE exx vs truth (1e-3) | 1.000 | 2.000 |" in table
     assert "| coverage | 100.0% | 83.3% |" in table
+
+
+def test_variables_of_one_method_are_nan_for_the_other_once_written(tmp_path):
+    zero = np.zeros((2, 3))
+    stored = []
+    for method, extra, value in (("ccstae", "class_map", np.int32(1)), ("py4dstem", "n_disks", 7)):
+        ds = strain_dataset(method, exx=zero, eyy=zero, exy=zero, theta=zero)
+        ds[extra] = ds["exx"].copy(data=np.full((1, 2, 3), value))
+        ds["reference_mask"] = ds["valid"].copy(data=np.ones((1, 2, 3), bool))
+        if method == "py4dstem":
+            ds = ds.drop_vars("reference_mask")
+        write_strain(ds, str(tmp_path / f"{method}.zarr"))
+        stored.append(open_strain(str(tmp_path / f"{method}.zarr")))
+    write_strain(combine_methods(stored), str(tmp_path / "both.zarr"))
+    both = open_strain(str(tmp_path / "both.zarr"))
+    assert both["class_map"].sel({"method": "ccstae"}).values.tolist() == [[1, 1, 1]] * 2
+    assert np.isnan(both["class_map"].sel({"method": "py4dstem"})).all()
+    assert np.isnan(both["n_disks"].sel({"method": "ccstae"})).all()
+    assert (both["n_disks"].sel({"method": "py4dstem"}) == 7).all()
+    assert (both["reference_mask"].sel({"method": "ccstae"}) == 1).all()
+    assert np.isnan(both["reference_mask"].sel({"method": "py4dstem"})).all()
+    assert both["valid"].dtype == bool and both["valid"].all()
 
 
 def test_rotation_differences_wrap_by_the_symmetry():
