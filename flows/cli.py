@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 from pydantic import ValidationError
 
+from stemlib.config_file import validation_sentence
 from stemlib.errors import StemflowError
 
 __all__ = ["main", "build_parser"]
@@ -34,12 +35,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _validation_sentence(exc: ValidationError) -> str:
-    first = exc.errors()[0]
-    where = ".".join(str(p) for p in first.get("loc", ())) or "input"
-    return f"{where}: {first.get('msg', 'invalid value')}; correct it and run again."
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -47,16 +42,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return int(args.run(args) or 0)
+        status = int(args.run(args) or 0)
+        sys.stdout.flush()  # a reader that left (| head) shows here, not at exit
+        return status
     except StemflowError as exc:
         print(f"stemflow {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except ValidationError as exc:
-        print(f"stemflow {args.command}: error: {_validation_sentence(exc)}", file=sys.stderr)
+        sentence = validation_sentence(exc)
+        print(
+            f"stemflow {args.command}: error: {sentence}; correct it and run again.",
+            file=sys.stderr,
+        )
         return 2
     except KeyboardInterrupt:
         print(f"stemflow {args.command}: interrupted; nothing was published.", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `stemflow ... | head`: the reader left
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except OSError as exc:  # a local path that cannot be written: not a folder, disk full, ...
+        if exc.filename is None:
+            raise
+        print(
+            f"stemflow {args.command}: error: {exc.filename}: {exc.strerror}; check the path "
+            "and that you can write there.",
+            file=sys.stderr,
+        )
+        return 2
 
 
 if __name__ == "__main__":

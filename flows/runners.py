@@ -10,10 +10,16 @@ from typing import Any
 import dask
 from prefect_dask import DaskTaskRunner
 
-from stemlib.errors import ResourceError
+from stemlib.errors import InputError, ResourceError
 from stemlib.resources import usable_cores
 
-__all__ = ["dask_runner", "local_cluster", "local_cluster_kwargs", "workers_that_died_explained"]
+__all__ = [
+    "check_scheduler",
+    "dask_runner",
+    "local_cluster",
+    "local_cluster_kwargs",
+    "workers_that_died_explained",
+]
 
 # distributed starts its workers with MALLOC_TRIM_THRESHOLD_=65536, which also pins glibc's mmap
 # threshold at 128 KiB: every pattern-sized temporary (py4DSTEM's per-pattern FFTs, torch's
@@ -64,6 +70,10 @@ def local_cluster(n_workers: int | None = None) -> Any:
     return LocalCluster(**local_cluster_kwargs(n_workers))
 
 
+#: Seconds to wait for a Dask scheduler before calling it unreachable.
+SCHEDULER_TIMEOUT_S = 10
+
+
 def dask_runner(address: str | None = None, *, n_workers: int | None = None) -> DaskTaskRunner:
     """A :class:`~prefect_dask.DaskTaskRunner`.
 
@@ -80,6 +90,27 @@ def dask_runner(address: str | None = None, *, n_workers: int | None = None) -> 
     return DaskTaskRunner(
         cluster_class="distributed.LocalCluster", cluster_kwargs=local_cluster_kwargs(n_workers)
     )
+
+
+def check_scheduler(address: str, *, option: str) -> None:
+    """Refuse, before any work, a Dask scheduler at ``address`` that cannot be reached within
+    :data:`SCHEDULER_TIMEOUT_S` (``option``: where the address came from, for the message).
+
+    Raises
+    ------
+    InputError
+        If no scheduler answers there, or ``address`` is not an address.
+    """
+    from distributed import Client
+
+    try:
+        with Client(address, timeout=f"{SCHEDULER_TIMEOUT_S}s"):
+            pass
+    except (OSError, ValueError) as exc:
+        raise InputError(
+            f"no Dask scheduler answers at {address} ({option}: {exc}); start it, correct the "
+            "address (tcp://host:8786) or leave it out to run on this machine."
+        ) from None
 
 
 def _cuda_visible() -> bool:

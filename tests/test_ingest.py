@@ -202,6 +202,30 @@ def test_bad_input_is_one_sentence_and_publishes_nothing(
     assert leftovers(tmp_path) == []
 
 
+def test_a_destination_under_a_file_is_one_sentence(tmp_path, capsys):
+    np.save(tmp_path / "s.npy", scan())
+    dest = tmp_path / "s.npy" / "s.zarr"
+    assert main(["ingest", str(tmp_path / "s.npy"), str(dest), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("stemflow ingest: error: ") and "Traceback" not in err
+    assert "Not a directory; check the path and that you can write there." in err
+    assert len(err.strip().splitlines()) == 1 and os.listdir(tmp_path) == ["s.npy"]
+
+
+def test_a_reader_that_leaves_the_pipe_gets_no_traceback():
+    """``stemflow ingest --list-formats | head -1``: the pipe closes before the list is out."""
+    import subprocess
+    import sys
+
+    run = subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", "ingest", "--list-formats"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    run.stdout.close()
+    assert run.stderr.read() == b"" and run.wait() == 1
+
+
 def test_interrupted_write_publishes_nothing(tmp_path, monkeypatch):
     """A failure while blocks stream leaves neither the destination nor a temporary store."""
     import stemlib.io.scan_store as store

@@ -203,6 +203,38 @@ def test_bad_config(scan, tmp_path, capsys):
     assert "none.yaml does not exist; pass a YAML or JSON file of Py4DSTEMConfig fields." in _error(
         capsys
     )
+    for method, name, text, message in (
+        (
+            "py4dstem",
+            "broken.yaml",
+            "min_disks: 5\nthreshold_sigma: [6\n",
+            "not valid YAML (line 3)",
+        ),
+        ("ccstae", "broken.json", '{"epochs": 1,', "not valid JSON (line 1)"),
+        ("ccstae", "typo.yaml", "epoch: 1\n", "typo.yaml: epoch: Extra inputs are not permitted"),
+    ):
+        (tmp_path / name).write_text(text)
+        args = ["strain", scan, dest, "--method", method, "--config", str(tmp_path / name)]
+        assert main(args) == 2
+        assert f"config file {tmp_path / name}" in (err := _error(capsys)) and message in err
+    assert _nothing_published(tmp_path)
+
+
+def test_an_unreachable_dask_scheduler(scan, tmp_path, capsys, monkeypatch):
+    from flows import runners
+
+    from .conftest import closed_port
+
+    monkeypatch.setattr(runners, "SCHEDULER_TIMEOUT_S", 2)
+    address = f"tcp://127.0.0.1:{closed_port()}"
+    monkeypatch.setenv("DASK_SCHEDULER_ADDRESS", address)
+    dest = str(tmp_path / "strain.zarr")
+    assert main(["strain", scan, dest, "--method", "py4dstem"]) == 2
+    err = _error(capsys)
+    assert err.startswith(f"stemflow strain: error: no Dask scheduler answers at {address} (")
+    assert err.endswith(
+        "start it, correct the address (tcp://host:8786) or leave it out to run on this machine."
+    )
     assert _nothing_published(tmp_path)
 
 

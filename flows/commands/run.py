@@ -150,6 +150,10 @@ def _is_store(url: str) -> bool:
 def _run(args: argparse.Namespace) -> int:
     options = {**pipeline_options(args), "ingest": options_from_args(args)}
     _check(args.source, args.dest, options)
+    if args.dask_address:
+        from flows.runners import check_scheduler
+
+        check_scheduler(args.dask_address, option="--dask-address")
     published = run_pipeline(args.source, args.dest, dask_address=args.dask_address, **options)
     print(f"\n{published['table']}\n")
     print(

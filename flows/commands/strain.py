@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import xarray as xr
 
+from stemlib.config_file import read_mapping, validated
 from stemlib.errors import InputError
 from stemlib.io import open_scan
 from stemlib.io.scan_store import check_destination
@@ -60,24 +59,7 @@ def read_config(
 
     if path is None:
         return None
-    file = Path(path)
-    if not file.is_file():
-        raise InputError(
-            f"config file {path} does not exist; pass a YAML or JSON file of Py4DSTEMConfig fields."
-        )
-    text = file.read_text()
-    if file.suffix == ".json":
-        data = json.loads(text)
-    else:
-        import yaml
-
-        data = yaml.safe_load(text)
-    if not isinstance(data, dict):
-        raise InputError(
-            f"config file {path} does not hold a mapping of Py4DSTEMConfig fields; "
-            "write `field: value` lines."
-        )
-    return Py4DSTEMConfig(**data)
+    return validated(path, Py4DSTEMConfig, **read_mapping(path, Py4DSTEMConfig))
 
 
 @contextlib.contextmanager
@@ -86,10 +68,11 @@ def _dask_cluster() -> Iterator[None]:
     ``LocalCluster`` with one single-threaded worker process per core, on loopback."""
     from distributed import Client
 
-    from ..runners import local_cluster
+    from ..runners import check_scheduler, local_cluster
 
     address = os.environ.get("DASK_SCHEDULER_ADDRESS")
     if address:
+        check_scheduler(address, option="DASK_SCHEDULER_ADDRESS")
         with Client(address):
             yield
         return

@@ -8,13 +8,13 @@ every checkpoint and in the result's provenance, and can be read from YAML or JS
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..config_file import read_mapping, validated
 from ..ellipse import DetectorEllipse
 from ..errors import InputError
 from ..masks import MaskSchedule
@@ -209,25 +209,14 @@ class CCSTAEConfig(BaseModel):
         Raises
         ------
         InputError
-            If the file does not exist or is not a mapping.
+            If the file does not exist, is not valid YAML/JSON, is not a mapping, or holds a
+            bad field (the sentence names the file).
         """
-        import yaml
-
-        path = Path(path)
-        if not path.is_file():
-            raise InputError(
-                f"config file {path} does not exist; pass a YAML or JSON file of CCSTAEConfig "
-                f"fields."
-            )
-        text = path.read_text()
-        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-        if not isinstance(data, dict):
-            raise InputError(
-                f"config file {path} does not hold a mapping of CCSTAEConfig fields; write "
-                f"`field: value` lines."
-            )
+        data = read_mapping(path, cls)
         name = data.pop("preset", None) or preset
-        return cls.for_device(device, **data) if name == "auto" else cls.preset(name, **data)
+        if name == "auto":
+            return validated(path, cls.for_device, device, **data)
+        return validated(path, cls.preset, name, **data)
 
 
 #: The named recipes. ``cpu``: 16 channels, encoder on a 2x downsampled input, 12 epochs.
