@@ -22,6 +22,7 @@ import json
 import sys
 import tempfile
 import time
+import zipfile
 from contextlib import ExitStack
 from dataclasses import dataclass
 from functools import partial
@@ -271,6 +272,16 @@ def _rotation_stage(
     }
 
 
+def _read_rotation(path: Path) -> dict[str, np.ndarray] | None:
+    """The rotation stage's saved result, or None where there is none that reads whole (the
+    stage then runs again: it is a cache of the sample and the scan)."""
+    try:
+        with np.load(path) as saved:
+            return {name: saved[name] for name in saved.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile):
+        return None
+
+
 def _grain_of_one_turn(theta: np.ndarray, symmetry: int) -> np.ndarray:
     """The largest connected region of one rotation (:func:`stemlib.reference.auto_reference`
     on the angles folded by the lattice's ``symmetry``), (RX, RY) bool; all False if none.
@@ -425,9 +436,8 @@ def _train_stages(
 
     start = time.perf_counter()
     rotation_file = folder / "rotation.npz"
-    if rotation_file.exists() and record is not None:
-        search = dict(np.load(rotation_file))
-    else:
+    search = _read_rotation(rotation_file) if record is not None else None
+    if search is None:
         if sample is None:
             sample, pick = sample_patterns(
                 data, n=config.search_patterns, seed=config.seed, include=include
@@ -446,7 +456,9 @@ def _train_stages(
             poisson=poisson,
             beam=setup["beam_radius_px"],
         )
-        np.savez(rotation_file, **search)
+        partial_file = rotation_file.with_suffix(".partial.npz")
+        np.savez(partial_file, **search)
+        partial_file.replace(rotation_file)  # whole or absent: a kill mid-write leaves no stub
     del sample
     timings["rotation_search_s"] = time.perf_counter() - start
 
