@@ -25,7 +25,7 @@ class Calibration(BaseModel):
     ['probe_step_nm', 'q_pixel_size', 'q_pixel_units']
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     beam_energy_keV: float | None = Field(None, gt=0, description="Beam energy (keV).")
     convergence_semiangle_mrad: float | None = Field(

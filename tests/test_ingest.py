@@ -202,6 +202,32 @@ def test_bad_input_is_one_sentence_and_publishes_nothing(
     assert leftovers(tmp_path) == []
 
 
+@pytest.mark.parametrize(
+    ("data", "extra", "message"),
+    [
+        (np.zeros((2, 2, 8, 8), np.complex64), [], "holds complex64 values; a scan needs real"),
+        (np.zeros((2, 2, 8, 8), bool), [], "holds bool values; a scan needs real numbers"),
+        (
+            np.zeros((2, 2, 8, 8), np.uint16),
+            ["--origin", "500,3"],
+            "the direct beam (origin) (500.0, 3.0) px lies outside the 8 x 8 px patterns",
+        ),
+        (np.zeros((2, 2, 8, 8), np.uint16), ["--origin", "nan,3"], "origin_px.0: Input should"),
+        (
+            np.zeros((2, 2, 8, 8), np.uint16),
+            ["--qr-rotation-deg", "inf"],
+            "qr_rotation_deg: Input should be a finite number",
+        ),
+    ],
+)
+def test_values_that_are_not_a_scan_or_its_calibration(tmp_path, capsys, data, extra, message):
+    np.save(tmp_path / "s.npy", data)
+    assert main(["ingest", str(tmp_path / "s.npy"), str(tmp_path / "s.zarr"), *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("stemflow ingest: error: ") and message in err
+    assert leftovers(tmp_path) == [] and os.listdir(tmp_path) == ["s.npy"]
+
+
 def test_a_destination_under_a_file_is_one_sentence(tmp_path, capsys):
     np.save(tmp_path / "s.npy", scan())
     dest = tmp_path / "s.npy" / "s.zarr"

@@ -156,7 +156,7 @@ def _run(args: argparse.Namespace) -> int:
         f"wrote {redact(url)}: {args.method} strain of {ds.sizes['rx']} x {ds.sizes['ry']} "
         f"positions, coverage {100 * record['coverage']:.1f} %, "
         f"reference {ds.attrs.get('reference', args.reference)}, "
-        f"symmetry {ds.attrs.get('symmetry', args.symmetry)}",
+        f"symmetry {record.get('symmetry', ds.attrs.get('symmetry', args.symmetry))}",
         f"  maps {redact(png)}",
     ]
     if files:

@@ -250,6 +250,18 @@ def write_scan(
     if data.ndim != 4:
         raise InputError(f"a scan needs 4 dims (rx, ry, qx, qy), got shape {data.shape}.")
     shape = tuple(int(n) for n in data.shape)
+    if data.dtype.kind not in "uif":
+        raise InputError(
+            f"the scan for {redact(dest.url)} holds {data.dtype} values; a scan needs real "
+            "numbers (integer or float counts)."
+        )
+    origin = calibration.origin_px
+    if origin is not None and not all(0 <= o < n for o, n in zip(origin, shape[2:], strict=True)):
+        raise InputError(
+            f"the direct beam (origin) {tuple(origin)} px lies outside the {shape[2]} x "
+            f"{shape[3]} px patterns of the scan for {redact(dest.url)}; pass --origin QX,QY "
+            "within them."
+        )
     layout = layout or choose_layout(shape, data.dtype)  # type: ignore[arg-type]
     block = layout.write_block
     data = data.rechunk(block)
