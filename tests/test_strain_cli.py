@@ -184,6 +184,28 @@ def test_a_destination_holding_something_else_is_refused_before_any_work(
     assert os.listdir(tmp_path) == ["thesis"] and open_truth(scan).sizes["rx"] == 12
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["py4dstem", "ccstae"])
+def test_non_finite_pixels_stored_on_purpose_read_as_no_counts(scan, tmp_path, capsys, method):
+    """A dead pixel (NaN in every pattern) and a lost pattern (all NaN), ingested with
+    --allow-nonfinite: the lost position gets no answer, the others their known strain."""
+    from stemlib.io import open_scan
+
+    data = open_scan(scan).values.astype(np.float32)
+    data[:, :, 5, 7] = np.nan
+    data[3, 4] = np.nan
+    np.save(tmp_path / "nan.npy", data)
+    store, dest = str(tmp_path / "nan.zarr"), str(tmp_path / "strain.zarr")
+    assert main(["ingest", str(tmp_path / "nan.npy"), store, "--allow-nonfinite", "--quiet"]) == 0
+    (tmp_path / "short.yaml").write_text("epochs: 2\n" if method == "ccstae" else "{}\n")
+    config = ["--config", str(tmp_path / "short.yaml")]
+    assert main(["strain", store, dest, "--method", method, "--device", "cpu", *config]) == 0
+    ds = open_strain(dest).sel({"method": method})
+    assert not ds["valid"][3, 4] and int(ds["valid"].sum()) == 143
+    errors = strain_errors(ds, open_truth(scan), symmetry=4)
+    assert max(errors[c] for c in ("exx", "eyy", "exy")) < 1e-3 and errors["theta"] < 1e-3
+
+
 def test_bad_config(scan, tmp_path, capsys):
     (tmp_path / "bad.yaml").write_text("threshold_sigmaa: 3\n")
     dest = str(tmp_path / "strain.zarr")

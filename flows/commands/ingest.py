@@ -48,7 +48,10 @@ def add_source_arguments(parser: argparse.ArgumentParser) -> None:
     )
     cal.add_argument("--qr-rotation-deg", type=float, help="scan-to-detector rotation (deg)")
     parser.add_argument(
-        "--allow-nonfinite", action="store_true", help="store float data holding NaN/Inf"
+        "--allow-nonfinite",
+        action="store_true",
+        help="store float data holding NaN/Inf (masked pixels); strain reads them as 0 counts, "
+        "and a pattern that is all NaN gets no answer",
     )
 
 

@@ -21,9 +21,11 @@ import dask
 import dask.array as da
 import numpy as np
 import torch
+import xarray as xr
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..errors import InputError
+from ..io.scan_store import finite_counts
 
 __all__ = [
     "Preprocess",
@@ -45,7 +47,7 @@ def as_dask(scan: Any) -> da.Array:
     InputError
         If it does not have 4 dims (rx, ry, qx, qy).
     """
-    data = getattr(scan, "data", scan)
+    data = finite_counts(scan) if isinstance(scan, xr.DataArray) else scan
     if not isinstance(data, da.Array):
         data = da.from_array(np.asarray(data), chunks=(16, 16, -1, -1))
     if data.ndim != 4:

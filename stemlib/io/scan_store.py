@@ -41,6 +41,7 @@ __all__ = [
     "open_scan",
     "read_store_attrs",
     "check_destination",
+    "finite_counts",
     "HASH_SCHEME",
 ]
 
@@ -154,6 +155,16 @@ def read_store_attrs(location: Location) -> dict[str, Any] | None:
         except Exception:  # noqa: BLE001 - any unreadable metadata means "not a store of ours"
             return None
         return dict(group.attrs)
+
+
+def finite_counts(scan: xr.DataArray) -> da.Array:
+    """The scan's lazy data with the non-finite pixels of a store written with
+    ``allow_nonfinite`` (its ``nonfinite_pixels`` attribute) read as 0 counts, as a detector's
+    masked pixels; a pattern that is all NaN then shows no disks and gets no strain."""
+    data = scan.data if isinstance(scan.data, da.Array) else da.from_array(np.asarray(scan.data))
+    if not scan.attrs.get("nonfinite_pixels"):
+        return data
+    return da.where(da.isfinite(data), data, data.dtype.type(0))
 
 
 #: The attribute that marks each kind of stemflow store.

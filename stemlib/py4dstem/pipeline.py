@@ -12,6 +12,7 @@ from dask.base import tokenize
 
 from ..ellipse import detector_distortion, undistort_lattice
 from ..errors import InputError
+from ..io.scan_store import finite_counts
 from ..provenance import software_versions, utc_now
 from ..reference import auto_reference, describe_reference, parse_reference, region_mean
 from ..results import strain_dataset
@@ -224,7 +225,7 @@ def py4dstem_strain(
             "stemlib.io.open_scan."
         )
     where = str(scan.attrs.get("source") or scan.name or "the scan")
-    data = scan.data if isinstance(scan.data, da.Array) else da.from_array(np.asarray(scan.data))
+    data = finite_counts(scan)
     shape = (int(data.shape[0]), int(data.shape[1]))
     mask = parse_reference(reference, shape)
     if symmetry not in ("auto", 2, 4, 6):
