@@ -228,6 +228,30 @@ def test_values_that_are_not_a_scan_or_its_calibration(tmp_path, capsys, data, e
     assert leftovers(tmp_path) == [] and os.listdir(tmp_path) == ["s.npy"]
 
 
+@pytest.mark.parametrize("damage", ["cut short", "changed"])
+def test_a_damaged_chunk_is_one_sentence_never_wrong_counts(tmp_path, capsys, damage):
+    np.save(tmp_path / "s.npy", scan())
+    store = tmp_path / "s.zarr"
+    assert main(["ingest", str(tmp_path / "s.npy"), str(store), "--quiet"]) == 0
+    (chunk,) = (p for p in (store / "data" / "c").rglob("*") if p.is_file())
+    raw = bytearray(chunk.read_bytes())
+    if damage == "cut short":
+        raw = raw[: len(raw) // 2]
+    else:
+        raw[len(raw) // 2] ^= 0xFF  # one flipped byte: blosc alone would decode it silently
+    chunk.write_bytes(bytes(raw))
+    with pytest.raises(InputError) as error:
+        open_scan(str(store)).load()
+    assert str(error.value) == (
+        f"{store}: the patterns at rx 0:6, ry 0:5 cannot be read back (a chunk file was cut "
+        "short or changed); ingest the raw scan again."
+    )
+    capsys.readouterr()
+    assert main(["noise", str(store), str(tmp_path / "n.zarr"), "--background", "0.5"]) == 2
+    assert capsys.readouterr().err == f"stemflow noise: error: {error.value}\n"
+    assert not (tmp_path / "n.zarr").exists()
+
+
 def test_a_destination_under_a_file_is_one_sentence(tmp_path, capsys):
     np.save(tmp_path / "s.npy", scan())
     dest = tmp_path / "s.npy" / "s.zarr"

@@ -25,7 +25,7 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 import zarr
-from zarr.codecs import BloscCodec
+from zarr.codecs import BloscCodec, Crc32cCodec
 
 from ..calibration import Calibration, scan_coords
 from ..errors import InputError
@@ -290,7 +290,11 @@ def write_scan(
         encoding = {
             SCAN_VARIABLE: {
                 "chunks": layout.chunks,
-                "compressors": [BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle")],
+                # the checksum makes a damaged chunk fail to read instead of reading as wrong counts
+                "compressors": [
+                    BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle"),
+                    Crc32cCodec(),
+                ],
                 **({"shards": layout.shards} if layout.shards else {}),
             }
         }
@@ -384,8 +388,47 @@ def open_scan(url: str | Location) -> xr.DataArray:
             f"and holds {found or 'no variables'}; convert the raw scan with `stemflow ingest`."
         )
     scan = ds[SCAN_VARIABLE]
-    shards = scan.encoding.get("shards")
-    if shards:  # one dask block per shard, the unit a writer wrote, rather than per inner chunk
-        scan = scan.chunk(dict(zip(DIMS, shards, strict=False)))
-    scan.attrs = {**ds.attrs, **scan.attrs}
-    return scan
+    # one dask block per shard, the unit a writer wrote, rather than per inner chunk
+    chunks = scan.encoding.get("shards") or scan.encoding["chunks"]
+    with storage_errors(location.url):
+        stored = zarr.open_array(
+            location.url, path=SCAN_VARIABLE, mode="r", storage_options=options
+        )
+    data = da.from_array(
+        _Decoded(stored, where),
+        chunks=chunks,
+        name="scan-" + dask.base.tokenize(location.url, attrs.get("content_sha256"), chunks),
+        asarray=False,
+    )
+    return scan.copy(data=data).assign_attrs({**ds.attrs, **scan.attrs})
+
+
+@dataclass(frozen=True)
+class _Decoded:
+    """The stored scan, read by block: a block that does not decode (a truncated or damaged
+    chunk file, whose checksum fails) is one sentence naming the store."""
+
+    array: zarr.Array
+    where: str
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.array.shape)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(self.array.dtype)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.array.shape)
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        try:
+            return np.asarray(self.array[key])
+        except (RuntimeError, ValueError):  # blosc's error, the checksum's mismatch
+            rx, ry = (f"{k.start}:{k.stop}" if isinstance(k, slice) else k for k in key[:2])
+            raise InputError(
+                f"{self.where}: the patterns at rx {rx}, ry {ry} cannot be read back (a chunk "
+                "file was cut short or changed); ingest the raw scan again."
+            ) from None
