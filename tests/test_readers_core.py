@@ -86,6 +86,21 @@ def test_raw_truncated(tmp_path):
         open_source(str(tmp_path / "s.raw"), options=options)
 
 
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (12 * 6, r"has 72 bytes more than 12 frames of this layout \(6 per frame: a frame header"),
+        (5, r"has 5 bytes more than 12 frames of this layout; check --header-bytes"),
+    ],
+)
+def test_raw_with_bytes_its_layout_does_not_explain(tmp_path, extra, message):
+    """A header or footer left out of the options would misalign every frame."""
+    (tmp_path / "s.raw").write_bytes(b"\0" * (3 * 4 * 16 * 12 * 2 + extra))
+    options = ReadOptions(dtype="uint16", frame_shape=(16, 12), scan_shape=(3, 4))
+    with pytest.raises(InputError, match=message):
+        open_source(str(tmp_path / "s.raw"), options=options)
+
+
 def test_hdf5_single_4d_dataset_found(tmp_path):
     data = scan()
     with h5py.File(tmp_path / "s.h5", "w") as f:

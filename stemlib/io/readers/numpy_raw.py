@@ -114,6 +114,18 @@ def read_raw(location: Location, options: ReadOptions) -> SourceScan:
         frame_footer_bytes=options.frame_footer_bytes,
     )
     _check_size(frames, size, source)
+    extra = size - frames.expected_file_bytes
+    if extra:
+        per_frame = (
+            f" ({extra // n_frames} per frame: a frame header or footer?)"
+            if extra % n_frames == 0
+            else ""
+        )
+        raise InputError(
+            f"{source} has {extra} bytes more than {n_frames} frames of this layout{per_frame}; "
+            "check --header-bytes, --frame-header-bytes, --frame-footer-bytes, --dtype and "
+            "--scan-shape."
+        )
     return SourceScan(
         data=lazy_scan(frames, chunks=options.chunks),
         calibration=Calibration(),
