@@ -188,8 +188,8 @@ def write_strain(ds: xr.Dataset, dest: str | Location) -> str:
     then, and anything else there is refused (:func:`stemlib.io.scan_store.check_destination`).
     """
     dest = locate(dest) if isinstance(dest, str) else dest
-    check_destination(dest, "strain")
     _check_strain(ds, redact(dest.url))
+    check_destination(dest, "strain", methods=[str(m) for m in ds["method"].values])
     out = ds.copy()
     out.attrs = _jsonable(ds.attrs)
 

@@ -184,6 +184,21 @@ def test_a_destination_holding_something_else_is_refused_before_any_work(
     assert os.listdir(tmp_path) == ["thesis"] and open_truth(scan).sizes["rx"] == 12
 
 
+def test_another_methods_result_is_never_replaced(scan, tmp_path, capsys):
+    from stemlib.results import strain_dataset, write_strain
+
+    zeros = np.zeros((12, 12))
+    dest = str(tmp_path / "strain.zarr")
+    write_strain(strain_dataset("py4dstem", exx=zeros, eyy=zeros, exy=zeros, theta=zeros), dest)
+    assert main(["strain", scan, dest, "--method", "ccstae"]) == 2
+    assert _error(capsys) == (
+        f"stemflow strain: error: {dest} holds the py4dstem result, which the ccstae result "
+        "would replace; choose another destination, or run the methods together with "
+        "`stemflow run`."
+    )
+    assert list(open_strain(dest)["method"].values) == ["py4dstem"]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["py4dstem", "ccstae"])
 def test_non_finite_pixels_stored_on_purpose_read_as_no_counts(scan, tmp_path, capsys, method):

@@ -131,7 +131,7 @@ def _symmetry(text: str) -> Any:
 def _run(args: argparse.Namespace) -> int:
     scan = open_scan(args.scan)
     # Check the cheap arguments before any compute: nothing is published on a mistake.
-    check_destination(args.dest, "strain")
+    check_destination(args.dest, "strain", methods=[args.method])
     parse_reference(args.reference, (int(scan.shape[0]), int(scan.shape[1])))
     config = read_config(args.config, args.method, device=args.device)
     files = {}

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import warnings
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -171,10 +172,16 @@ def finite_counts(scan: xr.DataArray) -> da.Array:
 _MARK = {"scan": "content_sha256", "strain": "methods"}
 
 
-def check_destination(dest: str | Location, kind: Literal["scan", "strain"]) -> None:
+def check_destination(
+    dest: str | Location,
+    kind: Literal["scan", "strain"],
+    *,
+    methods: Collection[str] | None = None,
+) -> None:
     """Refuse a destination whose publication would destroy something else: a run replaces
     only a stemflow store of its own ``kind`` (or an empty folder) at ``dest``, never a file
-    or folder of the user's, nor a store of the other kind (the input scan, say).
+    or folder of the user's, nor a store of the other kind (the input scan, say); and a strain
+    store only if it holds no method but ``methods``, those of the result about to replace it.
 
     Raises
     ------
@@ -191,6 +198,13 @@ def check_destination(dest: str | Location, kind: Literal["scan", "strain"]) -> 
         raise InputError(
             f"{redact(dest.url)} already exists and is not a stemflow {kind} store, the only "
             "thing a run replaces; choose another destination or remove it."
+        )
+    others = sorted(set(attrs.get("methods", ())) - set(methods or ())) if methods else []
+    if others:
+        raise InputError(
+            f"{redact(dest.url)} holds the {' and '.join(others)} result, which the "
+            f"{' and '.join(methods)} result would replace; choose another destination, or "
+            "run the methods together with `stemflow run`."
         )
 
 
