@@ -16,7 +16,7 @@ from .calibration import Calibration
 from .errors import InputError
 from .io.readers import ReadOptions, open_source
 from .io.scan_store import read_store_attrs, write_scan
-from .io.storage import Location, locate, redact, storage_errors
+from .io.storage import Location, interrupted_publication, locate, redact, storage_errors
 from .provenance import fingerprint, software_versions, utc_now
 
 __all__ = ["IngestOptions", "IngestResult", "ingest", "source_key"]
@@ -98,7 +98,7 @@ def source_key(location: Location, options: IngestOptions) -> str:
 def _existing(dest: Location, key: str, overwrite: bool) -> dict[str, Any] | None:
     """The attrs of a finished store of this input at ``dest`` (skip), None to write; raises if
     ``dest`` holds something else."""
-    if not dest.exists():
+    if not dest.exists() or interrupted_publication(dest):
         return None
     attrs = read_store_attrs(dest)
     where = redact(dest.url)

@@ -32,7 +32,14 @@ from ..calibration import Calibration, scan_coords
 from ..errors import InputError
 from ..types import DIMS
 from .readers.base import READ_BLOCK_BYTES, probe_block
-from .storage import Location, locate, redact, staged, storage_errors
+from .storage import (
+    Location,
+    interrupted_publication,
+    locate,
+    redact,
+    staged,
+    storage_errors,
+)
 
 __all__ = [
     "SCAN_VARIABLE",
@@ -189,7 +196,7 @@ def check_destination(
         If ``dest`` holds anything else.
     """
     dest = locate(dest) if isinstance(dest, str) else dest
-    if not dest.exists():
+    if not dest.exists() or interrupted_publication(dest):
         return
     with storage_errors(dest.url):
         empty = dest.fs.isdir(dest.path) and not dest.fs.ls(dest.path)

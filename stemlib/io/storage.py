@@ -17,13 +17,14 @@ from __future__ import annotations
 import contextlib
 import os
 import posixpath
+import re
 import shutil
 import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
@@ -39,6 +40,7 @@ __all__ = [
     "remove",
     "local_workdir",
     "work_folder",
+    "interrupted_publication",
 ]
 
 #: Seconds to wait for an object store before calling it unreachable.
@@ -55,10 +57,24 @@ def redact(url: str) -> str:
     >>> redact("/data/scan.npy")
     '/data/scan.npy'
     """
-    parts = urlsplit(url)
-    if parts.scheme and "@" in parts.netloc:
-        return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
-    return url
+    userinfo = _userinfo(url)
+    return url.replace(userinfo, "", 1) if userinfo else url
+
+
+def _userinfo(url: str) -> str | None:
+    """The ``user:password@`` part of ``url``, also where the password holds a ``/`` (as AWS
+    secret keys do, which hides it from :func:`urllib.parse.urlsplit`'s netloc), else None.
+
+    >>> _userinfo("s3://KEY:abc/def@bucket/scan.zarr")
+    'KEY:abc/def@'
+    >>> _userinfo("s3://bucket/runs@2026/scan.zarr") is None
+    True
+    """
+    match = re.match(r"^[A-Za-z][A-Za-z0-9+.-]+://([^@]*@)", url)
+    if match is None:
+        return None
+    before = match.group(1)[:-1]
+    return match.group(1) if ":" in before or "/" not in before else None
 
 
 def _storage_options(protocol: str) -> dict[str, Any]:
@@ -140,9 +156,8 @@ def locate(url: str | os.PathLike[str]) -> Location:
         raise InputError(
             "An empty path was given: pass a file path or a URL such as s3://bucket/key."
         )
-    parts = urlsplit(url)
-    scheme = parts.scheme
-    if len(scheme) > 1 and "@" in parts.netloc:
+    scheme = urlsplit(url).scheme
+    if len(scheme) > 1 and _userinfo(url):
         raise InputError(
             f"{redact(url)}: a URL must not carry credentials (they would reach logs and "
             "messages); set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) instead."
@@ -247,16 +262,33 @@ def _publish_local(temp: Location, dest: Location) -> None:
         os.rename(temp.path, dest.path)
 
 
+#: Written first into a destination prefix that an object store publication fills, removed
+#: last: a prefix that still holds it is a publication of ours that was cut short.
+PUBLISHING = ".stemflow-publishing"
+
+
+def interrupted_publication(location: Location) -> bool:
+    """Whether ``location`` is an object store prefix whose publication was cut short (see
+    :data:`PUBLISHING`): a run may write there again."""
+    if location.is_local:
+        return False
+    with storage_errors(location.url):
+        return bool(location.fs.exists(posixpath.join(location.path, PUBLISHING)))
+
+
 def _publish_remote(temp: Location, dest: Location) -> None:
     fs = temp.fs
     if fs.exists(dest.path):
         fs.rm(dest.path, recursive=True)
+    marker = posixpath.join(dest.path, PUBLISHING)
+    fs.pipe(marker, b"")
     keys = [k for k in fs.find(temp.path) if not k.endswith("/")]
     root_meta = posixpath.join(temp.path, "zarr.json")
     # The root metadata goes last: before it lands the destination is not a readable group.
     ordered = sorted(keys, key=lambda k: (k == root_meta, k))
     for key in ordered:
         fs.copy(key, posixpath.join(dest.path, posixpath.relpath(key, temp.path)))
+    fs.rm(marker)
     fs.rm(temp.path, recursive=True)
 
 
