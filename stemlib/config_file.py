@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -57,7 +58,9 @@ def read_mapping(path: str | os.PathLike[str], model: type[BaseModel]) -> dict[s
     return data
 
 
-def validated(path: str | os.PathLike[str], build: Any, *args: Any, **kwargs: Any) -> Any:
+def validated(
+    path: str | os.PathLike[str], build: Callable[..., Model], *args: Any, **kwargs: Any
+) -> Model:
     """``build(*args, **kwargs)``, its validation error told as one sentence naming ``path``."""
     try:
         return build(*args, **kwargs)

@@ -24,6 +24,19 @@ SIMULATION = dict(scan=(8, 8), pattern=80, grains=3, disk_radius_px=2.5, edge_px
 CONFIG = CCSTAEConfig.preset("cpu", epochs=2, channels=8, search_patterns=64, batch_size=16)
 
 
+def _strain_of(folder, **changes):
+    """``ccstae_strain`` of ``folder/scan.zarr`` from its mask ``reference.npy``, on the CPU
+    with :data:`CONFIG` and the workdir ``folder/work``, silent, unless ``changes`` say else."""
+    options = dict(
+        reference=str(folder / "reference.npy"),
+        config=CONFIG,
+        device="cpu",
+        workdir=str(folder / "work"),
+        progress=False,
+    )
+    return ccstae_strain(open_scan(str(folder / "scan.zarr")), **{**options, **changes})
+
+
 @pytest.fixture(scope="module")
 def square(tmp_path_factory):
     folder = tmp_path_factory.mktemp("square")
@@ -32,15 +45,7 @@ def square(tmp_path_factory):
     )
     truth = open_truth(str(folder / "scan.zarr"))
     np.save(folder / "reference.npy", truth["reference_mask"].values)
-    ds = ccstae_strain(
-        open_scan(str(folder / "scan.zarr")),
-        reference=str(folder / "reference.npy"),
-        config=CONFIG,
-        device="cpu",
-        workdir=str(folder / "work"),
-        progress=False,
-    )
-    return folder, truth, ds
+    return folder, truth, _strain_of(folder)
 
 
 #: The CPU, and CUDA where this machine has it (no GPU has run these yet: see issue 6's notes).
@@ -58,13 +63,7 @@ def test_known_strain_and_rotation_are_recovered(square):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
 def test_known_strain_and_rotation_are_recovered_on_cuda(square):
     folder, truth, _ = square
-    ds = ccstae_strain(
-        open_scan(str(folder / "scan.zarr")),
-        reference=str(folder / "reference.npy"),
-        config=CONFIG,
-        device="cuda",
-        progress=False,
-    )
+    ds = _strain_of(folder, device="cuda", workdir=None)
     _check_known_answer(ds, truth)
 
 
@@ -95,13 +94,7 @@ def test_known_answer_with_bf16_and_torch_compile(square, monkeypatch):
 
         monkeypatch.setattr(model.CCSTAE, name, spy)
     folder, truth, _ = square
-    ds = ccstae_strain(
-        open_scan(str(folder / "scan.zarr")),
-        reference=str(folder / "reference.npy"),
-        config=CONFIG.model_copy(update={"compile": True}),
-        device="cpu",
-        progress=False,
-    )
+    ds = _strain_of(folder, config=CONFIG.model_copy(update={"compile": True}), workdir=None)
     assert seen and all(seen)  # every training and inference step ran under autocast
     assert len(compiled) == 1  # the training step
     _check_known_answer(ds, truth)
@@ -156,26 +149,12 @@ def test_result_dataset_follows_conventions(square):
 
 def test_rerun_resumes_from_the_workdir(square, capsys):
     folder, truth, ds = square
-    again = ccstae_strain(
-        open_scan(str(folder / "scan.zarr")),
-        reference=str(folder / "reference.npy"),
-        config=CONFIG,
-        device="cpu",
-        workdir=str(folder / "work"),
-        progress=True,
-    )
+    again = _strain_of(folder, progress=True)
     assert "epoch" not in capsys.readouterr().err  # no epoch trained again
     assert again.attrs["model_checkpoint_sha256"] == ds.attrs["model_checkpoint_sha256"]
     np.testing.assert_allclose(again["exx"].values, ds["exx"].values, atol=1e-9)
     # an inference-only change (the network's warps, unrefined) reuses the checkpoint too
-    network = ccstae_strain(
-        open_scan(str(folder / "scan.zarr")),
-        reference=str(folder / "reference.npy"),
-        config=CONFIG.model_copy(update={"refine_steps": 0}),
-        device="cpu",
-        workdir=str(folder / "work"),
-        progress=False,
-    )
+    network = _strain_of(folder, config=CONFIG.model_copy(update={"refine_steps": 0}))
     assert network.attrs["model_checkpoint_sha256"] == ds.attrs["model_checkpoint_sha256"]
     assert strain_errors(network.isel(method=0), truth, symmetry=4)["coverage"] == 1.0
 
@@ -185,14 +164,7 @@ def test_another_reference_needs_another_workdir(square):
     from stemlib.errors import InputError
 
     with pytest.raises(InputError, match="started from reference"):
-        ccstae_strain(
-            open_scan(str(folder / "scan.zarr")),
-            reference="0:2,0:2",
-            config=CONFIG,
-            device="cpu",
-            workdir=str(folder / "work"),
-            progress=False,
-        )
+        _strain_of(folder, reference="0:2,0:2")
 
 
 @pytest.mark.slow
@@ -236,13 +208,8 @@ def test_vacuum_gets_its_own_base_and_no_answer(tmp_path, device):
     write_simulation(config, str(tmp_path / "scan.zarr"))
     truth = open_truth(str(tmp_path / "scan.zarr"))
     np.save(tmp_path / "reference.npy", truth["reference_mask"].values)
-    ds = ccstae_strain(
-        open_scan(str(tmp_path / "scan.zarr")),
-        reference=str(tmp_path / "reference.npy"),
-        config=CONFIG.model_copy(update={"num_bases": 2, "search_patterns": 144}),
-        device=device,
-        progress=False,
-    )
+    vacuum_config = CONFIG.model_copy(update={"num_bases": 2, "search_patterns": 144})
+    ds = _strain_of(tmp_path, config=vacuum_config, device=device, workdir=None)
     vacuum = ~np.isfinite(truth["exx"].values)
     classes = ds["class_map"].values[0]
     assert vacuum.any() and len(np.unique(classes[vacuum])) == 1
@@ -267,16 +234,7 @@ def test_zero_epochs_uses_the_rotation_stage_alone_and_reruns(square, tmp_path):
     config = CONFIG.model_copy(update={"epochs": 0})
     runs = []
     for _ in range(3):
-        runs.append(
-            ccstae_strain(
-                open_scan(str(folder / "scan.zarr")),
-                reference=str(folder / "reference.npy"),
-                config=config,
-                device="cpu",
-                workdir=str(tmp_path / "work"),
-                progress=False,
-            )
-        )
+        runs.append(_strain_of(folder, config=config, workdir=str(tmp_path / "work")))
         (saved,) = (tmp_path / "work").glob("rotation.npz")
         saved.write_bytes(saved.read_bytes()[:100])
     for rerun in runs[1:]:

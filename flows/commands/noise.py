@@ -7,7 +7,6 @@ import time
 
 import numpy as np
 
-from stemlib.io.scan_store import check_destination
 from stemlib.io.storage import redact
 from stemlib.noise import PAPER_COUNTS, noise_store
 
@@ -17,7 +16,6 @@ __all__ = ["register"]
 def _run(args: argparse.Namespace) -> int:
     from tqdm.dask import TqdmCallback
 
-    check_destination(args.dest, "scan")
     start = time.perf_counter()
     with TqdmCallback(desc="noise", unit="block", disable=args.quiet or None):
         result = noise_store(

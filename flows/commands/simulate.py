@@ -12,7 +12,6 @@ from typing import Any
 
 import numpy as np
 
-from stemlib.io.scan_store import check_destination
 from stemlib.io.storage import redact
 from stemlib.simulate import LATTICE_SYMMETRY, SimulationConfig
 
@@ -75,7 +74,6 @@ def _run(args: argparse.Namespace) -> int:
 
     from stemlib.simulate import write_simulation
 
-    check_destination(args.dest, "scan")
     start = time.perf_counter()
     with TqdmCallback(desc="simulate", unit="block", disable=args.quiet or None):
         result = write_simulation(config, args.dest)
