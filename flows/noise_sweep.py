@@ -41,16 +41,17 @@ from prefect.runtime import flow_run
 from stemlib.baseline_py4dstem import Py4DSTEMConfig
 from stemlib.ccstae import CCSTAEConfig
 from stemlib.errors import InputError, StemflowError
-from stemlib.io.scan_store import read_store_attrs
+from stemlib.io.scan_store import finished_scan, read_store_attrs
 from stemlib.io.storage import Location, locate, redact, storage_errors, work_folder
+from stemlib.noise import noise_recipe
 from stemlib.paper import PAPER_COMPONENTS, paper_mae, paper_percent, paper_ratio
 from stemlib.provenance import software_versions, utc_now
 from stemlib.reference import parse_reference
-from stemlib.simulate import SimulationConfig
+from stemlib.rerun import finished_step, run_key, scan_identity
+from stemlib.simulate import SimulationConfig, simulation_recipe
 from stemlib.truth import open_truth
 from stemlib.types import Device, Method
 from tasks.ccstae import gpu_resources, infer_ccstae, train_ccstae
-from tasks.publish import finished_step, run_key, scan_identity
 from tasks.py4dstem import py4dstem_strain_scan
 from tasks.score import least_errors_scan, score_strain
 from tasks.simulate import noise_scan, simulate_scan
@@ -330,38 +331,23 @@ def check_sweep(
 
 
 def _identity(url: str) -> dict[str, Any]:
-    """:func:`tasks.publish.scan_identity` of a store this sweep has just found or written."""
+    """:func:`stemlib.rerun.scan_identity` of a store this sweep has just found or written."""
     identity = scan_identity(url)
     if identity is None:  # removed while the sweep ran
         raise InputError(f"scan store {redact(url)} disappeared during the sweep; run it again.")
     return identity
 
 
-def _finished_attrs(url: str) -> dict[str, Any]:
-    """Attributes of the finished scan store at ``url``; empty if there is none."""
-    return (read_store_attrs(locate(url)) or {}) if scan_identity(url) else {}
-
-
 def _same_simulation(url: str, simulation: SimulationConfig) -> bool:
     """Whether ``url`` is a finished clean scan store simulated with ``simulation``."""
-    attrs = _finished_attrs(url)
-    # A noisy copy carries its source's simulation too: a clean scan has no noise model.
-    wanted = simulation.model_dump(mode="json")
-    return "noise_model" not in attrs and attrs.get("simulation") == wanted
+    return finished_scan(url, simulation_recipe(simulation)) is not None
 
 
 def _same_copy(url: str, source: str, level: float, noise: NoiseLevels) -> bool:
     """Whether ``url`` is a finished copy of the clean scan with content hash ``source`` at
     this level, dose and seed."""
-    attrs = _finished_attrs(url)
-    wanted = {
-        "source_content_sha256": source,
-        "noise_model": "background",
-        "noise_background": level,
-        "noise_counts": noise.counts,
-        "noise_seed": noise.seed,
-    }
-    return all(attrs.get(name) == value for name, value in wanted.items())
+    recipe = noise_recipe(source, background=level, counts=noise.counts, seed=noise.seed)
+    return finished_scan(url, recipe) is not None
 
 
 def _truth_reference(scan: str, work: Location) -> str:

@@ -33,17 +33,11 @@ from stemlib.ccstae import CCSTAEConfig
 from stemlib.ccstae.train import model_folder_name
 from stemlib.ingest import IngestOptions
 from stemlib.io.storage import locate, redact
+from stemlib.rerun import finished_step, run_key, scan_identity
 from stemlib.types import Device, Method, Symmetry
 from tasks.ccstae import gpu_resources, infer_ccstae, train_ccstae
 from tasks.ingest import ingest_scan
-from tasks.publish import (
-    finished_step,
-    publish_strain,
-    published_request,
-    request_key,
-    run_key,
-    scan_identity,
-)
+from tasks.publish import publish_strain, published_request, request_key
 from tasks.py4dstem import py4dstem_strain_scan
 
 from .runners import dask_runner

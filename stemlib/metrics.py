@@ -46,7 +46,19 @@ def strain_errors(
     dict
         ``exx, eyy, exy`` ("1"), ``theta`` (rad) MAE over positions valid in the result, and
         ``coverage``, the fraction of scored positions that are valid.
+
+    Raises
+    ------
+    ValueError
+        If ``result`` still holds several methods.
     """
+    if result.sizes.get("method", 1) > 1:
+        raise ValueError(
+            f"strain_errors scores one method; the result holds {result.sizes['method']}: select "
+            'one first, e.g. ds.sel({"method": "ccstae"}).'
+        )
+    if "method" in result.dims:
+        result = result.isel({"method": 0})
     valid = np.asarray(result["valid"].values, bool)
     scored = np.ones_like(valid) if mask is None else np.asarray(mask, bool)
     scored = scored & np.isfinite(np.asarray(truth["exx"].values, np.float64))

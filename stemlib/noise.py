@@ -34,7 +34,7 @@ from dask.base import tokenize
 
 from .calibration import Calibration
 from .errors import InputError
-from .io.scan_store import WriteResult, open_scan, write_scan
+from .io.scan_store import WriteResult, finished_scan, open_scan, write_scan
 from .io.storage import locate, redact, storage_errors
 from .provenance import software_versions, utc_now
 from .types import SCAN_DIMS, NoiseModel
@@ -46,6 +46,7 @@ __all__ = [
     "count_dtype",
     "paper_scale",
     "add_noise",
+    "noise_recipe",
     "noise_store",
 ]
 
@@ -251,6 +252,27 @@ def add_noise(
     )
 
 
+def noise_recipe(
+    source_content_sha256: str | None,
+    *,
+    background: float,
+    counts: float = PAPER_COUNTS,
+    seed: int = 0,
+    model: NoiseModel = "background",
+) -> dict[str, Any]:
+    """What determines a noisy copy's values: the source's content hash and the noise
+    parameters (:func:`stemlib.io.scan_store.finished_scan` finds a copy made from them)."""
+    return {
+        "made_by": "stemlib.noise",
+        "source_content_sha256": source_content_sha256,
+        "model": model,
+        "background": float(background),
+        "counts": float(counts),
+        "seed": int(seed),
+        "software": software_versions(("stemflow",)),
+    }
+
+
 def noise_store(
     source: str,
     dest: str,
@@ -274,11 +296,13 @@ def noise_store(
     Returns
     -------
     WriteResult
-        What was published. The store carries the source's calibration, its per-position
-        variables (the ``truth_*`` maps, ``grain_id``, ...) and ``truth_symmetry``, and the
-        provenance attributes ``noise_model``, ``noise_background`` (w), ``noise_counts`` (N),
-        ``noise_seed``, ``noise_q0``, ``noise_seeding``, ``paper_scale`` (1 for the clean
-        ``w = 0`` copy), ``source`` and ``source_content_sha256`` (the source's fingerprint).
+        What was published, or what ``dest`` already held from the same source content and
+        parameters (status ``"skipped"``: nothing is computed again). The store carries the
+        source's calibration, its per-position variables (the ``truth_*`` maps,
+        ``grain_id``, ...) and ``truth_symmetry``, and the provenance attributes
+        ``noise_model``, ``noise_background`` (w), ``noise_counts`` (N), ``noise_seed``,
+        ``noise_q0``, ``noise_seeding``, ``paper_scale`` (1 for the clean ``w = 0`` copy),
+        ``source`` and ``source_content_sha256`` (the source's fingerprint).
 
     Raises
     ------
@@ -291,6 +315,16 @@ def noise_store(
     if src.fs.protocol == out.fs.protocol and src.path.rstrip("/") == out.path.rstrip("/"):
         raise InputError(f"DEST {redact(dest)} is the SOURCE; choose another destination.")
     scan = open_scan(src)
+    recipe = noise_recipe(
+        scan.attrs.get("content_sha256"),
+        background=background,
+        counts=counts,
+        seed=seed,
+        model=model,
+    )
+    done = finished_scan(out, recipe)
+    if done is not None:
+        return done
     with storage_errors(src.url):
         stored = xr.open_zarr(src.url, storage_options=src.storage_options or None)
     extras = stored[[name for name, var in stored.data_vars.items() if var.dims == SCAN_DIMS]]
@@ -324,5 +358,10 @@ def noise_store(
         }
     )
     return write_scan(
-        noisy, out, calibration=Calibration.from_attrs(scan.attrs), attrs=attrs, extras=extras
+        noisy,
+        out,
+        calibration=Calibration.from_attrs(scan.attrs),
+        attrs=attrs,
+        extras=extras,
+        recipe=recipe,
     )

@@ -38,13 +38,19 @@ from scipy.spatial import cKDTree
 from .calibration import Calibration, scan_coords
 from .ellipse import ellipse_matrix
 from .errors import InputError
-from .io.scan_store import WriteResult, choose_layout, write_scan
+from .io.scan_store import WriteResult, choose_layout, finished_scan, write_scan
 from .provenance import software_versions, utc_now
 from .strain import rotation_matrix, strain_from_deformation
 from .truth import truth_dataset
 from .types import DIMS, SCAN_DIMS, LatticeKind
 
-__all__ = ["SimulationConfig", "simulate", "write_simulation", "LATTICE_SYMMETRY"]
+__all__ = [
+    "SimulationConfig",
+    "simulate",
+    "simulation_recipe",
+    "write_simulation",
+    "LATTICE_SYMMETRY",
+]
 
 #: Rotational symmetry of each lattice in projection (the ``truth_symmetry`` attribute).
 LATTICE_SYMMETRY: dict[str, int] = {"square": 4, "hexagonal": 6, "rectangular": 2}
@@ -488,6 +494,16 @@ def simulate(config: SimulationConfig, *, chunks: tuple[int, int] | None = None)
     return ds
 
 
+def simulation_recipe(config: SimulationConfig) -> dict[str, Any]:
+    """What determines a simulated scan's values, the chunking aside (it changes no byte):
+    :func:`stemlib.io.scan_store.finished_scan` finds a scan simulated from it."""
+    return {
+        "made_by": "stemlib.simulate",
+        "simulation": config.model_dump(mode="json"),
+        "software": software_versions(("stemflow",)),
+    }
+
+
 def write_simulation(
     config: SimulationConfig, dest: str, *, chunks: tuple[int, int] | None = None
 ) -> WriteResult:
@@ -506,13 +522,19 @@ def write_simulation(
     Returns
     -------
     WriteResult
-        What was published (URL, shape, dtype, layout, ``content_sha256``, bytes).
+        What was published (URL, shape, dtype, layout, ``content_sha256``, bytes), or what
+        ``dest`` already held from the same configuration (status ``"skipped"``: nothing is
+        simulated again).
 
     Raises
     ------
     InputError
         As :func:`simulate`; nothing is published.
     """
+    recipe = simulation_recipe(config)
+    done = finished_scan(dest, recipe)
+    if done is not None:
+        return done
     ds = simulate(config, chunks=chunks)
     extras = ds[[name for name, var in ds.data_vars.items() if var.dims == SCAN_DIMS]]
     attrs = {k: v for k, v in ds.attrs.items() if k not in Calibration.model_fields}
@@ -523,4 +545,5 @@ def write_simulation(
         calibration=Calibration.from_attrs(ds.attrs),
         attrs=attrs,
         extras=extras,
+        recipe=recipe,
     )

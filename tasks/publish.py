@@ -1,5 +1,6 @@
-"""Prefect tasks and helpers that tie a run together: fingerprints of steps, and publishing one
-strain dataset that holds every method, compared with each other and with the truth."""
+"""Prefect tasks and helpers that tie a run together: the fingerprint of a whole request, and
+publishing one strain dataset that holds every method, compared with each other and with the
+truth (the fingerprints of single steps are in :mod:`stemlib.rerun`)."""
 
 from __future__ import annotations
 
@@ -15,43 +16,13 @@ from stemlib.io.scan_store import read_store_attrs
 from stemlib.io.storage import locate, redact
 from stemlib.plots import comparison_figure, png_url, save_png, strain_figure
 from stemlib.provenance import fingerprint, software_versions, utc_now
+from stemlib.rerun import scan_identity
 from stemlib.results import combine_methods, open_strain, write_strain
 from stemlib.truth import open_truth
 
 from ._retry import STORAGE_RETRY
 
-__all__ = [
-    "scan_identity",
-    "run_key",
-    "request_key",
-    "finished_step",
-    "published_request",
-    "publish_strain",
-]
-
-
-def scan_identity(url: str) -> dict[str, Any] | None:
-    """``content_sha256``, ``shape`` and ``source`` of the scan store at ``url``, or None when
-    ``url`` is not a finished scan store (e.g. a raw file)."""
-    location = locate(url)
-    attrs = read_store_attrs(location) if location.fs.isdir(location.path) else None
-    if not attrs or not attrs.get("complete") or "content_sha256" not in attrs:
-        return None
-    return {
-        "content_sha256": attrs["content_sha256"],
-        "shape": attrs.get("shape"),
-        "source": attrs.get("source"),
-    }
-
-
-def run_key(scan: dict[str, Any], method: str, **parameters: Any) -> str:
-    """Fingerprint of one method's run: the scan's content hash, the method and its parameters
-    (pydantic models by their JSON form)."""
-    plain = {
-        k: (v.model_dump(mode="json") if isinstance(v, BaseModel) else v)
-        for k, v in parameters.items()
-    }
-    return fingerprint({"scan": scan["content_sha256"], "method": method, "parameters": plain})
+__all__ = ["request_key", "published_request", "publish_strain"]
 
 
 def request_key(source: str, **parameters: Any) -> str:
@@ -75,13 +46,6 @@ def published_request(dest: str) -> str | None:
     location = locate(dest)
     attrs = read_store_attrs(location) if location.exists() else None
     return (attrs or {}).get("request_key")
-
-
-def finished_step(url: str, key: str) -> bool:
-    """Whether the store at ``url`` is a finished result of the run with fingerprint ``key``."""
-    location = locate(url)
-    attrs = read_store_attrs(location) if location.exists() else None
-    return bool(attrs) and key in (attrs.get("run_keys") or {}).values()
 
 
 @task(

@@ -19,6 +19,11 @@ from ._retry import STORAGE_RETRY
 __all__ = ["simulate_scan", "noise_scan"]
 
 
+def _done(result: WriteResult) -> str:
+    """How the log names the outcome: a store that already held this result is kept."""
+    return "kept (finished in an earlier run)" if result.status == "skipped" else "wrote"
+
+
 def _record(result: WriteResult) -> dict[str, Any]:
     return {
         "url": redact(result.url),
@@ -26,6 +31,7 @@ def _record(result: WriteResult) -> dict[str, Any]:
         "dtype": result.dtype,
         "content_sha256": result.content_sha256,
         "stored_bytes": result.stored_bytes,
+        "status": result.status,
     }
 
 
@@ -42,7 +48,8 @@ def simulate_scan(config: SimulationConfig, dest: str) -> dict[str, Any]:
     with dask.config.set(scheduler="threads"):
         result = write_simulation(config, dest)
     logger.info(
-        "wrote %s: %s %s, content sha256 %s",
+        "%s %s: %s %s, content sha256 %s",
+        _done(result),
         redact(result.url),
         result.shape,
         result.dtype,
@@ -71,7 +78,8 @@ def noise_scan(
             source, dest, background=background, counts=counts, seed=seed, model=model
         )
     logger.info(
-        "wrote %s: w = %g, N = %g, seed %d, %s",
+        "%s %s: w = %g, N = %g, seed %d, %s",
+        _done(result),
         redact(result.url),
         background,
         counts,

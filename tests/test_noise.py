@@ -343,6 +343,32 @@ def test_cli_writes_the_noisy_store(source, tmp_path, capsys):
     assert xr.open_zarr(tmp_path / "n.zarr").attrs["noise_seed"] == 4
 
 
+def test_a_rerun_skips_a_finished_copy_and_redoes_a_changed_one(tmp_path, capsys):
+    """A rerun with the same source content and noise parameters keeps the store (not a byte
+    written); another seed, or a source whose content changed, writes it again."""
+    clean, dest = str(tmp_path / "clean.zarr"), str(tmp_path / "n.zarr")
+    write_simulation(SimulationConfig(scan=(4, 4), pattern=32, grains=2, seed=1), clean)
+    first = noise_store(clean, dest, background=0.5, seed=4)
+    chunk = next(p for p in (tmp_path / "n.zarr" / "data").rglob("*") if p.is_file())
+    stamp = chunk.stat().st_mtime_ns
+
+    again = noise_store(clean, dest, background=0.5, seed=4)
+    assert (first.status, again.status) == ("written", "skipped")
+    assert again.as_dict() | {"status": "written"} == first.as_dict()
+    assert chunk.stat().st_mtime_ns == stamp
+    assert main(["noise", clean, dest, "--background", "0.5", "--seed", "4", "--quiet"]) == 0
+    assert capsys.readouterr().out.startswith(
+        f"{dest} already holds this noisy copy (same source content, model, w, N and seed): "
+        "skipped."
+    )
+
+    other = noise_store(clean, dest, background=0.5, seed=5)
+    assert other.status == "written" and other.content_sha256 != first.content_sha256
+    write_simulation(SimulationConfig(scan=(4, 4), pattern=32, grains=2, seed=2), clean)
+    changed = noise_store(clean, dest, background=0.5, seed=5)
+    assert changed.status == "written" and changed.content_sha256 != other.content_sha256
+
+
 @pytest.mark.s3
 def test_simulate_and_noise_on_object_storage(s3):
     """Both steps read and write s3:// stores on a real S3-compatible server; truth travels."""

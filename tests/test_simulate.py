@@ -16,10 +16,11 @@ import xarray as xr
 from pydantic import ValidationError
 from scipy import ndimage
 
+from flows.cli import main
 from stemlib.errors import InputError
 from stemlib.io.scan_store import open_scan
 from stemlib.metrics import strain_errors
-from stemlib.results import strain_dataset
+from stemlib.results import combine_methods, strain_dataset
 from stemlib.simulate import SimulationConfig, simulate, write_simulation
 from stemlib.truth import open_truth
 
@@ -235,12 +236,18 @@ def test_vacuum_is_not_scored(tmp_path):
     write_simulation(SimulationConfig.hard(scan=(10, 10), pattern=96, grains=4, seed=5), path)
     truth = open_truth(path)
     parts = {k: truth[k].values for k in ("exx", "eyy", "exy", "theta")}
-    perfect = strain_dataset("py4dstem", **parts).sel(method="py4dstem")
+    perfect = strain_dataset("py4dstem", **parts).sel({"method": "py4dstem"})
     errors = strain_errors(perfect, truth, symmetry=truth.attrs["symmetry"])
     assert errors == {"coverage": 1.0, "exx": 0.0, "eyy": 0.0, "exy": 0.0, "theta": 0.0}
     shifted = strain_dataset("py4dstem", **{**parts, "exx": parts["exx"] + 1e-3})
-    scored = strain_errors(shifted.sel(method="py4dstem"), truth, symmetry=4)
+    scored = strain_errors(shifted.sel({"method": "py4dstem"}), truth, symmetry=4)
     assert scored["exx"] == pytest.approx(1e-3) and scored["coverage"] == 1.0
+    # ds.sel(method=...) is xarray's matching option and selects nothing: two methods are
+    # refused rather than scored together.
+    both = combine_methods([perfect.expand_dims(method=["ccstae"]), shifted])
+    with pytest.raises(ValueError, match=r"select one first, e.g. ds.sel\(\{\"method\": "):
+        strain_errors(both.sel(method="ccstae"), truth, symmetry=4)
+    assert strain_errors(both.sel({"method": "ccstae"}), truth, symmetry=4) == errors
 
 
 # --- truth, storage, determinism, streaming ---------------------------------------------------
@@ -276,6 +283,27 @@ def test_truth_is_stored_with_the_scan(tmp_path, lattice, symmetry):
     stored = xr.open_zarr(tmp_path / "sim.zarr")
     assert stored.attrs["simulation"]["seed"] == 1 and stored.attrs["origin_px"] == [32.0, 32.0]
     assert stored.attrs["truth_symmetry"] == symmetry and "numpy" in stored.attrs["software"]
+
+
+def test_a_rerun_skips_a_finished_simulation_and_redoes_a_changed_one(tmp_path, capsys):
+    """The same configuration at the same destination is kept, whatever the chunking (it
+    changes no byte); another seed is simulated again."""
+    dest = str(tmp_path / "sim.zarr")
+    config = SimulationConfig(scan=(5, 4), pattern=32, grains=2, seed=1)
+    first = write_simulation(config, dest)
+    metadata = tmp_path / "sim.zarr" / "zarr.json"
+    stamp = metadata.stat().st_mtime_ns
+    again = write_simulation(config, dest, chunks=(2, 2))
+    assert (first.status, again.status) == ("written", "skipped")
+    assert again.as_dict() | {"status": "written"} == first.as_dict()
+    assert metadata.stat().st_mtime_ns == stamp
+    flags = ["--scan", "5,4", "--pattern", "32", "--grains", "2", "--seed", "1", "--quiet"]
+    assert main(["simulate", dest, *flags]) == 0
+    assert capsys.readouterr().out.startswith(
+        f"{dest} already holds this simulation (same settings and seed): skipped."
+    )
+    other = write_simulation(config.model_copy(update={"seed": 2}), dest)
+    assert other.status == "written" and other.content_sha256 != first.content_sha256
 
 
 def test_same_seed_same_bytes_whatever_the_chunks_workers_and_order():

@@ -69,9 +69,38 @@ def test_cli_writes_the_strain_store_and_the_maps(scan, tmp_path, capsys):
     assert record["coverage"] == 1.0 and record["invalid_positions"] == 0
     assert ds.attrs["input_content_sha256"] and "py4DSTEM" in ds.attrs["software"]
     truth = open_truth(scan)
-    errors = strain_errors(ds.sel(method="py4dstem"), truth, symmetry=4)
+    errors = strain_errors(ds.sel({"method": "py4dstem"}), truth, symmetry=4)
     assert max(errors[c] for c in ("exx", "eyy", "exy")) < 1.5e-3
     assert (tmp_path / "strain-py4dstem.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_rerun_of_a_finished_run_skips_it_and_a_changed_one_runs(scan, tmp_path, capsys):
+    """DEST records the run's fingerprint: the same scan content and settings skip (nothing is
+    written); another reference, or the same mask file with other contents, run again."""
+    dest, mask = str(tmp_path / "strain.zarr"), tmp_path / "reference.npy"
+    region = np.zeros((12, 12), bool)
+    region[:4, :4] = True
+    np.save(mask, region)
+    args = ["strain", scan, dest, "--method", "py4dstem", "--reference", str(mask)]
+    assert main(args) == 0
+    capsys.readouterr()
+    metadata = tmp_path / "strain.zarr" / "zarr.json"
+    stamp = metadata.stat().st_mtime_ns
+    assert main(args) == 0
+    assert capsys.readouterr().out.startswith(
+        f"{dest} already holds this result (same scan content, method, reference, symmetry "
+        "and configuration): skipped."
+    )
+    assert metadata.stat().st_mtime_ns == stamp
+
+    region[:4, :4], region[8:, 8:] = False, True  # same file name, another region
+    np.save(mask, region)
+    assert main(args) == 0
+    assert capsys.readouterr().out.startswith(f"wrote {dest}: py4dstem strain")
+    stored = open_strain(dest)["reference_region"].sel({"method": "py4dstem"})
+    assert stored.values.astype(bool).tolist() == region.tolist()
+    assert main([*args[:-1], "8:12,8:12"]) == 0  # the same region, given as a rectangle
+    assert capsys.readouterr().out.startswith(f"wrote {dest}: py4dstem strain")
 
 
 def test_cli_trains_ccstae_draws_its_bases_and_a_rerun_only_infers(scan, tmp_path, capsys):

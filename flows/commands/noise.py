@@ -29,6 +29,12 @@ def _run(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - start
     patterns = result.shape[0] * result.shape[1]
     url = redact(result.url)
+    if result.status == "skipped":
+        print(
+            f"{url} already holds this noisy copy (same source content, model, w, N and seed): "
+            f"skipped.\n  open it with:  xr.open_zarr({url!r})"
+        )
+        return 0
     what = (
         "the clean patterns (w = 0: no Poisson step)"
         if args.model == "background" and args.background == 0

@@ -55,6 +55,11 @@ def config_from_args(
     return SimulationConfig.hard(**given) if args.hard else SimulationConfig(**given)
 
 
+def _verb(record: dict[str, Any]) -> str:
+    """ "wrote", or "kept" for a store that already held this result."""
+    return "kept" if record["status"] == "skipped" else "wrote"
+
+
 def _run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     if args.levels is not None:
@@ -62,12 +67,13 @@ def _run(args: argparse.Namespace) -> int:
 
         noise = NoiseLevels(levels=args.levels, counts=args.counts, seed=args.noise_seed)
         record = simulate_benchmark(dest=args.dest, simulation=config, noise=noise)
-        print(
-            f"wrote {record['clean']['url']}: data {tuple(record['clean']['shape'])} float32 "
-            "with truth"
-        )
+        clean = record["clean"]
+        print(f"{_verb(clean)} {clean['url']}: data {tuple(clean['shape'])} float32 with truth")
         for level, copy in record["noisy"].items():
-            print(f"  {float(level) * 100:g} % background: {copy['url']} ({copy['dtype']})")
+            print(
+                f"  {float(level) * 100:g} % background: {_verb(copy)} {copy['url']} "
+                f"({copy['dtype']})"
+            )
         print(f"  open one with:  xr.open_zarr({record['clean']['url']!r})")
         return 0
     from tqdm.dask import TqdmCallback
@@ -80,6 +86,12 @@ def _run(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - start
     patterns = result.shape[0] * result.shape[1]
     url = redact(result.url)
+    if result.status == "skipped":
+        print(
+            f"{url} already holds this simulation (same settings and seed): skipped.\n"
+            f"  open it with:  xr.open_zarr({url!r})"
+        )
+        return 0
     print(
         f"wrote {url}: data {result.shape} {np.dtype(result.dtype)} "
         f"({patterns / seconds:.0f} patterns/s), "

@@ -5,8 +5,10 @@ dataset (CONVENTIONS.md section 4) is then published atomically at DEST (a path 
 and the four maps beside it as ``<DEST stem>-<method>.png``. CC-ST-AE also draws its learned
 bases (``<DEST stem>-ccstae-bases.png``) and keeps its checkpoints in a work folder (``--workdir``,
 by default ``.<DEST name>.work`` beside DEST): a rerun resumes an interrupted training, or only
-infers. A user's mistake (a store that is not a scan, a reference region outside the scan or
-empty, a mask of the wrong shape, a scan without Bragg disks) stops before anything is published.
+infers. DEST records a fingerprint of the scan's content and the settings, so a rerun of a
+finished run skips it. A user's mistake (a store that is not a scan, a reference region outside
+the scan or empty, a mask of the wrong shape, a scan without Bragg disks) stops before anything
+is published.
 """
 
 from __future__ import annotations
@@ -23,9 +25,10 @@ from stemlib.config_file import read_mapping, validated
 from stemlib.errors import InputError
 from stemlib.io import open_scan
 from stemlib.io.scan_store import check_destination
-from stemlib.io.storage import local_workdir, redact, work_folder
+from stemlib.io.storage import local_workdir, locate, redact, work_folder
 from stemlib.plots import png_url, save_png, strain_figure
 from stemlib.reference import parse_reference
+from stemlib.rerun import finished_step, run_key
 from stemlib.results import write_strain
 from stemlib.types import Device
 
@@ -112,14 +115,24 @@ def run_method(
         )
 
 
+def _resolved_config(config: Any, method: str, device: Device) -> Any:
+    """The configuration the method runs with: ``config``, or its defaults (CC-ST-AE's preset
+    for ``device``)."""
+    if config is not None:
+        return config
+    if method == "ccstae":
+        return _ccstae().CCSTAEConfig.for_device(device)
+    from stemlib.baseline_py4dstem import Py4DSTEMConfig
+
+    return Py4DSTEMConfig()
+
+
 def _model_folder(scan: xr.DataArray, args: argparse.Namespace, config: Any) -> str:
     """Where CC-ST-AE keeps this run's checkpoint: a folder per scan, reference and training
     settings in ``--workdir`` (default ``.<DEST name>.work`` beside DEST)."""
-    ccstae = _ccstae()  # first: a clear error where PyTorch is missing
     from stemlib.ccstae.data import data_fingerprint
     from stemlib.ccstae.train import model_folder_name
 
-    config = config or ccstae.CCSTAEConfig.for_device(args.device)
     name = model_folder_name(data_fingerprint(scan), reference=args.reference, config=config)
     return work_folder(args.dest, args.workdir).child(name).url
 
@@ -131,9 +144,25 @@ def _symmetry(text: str) -> Any:
 def _run(args: argparse.Namespace) -> int:
     scan = open_scan(args.scan)
     # Check the cheap arguments before any compute: nothing is published on a mistake.
-    check_destination(args.dest, "strain", methods=[args.method])
     parse_reference(args.reference, (int(scan.shape[0]), int(scan.shape[1])))
-    config = read_config(args.config, args.method, device=args.device)
+    config = _resolved_config(
+        read_config(args.config, args.method, device=args.device), args.method, args.device
+    )
+    key = run_key(
+        {"content_sha256": scan.attrs["content_sha256"]},
+        args.method,
+        reference=args.reference,
+        symmetry=_symmetry(args.symmetry),
+        config=config,
+    )
+    if finished_step(args.dest, key):
+        url = redact(locate(args.dest).url)
+        print(
+            f"{url} already holds this result (same scan content, method, reference, symmetry "
+            f"and configuration): skipped.\n  open it with:  xr.open_zarr({url!r})"
+        )
+        return 0
+    check_destination(args.dest, "strain", methods=[args.method])
     files = {}
     if args.method == "ccstae":
         files = {
@@ -149,6 +178,7 @@ def _run(args: argparse.Namespace) -> int:
         device=args.device,
         **files,
     )
+    ds.attrs["run_keys"] = {args.method: key}
     url = write_strain(ds, args.dest)
     png = save_png(strain_figure(ds, args.method), png_url(args.dest, args.method))
     record = ds.attrs["methods"][args.method]

@@ -30,6 +30,7 @@ from zarr.codecs import BloscCodec, Crc32cCodec
 
 from ..calibration import Calibration, scan_coords
 from ..errors import InputError
+from ..provenance import fingerprint
 from ..types import DIMS
 from .readers.base import READ_BLOCK_BYTES, probe_block
 from .storage import (
@@ -49,6 +50,7 @@ __all__ = [
     "open_scan",
     "read_store_attrs",
     "check_destination",
+    "finished_scan",
     "finite_counts",
     "HASH_SCHEME",
 ]
@@ -217,7 +219,9 @@ def check_destination(
 
 @dataclass(frozen=True)
 class WriteResult:
-    """What :func:`write_scan` published (JSON-ready via :meth:`as_dict`)."""
+    """What :func:`write_scan` published (JSON-ready via :meth:`as_dict`); ``status`` is
+    ``"skipped"`` where ``dest`` already held the scan of the same recipe
+    (:func:`finished_scan`)."""
 
     url: str
     shape: tuple[int, ...]
@@ -228,6 +232,7 @@ class WriteResult:
     nbytes: int
     stored_bytes: int
     nonfinite_pixels: int
+    status: Literal["written", "skipped"] = "written"
 
     def as_dict(self) -> dict[str, Any]:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}
@@ -242,6 +247,7 @@ def write_scan(
     allow_nonfinite: bool = False,
     layout: StoreLayout | None = None,
     extras: xr.Dataset | None = None,
+    recipe: dict[str, Any] | None = None,
 ) -> WriteResult:
     """Stream ``data`` into a new scan store at ``dest``, atomically.
 
@@ -264,6 +270,10 @@ def write_scan(
     extras
         Small per-position variables with dims (rx, ry) stored beside ``data`` (e.g. the ground
         truth of a simulated scan, see :mod:`stemlib.truth`).
+    recipe
+        What determines ``data``'s values (JSON-serialisable: its source's content hash and
+        parameters, say); its fingerprint is stored as ``recipe_sha256`` so that a rerun finds
+        the finished scan with :func:`finished_scan`.
 
     Returns
     -------
@@ -360,6 +370,7 @@ def write_scan(
                     "content_sha256": content,
                     "content_hash_scheme": HASH_SCHEME,
                     "nonfinite_pixels": nonfinite,
+                    **({"recipe_sha256": fingerprint(recipe)} if recipe is not None else {}),
                     "complete": True,
                 }
             )
@@ -375,6 +386,34 @@ def write_scan(
         nbytes=int(data.nbytes),
         stored_bytes=stored,
         nonfinite_pixels=nonfinite,
+    )
+
+
+def finished_scan(dest: str | Location, recipe: dict[str, Any]) -> WriteResult | None:
+    """What an earlier :func:`write_scan` of the same ``recipe`` published at ``dest``, with
+    status ``"skipped"``; None where ``dest`` holds no finished scan of it (then write it)."""
+    dest = locate(dest) if isinstance(dest, str) else dest
+    if not dest.exists() or interrupted_publication(dest):
+        return None
+    attrs = read_store_attrs(dest) or {}
+    if not attrs.get("complete") or attrs.get("recipe_sha256") != fingerprint(recipe):
+        return None
+    with storage_errors(dest.url):
+        stored = zarr.open_array(
+            dest.url, path=SCAN_VARIABLE, mode="r", storage_options=dest.storage_options or None
+        )
+        stored_bytes = int(dest.fs.du(dest.path))
+    return WriteResult(
+        url=dest.url,
+        shape=tuple(int(n) for n in stored.shape),
+        dtype=stored.dtype.str,
+        chunks=tuple(int(n) for n in stored.chunks),
+        shards=tuple(int(n) for n in stored.shards) if stored.shards else None,
+        content_sha256=attrs["content_sha256"],
+        nbytes=int(stored.nbytes),
+        stored_bytes=stored_bytes,
+        nonfinite_pixels=int(attrs.get("nonfinite_pixels", 0)),
+        status="skipped",
     )
 
 
