@@ -5,10 +5,11 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+from collections.abc import Mapping
 from importlib import metadata
 from typing import Any
 
-__all__ = ["software_versions", "utc_now", "fingerprint"]
+__all__ = ["software_versions", "utc_now", "fingerprint", "input_provenance"]
 
 _PACKAGES = (
     "stemflow",
@@ -49,3 +50,15 @@ def fingerprint(obj: Any) -> str:
     """
     text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def input_provenance(scan_attrs: Mapping[str, Any]) -> dict[str, Any]:
+    """What every strain result records of its making, whatever the method: the scan's
+    ``source`` and ``content_sha256`` (as ``input_content_sha256``; None for a scan that is no
+    store), the software versions and the time."""
+    return {
+        "source": str(scan_attrs.get("source") or "the scan"),
+        "input_content_sha256": scan_attrs.get("content_sha256"),
+        "software": software_versions(),
+        "created": utc_now(),
+    }

@@ -281,9 +281,7 @@ def test_known_strain_on_simulated_scans(simulated, lattice, rot, w):
     symmetry = truth.attrs["symmetry"]
     assert ds.attrs["symmetry"] == symmetry
     # The simulator's reference is its largest grain, which "auto" must find.
-    np.testing.assert_array_equal(
-        result["reference_region"].values, truth["reference_mask"].values
-    )
+    np.testing.assert_array_equal(result["reference_region"].values, truth["reference_mask"].values)
     errors = strain_errors(result, truth, symmetry=symmetry)
     tolerance = 1.5e-3 if w == 0 else 2e-3
     assert errors["coverage"] >= 0.99

@@ -122,7 +122,7 @@ def _check_known_answer(ds, truth) -> None:
 
 
 def test_result_dataset_follows_conventions(square):
-    _, _, ds = square
+    folder, _, ds = square
     assert list(ds["method"].values) == ["ccstae"] and ds.attrs["convention"] == "stemflow-1"
     for name in (
         "exx",
@@ -132,7 +132,7 @@ def test_result_dataset_follows_conventions(square):
         "valid",
         "class_map",
         "reconstruction_error",
-        "reference_mask",
+        "reference_region",
     ):
         assert ds[name].dims == ("method", "rx", "ry"), name
     assert ds["theta"].attrs["units"] == "rad" and ds["exx"].attrs["units"] == "1"
@@ -145,6 +145,12 @@ def test_result_dataset_follows_conventions(square):
     assert record["symmetry"] == record["symmetry_detected"] == 4
     assert record["coverage"] == 1.0 and len(record["training"]) == CONFIG.epochs
     assert len(ds.attrs["model_checkpoint_sha256"]) == 64
+    # the provenance of every strain result, under the names py4DSTEM's result uses
+    scan = open_scan(str(folder / "scan.zarr"))
+    assert ds.attrs["input_content_sha256"] == scan.attrs["content_sha256"]
+    assert ds.attrs["source"] == scan.attrs["source"] and "torch" in ds.attrs["software"]
+    positions = int(ds["reference_region"].sum())
+    assert ds.attrs["reference"] == f"{folder / 'reference.npy'}: {positions} positions"
 
 
 def test_rerun_resumes_from_the_workdir(square, capsys):
@@ -181,7 +187,7 @@ def test_hexagonal_lattice_any_rotation_auto_reference_and_symmetry(tmp_path):
     )
     record = ds.attrs["methods"]["ccstae"]
     assert record["symmetry"] == 6
-    reference = ds["reference_mask"].values[0]
+    reference = ds["reference_region"].values[0]
     # "auto" chose the largest grain (33 of 64 positions), the unstrained one: the strain against
     # it matches the truth
     assert truth["reference_mask"].values[reference].all()
@@ -287,7 +293,7 @@ def test_the_demo_scan_with_an_automatic_reference_matches_its_truth(tmp_path):
     ds = ccstae_strain(
         open_scan(store), config=CCSTAEConfig.preset("cpu"), device="cpu", progress=False
     )
-    reference = ds["reference_mask"].values[0]
+    reference = ds["reference_region"].values[0]
     assert reference.sum() > 100 and truth["reference_mask"].values[reference].all()
     assert not ds.attrs["methods"]["ccstae"]["detector_ellipse"]["removed"]
     errors = strain_errors(ds.isel(method=0), truth, symmetry=4)

@@ -37,9 +37,9 @@ from scipy import ndimage
 from ..angular import angular_order
 from ..errors import InputError
 from ..masks import MaskSchedule, ring_mask
-from ..provenance import software_versions
+from ..provenance import input_provenance
 from ..py4dstem.pipeline import region_lattice
-from ..reference import auto_reference
+from ..reference import auto_reference, describe_reference
 from ..results import strain_dataset
 from ..strain import detect_symmetry, fold_rotation, rotation_matrix
 from ..types import SCAN_DIMS, Device, Symmetry
@@ -602,7 +602,7 @@ def ccstae_strain(
         :func:`stemlib.results.strain_dataset` with method ``"ccstae"``: ``exx, eyy, exy``
         ("1", detector frame), ``theta`` (rad), ``valid``, plus ``class_map`` (index of the
         base), ``reconstruction_error`` (masked MSE, preprocessed units) and
-        ``reference_mask``. ``attrs["methods"]["ccstae"]`` records the config, symmetry,
+        ``reference_region``. ``attrs["methods"]["ccstae"]`` records the config, symmetry,
         training history, timings and the checkpoint's SHA-256.
 
     Raises
@@ -714,12 +714,11 @@ def ccstae_strain(
                     "long_name": "masked mean squared difference between pattern and warped base",
                 },
             ),
-            "reference_mask": (reference_mask, {"units": "1", "long_name": "reference region"}),
+            "reference_region": (reference_mask, {"units": "1", "long_name": "reference region"}),
         },
         attrs={
-            "reference": reference,
-            "input_fingerprint": t.fingerprint,
-            "software_versions": software_versions(),
+            "reference": describe_reference(reference, reference_mask),
+            **input_provenance(scan.attrs),
             "model_checkpoint_sha256": t.checkpoint_sha256,
         },
         method_attrs={

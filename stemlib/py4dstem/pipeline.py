@@ -13,7 +13,7 @@ from dask.base import tokenize
 from ..ellipse import detector_distortion, undistort_lattice
 from ..errors import InputError
 from ..io.scan_store import finite_counts
-from ..provenance import software_versions, utc_now
+from ..provenance import input_provenance
 from ..reference import auto_reference, describe_reference, parse_reference, region_mean
 from ..results import strain_dataset
 from ..strain import detect_symmetry, reference_lattice
@@ -279,10 +279,7 @@ def py4dstem_strain(
     attrs = {
         "reference": describe_reference(reference, mask),
         "symmetry": n,
-        "source": where,
-        "input_content_sha256": scan.attrs.get("content_sha256"),
-        "software": software_versions(),
-        "created": utc_now(),
+        **input_provenance(scan.attrs),
     }
     method_attrs = {
         "method": "py4DSTEM template-correlation disk detection + per-pattern lattice fit",
