@@ -143,6 +143,9 @@ def ingest(source: str, dest: str, options: IngestOptions | None = None) -> Inge
         allowed), or a destination that holds something else.
     StorageError
         For an object store that cannot be reached or refuses the credentials.
+    ResourceError
+        For too little free space in ``TMPDIR`` for the local copy of a vendor file on object
+        storage (see :func:`stemlib.io.readers.open_source`).
     """
     options = options or IngestOptions()
     src, out = locate(source), locate(dest)
@@ -152,31 +155,32 @@ def ingest(source: str, dest: str, options: IngestOptions | None = None) -> Inge
     done = _existing(out, key, options.overwrite)
     if done is not None:
         return IngestResult("skipped", out.url, key, done)
-    scan = open_source(src.url, format=options.format, options=options.read_options())
-    calibration = scan.calibration.merged(options.calibration)
     with storage_errors(src.url):
         size = int(src.fs.size(src.path))
-    attrs = {
-        "source": scan.source,
-        "source_bytes": size,
-        "source_key": key,
-        "reader": scan.reader,
-        "reader_details": scan.details,
-        "ingest_options": options.identity(),
-        "created": utc_now(),
-        "software": software_versions(),
-        "store_version": STORE_VERSION,
-    }
-    if scan.truth is not None:
-        attrs["truth_symmetry"] = scan.truth.attrs.get("truth_symmetry")
-    written = write_scan(
-        scan.data,
-        out,
-        calibration=calibration,
-        attrs=attrs,
-        allow_nonfinite=options.allow_nonfinite,
-        extras=scan.truth,
-    )
+    # A vendor file on object storage is read from a local copy, removed when the block ends.
+    with open_source(src.url, format=options.format, options=options.read_options()) as scan:
+        calibration = scan.calibration.merged(options.calibration)
+        attrs = {
+            "source": scan.source,
+            "source_bytes": size,
+            "source_key": key,
+            "reader": scan.reader,
+            "reader_details": scan.details,
+            "ingest_options": options.identity(),
+            "created": utc_now(),
+            "software": software_versions(),
+            "store_version": STORE_VERSION,
+        }
+        if scan.truth is not None:
+            attrs["truth_symmetry"] = scan.truth.attrs.get("truth_symmetry")
+        written = write_scan(
+            scan.data,
+            out,
+            calibration=calibration,
+            attrs=attrs,
+            allow_nonfinite=options.allow_nonfinite,
+            extras=scan.truth,
+        )
     return IngestResult(
         "written", out.url, key, {**attrs, **written.as_dict(), **calibration.to_attrs()}
     )

@@ -405,14 +405,6 @@ def _mib_short_of_hdr(t: Path) -> Path:
     return _cut(path, 10 * 1152)  # 10 whole frames of 384 + 768 bytes
 
 
-def _in_memory_fs(t: Path) -> str:
-    import fsspec
-
-    fs = fsspec.filesystem("memory")
-    fs.pipe("/stemflow-test/a.mib", vf.write_mib(t / "a.mib", SCAN).read_bytes())
-    return "memory://stemflow-test/a.mib"
-
-
 BAD = {
     "text-as-mib": (
         lambda t: _file(t / "fake.mib", b"hello, this is not a detector file"),
@@ -560,12 +552,6 @@ BAD = {
         r"v\.emd has shape \(12, 16, 24\) \(12 frames\); expected 4 dims \(rx, ry, qx, qy\): "
         r"pass --scan-shape RX,RY\.",
     ),
-    "vendor-file-not-on-local-disk": (
-        _in_memory_fs,
-        {"scan_shape": (3, 4)},
-        r"memory://stemflow-test/a\.mib: Merlin \.mib files are read from a local disk only; "
-        r"copy the file \(with its companion files\) to a local folder and pass that path\.",
-    ),
 }
 
 
@@ -591,3 +577,21 @@ def test_cli_reports_a_bad_vendor_file_without_traceback(tmp_path, capsys):
         and len(err.strip().splitlines()) == 1
     )
     assert not (tmp_path / "out.zarr").exists()
+
+
+def test_a_vendor_file_on_another_filesystem_is_read_from_a_local_copy(tmp_path, monkeypatch):
+    """Any fsspec filesystem, not only S3 (tests/test_vendor_s3.py): here fsspec's memory://."""
+    import tempfile
+
+    import fsspec
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    fs = fsspec.filesystem("memory")
+    vf.write_mib(tmp_path / "a.mib", SCAN, frames_per_trigger=4)
+    fs.pipe("/stemflow-test/a.mib", (tmp_path / "a.mib").read_bytes())
+    fs.pipe("/stemflow-test/a.hdr", (tmp_path / "a.hdr").read_bytes())
+    before = set(os.listdir(tmp_path))
+    with open_source("memory://stemflow-test/a.mib") as scan:
+        np.testing.assert_array_equal(scan.data.compute(), SCAN)  # scan shape from the .hdr
+        assert scan.source == "memory://stemflow-test/a.mib"
+    assert set(os.listdir(tmp_path)) == before  # the copy is gone

@@ -7,7 +7,7 @@ import logging
 from typing import Any
 
 from stemlib.io import open_scan
-from stemlib.io.readers import open_source
+from stemlib.io.readers import needs_local_copy, open_source
 from stemlib.io.scan_store import check_destination
 from stemlib.io.storage import locate
 from stemlib.reference import parse_reference
@@ -128,15 +128,20 @@ def run_pipeline(
 
 
 def _check(source: str, dest: str, options: dict[str, Any]) -> None:
-    """Refuse a mistake before any work starts (one sentence, nothing written)."""
-    shape = (
-        open_scan(source).shape
-        if _is_store(source)
-        else open_source(
-            source, format=options["ingest"].format, options=options["ingest"].read_options()
-        ).data.shape
-    )
-    parse_reference(options["reference"], (int(shape[0]), int(shape[1])))
+    """Refuse a mistake before any work starts (one sentence, nothing written).
+
+    A vendor file on object storage is left to the ingest step, the one that copies it to a
+    local folder: checking it here would copy a scan of tens of GB twice.
+    """
+    ingest = options["ingest"]
+    if _is_store(source):
+        shape = open_scan(source).shape
+    elif needs_local_copy(source, format=ingest.format):
+        shape = None
+    else:
+        shape = open_source(source, format=ingest.format, options=ingest.read_options()).data.shape
+    if shape is not None:
+        parse_reference(options["reference"], (int(shape[0]), int(shape[1])))
     check_destination(dest, "strain")
 
 

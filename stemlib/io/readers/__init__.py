@@ -1,14 +1,17 @@
 """Readers: any supported raw scan -> a lazy (rx, ry, qx, qy) dask array plus calibration.
 
 :func:`open_source` picks the reader from ``format`` or, with ``"auto"``, from the file's
-extension and signature. Formats that rosettasciio reads are read through it, lazily.
+extension and signature. Formats that rosettasciio reads are read through it, lazily. A vendor
+file on object storage is read from a local copy (:mod:`stemlib.io.local_copy`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 from ...errors import InputError
+from ..local_copy import LocalCopy
 from ..storage import Location, locate, redact, storage_errors
 from .base import Format, ReadOptions, SourceScan, as_scan_4d, default_chunks
 from .hdf5 import HDF5_MAGIC, read_hdf5
@@ -21,6 +24,7 @@ __all__ = [
     "ReadOptions",
     "SourceScan",
     "open_source",
+    "needs_local_copy",
     "supported_formats",
     "as_scan_4d",
     "default_chunks",
@@ -83,6 +87,51 @@ def _detect(location: Location) -> Format:
     )
 
 
+def _format(location: Location, format: str) -> Format:
+    """The format named ``format``, or the file's own with ``"auto"``."""
+    if format == "auto":
+        return _detect(location)
+    if format in FORMATS:
+        return FORMATS[format]
+    raise InputError(
+        f"--format {format!r} is not supported; use auto or one of: {', '.join(FORMATS)}."
+    )
+
+
+def _source_file(url: str) -> Location:
+    """The location of the source file ``url``; raises if it is missing or a folder."""
+    location = locate(url)
+    if not location.exists():
+        raise InputError(f"{redact(location.url)} does not exist; check the path.")
+    if location.fs.isdir(location.path) and not location.name.endswith(".zarr"):
+        raise InputError(f"{redact(location.url)} is a folder; pass the scan file inside it.")
+    return location
+
+
+def needs_local_copy(url: str, *, format: str = "auto") -> bool:
+    """Whether :func:`open_source` copies ``url`` to a local folder to read it: a file on object
+    storage in a format whose reader opens local files (the vendor formats).
+
+    Raises
+    ------
+    InputError
+        As :func:`open_source` does for a missing file, a folder or an unknown format.
+    """
+    location = _source_file(url)
+    return not location.is_local and _format(location, format).companions is not None
+
+
+def _read(fmt: Format, location: Location, options: ReadOptions) -> SourceScan:
+    """``fmt``'s reading of ``location``, checked to be a non-empty scan."""
+    scan = fmt.read(location, options)
+    data = as_scan_4d(scan.data, source=scan.source, scan_shape=None)
+    if data.size == 0:
+        raise InputError(
+            f"{scan.source} holds an empty scan of shape {data.shape}; pass a file with data."
+        )
+    return scan
+
+
 def open_source(
     url: str, *, format: str = "auto", options: ReadOptions | None = None
 ) -> SourceScan:
@@ -101,7 +150,8 @@ def open_source(
     -------
     SourceScan
         ``data`` of shape (RX, RY, QX, QY) in the detector's dtype, ``qx`` = pattern rows
-        (axis 2); calibration from the file where it has one.
+        (axis 2); calibration from the file where it has one; ``source`` is ``url`` without
+        credentials.
 
     Raises
     ------
@@ -109,25 +159,23 @@ def open_source(
         Missing file, unknown format, a file that is not what it claims, a shape that is not a scan.
     StorageError
         An object store that cannot be reached or refuses access.
+    ResourceError
+        Too little free space in ``TMPDIR`` for the local copy of a vendor file on object storage.
+
+    Notes
+    -----
+    A vendor file on object storage is first copied, with the companion files its reader uses,
+    into a temporary folder (see :func:`needs_local_copy`); ``data`` reads that copy until the
+    scan is closed: use ``with open_source(url) as scan:`` or call ``scan.close()``.
     """
     options = options or ReadOptions()
-    location = locate(url)
-    if not location.exists():
-        raise InputError(f"{redact(location.url)} does not exist; check the path.")
-    if location.fs.isdir(location.path) and not location.name.endswith(".zarr"):
-        raise InputError(f"{redact(location.url)} is a folder; pass the scan file inside it.")
-    if format == "auto":
-        fmt = _detect(location)
-    elif format in FORMATS:
-        fmt = FORMATS[format]
-    else:
-        raise InputError(
-            f"--format {format!r} is not supported; use auto or one of: {', '.join(FORMATS)}."
-        )
-    scan = fmt.read(location, options)
-    data = as_scan_4d(scan.data, source=scan.source, scan_shape=None)
-    if data.size == 0:
-        raise InputError(
-            f"{scan.source} holds an empty scan of shape {data.shape}; pass a file with data."
-        )
-    return scan
+    location = _source_file(url)
+    fmt = _format(location, format)
+    if fmt.companions is None or location.is_local:
+        return _read(fmt, location, options)
+    copy = LocalCopy(location, fmt.companions)
+    try:
+        return dataclasses.replace(_read(fmt, copy.location, options), local_copy=copy)
+    except BaseException:
+        copy.close()
+        raise

@@ -13,6 +13,7 @@ import xarray as xr
 
 from ...calibration import Calibration
 from ...errors import InputError
+from ..local_copy import LocalCopy
 from ..storage import Location, redact, storage_errors
 
 __all__ = [
@@ -80,6 +81,14 @@ class SourceScan:
     truth
         Ground truth the file carries (``truth_*`` maps of :func:`stemlib.truth.truth_dataset`,
         dims (rx, ry)), or None: simulated scans keep their truth through ingest.
+    local_copy
+        The local copy that ``data`` reads, for a reader that needs local files and a source on
+        object storage (:class:`~stemlib.io.local_copy.LocalCopy`); None otherwise.
+
+    Notes
+    -----
+    :meth:`close`, or the end of a ``with`` block, removes the local copy; ``data`` cannot be
+    read after that.
     """
 
     data: da.Array
@@ -88,6 +97,18 @@ class SourceScan:
     source: str
     details: dict[str, Any] = field(default_factory=dict)
     truth: xr.Dataset | None = None
+    local_copy: LocalCopy | None = field(default=None, repr=False, compare=False)
+
+    def close(self) -> None:
+        """Remove the local copy of a source on object storage (nothing to do otherwise)."""
+        if self.local_copy is not None:
+            self.local_copy.close()
+
+    def __enter__(self) -> SourceScan:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 @dataclass(frozen=True)
@@ -107,6 +128,12 @@ class Format:
     sniff
         Optional check of the file's contents, for extensions that several formats share
         (``.h5``, ``.emd``): returns True when the file is of this format.
+    companions
+        None for a reader that reads any fsspec URL (by byte ranges). For a reader that opens
+        local files: ``companions(path)`` gives, for the file at the local ``path``, the glob
+        patterns (relative to its folder) of the companion files the reader uses; such a
+        reader is given a local location, and a source on object storage is copied with those
+        files first (:class:`~stemlib.io.local_copy.LocalCopy`).
     """
 
     name: str
@@ -114,6 +141,7 @@ class Format:
     extensions: tuple[str, ...]
     read: Callable[[Location, ReadOptions], SourceScan]
     sniff: Callable[[Location], bool] | None = None
+    companions: Callable[[str], list[str]] | None = None
 
 
 def probe_block(

@@ -23,7 +23,9 @@ rosettasciio's (and openNCEM's) layouts and orientation conventions.
 Every reader checks the file at open (signature, size against its header, companion files),
 so that a wrong, truncated or incomplete file is refused with one sentence before anything is
 written, and translates rosettasciio's exceptions into :class:`~stemlib.errors.InputError`.
-Vendor files are read from a local disk; byte orders are converted to the machine's.
+Readers open local files: a vendor file on object storage is copied first, with the companion
+files its format's ``companions`` names, into a temporary folder
+(:class:`~stemlib.io.local_copy.LocalCopy`). Byte orders are converted to the machine's.
 Calibration comes from the file where it states it, with its units; anything the file does not
 state unambiguously stays unknown.
 """
@@ -31,15 +33,16 @@ state unambiguously stays unknown.
 from __future__ import annotations
 
 from ..base import Format
-from .arina import is_arina, read_arina
+from ._common import no_companions
+from .arina import arina_companions, is_arina, read_arina
 from .blo import read_blo
 from .dm import read_dm
 from .emd import is_emd_berkeley, is_velox, read_emd_berkeley, read_velox
-from .empad import read_empad
-from .mib import read_mib
-from .mrc import read_mrc
-from .tia import read_tia
-from .tvips import read_tvips
+from .empad import empad_companions, read_empad
+from .mib import mib_companions, read_mib
+from .mrc import mrc_companions, read_mrc
+from .tia import read_tia, tia_companions
+from .tvips import read_tvips, tvips_companions
 
 __all__ = ["VENDOR_FORMATS"]
 
@@ -50,24 +53,47 @@ VENDOR_FORMATS: list[Format] = [
         "Quantum Detectors Merlin .mib frames (scan shape from the .hdr or --scan-shape)",
         (".mib",),
         read_mib,
+        companions=mib_companions,
     ),
-    Format("blo", "NanoMegas ASTAR blockfile", (".blo",), read_blo),
-    Format("empad", "EMPAD .xml with its .raw frames", (".xml",), read_empad),
+    Format("blo", "NanoMegas ASTAR blockfile", (".blo",), read_blo, companions=no_companions),
+    Format(
+        "empad",
+        "EMPAD .xml with its .raw frames",
+        (".xml",),
+        read_empad,
+        companions=empad_companions,
+    ),
     Format(
         "arina",
         "Dectris ARINA master file and its data files",
         ("_master.h5",),
         read_arina,
         sniff=is_arina,
+        companions=arina_companions,
     ),
-    Format("tia", "FEI TIA series (.ser, or the .emi beside it)", (".emi", ".ser"), read_tia),
-    Format("dm", "Gatan DigitalMicrograph DM3/DM4", (".dm3", ".dm4"), read_dm),
-    Format("tvips", "TVIPS recording (NAME_000.tvips)", (".tvips",), read_tvips),
+    Format(
+        "tia",
+        "FEI TIA series (.ser, or the .emi beside it)",
+        (".emi", ".ser"),
+        read_tia,
+        companions=tia_companions,
+    ),
+    Format(
+        "dm", "Gatan DigitalMicrograph DM3/DM4", (".dm3", ".dm4"), read_dm, companions=no_companions
+    ),
+    Format(
+        "tvips",
+        "TVIPS recording (NAME_000.tvips)",
+        (".tvips",),
+        read_tvips,
+        companions=tvips_companions,
+    ),
     Format(
         "mrc",
         "MRC stack of frames (--scan-shape, or a Direct Electron *_info.txt)",
         (".mrc",),
         read_mrc,
+        companions=mrc_companions,
     ),
     Format(
         "velox",
@@ -75,6 +101,7 @@ VENDOR_FORMATS: list[Format] = [
         (".emd",),
         read_velox,
         sniff=is_velox,
+        companions=no_companions,
     ),
     Format(
         "emd-berkeley",
@@ -82,5 +109,6 @@ VENDOR_FORMATS: list[Format] = [
         (".emd",),
         read_emd_berkeley,
         sniff=is_emd_berkeley,
+        companions=no_companions,
     ),
 ]

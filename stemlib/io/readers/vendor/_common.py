@@ -4,6 +4,8 @@ calibration from rosettasciio's axes, and :func:`finish` (the :class:`SourceScan
 from __future__ import annotations
 
 import contextlib
+import os
+import posixpath
 import re
 from collections.abc import Iterator
 from typing import Any
@@ -14,7 +16,7 @@ import numpy as np
 
 from ....calibration import Calibration
 from ....errors import InputError, StemflowError
-from ...storage import Location, redact, storage_errors
+from ...storage import Location, storage_errors
 from ..base import ReadOptions, SourceScan, as_scan_4d, default_chunks
 from ..hdf5 import HDF5_MAGIC
 
@@ -24,7 +26,8 @@ __all__ = [
     "finish",
     "first_bytes",
     "h5_sniff",
-    "local_path",
+    "named_beside",
+    "no_companions",
     "positive",
     "probe_step_nm",
     "q_pixel",
@@ -65,13 +68,21 @@ def vendor_errors(source: str, label: str) -> Iterator[None]:
         ) from exc
 
 
-def local_path(location: Location, label: str) -> str:
-    if not location.is_local:
-        raise InputError(
-            f"{redact(location.url)}: {label} files are read from a local disk only; copy the "
-            "file (with its companion files) to a local folder and pass that path."
-        )
-    return location.path
+def no_companions(path: str) -> list[str]:
+    """The companion files of a format stored in one file: none."""
+    return []
+
+
+def named_beside(source: str, path: str) -> str:
+    """The companion file at ``path`` as messages name it: beside ``source`` (the URL the user
+    gave), not in the local copy that a source on object storage is read from.
+
+    >>> named_beside("s3://raw/day1/scan.xml", "/tmp/stemflow-source-x1/scan_x4_y3.raw")
+    's3://raw/day1/scan_x4_y3.raw'
+    >>> named_beside("/data/scan.xml", "/data/scan_x4_y3.raw")
+    '/data/scan_x4_y3.raw'
+    """
+    return posixpath.join(posixpath.dirname(source), os.path.basename(path))
 
 
 def first_bytes(path: str, n: int) -> bytes:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import os
 import re
 from typing import Any
@@ -12,10 +13,10 @@ import numpy as np
 from ....errors import InputError
 from ...storage import Location, redact
 from ..base import ReadOptions, SourceScan, lazy_scan, resolve_scan_shape
-from ._common import finish, h5_sniff, local_path, positive, vendor_errors
+from ._common import finish, h5_sniff, named_beside, positive, vendor_errors
 from ._frames import HDF5Frames
 
-__all__ = ["is_arina", "read_arina"]
+__all__ = ["arina_companions", "is_arina", "read_arina"]
 
 
 def is_arina(location: Location) -> bool:
@@ -31,6 +32,31 @@ def is_arina(location: Location) -> bool:
     return h5_sniff(location, check)
 
 
+def _data_links(path: str) -> list[tuple[str, Any]]:
+    """``(name, link)`` of the master file's ``/entry/data/data_NNNNNN`` entries, in order."""
+    with h5py.File(path, "r") as f:
+        group = f["entry/data"]
+        names = sorted(n for n in group if re.fullmatch(r"data_\d{6}", n))
+        return [(n, group.get(n, getlink=True)) for n in names]
+
+
+def _metadata_path(path: str) -> str | None:
+    """The acquisition's ``NAME.h5`` beside ``NAME_master.h5`` (None for another name)."""
+    return path[: -len("_master.h5")] + ".h5" if path.endswith("_master.h5") else None
+
+
+def arina_companions(path: str) -> list[str]:
+    """The companion files a master file is read with: the data files it links and the
+    acquisition's metadata file."""
+    try:
+        links = _data_links(path)
+    except (OSError, KeyError):  # not a master file: the reader says what is wrong with it
+        links = []
+    names = [link.filename for _, link in links if isinstance(link, h5py.ExternalLink)]
+    metadata = _metadata_path(path)
+    return [glob.escape(n) for n in names + ([os.path.basename(metadata)] if metadata else [])]
+
+
 def read_arina(location: Location, options: ReadOptions) -> SourceScan:
     """Dectris ARINA scan: the master file's ``/entry/data/data_NNNNNN`` links, read lazily.
 
@@ -39,7 +65,7 @@ def read_arina(location: Location, options: ReadOptions) -> SourceScan:
     (``STEM Metadata`` attribute ``Pixel Size``, nm), as rosettasciio reads it.
     """
     source = redact(location.url)
-    path = local_path(location, "Dectris ARINA")
+    path = location.path
     if not is_arina(location):
         raise InputError(
             f"{source} is not a Dectris master file (it has no /entry/data/data_NNNNNN links and "
@@ -49,15 +75,13 @@ def read_arina(location: Location, options: ReadOptions) -> SourceScan:
     folder = os.path.dirname(path)
     parts: list[tuple[str, str, int]] = []
     shapes, dtypes = set(), set()
-    with vendor_errors(source, "Dectris ARINA master"), h5py.File(path, "r") as f:
-        group = f["entry/data"]
-        names = sorted(n for n in group if re.fullmatch(r"data_\d{6}", n))
-        links = [group.get(n, getlink=True) for n in names]
-    if not names:
+    with vendor_errors(source, "Dectris ARINA master"):
+        links = _data_links(path)
+    if not links:
         raise InputError(
             f"{source} links no data files (/entry/data is empty); pass the master file of a scan."
         )
-    for name, link in zip(names, links, strict=True):
+    for name, link in links:
         if isinstance(link, h5py.ExternalLink):
             file, dataset = os.path.join(folder, link.filename), link.path
         else:
@@ -90,9 +114,12 @@ def read_arina(location: Location, options: ReadOptions) -> SourceScan:
     scan, frame = resolve_scan_shape((frames,) + frame_shape, options.scan_shape, source)
     view = HDF5Frames(parts, scan_shape=scan, frame_shape=frame, dtype=dtype)
     calibration: dict[str, Any] = {}
-    metadata = path[: -len("_master.h5")] + ".h5" if path.endswith("_master.h5") else None
+    metadata = _metadata_path(path)
     if metadata and os.path.isfile(metadata):
-        with vendor_errors(metadata, "ARINA metadata"), h5py.File(metadata, "r") as m:
+        with (
+            vendor_errors(named_beside(source, metadata), "ARINA metadata"),
+            h5py.File(metadata, "r") as m,
+        ):
             value = m["STEM Metadata"].attrs.get("Pixel Size") if "STEM Metadata" in m else None
         calibration["probe_step_nm"] = positive(np.ravel(value)[0]) if value is not None else None
     return finish(

@@ -11,7 +11,6 @@ from ._common import (
     axes_calibration,
     finish,
     first_bytes,
-    local_path,
     positive,
     truncated,
     vendor_errors,
@@ -27,7 +26,7 @@ def read_blo(location: Location, options: ReadOptions) -> SourceScan:
     detector scale is stored in cm on the camera screen, which is no unit of q: left unknown.
     """
     source = redact(location.url)
-    path = local_path(location, "NanoMegas .blo")
+    path = location.path
     if not first_bytes(path, 6) == b"IMGBLO":
         raise InputError(
             f"{source} is not a NanoMegas blockfile (it does not start with IMGBLO); check the "

@@ -15,7 +15,6 @@ from ._common import (
     choose_signal,
     finish,
     first_bytes,
-    local_path,
     positive,
     truncated,
     vendor_errors,
@@ -31,7 +30,7 @@ def read_dm(location: Location, options: ReadOptions) -> SourceScan:
     ``Microscope Info.Voltage`` (V) and, where recorded, the EELS convergence semi-angle.
     """
     source = redact(location.url)
-    path = local_path(location, "Gatan DM")
+    path = location.path
     head = first_bytes(path, 4)
     if len(head) < 4 or struct.unpack(">l", head)[0] not in (3, 4):
         raise InputError(

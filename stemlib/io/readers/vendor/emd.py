@@ -19,7 +19,6 @@ from ._common import (
     choose_signal,
     finish,
     h5_sniff,
-    local_path,
     positive,
     vendor_errors,
 )
@@ -62,7 +61,7 @@ def read_velox(location: Location, options: ReadOptions) -> SourceScan:
     the details only.
     """
     source = redact(location.url)
-    path = local_path(location, "Velox EMD")
+    path = location.path
     if not is_velox(location):
         raise InputError(
             f"{source} is not a ThermoFisher Velox EMD file (it has no Velox version record); "
@@ -147,7 +146,7 @@ def read_emd_berkeley(location: Location, options: ReadOptions) -> SourceScan:
     slices of the blocks of probe positions instead.
     """
     source = redact(location.url)
-    path = local_path(location, "Berkeley EMD")
+    path = location.path
     if not is_emd_berkeley(location):
         raise InputError(
             f"{source} is not a Berkeley EMD 0.x file (it has no EMD version attributes, or it is "

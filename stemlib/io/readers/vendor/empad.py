@@ -2,16 +2,34 @@
 
 from __future__ import annotations
 
+import glob
 import os
+import xml.etree.ElementTree as ET
 
 import numpy as np
 
 from ....errors import InputError
 from ...storage import Location, redact
 from ..base import ByteRangeArray, ReadOptions, SourceScan, lazy_scan, resolve_scan_shape
-from ._common import axes_calibration, finish, local_path, vendor_errors
+from ._common import axes_calibration, finish, named_beside, vendor_errors
 
-__all__ = ["read_empad"]
+__all__ = ["empad_companions", "read_empad"]
+
+
+def _raw_name(path: str) -> str | None:
+    """The name of the raw data file that the EMPAD .xml at ``path`` names (its ``raw_file``
+    element's ``filename``), or None."""
+    element = ET.parse(path).getroot().find("raw_file")
+    return None if element is None else element.get("filename")
+
+
+def empad_companions(path: str) -> list[str]:
+    """The companion file an EMPAD .xml is read with: the raw data file it names."""
+    try:
+        name = _raw_name(path)
+    except ET.ParseError:  # not an EMPAD .xml: the reader says what is wrong with it
+        return []
+    return [glob.escape(name)] if name else []
 
 
 def read_empad(location: Location, options: ReadOptions) -> SourceScan:
@@ -22,12 +40,12 @@ def read_empad(location: Location, options: ReadOptions) -> SourceScan:
     block shape), so the frames are read like a raw file with a 1024-byte frame footer.
     """
     source = redact(location.url)
-    path = local_path(location, "EMPAD .xml")
+    path = location.path
     from rsciio.empad import file_reader
 
     with vendor_errors(source, "EMPAD .xml"):
         signal = file_reader(path, lazy=True)[0]
-        raw_name = str(signal["original_metadata"]["root"]["raw_file"]["filename"])
+        raw_name = str(_raw_name(path))
     raw = os.path.join(os.path.dirname(path), raw_name)
     if not os.path.isfile(raw):
         raise InputError(
@@ -39,9 +57,9 @@ def read_empad(location: Location, options: ReadOptions) -> SourceScan:
     size, needed = os.path.getsize(raw), frames * 130 * 128 * 4
     if size < needed:
         raise InputError(
-            f"{raw} is truncated: it has {size} bytes but the {frames} frames that "
-            f"{os.path.basename(path)} describes need {needed}; check that the file was copied "
-            "completely."
+            f"{named_beside(source, raw)} is truncated: it has {size} bytes but the {frames} "
+            f"frames that {os.path.basename(path)} describes need {needed}; check that the file "
+            "was copied completely."
         )
     scan, frame = resolve_scan_shape(stored, options.scan_shape, source)
     view = ByteRangeArray(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import os
 
 import numpy as np
@@ -9,18 +10,28 @@ import numpy as np
 from ....errors import InputError
 from ...storage import Location, redact
 from ..base import ReadOptions, SourceScan, default_chunks, resolve_scan_shape
-from ._common import finish, first_bytes, local_path, truncated, vendor_errors
+from ._common import finish, first_bytes, truncated, vendor_errors
 
-__all__ = ["read_mib"]
+__all__ = ["mib_companions", "read_mib"]
 
 
 _MIB_TYPES = {"U08": ">u1", "U16": ">u2", "U32": ">u4"}
 
 
+def _hdr_path(path: str) -> str:
+    """The acquisition header ``NAME.hdr`` of the Merlin file ``NAME.mib``."""
+    return os.path.splitext(path)[0] + ".hdr"
+
+
+def mib_companions(path: str) -> list[str]:
+    """The companion file a .mib is read with, if present: its acquisition header."""
+    return [glob.escape(os.path.basename(_hdr_path(path)))]
+
+
 def _mib_hdr(path: str) -> dict[str, int]:
     """The frame counts in the acquisition header ``NAME.hdr`` beside a .mib file (if any):
     ``{"frames": ..., "per_trigger": ...}``, each left out when absent or not a number."""
-    hdr = os.path.splitext(path)[0] + ".hdr"
+    hdr = _hdr_path(path)
     if not os.path.exists(hdr):
         return {}
     names = {
@@ -45,7 +56,7 @@ def read_mib(location: Location, options: ReadOptions) -> SourceScan:
     Patterns come out in rosettasciio's orientation (Merlin's bottom-up rows flipped).
     """
     source = redact(location.url)
-    path = local_path(location, "Merlin .mib")
+    path = location.path
     head = first_bytes(path, 768)
     fields = head.decode("latin-1").split(",")
     if not head.startswith(b"MQ1,") or len(fields) < 8 or not fields[2].strip().isdigit():

@@ -3,24 +3,38 @@
 from __future__ import annotations
 
 import os
+import re
 import struct
 
 from ....errors import InputError
 from ...storage import Location, redact
 from ..base import ReadOptions, SourceScan, default_chunks, resolve_scan_shape
-from ._common import finish, first_bytes, local_path, probe_step_nm, truncated, vendor_errors
+from ._common import finish, first_bytes, probe_step_nm, truncated, vendor_errors
 
-__all__ = ["read_mrc"]
+__all__ = ["mrc_companions", "read_mrc"]
 
 
 _MRC_TYPES = {0: 1, 1: 2, 2: 4, 6: 2, 12: 2}
+#: A Direct Electron movie, YYYYMMDD_ACQ[_SUFFIX][_N]_movie.mrc; group 1 is the prefix that
+#: rosettasciio's ``find_related_de_files`` looks for beside it.
+_DE_MOVIE = re.compile(r"(\d{8}_\d+_)(?:.*_)?movie\.mrc")
+
+
+def mrc_companions(path: str) -> list[str]:
+    """The companion files rosettasciio reads beside a Direct Electron movie: its info file
+    (scan shape, probe step) and scan coordinates; none for another .mrc."""
+    match = _DE_MOVIE.fullmatch(os.path.basename(path))
+    if match is None:
+        return []
+    kinds = ("info.txt", "*_info.txt", "scan_coordinates.csv", "*_scan_coordinates.csv")
+    return [match.group(1) + kind for kind in kinds]
 
 
 def read_mrc(location: Location, options: ReadOptions) -> SourceScan:
     """MRC stack of frames through rosettasciio, lazily: ``--scan-shape`` gives the scan, or a
     Direct Electron movie's ``*_info.txt`` beside it (which also gives the probe step)."""
     source = redact(location.url)
-    path = local_path(location, "MRC")
+    path = location.path
     head = first_bytes(path, 1024)
     if len(head) < 1024:
         raise truncated(source, len(head), 1024, "its 1024-byte header")

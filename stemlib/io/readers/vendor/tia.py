@@ -14,10 +14,10 @@ import numpy as np
 from ....errors import InputError
 from ...storage import Location, redact
 from ..base import ReadOptions, SourceScan, lazy_scan, resolve_scan_shape
-from ._common import finish, local_path, positive, probe_step_nm, q_pixel, truncated, vendor_errors
+from ._common import finish, positive, probe_step_nm, q_pixel, truncated, vendor_errors
 from ._frames import FrameTable
 
-__all__ = ["read_tia"]
+__all__ = ["read_tia", "tia_companions"]
 
 
 _SER_TYPES = {1: "<u1", 2: "<u2", 3: "<u4", 4: "<i1", 5: "<i2", 6: "<i4", 7: "<f4", 8: "<f8"}
@@ -108,6 +108,27 @@ def _emi_info(path: str) -> dict[str, str]:
     return info
 
 
+def _series_pattern(emi: str) -> str:
+    """The glob pattern of the series files ``NAME_1.ser``, ... of the .emi ``emi``."""
+    return glob.escape(emi[:-4]) + "_[0-9]*.ser"
+
+
+def _emi_of(ser: str) -> str:
+    """The .emi ``NAME.emi`` of the series file ``ser`` = ``NAME_N.ser`` (``ser`` itself for
+    another name)."""
+    return re.sub(r"_\d+\.ser$", ".emi", ser, flags=re.IGNORECASE)
+
+
+def tia_companions(path: str) -> list[str]:
+    """The companion files a TIA file is read with: the series files of an .emi, or the .emi
+    of a .ser."""
+    name = os.path.basename(path)
+    if name.lower().endswith(".emi"):
+        return [_series_pattern(name)]
+    emi = _emi_of(name)
+    return [glob.escape(emi)] if emi != name else []
+
+
 def read_tia(location: Location, options: ReadOptions) -> SourceScan:
     """FEI TIA series (.ser, or the .emi beside it): a 2D scan of images, or a 1D series of
     frames with ``--scan-shape``, read by byte ranges (rows are stored bottom-up).
@@ -116,10 +137,10 @@ def read_tia(location: Location, options: ReadOptions) -> SourceScan:
     beam energy (kV) when the .emi says the series was recorded in diffraction.
     """
     source = redact(location.url)
-    path = local_path(location, "TIA")
+    path = location.path
     if path.lower().endswith(".emi"):
         emi = path
-        sers = sorted(glob.glob(glob.escape(path[:-4]) + "_[0-9]*.ser"))
+        sers = sorted(glob.glob(_series_pattern(path)))
         if not sers:
             raise InputError(
                 f"{source} has no series file {os.path.basename(path[:-4])}_1.ser beside it; keep "
@@ -133,7 +154,7 @@ def read_tia(location: Location, options: ReadOptions) -> SourceScan:
         ser = sers[0]
     else:
         ser = path
-        candidate = re.sub(r"_\d+\.ser$", ".emi", path, flags=re.IGNORECASE)
+        candidate = _emi_of(path)
         emi = candidate if candidate != path and os.path.isfile(candidate) else None
     with vendor_errors(source, "TIA .ser"):
         header = _ser_header(ser, source)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import os
 import re
 import struct
@@ -11,13 +12,21 @@ import numpy as np
 from ....errors import InputError
 from ...storage import Location, redact
 from ..base import ReadOptions, SourceScan, lazy_scan, resolve_scan_shape
-from ._common import finish, first_bytes, local_path, positive, truncated
+from ._common import finish, first_bytes, named_beside, positive, truncated
 from ._frames import FrameTable
 
-__all__ = ["read_tvips"]
+__all__ = ["read_tvips", "tvips_companions"]
 
 
 _TVIPS_HEADER = struct.Struct("<13I204s")
+#: A part of a recording: NAME_000.tvips, NAME_001.tvips, ...
+_PART = re.compile(r"(.+)_(\d{3})\.tvips", flags=re.IGNORECASE)
+
+
+def tvips_companions(path: str) -> list[str]:
+    """The companion files a recording's first part is read with: its other parts."""
+    match = _PART.fullmatch(os.path.basename(path))
+    return [glob.escape(match.group(1)) + "_[0-9][0-9][0-9]" + path[-6:]] if match else []
 
 
 def read_tvips(location: Location, options: ReadOptions) -> SourceScan:
@@ -28,8 +37,8 @@ def read_tvips(location: Location, options: ReadOptions) -> SourceScan:
     not a reliable q scale and is only recorded in the details.
     """
     source = redact(location.url)
-    path = local_path(location, "TVIPS")
-    match = re.fullmatch(r"(.+)_(\d{3})\.tvips", path, flags=re.IGNORECASE)
+    path = location.path
+    match = _PART.fullmatch(path)
     if match is None or match.group(2) != "000":
         raise InputError(
             f"{source}: TVIPS recordings are read from their first part, named NAME_000.tvips; "
@@ -63,7 +72,10 @@ def read_tvips(location: Location, options: ReadOptions) -> SourceScan:
         count, extra = divmod(size - start, record)
         if extra:
             raise truncated(
-                redact(name), size, start + (count + 1) * record, f"its last frame ({count + 1})"
+                named_beside(source, name),
+                size,
+                start + (count + 1) * record,
+                f"its last frame ({count + 1})",
             )
         files.append(name)
         file_of.append(np.full(count, part, np.int32))

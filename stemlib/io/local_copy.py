@@ -1,0 +1,151 @@
+"""Local copies of remote source files, for the readers that open a file by its local path.
+
+The vendor readers (rosettasciio's, and those that read frames at file offsets) open files on a
+local disk. A source on object storage is copied for them into a new temporary folder under
+``TMPDIR``, together with the companion files its reader uses (the ``.hdr`` of a Merlin
+``.mib``, the ``.raw`` that an EMPAD ``.xml`` names, ...). Each file streams through in blocks of
+:data:`COPY_BLOCK_BYTES`, so a scan of tens of GB never sits in memory, and the free space of
+the temporary folder's disk is checked before each batch of copies.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import posixpath
+import shutil
+import tempfile
+from collections.abc import Callable, Sequence
+
+import fsspec
+
+from ..errors import ResourceError
+from .storage import Location, redact, storage_errors
+
+__all__ = ["COPY_BLOCK_BYTES", "LocalCopy", "check_free_space"]
+
+#: Bytes read from the source per request (and held in memory) while a file is copied.
+COPY_BLOCK_BYTES = 16 * 2**20
+
+
+def _size_text(n_bytes: int) -> str:
+    """A size for messages, in GB from 0.1 GB up, else in MB.
+
+    >>> _size_text(12_345_678_901), _size_text(2_500_000)
+    ('12.3 GB', '2.5 MB')
+    """
+    return f"{n_bytes / 1e9:.1f} GB" if n_bytes >= 1e8 else f"{n_bytes / 1e6:.1f} MB"
+
+
+def _short_of_space(source: str, needed_bytes: int, folder: str) -> ResourceError:
+    free = shutil.disk_usage(folder).free
+    return ResourceError(
+        f"{redact(source)} needs {_size_text(needed_bytes)} of local disk for the copy its reader "
+        f"opens, but {folder} has {_size_text(free)} free; set TMPDIR to a folder on a disk with "
+        "more free space."
+    )
+
+
+def check_free_space(source: str, needed_bytes: int, folder: str) -> None:
+    """Refuse to copy ``needed_bytes`` (bytes) of ``source`` into ``folder`` when its disk has
+    less free space.
+
+    Raises
+    ------
+    ResourceError
+        One sentence naming ``source`` (without credentials), the space needed and free, and
+        the fix (``TMPDIR``).
+    """
+    if shutil.disk_usage(folder).free < needed_bytes:
+        raise _short_of_space(source, needed_bytes, folder)
+
+
+class LocalCopy:
+    """The file at ``location`` and its companion files, copied into a new temporary folder.
+
+    Parameters
+    ----------
+    location
+        A file on any fsspec filesystem (an object store, typically).
+    companions
+        Given the path of the local copy of the file, the glob patterns (relative to the file's
+        folder) of the companion files its reader uses. Those that exist are copied beside it
+        under the same relative names; a missing one is not, and the reader names it.
+
+    Attributes
+    ----------
+    location
+        The copy: ``path`` on the local disk, ``url`` still the source's URL, so that messages
+        and provenance name the source, never the copy.
+
+    Raises
+    ------
+    ResourceError
+        When the disk of the temporary folder (``TMPDIR``) has less free space than the files.
+    StorageError
+        When the object store cannot be reached or refuses access.
+
+    Notes
+    -----
+    :meth:`close` removes the folder; so does a failure while copying.
+    """
+
+    def __init__(self, location: Location, companions: Callable[[str], Sequence[str]]) -> None:
+        self._folder = tempfile.TemporaryDirectory(prefix="stemflow-source-")
+        try:
+            local = os.path.join(self._folder.name, location.name)
+            with storage_errors(location.url):
+                size = int(location.fs.info(location.path)["size"])
+            self._copy(location, {location.path: size})
+            self._copy(location, _companion_files(location, companions(local)))
+        except BaseException:
+            self.close()
+            raise
+        self.location = Location(url=location.url, fs=fsspec.filesystem("file"), path=local)
+
+    def close(self) -> None:
+        """Remove the temporary folder and everything in it."""
+        self._folder.cleanup()
+
+    def _copy(self, location: Location, files: dict[str, int]) -> None:
+        """Stream ``files`` (path beside ``location`` on its filesystem -> size in bytes) into
+        the folder, under their paths relative to ``location``'s folder."""
+        needed = sum(files.values())
+        root = os.path.dirname(self._folder.name)
+        check_free_space(location.url, needed, root)
+        base = posixpath.dirname(location.path)
+        for path in files:
+            target = os.path.join(self._folder.name, posixpath.relpath(path, base))
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            try:
+                _stream(location, path, target)
+            except OSError as exc:
+                if exc.errno == errno.ENOSPC:  # another process filled the disk meanwhile
+                    raise _short_of_space(location.url, needed, root) from None
+                raise
+
+
+def _companion_files(location: Location, patterns: Sequence[str]) -> dict[str, int]:
+    """Path -> size (bytes) of the files beside ``location`` that match ``patterns`` (glob
+    patterns relative to its folder; an absolute one, or one that leaves the folder, is
+    ignored), itself left out."""
+    base = posixpath.dirname(location.path)
+    found: dict[str, int] = {}
+    with storage_errors(location.url):
+        for pattern in patterns:
+            if not pattern.startswith("/") and ".." not in pattern.split("/"):
+                matches = location.fs.glob(posixpath.join(base, pattern), detail=True)
+                found.update({p: int(i["size"]) for p, i in matches.items() if i["type"] == "file"})
+    found.pop(location.path, None)
+    return found
+
+
+def _stream(location: Location, path: str, target: str) -> None:
+    """Copy ``path`` on ``location``'s filesystem to the local file ``target``, one block of
+    :data:`COPY_BLOCK_BYTES` at a time (one ranged request per block on object storage)."""
+    with (
+        storage_errors(location.url),
+        location.fs.open(path, "rb", block_size=COPY_BLOCK_BYTES, cache_type="none") as src,
+        open(target, "wb") as dst,
+    ):
+        shutil.copyfileobj(src, dst, COPY_BLOCK_BYTES)
