@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 import textwrap
+import time
 
 import numpy as np
 import pytest
@@ -277,7 +278,9 @@ def test_a_reader_that_leaves_the_pipe_gets_no_traceback():
 
 
 def test_interrupted_write_publishes_nothing(tmp_path, monkeypatch):
-    """A failure while blocks stream leaves neither the destination nor a temporary store."""
+    """A failure while blocks stream leaves neither the destination nor a temporary store, also
+    while other threads are still writing their blocks (the temporary store is removed after
+    them, not under them)."""
     import stemlib.io.scan_store as store
 
     np.save(tmp_path / "s.npy", scan())
@@ -288,12 +291,14 @@ def test_interrupted_write_publishes_nothing(tmp_path, monkeypatch):
         calls["n"] += 1
         if calls["n"] == 2:
             raise OSError("disk full")
+        time.sleep(0.3)  # the other blocks are still being written when the error is raised
         return real(block, target, block_info)
 
     monkeypatch.setattr(store, "_write_and_hash", failing)
     monkeypatch.setattr(store, "CHUNK_BYTES", 16 * 12 * 2 * 5)  # several blocks
     with pytest.raises(OSError, match="disk full"):
         ingest(str(tmp_path / "s.npy"), str(tmp_path / "s.zarr"))
+    time.sleep(0.6)  # a block still being written would have written by now
     assert leftovers(tmp_path) == []
 
 

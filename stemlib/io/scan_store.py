@@ -18,14 +18,17 @@ from __future__ import annotations
 import hashlib
 import warnings
 from collections.abc import Collection
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import dask
 import dask.array as da
+import dask.threaded
 import numpy as np
 import xarray as xr
 import zarr
+from dask.system import CPU_COUNT
 from zarr.codecs import BloscCodec, Crc32cCodec
 
 from ..calibration import Calibration, scan_coords
@@ -126,6 +129,21 @@ def _write_and_hash(block: np.ndarray, target: zarr.Array, block_info: Any = Non
         bad = np.zeros(patterns.shape[0], "<u8")
     out[:, _DIGEST:] = bad.view(np.uint8).reshape(-1, 8)
     return out.reshape(block.shape[:2] + (_DIGEST + 8,))
+
+
+def _compute_settled(array: da.Array) -> np.ndarray:
+    """``array`` computed; where a block fails, the error is raised only once no other block
+    is still running. dask's threaded scheduler raises at the first error while its other
+    threads write on, and the temporary store removed meanwhile came back as a stray
+    ``.partial`` folder."""
+    if dask.base.get_scheduler(collections=[array]) is not dask.threaded.get:
+        return array.compute()
+    workers = dask.config.get("num_workers", None) or CPU_COUNT
+    pool = ThreadPoolExecutor(workers)
+    try:
+        return array.compute(pool=pool)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _skeleton(
@@ -351,7 +369,7 @@ def write_scan(
                 chunks=data.chunks[:2] + ((_DIGEST + 8,),),
                 name="stemflow-write-scan-" + dask.base.tokenize(data, temp.url),
             )
-            (records,) = dask.compute(records)
+            records = _compute_settled(records)
         digests = records[..., :_DIGEST]
         nonfinite = int(np.ascontiguousarray(records[..., _DIGEST:]).view("<u8").sum())
         if nonfinite and not allow_nonfinite:
