@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -35,6 +36,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Stderr(logging.Handler):
+    """Each record as one line on the ``sys.stderr`` of the moment."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(self.format(record), file=sys.stderr)
+
+
+#: Shows stemlib's warnings (a reference region that looks strained, an ellipse not measured)
+#: on stderr, each as one line like the errors.
+_WARNINGS = _Stderr(logging.WARNING)
+
+
+def _show_warnings(command: str) -> None:
+    """Print stemlib's warnings as ``stemflow COMMAND: warning: ...`` on stderr."""
+    _WARNINGS.setFormatter(logging.Formatter(f"stemflow {command}: warning: %(message)s"))
+    logger = logging.getLogger("stemlib")
+    if _WARNINGS not in logger.handlers:
+        logger.addHandler(_WARNINGS)
+    logger.propagate = False  # once, not again through a handler of the root logger
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -43,6 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     parser = build_parser()
     args = parser.parse_args(argv)
+    _show_warnings(args.command)
     try:
         status = int(args.run(args) or 0)
         sys.stdout.flush()  # a reader that left (| head) shows here, not at exit

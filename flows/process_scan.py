@@ -230,10 +230,17 @@ def process_scan(
     ).result()
     if "ccstae" in methods:  # drawn by the CC-ST-AE inference, in this run or an earlier one
         published["pngs"]["ccstae-bases"] = _bases_png(published["url"])
+    warnings = [f"- **warning** ({m}): {w}" for m, ws in published["warnings"].items() for w in ws]
     create_markdown_artifact(
         key="strain-statistics",
-        markdown=f"## {posixpath.basename(source.rstrip('/'))}\n\n{published['table']}\n\n"
-        f"Open with `xr.open_zarr({published['url']!r})`",
+        markdown="\n\n".join(
+            [
+                f"## {posixpath.basename(source.rstrip('/'))}",
+                published["table"],
+                *(["\n".join(warnings)] if warnings else []),
+                f"Open with `xr.open_zarr({published['url']!r})`",
+            ]
+        ),
         description="Coverage, agreement of the methods, and error against the truth",
     )
     for name, png in published["pngs"].items():

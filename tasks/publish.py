@@ -101,6 +101,7 @@ def publish_strain(
     return {
         "url": redact(url),
         "table": table,
+        "warnings": {m: r.get("warnings", []) for m, r in compared.attrs["methods"].items()},
         "statistics": _jsonable(stats),
         "pngs": {k: redact(v) for k, v in pngs.items()},
     }

@@ -103,6 +103,29 @@ def test_a_rerun_of_a_finished_run_skips_it_and_a_changed_one_runs(scan, tmp_pat
     assert capsys.readouterr().out.startswith(f"wrote {dest}: py4dstem strain")
 
 
+def test_a_strained_reference_region_is_warned_about(scan, tmp_path, capsys):
+    """Against the unstrained grain the maps carry no warning; against a grain strained by
+    3.85 % of anisotropy (|exx - eyy + 2i exy|), every position carries it, and the command
+    says so on stderr, in one line, and in the result's record, still publishing the maps."""
+    truth = open_truth(scan)
+    np.save(tmp_path / "strained.npy", truth["grain_id"].values == 1)
+    np.save(tmp_path / "unstrained.npy", truth["reference_mask"].values)
+    for name, expected in (("unstrained", 0), ("strained", 1)):
+        dest = str(tmp_path / f"{name}.zarr")
+        reference = str(tmp_path / f"{name}.npy")
+        args = ["strain", scan, dest, "--method", "py4dstem", "--reference", reference]
+        assert main([*args, "--symmetry", "4"]) == 0
+        err = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+        warnings = open_strain(dest).attrs["methods"]["py4dstem"]["warnings"]
+        assert len(warnings) == len(err) == expected
+    assert err == [f"stemflow strain: warning: {warnings[0]}"]
+    assert warnings[0].startswith(
+        "the strain maps show a median anisotropy of 3.8 % (exx - eyy and 2 exy) against the "
+        f"reference region {tmp_path / 'strained.npy'}: 6 positions, above the 2.5 %"
+    )
+    assert warnings[0].endswith("pass --reference with a region known to be unstrained.")
+
+
 def test_cli_trains_ccstae_draws_its_bases_and_a_rerun_only_infers(scan, tmp_path, capsys):
     """Issue 6: ``--method ccstae`` publishes the maps with the class map and reconstruction
     error, a picture of the learned bases, and leaves its model in the work folder, where a
@@ -125,6 +148,7 @@ def test_cli_trains_ccstae_draws_its_bases_and_a_rerun_only_infers(scan, tmp_pat
     assert {"class_map", "reconstruction_error"} <= set(first.data_vars)
     record = first.attrs["methods"]["ccstae"]
     assert record["config"]["encoder_downsample"] == 2 and record["config"]["lr"] == 2e-3
+    assert record["warnings"] == []  # "auto" took the unstrained grain
     sha = record["model_checkpoint_sha256"]
 
     (tmp_path / "cc.yaml").write_text(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from typing import Any
 
 from stemlib.io import open_scan
@@ -166,6 +167,9 @@ def _run(args: argparse.Namespace) -> int:
     )
     for name, png in published["pngs"].items():
         print(f"  {name}: {png}")
+    for method, warnings in published["warnings"].items():
+        for warning in warnings:
+            print(f"stemflow run: warning: {method}: {warning}", file=sys.stderr)
     return 0
 
 

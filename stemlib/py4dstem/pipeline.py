@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any
 
@@ -14,7 +15,14 @@ from ..ellipse import detector_distortion, undistort_lattice
 from ..errors import InputError
 from ..io.scan_store import finite_counts
 from ..provenance import input_provenance
-from ..reference import auto_reference, describe_reference, parse_reference, region_mean
+from ..reference import (
+    auto_reference,
+    describe_reference,
+    near_symmetry_warning,
+    parse_reference,
+    region_mean,
+    strained_reference_warning,
+)
 from ..results import strain_dataset
 from ..strain import detect_symmetry, reference_lattice
 from ..types import SCAN_DIMS, Symmetry
@@ -23,6 +31,8 @@ from .config import Py4DSTEMConfig
 from .convention import strain_from_bases
 from .detect import RECORD_FIELDS, detect_lattices_in, expected_origin, process_block
 from .lattice import align_bases
+
+log = logging.getLogger("stemlib.py4dstem")
 
 __all__ = ["METHOD", "py4dstem_strain", "lattice_records", "region_lattice"]
 
@@ -276,8 +286,19 @@ def py4dstem_strain(
         ),
         "reference_region": (mask, {"units": "1", "long_name": "reference region"}),
     }
+    described = describe_reference(reference, mask)
+    warnings = [
+        w
+        for w in (
+            near_symmetry_warning(g_ref, reference=described) if symmetry == "auto" else None,
+            strained_reference_warning(maps, valid, reference=described),
+        )
+        if w
+    ]
+    for warning in warnings:
+        log.warning(warning)
     attrs = {
-        "reference": describe_reference(reference, mask),
+        "reference": described,
         "symmetry": n,
         **input_provenance(scan.attrs),
     }
@@ -291,6 +312,7 @@ def py4dstem_strain(
         "detector_ellipse": ellipse,
         "positions": int(valid.size),
         "invalid_positions": int((~valid).sum()),
+        "warnings": warnings,
         **_descan(records, valid),
     }
     return strain_dataset(
