@@ -213,11 +213,20 @@ def test_bad_input_is_one_sentence_and_publishes_nothing(
             ["--origin", "500,3"],
             "the direct beam (origin) (500.0, 3.0) px lies outside the 8 x 8 px patterns",
         ),
-        (np.zeros((2, 2, 8, 8), np.uint16), ["--origin", "nan,3"], "origin_px.0: Input should"),
+        (
+            np.zeros((2, 2, 8, 8), np.uint16),
+            ["--origin", "nan,3"],
+            "error: --origin: Input should be a finite number; correct it and run again.",
+        ),
         (
             np.zeros((2, 2, 8, 8), np.uint16),
             ["--qr-rotation-deg", "inf"],
-            "qr_rotation_deg: Input should be a finite number",
+            "error: --qr-rotation-deg: Input should be a finite number; correct it",
+        ),
+        (
+            np.zeros((2, 2, 8, 8), np.uint16),
+            ["--beam-energy-kev", "-300"],
+            "error: --beam-energy-kev: Input should be greater than 0; correct it",
         ),
     ],
 )

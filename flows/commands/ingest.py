@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 
+from pydantic import ValidationError
+
 from stemlib.calibration import Calibration
+from stemlib.errors import InputError
 from stemlib.ingest import IngestOptions, IngestResult, ingest
 from stemlib.io.readers import FORMATS, supported_formats
 from stemlib.io.storage import redact
@@ -55,7 +58,37 @@ def add_source_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+#: The flag of each reading and calibration field whose name differs from ``--field-name``.
+_FLAGS = {
+    "beam_energy_keV": "--beam-energy-kev",
+    "convergence_semiangle_mrad": "--convergence-mrad",
+    "origin_px": "--origin",
+}
+
+
+def _flag_error(exc: ValidationError) -> InputError:
+    """A flag's bad value as one sentence naming the flag (pydantic names the field)."""
+    first = exc.errors()[0]
+    field = str(first["loc"][0]) if first.get("loc") else "input"
+    flag = _FLAGS.get(field, "--" + field.replace("_", "-"))
+    return InputError(f"{flag}: {first.get('msg', 'invalid value')}; correct it and run again.")
+
+
 def options_from_args(args: argparse.Namespace) -> IngestOptions:
+    """The ingest options the reading and calibration flags ask for.
+
+    Raises
+    ------
+    InputError
+        A flag's value that the options refuse (a NaN origin, a negative step), naming the flag.
+    """
+    try:
+        return _options(args)
+    except ValidationError as exc:
+        raise _flag_error(exc) from None
+
+
+def _options(args: argparse.Namespace) -> IngestOptions:
     calibration = Calibration(
         probe_step_nm=args.probe_step_nm,
         q_pixel_size=args.q_pixel_size,
