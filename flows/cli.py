@@ -2,17 +2,22 @@
 
 Each subcommand lives in its own module under :mod:`flows.commands` with a ``register``
 function. A user's mistake (:class:`stemlib.errors.StemflowError`) is printed as one sentence on
-stderr with exit status 2 and no traceback; Ctrl-C exits with 130 and publishes nothing.
+stderr with exit status 2 and no traceback; Ctrl-C exits with 130 and SIGTERM with 143, each
+with one sentence, publishing nothing and leaving no process behind (the temporary Prefect
+server, the Dask workers and a store's temporary folder are cleaned up as on any error).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
 import os
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 
 from pydantic import ValidationError
 
@@ -23,6 +28,39 @@ __all__ = ["main", "build_parser"]
 
 #: Subcommand modules, in the order ``stemflow --help`` lists them.
 COMMANDS = ("run", "demo", "ingest", "simulate", "noise", "strain", "sweep")
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that the command cleans up as on Ctrl-C (a
+    ``BaseException``, like ``KeyboardInterrupt``, so that no ``except Exception`` swallows it)."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated
+
+
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """SIGTERM raises :class:`Terminated` in the block (in the main thread only, where Python
+    runs signal handlers); the previous handler comes back after it."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _terminations() -> tuple[type[BaseException], ...]:
+    """What SIGTERM raises: :class:`Terminated`, or Prefect's ``TerminationSignal`` while a flow
+    runs (Prefect installs its own handler then; it is imported only by commands that run
+    flows)."""
+    prefect_exceptions = sys.modules.get("prefect.exceptions")
+    if prefect_exceptions is None:
+        return (Terminated,)
+    return (Terminated, prefect_exceptions.TerminationSignal)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,7 +105,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _show_warnings(args.command)
     try:
-        status = int(args.run(args) or 0)
+        with _sigterm_raises():
+            status = int(args.run(args) or 0)
         sys.stdout.flush()  # a reader that left (| head) shows here, not at exit
         return status
     except StemflowError as exc:
@@ -83,6 +122,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"stemflow {args.command}: interrupted; nothing was published.", file=sys.stderr)
         return 130
+    except _terminations():
+        print(f"stemflow {args.command}: terminated; nothing was published.", file=sys.stderr)
+        return 143
     except BrokenPipeError:  # `stemflow ... | head`: the reader left
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1

@@ -40,7 +40,8 @@ def local_cluster_kwargs(n_workers: int | None = None) -> dict[str, Any]:
     """``distributed.LocalCluster`` arguments: ``n_workers`` single-threaded worker processes
     (default one per core this process may use, :func:`stemlib.resources.usable_cores`),
     scheduler and dashboard on loopback only, and the resource ``GPU=1`` on every worker when
-    CUDA is visible, so that GPU tasks are placed where a GPU is.
+    CUDA is visible, so that GPU tasks are placed where a GPU is. Workers ignore a terminal's
+    Ctrl-C (:mod:`flows.dask_preload`): the command handles it and ends them.
 
     Each worker's memory limit is the machine's, not an equal share of it (distributed's
     default). The CC-ST-AE is one large task among many small ones: it peaked at 2.1 GB on the
@@ -56,6 +57,7 @@ def local_cluster_kwargs(n_workers: int | None = None) -> dict[str, Any]:
         "host": "127.0.0.1",
         "dashboard_address": "127.0.0.1:0",
         "memory_limit": MEMORY_LIMIT,
+        "preload": ["flows.dask_preload"],  # workers leave Ctrl-C to the command
     }
     if _cuda_visible():
         kwargs["resources"] = {"GPU": 1}

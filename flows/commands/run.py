@@ -117,12 +117,14 @@ def pipeline_options(args: argparse.Namespace) -> dict[str, Any]:
 def run_pipeline(
     source: str, dest: str, *, dask_address: str | None = None, **options: Any
 ) -> dict[str, Any]:
-    """Run process_scan on a Dask task runner (local cluster, or ``dask_address``)."""
+    """Run process_scan on a Dask task runner (local cluster, or ``dask_address``) against one
+    temporary Prefect API server (:func:`flows.api_server.temporary_api`)."""
+    from flows.api_server import temporary_api
     from flows.process_scan import process_scan
     from flows.runners import dask_runner, workers_that_died_explained
 
     logging.getLogger("distributed").setLevel(logging.WARNING)
-    with workers_that_died_explained():
+    with temporary_api(tasks_here=dask_address is None), workers_that_died_explained():
         return process_scan.with_options(task_runner=dask_runner(dask_address))(
             source=source, dest=dest, **options
         )

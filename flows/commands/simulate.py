@@ -63,10 +63,12 @@ def _verb(record: dict[str, Any]) -> str:
 def _run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     if args.levels is not None:
+        from flows.api_server import temporary_api
         from flows.simulate_benchmark import NoiseLevels, simulate_benchmark
 
         noise = NoiseLevels(levels=args.levels, counts=args.counts, seed=args.noise_seed)
-        record = simulate_benchmark(dest=args.dest, simulation=config, noise=noise)
+        with temporary_api():
+            record = simulate_benchmark(dest=args.dest, simulation=config, noise=noise)
         clean = record["clean"]
         print(f"{_verb(clean)} {clean['url']}: data {tuple(clean['shape'])} float32 with truth")
         for level, copy in record["noisy"].items():

@@ -1,0 +1,154 @@
+"""One temporary Prefect API server for a command's flow runs, that never outlives the command.
+
+Without ``PREFECT_API_URL``, Prefect starts a temporary API server (a uvicorn subprocess of
+about 220 MB) the first time a process needs one, and stops it at that process's exit. A
+``stemflow run`` on a local Dask cluster then ran three: its own and one per Dask worker
+process, because the workers did not learn its address. A worker ended by its Nanny, a
+SIGTERM or a kill -9 left the servers it had started running, and a terminal's Ctrl-C, which
+reaches the whole process group, stopped the command's own server before Prefect could record
+the interrupted run (a minute of retries, then a traceback).
+
+:func:`temporary_api` starts the one server of a command, hands its address to every task
+through Prefect's settings (Dask workers included), and stops it when the command ends. The
+server runs in a session of its own, out of reach of the terminal's Ctrl-C, and on Linux it
+is ended by the kernel when the command dies, even by kill -9 (``PR_SET_PDEATHSIG``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import prefect
+from prefect.events.worker import EventsWorker
+from prefect.logging.handlers import APILogWorker
+from prefect.server.api.server import SubprocessASGIServer
+from prefect.settings import (
+    PREFECT_API_URL,
+    PREFECT_UI_URL,
+    get_current_settings,
+    temporary_settings,
+)
+
+__all__ = ["TemporaryServer", "temporary_api"]
+
+#: Seconds to wait for Prefect to send its pending logs, then its pending events, at the end.
+DRAIN_TIMEOUT_S = 10
+
+#: Runs uvicorn as ``python -m uvicorn`` does, after asking Linux to send it SIGTERM when the
+#: process that started it dies (``prctl(PR_SET_PDEATHSIG, SIGTERM)``, kept across exec); it
+#: exits at once if that process died before the request was made. ``sys.argv[1]`` is that
+#: process's PID, then come ``uvicorn`` and its arguments (as ``ps`` shows them).
+_LAUNCH = """\
+import ctypes, os, runpy, signal, sys
+if sys.platform.startswith("linux"):
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != int(sys.argv[1]):
+        sys.exit(0)
+sys.argv = sys.argv[2:]
+runpy.run_module("uvicorn", run_name="__main__", alter_sys=True)
+"""
+
+
+class TemporaryServer(SubprocessASGIServer):
+    """Prefect's temporary API server (:class:`~prefect.server.api.server.SubprocessASGIServer`:
+    same app, port choice, start-up wait and stop), with a subprocess that outlives no one.
+
+    The uvicorn subprocess runs in a new session, so that a terminal's Ctrl-C reaches only the
+    command, which records the interrupted run and then stops the server; on Linux it receives
+    SIGTERM when the thread that started it dies, so a kill -9 of the command ends it too. Start
+    it from the main thread.
+    """
+
+    #: Instances by port, apart from Prefect's own (which its client code looks up).
+    _instances: dict[int | None, SubprocessASGIServer] = {}
+
+    def _run_uvicorn_command(self) -> subprocess.Popen[Any]:
+        """Start uvicorn as Prefect does (same arguments and environment) through
+        :data:`_LAUNCH`, in a session of its own."""
+        server_env = {
+            "PREFECT_UI_ENABLED": "0",
+            "PREFECT__SERVER_EPHEMERAL": "1",
+            "PREFECT__SERVER_FINAL": "1",
+        }
+        return subprocess.Popen(
+            args=[
+                sys.executable,
+                "-c",
+                _LAUNCH,
+                str(os.getpid()),
+                "uvicorn",
+                "--app-dir",
+                str(prefect.__module_path__.parent),
+                "--factory",
+                "prefect.server.api.server:create_app",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--log-level",
+                "error",
+                "--lifespan",
+                "on",
+            ],
+            env={
+                **os.environ,
+                **server_env,
+                **get_current_settings().to_environment_variables(exclude_unset=True),
+            },
+            start_new_session=True,
+        )
+
+
+@contextlib.contextmanager
+def temporary_api(*, tasks_here: bool = True) -> Iterator[None]:
+    """Run the block against one :class:`TemporaryServer`, unless ``PREFECT_API_URL`` names a
+    server already (then nothing starts). The server stops when the block ends, also on Ctrl-C
+    or SIGTERM (raised as an exception in the main thread).
+
+    Parameters
+    ----------
+    tasks_here
+        Whether every task runs on this machine (a local Dask cluster): the server's address
+        is then set as ``PREFECT_API_URL`` for the block, and Prefect passes it with every task
+        it submits, so that the Dask workers use this server instead of starting their own.
+        Otherwise (an existing cluster, whose workers may run on other machines, where
+        127.0.0.1 is not this one) only this process uses it, and each worker keeps Prefect's
+        default: a temporary server of its own.
+    """
+    if PREFECT_API_URL.value():
+        yield
+        return
+    server = TemporaryServer()
+    # Prefect's client code asks SubprocessASGIServer() for the default temporary server: it
+    # gets this one (as in Prefect's own prefect_test_harness).
+    default = SubprocessASGIServer._instances.get(None)
+    SubprocessASGIServer._instances[None] = server
+    try:
+        server.start()
+        # no UI is served: no "View at" link to it
+        shared = {PREFECT_API_URL: server.api_url, PREFECT_UI_URL: ""} if tasks_here else {}
+        with temporary_settings(updates=shared):
+            try:
+                yield
+            finally:
+                _send_pending()
+    finally:
+        server.stop()
+        if default is None:
+            SubprocessASGIServer._instances.pop(None, None)
+        else:
+            SubprocessASGIServer._instances[None] = default
+
+
+def _send_pending() -> None:
+    """Send the logs and events Prefect still holds to the server (within
+    :data:`DRAIN_TIMEOUT_S` each) while it runs: after it stops, each would be retried for a
+    minute at exit."""
+    APILogWorker.drain_all(timeout=DRAIN_TIMEOUT_S)
+    EventsWorker.drain_all(timeout=DRAIN_TIMEOUT_S)

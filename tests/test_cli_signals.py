@@ -1,0 +1,133 @@
+"""``stemflow run`` stopped by Ctrl-C, SIGTERM or kill -9 leaves no process behind (user audit:
+Ctrl-C left one temporary Prefect server of about 220 MB running, SIGTERM and kill -9 up to
+three, one per process that had started its own).
+
+The command runs in a subprocess of its own session, as from a terminal, against Prefect's
+temporary API server and a local Dask cluster; it is stopped while the py4DSTEM task runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from stemlib.simulate import SimulationConfig, write_simulation
+
+REPO = Path(__file__).resolve().parents[1]
+#: Seconds to wait for the command to reach the py4DSTEM task, then for its processes to end.
+STARTUP_S, SHUTDOWN_S = 240, 60
+#: In a process's command line: Prefect's API server.
+SERVER = "prefect.server.api.server:create_app"
+
+
+@pytest.fixture(scope="module")
+def scan(tmp_path_factory) -> str:
+    """A scan store whose py4DSTEM step runs for some seconds on a local cluster."""
+    store = str(tmp_path_factory.mktemp("scan") / "scan.zarr")
+    write_simulation(SimulationConfig(scan=(12, 12), pattern=64, grains=3, seed=5), store)
+    return store
+
+
+def _start(scan: str, tmp_path: Path, log: Path) -> subprocess.Popen[bytes]:
+    """``stemflow run`` (this checkout's code) in a new session, its output in ``log``."""
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "PREFECT_HOME": str(tmp_path / "prefect"),  # not the user's database
+    }
+    env.pop("PREFECT_API_URL", None)  # Prefect starts its temporary server
+    command = [sys.executable, "-m", "flows.cli", "run", scan, str(tmp_path / "strain.zarr")]
+    with log.open("wb") as out:
+        return subprocess.Popen(
+            [*command, "--method", "py4dstem"],
+            cwd=REPO,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+class _Tree:
+    """Every process that descended from ``root`` while :meth:`look` was called, with its last
+    command line seen (a child shows its parent's until it runs its own program)."""
+
+    def __init__(self, root: int) -> None:
+        self.root = psutil.Process(root)
+        self.processes: dict[int, psutil.Process] = {}
+        self.command_lines: dict[int, str] = {}
+
+    def look(self) -> None:
+        try:
+            children = self.root.children(recursive=True)
+        except psutil.NoSuchProcess:
+            return
+        for child in children:
+            process = self.processes.setdefault(child.pid, child)
+            with contextlib.suppress(psutil.Error):
+                self.command_lines[child.pid] = " ".join(process.cmdline())
+
+    def running(self, timeout_s: float) -> list[str]:
+        """The command lines of those still running after up to ``timeout_s``."""
+        _, alive = psutil.wait_procs(list(self.processes.values()), timeout=timeout_s)
+        return [self.command_lines.get(p.pid, str(p.pid)) for p in alive if _running(p)]
+
+    def kill(self) -> None:
+        for process in [self.root, *self.processes.values()]:
+            with contextlib.suppress(psutil.Error):
+                process.kill()
+
+
+def _running(process: psutil.Process) -> bool:
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("how", "status", "sentence"),
+    [
+        ("ctrl-c", 130, "stemflow run: interrupted; nothing was published."),
+        ("sigterm", 143, "stemflow run: terminated; nothing was published."),
+        ("kill -9", -signal.SIGKILL, None),
+    ],
+)
+def test_a_stopped_run_leaves_no_process_behind(scan, tmp_path, how, status, sentence):
+    log = tmp_path / "output.txt"
+    command = _start(scan, tmp_path, log)
+    tree = _Tree(command.pid)
+    try:
+        deadline = time.monotonic() + STARTUP_S
+        while "Task run 'resolve-scan" not in log.read_text(errors="replace"):
+            assert command.poll() is None, log.read_text(errors="replace")
+            assert time.monotonic() < deadline, "the run did not reach its first task"
+            tree.look()
+            time.sleep(0.2)
+        time.sleep(1.0)  # the py4DSTEM task starts on a worker
+        tree.look()
+        if how == "ctrl-c":  # a terminal sends SIGINT to its foreground process group
+            os.killpg(command.pid, signal.SIGINT)
+        else:
+            command.send_signal(signal.SIGTERM if how == "sigterm" else signal.SIGKILL)
+        assert command.wait(timeout=SHUTDOWN_S) == status
+        survivors = tree.running(timeout_s=SHUTDOWN_S)
+    finally:
+        tree.kill()  # never leave them to the next test
+    servers = [line for line in tree.command_lines.values() if SERVER in line]
+    assert len(servers) == 1, f"Prefect servers: {servers}"
+    assert survivors == []
+    output = log.read_text(errors="replace")
+    if sentence is not None:
+        assert output.rstrip().splitlines()[-1] == sentence
+        assert "KeyboardInterrupt" not in output and "TerminationSignal" not in output
+    assert not (tmp_path / "strain.zarr").exists()
