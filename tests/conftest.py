@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import socket
+import subprocess
+import sys
+import textwrap
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -127,6 +133,47 @@ def closed_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+#: Writes a temporary sibling of ``argv[1]`` of kind ``argv[2]`` as stemflow names them, then is
+#: killed at once (``argv[3] == "killed"``, kill -9: nothing is cleaned up) or holds it.
+_WRITER = textwrap.dedent(
+    """\
+    import os, posixpath, signal, sys, time
+    from stemlib.io.storage import locate, temporary_sibling
+    temp = temporary_sibling(locate(sys.argv[1]), sys.argv[2])
+    temp.fs.makedirs(temp.path, exist_ok=True)
+    temp.fs.pipe(posixpath.join(temp.path, "zarr.json"), b"{}")
+    print(temp.url, flush=True)
+    if sys.argv[3] == "killed":
+        os.kill(os.getpid(), signal.SIGKILL)
+    time.sleep(600)
+    """
+)
+
+
+@contextlib.contextmanager
+def temporary_writer(dest: str, kind: str = "partial", *, killed: bool) -> Iterator[str]:
+    """A process of this machine that has written a temporary sibling of ``dest`` (``kind``
+    ``partial``: a store being written; ``old``: a store being replaced): killed by kill -9
+    before the block, or running through it. Yields the sibling's URL."""
+    repo = str(Path(__file__).resolve().parents[1])
+    process = subprocess.Popen(
+        [sys.executable, "-c", _WRITER, dest, kind, "killed" if killed else "running"],
+        stdout=subprocess.PIPE,
+        cwd=repo,
+        env={**os.environ, "PYTHONPATH": repo},
+    )
+    try:
+        url = process.stdout.readline().decode().strip()  # type: ignore[union-attr]
+        assert url, "the writer failed"
+        if killed:
+            assert process.wait(timeout=60) == -signal.SIGKILL
+        yield url
+    finally:
+        process.kill()
+        process.wait()
+        process.stdout.close()  # type: ignore[union-attr]
 
 
 class ComputeCounter:

@@ -21,6 +21,8 @@ from stemlib.errors import InputError
 from stemlib.ingest import IngestOptions, ingest
 from stemlib.io.scan_store import HASH_SCHEME, choose_layout, open_scan
 
+from .conftest import temporary_writer
+
 
 def scan(shape=(6, 5, 16, 12), dtype="uint16", seed=0) -> np.ndarray:
     rng = np.random.default_rng(seed)
@@ -309,6 +311,31 @@ def test_interrupted_write_publishes_nothing(tmp_path, monkeypatch):
         ingest(str(tmp_path / "s.npy"), str(tmp_path / "s.zarr"))
     time.sleep(0.6)  # a block still being written would have written by now
     assert leftovers(tmp_path) == []
+
+
+def test_a_write_removes_what_killed_writers_left_and_keeps_what_others_use(tmp_path):
+    """kill -9 during an ingest left its temporary store beside the destination for ever (user
+    audit). The next write to that destination removes it, and the replaced store a publication
+    killed between its two renames leaves; never the store of a writer still running, one
+    written on another machine (a shared disk), or one named by an earlier stemflow."""
+    np.save(tmp_path / "s.npy", scan())
+    dest = str(tmp_path / "s.zarr")
+    elsewhere = ".s.zarr.partial-0123456789ab-1-0123abcd"  # another machine's process 1
+    earlier = ".s.zarr.partial-0123456789ab"
+    for name in (elsewhere, earlier):
+        (tmp_path / name).mkdir()
+    with (
+        temporary_writer(dest, killed=True) as partial,
+        temporary_writer(dest, "old", killed=True) as old,
+        temporary_writer(dest, killed=False) as running,
+    ):
+        assert ".s.zarr.partial-" in partial and ".s.zarr.old-" in old
+        assert all(os.path.isdir(p) for p in (partial, old, running))
+        assert ingest(str(tmp_path / "s.npy"), dest).status == "written"
+        left = sorted(os.listdir(tmp_path))
+    names = [os.path.basename(p) for p in (earlier, elsewhere, running)]
+    assert left == sorted([*names, "s.npy", "s.zarr"])
+    np.testing.assert_array_equal(open_scan(dest).values, scan())
 
 
 def test_failed_replacement_keeps_the_old_store(tmp_path, monkeypatch):

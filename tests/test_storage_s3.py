@@ -16,7 +16,7 @@ from stemlib.ingest import ingest
 from stemlib.io.scan_store import open_scan
 from stemlib.results import open_strain, strain_dataset, write_strain
 
-from .conftest import closed_port, forget_s3_clients
+from .conftest import closed_port, forget_s3_clients, temporary_writer
 
 pytestmark = pytest.mark.s3
 
@@ -40,6 +40,21 @@ def test_ingest_to_s3_opens_with_one_line_of_xarray(tmp_path, s3):
     np.testing.assert_array_equal(ds["data"].values, scan())
     assert not [k for k in keys(s3) if ".partial-" in k]
     assert ingest(str(tmp_path / "s.npy"), url).status == "skipped"
+
+
+def test_a_write_to_s3_removes_what_killed_writers_of_this_machine_left(tmp_path, s3):
+    """A temporary store that a writer on this machine left when it was killed is removed by
+    the next write to the destination; a running writer's is kept."""
+    np.save(tmp_path / "s.npy", scan())
+    url = f"{s3}/scans/s.zarr"
+    with (
+        temporary_writer(url, killed=True) as killed,
+        temporary_writer(url, killed=False) as running,
+    ):
+        forget_s3_clients()  # list the bucket afresh, as a later command would
+        assert ingest(str(tmp_path / "s.npy"), url).status == "written"
+        left = {k.split("/")[2] for k in keys(s3)}
+    assert left == {"s.zarr", running.rsplit("/", 1)[1]}, killed
 
 
 def test_sources_on_s3_are_read_by_byte_ranges(tmp_path, s3):

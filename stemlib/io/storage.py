@@ -7,6 +7,10 @@ name, so that a reader never takes a half-written result for a good one:
 - on object storage (``s3://``), the objects are copied under the final prefix with the root
   ``zarr.json`` last: until that last copy, the destination is not a Zarr group at all.
 
+A writer killed outright (kill -9, out of memory, power) cannot remove its temporary sibling.
+Each one's name says which process wrote it, so that the next write to the same destination
+removes those whose writer has ended (:func:`remove_abandoned`), and never one still in use.
+
 S3 endpoint and credentials come from the standard variables (``AWS_ENDPOINT_URL``,
 ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``) or a named profile (``AWS_PROFILE``). Messages
 name the URL without any credential and say which variable to check.
@@ -15,6 +19,9 @@ name the URL without any credential and say which variable to check.
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
+import logging
 import os
 import posixpath
 import re
@@ -23,7 +30,7 @@ import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, get_args
 from urllib.parse import urlsplit
 
 import fsspec
@@ -38,10 +45,14 @@ __all__ = [
     "storage_errors",
     "staged",
     "remove",
+    "remove_abandoned",
+    "temporary_sibling",
     "local_workdir",
     "work_folder",
     "interrupted_publication",
 ]
+
+log = logging.getLogger("stemlib.io")
 
 #: Seconds to wait for an object store before calling it unreachable.
 CONNECT_TIMEOUT_S = 5
@@ -251,9 +262,96 @@ def remove(location: Location) -> None:
             location.fs.rm(location.path, recursive=True)
 
 
+@functools.cache
+def _process_table() -> str | None:
+    """12 hex digits naming the table that this process's PID belongs to: this boot of this
+    kernel (``boot_id``, random at every boot) and this PID namespace (a container has its own).
+    Two writers with the same name see the same processes; None where it cannot be known
+    (no ``/proc``: not Linux)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+        namespace = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+    return hashlib.sha256(f"{boot} {namespace}".encode()).hexdigest()[:12]
+
+
+#: Kinds of temporary siblings: the store being written, and (on a local disk) the store it
+#: replaces, between the two renames of :func:`_publish_local`.
+TemporaryKind = Literal["partial", "old"]
+
+
+def temporary_sibling(dest: Location, kind: TemporaryKind) -> Location:
+    """A new temporary sibling of ``dest``: ``.<name>.<kind>-<table>-<pid>-<random>``, ``table``
+    from :func:`_process_table` (``unknown`` where it cannot be known) and ``pid`` this
+    process's, so that :func:`remove_abandoned` can tell whether its writer still runs.
+
+    >>> temporary_sibling(locate("/data/scan.zarr"), "partial").name  # doctest: +ELLIPSIS
+    '.scan.zarr.partial-...'
+    """
+    writer = f"{_process_table() or 'unknown'}-{os.getpid()}"
+    return dest.sibling(f".{dest.name}.{kind}-{writer}-{uuid.uuid4().hex[:8]}")
+
+
+#: The end of a temporary sibling's name after ``.<name>.`` (:func:`temporary_sibling`).
+_TEMPORARY_SUFFIX = re.compile(
+    "(?:"
+    + "|".join(get_args(TemporaryKind))
+    + r")-(?P<table>[0-9a-f]{12})-(?P<pid>[0-9]+)-[0-9a-f]{8}"
+)
+
+
+def _writer_ended(name: str, dest: Location) -> bool:
+    """Whether ``name`` is a temporary sibling of ``dest`` (:func:`temporary_sibling`) whose
+    writer ran on this machine's process table and no longer runs. A sibling written elsewhere,
+    or named otherwise (by an earlier stemflow), is never taken for abandoned."""
+    prefix = f".{dest.name}."
+    match = _TEMPORARY_SUFFIX.fullmatch(name[len(prefix) :]) if name.startswith(prefix) else None
+    if match is None or match["table"] != _process_table() or int(match["pid"]) <= 0:
+        return False
+    try:
+        os.kill(int(match["pid"]), 0)  # sends nothing: only asks whether the process exists
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # it runs, as another user
+        return False
+    return False
+
+
+def remove_abandoned(dest: Location) -> list[str]:
+    """Remove the temporary siblings of ``dest`` whose writer was killed before it could.
+
+    Only siblings written by a process of this machine (this boot, this PID namespace) that
+    no longer runs are removed: a concurrent writer's is kept, and so is one written on
+    another machine (a shared disk or an object store), since whether its writer runs cannot
+    be known here. Cleaning is best effort: a folder that cannot be listed, or a sibling that
+    cannot be removed, is left as it is and the write goes on.
+
+    Returns
+    -------
+    list of str
+        The URLs removed.
+    """
+    parent = posixpath.dirname(dest.path.rstrip("/"))
+    with storage_errors(dest.url):  # missing credentials: the sentence the write would give
+        try:
+            listed = dest.fs.ls(parent, detail=False)
+        except OSError:  # no folder yet, no right to list it, no store: nothing to clean
+            return []
+    names = [posixpath.basename(path.rstrip("/")) for path in listed]
+    removed = []
+    for name in names:
+        if _writer_ended(name, dest):
+            with contextlib.suppress(OSError, StorageError):
+                remove(dest.sibling(name))
+                removed.append(dest.sibling(name).url)
+    return removed
+
+
 def _publish_local(temp: Location, dest: Location) -> None:
     if os.path.exists(dest.path):
-        old = dest.sibling(f".{dest.name}.old-{uuid.uuid4().hex[:8]}")
+        old = temporary_sibling(dest, "old")
         os.rename(dest.path, old.path)
         os.rename(temp.path, dest.path)
         shutil.rmtree(old.path, ignore_errors=True)
@@ -310,9 +408,13 @@ def staged(
     Yields
     ------
     Location
-        The temporary location to write to (``.<name>.partial-<random>`` beside ``dest``).
+        The temporary location to write to (:func:`temporary_sibling` of kind ``partial``).
+        Temporary siblings of ``dest`` that killed writers left are removed first
+        (:func:`remove_abandoned`).
     """
-    temp = dest.sibling(f".{dest.name}.partial-{uuid.uuid4().hex[:12]}")
+    for url in remove_abandoned(dest):
+        log.info("removed %s: its writer was killed before it could", redact(url))
+    temp = temporary_sibling(dest, "partial")
     try:
         yield temp
         with storage_errors(dest.url):
