@@ -2,15 +2,18 @@
 
 A scan is a file in a supported format (:data:`stemlib.io.readers.FORMATS`), counted once:
 companion files that belong to another file of the same acquisition are left out (an EMPAD
-``.raw`` beside its ``.xml``, a TIA ``.ser`` beside its ``.emi``, ARINA data files beside their
-master, TVIPS parts after ``_000``), and so are raw binary files, which cannot be read without
-their layout, and Zarr stores (results).
+``.raw`` that its ``.xml`` names, a TIA ``.ser`` beside its ``.emi``, ARINA data files beside
+their master, TVIPS parts after ``_000``), and so are an ``.xml`` that is no EMPAD header with
+its ``.raw``, raw binary files, which cannot be read without their layout, and Zarr stores
+(results).
 """
 
 from __future__ import annotations
 
 import posixpath
 import re
+import xml.etree.ElementTree as ET
+from typing import Any
 
 from .io.readers import FORMATS
 from .io.storage import locate, storage_errors
@@ -36,19 +39,33 @@ def _extensions() -> tuple[str, ...]:
 
 
 def _is_companion(path: str, present: set[str]) -> bool:
-    stem, ext = posixpath.splitext(path)
-    ext = ext.lower()
+    ext = posixpath.splitext(path)[1].lower()
     if ext == ".ser" and any(
         p.lower().endswith(".emi") and posixpath.dirname(p) == posixpath.dirname(path)
         for p in present
     ):
         return True
-    if ext == ".xml" and stem + ".raw" not in present:
-        return True  # an .xml is a scan only as an EMPAD header with its frames
     if _ARINA_DATA.search(path):
         return True
     part = _TVIPS_PART.search(path)
     return bool(part and part.group(1) != "000")
+
+
+#: Bytes of an .xml read to tell an EMPAD header (a few kB) from other XML files.
+_HEADER_BYTES = 2**20
+
+
+def _empad_header(fs: Any, path: str, present: set[str]) -> bool:
+    """Whether the .xml at ``path`` is an EMPAD header whose raw data file (named inside it,
+    ``scan_x256_y256.raw`` say) is among the ``present`` files."""
+    from .io.readers.vendor.empad import raw_file_name
+
+    try:
+        with fs.open(path, "rb") as f:
+            name = raw_file_name(f.read(_HEADER_BYTES))
+    except (OSError, ET.ParseError):  # not an EMPAD header
+        return False
+    return bool(name) and posixpath.join(posixpath.dirname(path), str(name)) in present
 
 
 def find_scans(root: str) -> list[str]:
@@ -58,11 +75,14 @@ def find_scans(root: str) -> list[str]:
     --------
     >>> import pathlib, tempfile
     >>> d = pathlib.Path(tempfile.mkdtemp())
-    >>> for name in ["a.mib", "a.hdr", "b/x.xml", "b/x.raw", "c.emi", "c_1.ser", "notes.txt"]:
+    >>> for name in ["a.mib", "a.hdr", "b/x.raw", "b/y.xml", "c.emi", "c_1.ser", "notes.txt"]:
     ...     (d / name).parent.mkdir(exist_ok=True)
     ...     _ = (d / name).write_bytes(b"")
+    >>> _ = (d / "b/x.xml").write_text('<root><raw_file filename="x.raw"/></root>')
+    >>> _ = (d / "b/e.xml").write_text('<root><raw_file filename="scan_x4_y3.raw"/></root>')
+    >>> _ = (d / "b/scan_x4_y3.raw").write_bytes(b"")
     >>> [p.removeprefix(str(d) + "/") for p in find_scans(str(d))]
-    ['a.mib', 'b/x.xml', 'c.emi']
+    ['a.mib', 'b/e.xml', 'b/x.xml', 'c.emi']
     """
     location = locate(root)
     extensions = _extensions()
@@ -71,7 +91,13 @@ def find_scans(root: str) -> list[str]:
             return []
         found = [p for p in location.fs.find(location.path) if ".zarr/" not in p + "/"]
     present = set(found)
-    scans = [p for p in found if p.lower().endswith(extensions) and not _is_companion(p, present)]
+    scans = [
+        p
+        for p in found
+        if p.lower().endswith(extensions)
+        and not _is_companion(p, present)
+        and (not p.lower().endswith(".xml") or _empad_header(location.fs, p, present))
+    ]
     scheme = "" if location.is_local else root.split("://", 1)[0] + "://"
     return sorted(scheme + p for p in scans)
 

@@ -268,3 +268,21 @@ def test_facility_reprocess_processes_a_mib_under_an_s3_root(
     assert not [n for n in os.listdir(tmpdir_root) if n.startswith("stemflow-source-")]
     again = reprocess_facility(root=f"{s3}/raw/", dest_root=f"{s3}/results", methods=["py4dstem"])
     assert again["counts"] == {"processed": 0, "skipped": 1, "failed": 0}
+
+
+def test_the_facility_scan_finds_an_empad_by_the_raw_file_its_xml_names(tmp_path, s3):
+    """EMPAD names its frames scan_x{RY}_y{RX}.raw, not after the .xml: the nightly scan of a
+    bucket counted such an .xml as a companion and never processed it. An .xml that is not an
+    EMPAD header, or whose frames are missing, is no scan."""
+    from stemlib.discover import find_scans
+
+    (tmp_path / "raw" / "lost").mkdir(parents=True)
+    scan = vf.make_scan((3, 4, 128, 128), "float32")
+    vf.write_empad(tmp_path / "raw" / "e.xml", scan, step_nm=1.2, q_per_nm=0.05)
+    vf.write_empad(tmp_path / "raw" / "lost" / "f.xml", scan, step_nm=1.2, q_per_nm=0.05)
+    (tmp_path / "raw" / "lost" / "scan_x4_y3.raw").unlink()
+    (tmp_path / "raw" / "settings.xml").write_text("<settings><gain>2</gain></settings>")
+    (tmp_path / "raw" / "notes.xml").write_text("not xml <")
+    upload(tmp_path / "raw", f"{s3}/raw")
+    assert find_scans(f"{s3}/raw") == [f"{s3}/raw/e.xml"]
+    assert find_scans(str(tmp_path / "raw")) == [str(tmp_path / "raw" / "e.xml")]

@@ -13,20 +13,32 @@ from ...storage import Location, redact
 from ..base import ByteRangeArray, ReadOptions, SourceScan, lazy_scan, resolve_scan_shape
 from ._common import axes_calibration, finish, named_beside, vendor_errors
 
-__all__ = ["empad_companions", "read_empad"]
+__all__ = ["empad_companions", "raw_file_name", "read_empad"]
 
 
-def _raw_name(path: str) -> str | None:
-    """The name of the raw data file that the EMPAD .xml at ``path`` names (its ``raw_file``
-    element's ``filename``), or None."""
-    element = ET.parse(path).getroot().find("raw_file")
+def raw_file_name(xml: str | bytes) -> str | None:
+    """The name of the raw data file that an EMPAD .xml names (its ``raw_file`` element's
+    ``filename``), or None; ``xml`` is the file's path, or its bytes.
+
+    Raises
+    ------
+    xml.etree.ElementTree.ParseError
+        If ``xml`` is not XML.
+
+    Examples
+    --------
+    >>> raw_file_name(b'<root><raw_file filename="scan_x4_y3.raw"/></root>')
+    'scan_x4_y3.raw'
+    """
+    root = ET.fromstring(xml) if isinstance(xml, bytes) else ET.parse(xml).getroot()
+    element = root.find("raw_file")
     return None if element is None else element.get("filename")
 
 
 def empad_companions(path: str) -> list[str]:
     """The companion file an EMPAD .xml is read with: the raw data file it names."""
     try:
-        name = _raw_name(path)
+        name = raw_file_name(path)
     except ET.ParseError:  # not an EMPAD .xml: the reader says what is wrong with it
         return []
     return [glob.escape(name)] if name else []
@@ -45,7 +57,7 @@ def read_empad(location: Location, options: ReadOptions) -> SourceScan:
 
     with vendor_errors(source, "EMPAD .xml"):
         signal = file_reader(path, lazy=True)[0]
-        raw_name = str(_raw_name(path))
+        raw_name = str(raw_file_name(path))
     raw = os.path.join(os.path.dirname(path), raw_name)
     if not os.path.isfile(raw):
         raise InputError(
