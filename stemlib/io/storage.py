@@ -339,6 +339,10 @@ def remove_abandoned(dest: Location) -> list[str]:
             listed = dest.fs.ls(parent, detail=False)
         except OSError:  # no folder yet, no right to list it, no store: nothing to clean
             return []
+        finally:
+            # s3fs keeps the listing and would answer from it that the temporary store about
+            # to be written beside dest does not exist
+            dest.fs.invalidate_cache(parent)
     names = [posixpath.basename(path.rstrip("/")) for path in listed]
     removed = []
     for name in names:
