@@ -296,6 +296,7 @@ def test_the_demo_scan_with_an_automatic_reference_matches_its_truth(tmp_path):
     reference = ds["reference_region"].values[0]
     assert reference.sum() > 100 and truth["reference_mask"].values[reference].all()
     assert not ds.attrs["methods"]["ccstae"]["detector_ellipse"]["removed"]
+    assert ds.attrs["methods"]["ccstae"]["warnings"] == []  # nothing to warn of on the demo
     errors = strain_errors(ds.isel(method=0), truth, symmetry=4)
     assert errors["coverage"] == 1.0
     assert max(errors[k] for k in ("exx", "eyy", "exy")) < 0.5e-3, errors

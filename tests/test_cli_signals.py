@@ -93,41 +93,59 @@ def _running(process: psutil.Process) -> bool:
         return False
 
 
+#: How each run is stopped: the exit status and last line it must end with.
+STOPS = {
+    "ctrl-c": (130, "stemflow run: interrupted; nothing was published."),
+    "sigterm": (143, "stemflow run: terminated; nothing was published."),
+    "kill -9": (-signal.SIGKILL, None),
+}
+
+
+def _stop(command: subprocess.Popen[bytes], how: str) -> None:
+    if how == "ctrl-c":  # a terminal sends SIGINT to its foreground process group
+        os.killpg(command.pid, signal.SIGINT)
+    else:
+        command.send_signal(signal.SIGTERM if how == "sigterm" else signal.SIGKILL)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    ("how", "status", "sentence"),
-    [
-        ("ctrl-c", 130, "stemflow run: interrupted; nothing was published."),
-        ("sigterm", 143, "stemflow run: terminated; nothing was published."),
-        ("kill -9", -signal.SIGKILL, None),
-    ],
-)
-def test_a_stopped_run_leaves_no_process_behind(scan, tmp_path, how, status, sentence):
-    log = tmp_path / "output.txt"
-    command = _start(scan, tmp_path, log)
-    tree = _Tree(command.pid)
+def test_a_stopped_run_leaves_no_process_behind(scan, tmp_path):
+    """Three runs side by side (their start-up is most of the time), each stopped in its own
+    way once it has reached its tasks."""
+    runs = {}
+    for how in STOPS:
+        folder = tmp_path / how.replace(" ", "")
+        folder.mkdir()
+        command = _start(scan, folder, folder / "output.txt")
+        runs[how] = (folder, command, _Tree(command.pid))
     try:
         deadline = time.monotonic() + STARTUP_S
-        while "Task run 'resolve-scan" not in log.read_text(errors="replace"):
-            assert command.poll() is None, log.read_text(errors="replace")
-            assert time.monotonic() < deadline, "the run did not reach its first task"
-            tree.look()
+        waiting = dict(runs)
+        while waiting:
+            for how, (folder, command, tree) in list(waiting.items()):
+                tree.look()
+                output = (folder / "output.txt").read_text(errors="replace")
+                assert command.poll() is None, output
+                if "Task run 'resolve-scan" in output:
+                    time.sleep(1.0)  # the py4DSTEM task starts on a worker
+                    tree.look()
+                    _stop(command, how)
+                    del waiting[how]
+            assert time.monotonic() < deadline, f"{list(waiting)} did not reach their tasks"
             time.sleep(0.2)
-        time.sleep(1.0)  # the py4DSTEM task starts on a worker
-        tree.look()
-        if how == "ctrl-c":  # a terminal sends SIGINT to its foreground process group
-            os.killpg(command.pid, signal.SIGINT)
-        else:
-            command.send_signal(signal.SIGTERM if how == "sigterm" else signal.SIGKILL)
-        assert command.wait(timeout=SHUTDOWN_S) == status
-        survivors = tree.running(timeout_s=SHUTDOWN_S)
+        ended = {how: command.wait(timeout=SHUTDOWN_S) for how, (_, command, _) in runs.items()}
+        survivors = {how: tree.running(timeout_s=SHUTDOWN_S) for how, (*_, tree) in runs.items()}
     finally:
-        tree.kill()  # never leave them to the next test
-    servers = [line for line in tree.command_lines.values() if SERVER in line]
-    assert len(servers) == 1, f"Prefect servers: {servers}"
-    assert survivors == []
-    output = log.read_text(errors="replace")
-    if sentence is not None:
-        assert output.rstrip().splitlines()[-1] == sentence
-        assert "KeyboardInterrupt" not in output and "TerminationSignal" not in output
-    assert not (tmp_path / "strain.zarr").exists()
+        for *_, tree in runs.values():
+            tree.kill()  # never leave them to the next test
+    for how, (folder, _, tree) in runs.items():
+        status, sentence = STOPS[how]
+        assert ended[how] == status, how
+        servers = [line for line in tree.command_lines.values() if SERVER in line]
+        assert len(servers) == 1, f"{how}: Prefect servers {servers}"
+        assert survivors[how] == [], how
+        output = (folder / "output.txt").read_text(errors="replace")
+        if sentence is not None:
+            assert output.rstrip().splitlines()[-1] == sentence, how
+            assert "KeyboardInterrupt" not in output and "TerminationSignal" not in output
+        assert not (folder / "strain.zarr").exists()
