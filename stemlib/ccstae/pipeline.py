@@ -37,6 +37,7 @@ from scipy import ndimage
 
 from ..angular import angular_order
 from ..errors import InputError
+from ..io.scan_store import scan_label
 from ..masks import MaskSchedule, ring_mask
 from ..provenance import input_provenance
 from ..py4dstem.pipeline import region_lattice
@@ -403,7 +404,7 @@ def _train_stages(
         order = angular_order(linear, center=center, radii=schedule.radii(0))
         del linear
         if order < MIN_ANGULAR_ORDER:
-            where = str(attrs.get("source") or getattr(scan, "name", None) or "the scan")
+            where = scan_label(scan)
             raise InputError(
                 f"{where} shows no Bragg disks above the noise in the {len(sample)} patterns "
                 f"sampled (their angular order is {order:.1f} standard errors, a crystal's "
@@ -686,7 +687,7 @@ def ccstae_strain(
         base_lattice(b, center=t.center, inner=schedule.radii(0)[0], window=window) for b in bases
     ]
     classes = np.clip(result.class_map, 0, len(bases) - 1)
-    where = str(scan.attrs.get("source") or "the scan")
+    where = scan_label(scan)
     strain, reference_mask, ellipse = strain_from_warps(
         result.matrix,
         classes,

@@ -55,6 +55,7 @@ __all__ = [
     "check_destination",
     "finished_scan",
     "finite_counts",
+    "scan_label",
     "HASH_SCHEME",
 ]
 
@@ -478,7 +479,23 @@ def open_scan(url: str | Location) -> xr.DataArray:
         name="scan-" + dask.base.tokenize(location.url, attrs.get("content_sha256"), chunks),
         asarray=False,
     )
-    return scan.copy(data=data).assign_attrs({**ds.attrs, **scan.attrs})
+    opened = scan.copy(data=data).assign_attrs({**ds.attrs, **scan.attrs})
+    opened.encoding["source"] = where  # as xarray records the file a dataset was opened from
+    return opened
+
+
+def scan_label(scan: Any) -> str:
+    """How messages name a scan: the store it was opened from (:func:`open_scan`), else the
+    source its attributes record, else its name.
+
+    >>> scan_label(xr.DataArray([0], name="data", attrs={"source": "/raw/scan.mib"}))
+    '/raw/scan.mib'
+    """
+    encoding = getattr(scan, "encoding", None) or {}
+    attrs = getattr(scan, "attrs", None) or {}
+    return str(
+        encoding.get("source") or attrs.get("source") or getattr(scan, "name", None) or "the scan"
+    )
 
 
 @dataclass(frozen=True)

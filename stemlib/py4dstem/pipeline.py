@@ -13,7 +13,7 @@ from dask.base import tokenize
 
 from ..ellipse import detector_distortion, undistort_lattice
 from ..errors import InputError
-from ..io.scan_store import finite_counts
+from ..io.scan_store import finite_counts, scan_label
 from ..provenance import input_provenance
 from ..reference import (
     auto_reference,
@@ -234,7 +234,7 @@ def py4dstem_strain(
             f"the scan has dims {scan.dims}; expected (rx, ry, qx, qy): open it with "
             "stemlib.io.open_scan."
         )
-    where = str(scan.attrs.get("source") or scan.name or "the scan")
+    where = scan_label(scan)
     data = finite_counts(scan)
     shape = (int(data.shape[0]), int(data.shape[1]))
     mask = parse_reference(reference, shape)
