@@ -9,6 +9,7 @@ shape; ``"auto"`` takes the largest connected region whose lattice is the same e
 from __future__ import annotations
 
 import io
+import logging
 import re
 
 import dask.array as da
@@ -26,6 +27,7 @@ __all__ = [
     "region_mean",
     "strained_reference_warning",
     "near_symmetry_warning",
+    "reference_warnings",
     "STRAINED_REFERENCE_LIMIT",
 ]
 
@@ -34,6 +36,8 @@ __all__ = [
 #: grains, strain within +-2 %) leave at most 1.9 %; against the largest grain, which "auto"
 #: takes and which is strained, the multislice Si and WS2 development scans leave 4.1 and 4.0 %.
 STRAINED_REFERENCE_LIMIT = 0.025
+
+log = logging.getLogger("stemlib.reference")
 
 _REGION = re.compile(r"^\s*(-?\d*)\s*:\s*(-?\d*)\s*,\s*(-?\d*)\s*:\s*(-?\d*)\s*$")
 
@@ -305,6 +309,40 @@ def near_symmetry_warning(g_ref: np.ndarray, *, reference: str) -> str | None:
         f"the crystal is {near}-fold, pass --symmetry {near} and --reference with a region "
         "known to be unstrained."
     )
+
+
+def reference_warnings(
+    strain: dict[str, np.ndarray],
+    valid: np.ndarray,
+    *,
+    reference: str,
+    lattice: np.ndarray | None = None,
+) -> list[str]:
+    """Every warning a strain result gets about its reference region, each also logged: the
+    maps' sign of a strained reference (:func:`strained_reference_warning`) and, given the
+    reference ``lattice`` whose symmetry was detected, its nearness to a higher symmetry
+    (:func:`near_symmetry_warning`).
+
+    Parameters
+    ----------
+    strain, valid, reference
+        As :func:`strained_reference_warning`.
+    lattice
+        (2, 2) reference basis when the symmetry was taken from it, else None.
+
+    Returns
+    -------
+    list of str
+        The sentences, for the result's ``methods.<name>.warnings``.
+    """
+    found = [
+        near_symmetry_warning(lattice, reference=reference) if lattice is not None else None,
+        strained_reference_warning(strain, valid, reference=reference),
+    ]
+    warnings = [w for w in found if w]
+    for warning in warnings:
+        log.warning(warning)
+    return warnings
 
 
 def region_mean(data: da.Array, mask: np.ndarray) -> np.ndarray:

@@ -19,7 +19,6 @@ Stages, each streaming the scan block by block:
 from __future__ import annotations
 
 import json
-import logging
 import sys
 import tempfile
 import time
@@ -41,7 +40,7 @@ from ..io.scan_store import scan_label
 from ..masks import MaskSchedule, ring_mask
 from ..provenance import input_provenance
 from ..py4dstem.pipeline import region_lattice
-from ..reference import auto_reference, describe_reference, strained_reference_warning
+from ..reference import auto_reference, describe_reference, reference_warnings
 from ..results import strain_dataset
 from ..strain import detect_symmetry, fold_rotation, rotation_matrix
 from ..types import SCAN_DIMS, Device, Symmetry
@@ -60,8 +59,6 @@ from .rotation import (
 from .strain import strain_from_warps
 from .template import learn_bases
 from .train import Checkpoint, seeded, train
-
-log = logging.getLogger("stemlib.ccstae")
 
 __all__ = ["ccstae_strain", "train_on_scan", "beam_radius", "base_lattice"]
 
@@ -702,9 +699,7 @@ def ccstae_strain(
         save_bases_png(bases, bases_png, mask=ring_last)
     coords = {d: scan.coords[d] for d in SCAN_DIMS if hasattr(scan, "coords") and d in scan.coords}
     described = describe_reference(reference, reference_mask)
-    warning = strained_reference_warning(strain, valid, reference=described)
-    if warning:
-        log.warning(warning)
+    warnings = reference_warnings(strain, valid, reference=described)
     return strain_dataset(
         "ccstae",
         **strain,
@@ -741,6 +736,6 @@ def ccstae_strain(
             "timings_s": t.timings,
             "rotation_search_peak_median": float(np.median(t.search["peak"])),
             "model_checkpoint_sha256": t.checkpoint_sha256,
-            "warnings": [warning] if warning else [],
+            "warnings": warnings,
         },
     )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import math
 from typing import Any
 
@@ -18,10 +17,9 @@ from ..provenance import input_provenance
 from ..reference import (
     auto_reference,
     describe_reference,
-    near_symmetry_warning,
     parse_reference,
+    reference_warnings,
     region_mean,
-    strained_reference_warning,
 )
 from ..results import strain_dataset
 from ..strain import detect_symmetry, reference_lattice
@@ -31,8 +29,6 @@ from .config import Py4DSTEMConfig
 from .convention import strain_from_bases
 from .detect import RECORD_FIELDS, detect_lattices_in, expected_origin, process_block
 from .lattice import align_bases
-
-log = logging.getLogger("stemlib.py4dstem")
 
 __all__ = ["METHOD", "py4dstem_strain", "lattice_records", "region_lattice"]
 
@@ -287,16 +283,9 @@ def py4dstem_strain(
         "reference_region": (mask, {"units": "1", "long_name": "reference region"}),
     }
     described = describe_reference(reference, mask)
-    warnings = [
-        w
-        for w in (
-            near_symmetry_warning(g_ref, reference=described) if symmetry == "auto" else None,
-            strained_reference_warning(maps, valid, reference=described),
-        )
-        if w
-    ]
-    for warning in warnings:
-        log.warning(warning)
+    warnings = reference_warnings(
+        maps, valid, reference=described, lattice=g_ref if symmetry == "auto" else None
+    )
     attrs = {
         "reference": described,
         "symmetry": n,
