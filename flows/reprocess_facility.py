@@ -1,6 +1,7 @@
 """# Reprocess a facility: every new scan under a folder or bucket prefix
 
-1. **Find** the raw scans under `root` (supported formats; companion files counted once).
+1. **Find** the raw scans under `root` (supported formats, or only those of `ingest.format`;
+   companion files counted once).
 2. **Skip** the scans whose result under `dest_root` was already published with the same
    parameters (the result records a fingerprint of its source and parameters).
 3. **Process** the rest with the `process-scan` flow, at most `max_concurrent` at a time, on one
@@ -25,7 +26,10 @@ from prefect.cache_policies import NO_CACHE
 from prefect.futures import wait
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from stemlib.baseline_py4dstem import Py4DSTEMConfig
+from stemlib.ccstae import CCSTAEConfig
 from stemlib.discover import find_scans, scan_name
+from stemlib.ingest import IngestOptions
 from stemlib.io.storage import redact
 from stemlib.types import Device, Method, Symmetry
 from tasks.publish import published_request, request_key
@@ -72,6 +76,30 @@ def _reason(state: Any) -> str:
     return state.message or "failed"
 
 
+def _process(
+    todo: list[tuple[str, str]],
+    parameters: dict[str, Any],
+    device: Device,
+    max_concurrent: int,
+    dask_address: str | None,
+) -> list[dict[str, Any]]:
+    """The rows of the (source, dest) pairs ``todo``, processed at most ``max_concurrent`` at a
+    time on one Dask cluster (none is started when there is nothing to do)."""
+    if not todo:
+        return []
+    rows: list[dict[str, Any]] = []
+    with _cluster(dask_address) as address:
+        running: list[Any] = []
+        for source, dest in todo:
+            while len(running) >= max(1, max_concurrent):  # a free slot before the next scan
+                finished, pending = wait(running, timeout=2)
+                rows += [f.result() for f in finished]
+                running = list(pending)
+            running.append(process_one.submit(source, dest, address, parameters, device))
+        rows += [f.result() for f in running]
+    return rows
+
+
 @flow(name="reprocess-facility", task_runner=ThreadPoolTaskRunner(max_workers=8), log_prints=True)
 def reprocess_facility(
     root: str,
@@ -82,6 +110,9 @@ def reprocess_facility(
     symmetry: Symmetry = "auto",
     device: Device = "auto",
     ccstae_preset: Literal["auto", "cpu", "gpu"] = "auto",
+    ccstae: CCSTAEConfig | None = None,
+    py4dstem: Py4DSTEMConfig | None = None,
+    ingest: IngestOptions | None = None,
     dask_address: str | None = None,
 ) -> dict[str, Any]:
     """Process every scan under a folder or bucket prefix that has not been processed yet.
@@ -95,6 +126,10 @@ def reprocess_facility(
         symmetry: Lattice symmetry: "auto", 2, 4 or 6.
         device: Where the CC-ST-AE trains: "auto", "cpu" or "cuda".
         ccstae_preset: CC-ST-AE recipe: "auto", "cpu" or "gpu".
+        ccstae: A full CC-ST-AE configuration for every scan, replacing the preset.
+        py4dstem: py4DSTEM baseline settings for every scan (derived from each scan by default).
+        ingest: How to read every raw scan (an HDF5 dataset, a calibration the files lack, ...),
+            for a facility whose files share them; each file says for itself by default.
         dask_address: Scheduler of an existing Dask cluster; a local one when empty.
     """
     logger = get_run_logger()
@@ -104,8 +139,11 @@ def reprocess_facility(
         symmetry=symmetry,
         device=device,
         ccstae_preset=ccstae_preset,
+        ccstae=ccstae,
+        py4dstem=py4dstem,
+        ingest=ingest,
     )
-    scans = find_scans(root)
+    scans = find_scans(root, format=parameters["ingest"].format)
     logger.info("found %d scans under %s", len(scans), redact(root))
     rows: list[dict[str, Any]] = []
     todo: list[tuple[str, str]] = []
@@ -129,15 +167,7 @@ def reprocess_facility(
             )
         else:
             todo.append((source, dest))
-    with _cluster(dask_address) as address:
-        running: list[Any] = []
-        for source, dest in todo:
-            while len(running) >= max(1, max_concurrent):  # a free slot before the next scan
-                finished, pending = wait(running, timeout=2)
-                rows += [f.result() for f in finished]
-                running = list(pending)
-            running.append(process_one.submit(source, dest, address, parameters, device))
-        rows += [f.result() for f in running]
+    rows += _process(todo, parameters, device, max_concurrent, dask_address)
     counts = {s: sum(r["status"] == s for r in rows) for s in ("processed", "skipped", "failed")}
     create_table_artifact(
         key="reprocess-summary",

@@ -15,7 +15,7 @@ import re
 import xml.etree.ElementTree as ET
 from typing import Any
 
-from .io.readers import FORMATS
+from .io.readers import FORMATS, format_named
 from .io.storage import locate, storage_errors
 
 __all__ = ["find_scans", "scan_name"]
@@ -25,7 +25,10 @@ _TVIPS_PART = re.compile(r"_(\d{3})\.tvips$", re.IGNORECASE)
 _SKIPPED_FORMATS = {"raw"}
 
 
-def _extensions() -> tuple[str, ...]:
+def _extensions(format: str) -> tuple[str, ...]:
+    """The file endings of scans in ``format`` ("auto": every format that says its own layout)."""
+    if format != "auto":
+        return format_named(format).extensions
     return tuple(
         sorted(
             {
@@ -68,8 +71,12 @@ def _empad_header(fs: Any, path: str, present: set[str]) -> bool:
     return bool(name) and posixpath.join(posixpath.dirname(path), str(name)) in present
 
 
-def find_scans(root: str) -> list[str]:
+def find_scans(root: str, format: str = "auto") -> list[str]:
     """URLs of the raw scans under ``root`` (a folder or ``s3://bucket/prefix``), sorted.
+
+    ``format``: "auto" finds every supported format but raw binary; a format's name (a key of
+    :data:`~stemlib.io.readers.FORMATS`) finds only its files, raw binary ones included (for a
+    facility whose layout is given by the ingest options).
 
     Examples
     --------
@@ -83,9 +90,11 @@ def find_scans(root: str) -> list[str]:
     >>> _ = (d / "b/scan_x4_y3.raw").write_bytes(b"")
     >>> [p.removeprefix(str(d) + "/") for p in find_scans(str(d))]
     ['a.mib', 'b/e.xml', 'b/x.xml', 'c.emi']
+    >>> [p.removeprefix(str(d) + "/") for p in find_scans(str(d), format="raw")]
+    ['b/scan_x4_y3.raw', 'b/x.raw']
     """
     location = locate(root)
-    extensions = _extensions()
+    extensions = _extensions(format)
     with storage_errors(location.url):
         if not location.fs.isdir(location.path):
             return []

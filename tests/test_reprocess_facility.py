@@ -10,6 +10,8 @@ import xarray as xr
 
 from flows.cli import main
 from flows.reprocess_facility import reprocess_facility, result_url
+from stemlib.baseline_py4dstem import Py4DSTEMConfig
+from stemlib.ingest import IngestOptions
 
 from . import vendor_files as vf
 from .test_process_scan import write_raw_scan
@@ -26,15 +28,22 @@ def test_good_done_and_broken_scans(prefect_harness, one_scan, tmp_path, capsys)
     root, results = tmp_path / "raw", tmp_path / "results"
     (root / "day1").mkdir(parents=True)
     shutil.copy(one_scan, root / "day1" / "done.h5")
-    first = reprocess_facility(root=str(root), dest_root=str(results), methods=["py4dstem"])
+    # The facility's own py4DSTEM settings (smaller Dask tasks: the same maps).
+    settings = Py4DSTEMConfig(block_patterns=64)
+    first = reprocess_facility(
+        root=str(root), dest_root=str(results), methods=["py4dstem"], py4dstem=settings
+    )
     assert first["counts"] == {"processed": 1, "skipped": 0, "failed": 0}
 
     shutil.copy(one_scan, root / "day1" / "new.h5")
     (root / "broken.mib").write_bytes(b"not a Merlin file at all" * 100)
-    # The second night by hand, as `stemflow reprocess`: a line per scan, then the counts; exit
-    # status 1 as one scan failed.
+    # The second night by hand, as `stemflow reprocess` with the same settings from a file (so
+    # done.h5 is skipped): a line per scan, then the counts; exit status 1 as one scan failed.
+    config = tmp_path / "py4dstem.yaml"
+    config.write_text("block_patterns: 64\n")
     capsys.readouterr()
-    assert main(["reprocess", str(root), str(results), "--method", "py4dstem"]) == 1
+    command = ["reprocess", str(root), str(results), "--method", "py4dstem"]
+    assert main([*command, "--py4dstem-config", str(config)]) == 1
     lines = capsys.readouterr().out.splitlines()
     assert lines[-4:-1] == [
         f"failed     {root}/broken.mib: {lines[-4].split(': ', 1)[1]}",
@@ -57,8 +66,27 @@ def test_good_done_and_broken_scans(prefect_harness, one_scan, tmp_path, capsys)
 
     source = str(root / "day1" / "done.h5")
     published = published_request(result_url(str(results), "day1/done"))
-    assert published == request_key(source, **resolved_parameters(methods=["py4dstem"]))
-    assert published != request_key(source, **resolved_parameters(methods=["py4dstem"], symmetry=4))
+    ours = resolved_parameters(methods=["py4dstem"], py4dstem=settings)
+    assert published == request_key(source, **ours)
+    assert published != request_key(source, **{**ours, "symmetry": 4})
+    assert published != request_key(source, **resolved_parameters(methods=["py4dstem"]))
+
+
+def test_a_facility_of_raw_binary_files(prefect_harness, tmp_path):
+    """Raw binary files say nothing of their layout, so a run finds them only when told their
+    format (and the ingest options give the layout); a file of the wrong size is reported by
+    name, and the rest of the folder is not taken for scans."""
+    (tmp_path / "raw").mkdir()
+    (tmp_path / "raw" / "short.raw").write_bytes(bytes(100))
+    (tmp_path / "raw" / "notes.mib").write_bytes(b"not a scan")
+    layout = IngestOptions(format="raw", dtype="uint16", frame_shape=(8, 8), scan_shape=(4, 4))
+    found = reprocess_facility(
+        root=str(tmp_path / "raw"), dest_root=str(tmp_path / "results"), ingest=layout
+    )
+    assert found["counts"] == {"processed": 0, "skipped": 0, "failed": 1}
+    (row,) = found["scans"]
+    assert row["scan"] == str(tmp_path / "raw" / "short.raw")
+    assert row["reason"].startswith(f"{tmp_path / 'raw' / 'short.raw'} is truncated: it has 100 ")
 
 
 def test_an_edited_companion_file_is_a_new_request(tmp_path):
@@ -93,3 +121,16 @@ def test_max_concurrent_below_one_is_refused(tmp_path, capsys):
     assert capsys.readouterr().err.endswith(
         "error: argument --max-concurrent: expected a whole number of at least 1, got '0'\n"
     )
+
+
+def test_a_night_with_nothing_new_starts_no_cluster(prefect_harness, tmp_path, monkeypatch):
+    import flows.reprocess_facility as facility
+
+    def no_cluster():
+        raise AssertionError("a Dask cluster was started with no scan to process")
+
+    monkeypatch.setattr(facility, "local_cluster", no_cluster)
+    (tmp_path / "raw").mkdir()
+    (tmp_path / "raw" / "notes.txt").write_text("no scans tonight")
+    night = reprocess_facility(root=str(tmp_path / "raw"), dest_root=str(tmp_path / "results"))
+    assert night == {"counts": {"processed": 0, "skipped": 0, "failed": 0}, "scans": []}

@@ -11,7 +11,14 @@ from stemlib.errors import InputError
 from stemlib.io.storage import locate, redact, storage_errors
 
 from ._args import positive_int
-from .run import add_dask_argument, add_method_arguments, add_strain_arguments, flow_run
+from .ingest import add_source_arguments, options_from_args
+from .run import (
+    add_dask_argument,
+    add_method_arguments,
+    add_strain_arguments,
+    flow_run,
+    method_options,
+)
 
 __all__ = ["register", "summary_lines"]
 
@@ -56,6 +63,7 @@ def _run(args: argparse.Namespace) -> int:
     from flows.runners import check_scheduler
 
     _check_root(args.root)
+    options = {**method_options(args), "ingest": options_from_args(args)}
     if args.dask_address:
         check_scheduler(args.dask_address, option="--dask-address")
     with flow_run(args.dask_address):
@@ -63,12 +71,11 @@ def _run(args: argparse.Namespace) -> int:
             root=args.root,
             dest_root=args.dest_root,
             max_concurrent=args.max_concurrent,
-            methods=args.methods,
             reference=args.reference,
             symmetry=args.symmetry,
             device=args.device,
-            ccstae_preset=args.preset,
             dask_address=args.dask_address,
+            **options,
         )
     print("\n".join(summary_lines(summary)))
     return 1 if summary["counts"]["failed"] else 0
@@ -83,14 +90,16 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "result under DEST_ROOT was published with the same source and settings, run the "
         "whole pipeline on the others (at most --max-concurrent at a time), and print a line "
         "per scan. Scan NAME goes to DEST_ROOT/NAME/strain.zarr. Exit status 1 when any scan "
-        "failed (the others are still processed), 0 otherwise.",
+        "failed (the others are still processed), 0 otherwise. The reading, calibration and "
+        "method settings apply to every scan.",
     )
     parser.add_argument("root", metavar="ROOT", help="folder or prefix of raw scans: path or URL")
     parser.add_argument(
         "dest_root", metavar="DEST_ROOT", help="folder or prefix of results: path or URL"
     )
+    add_source_arguments(parser)
     strain = parser.add_argument_group("strain")
-    add_method_arguments(strain, configs=False)
+    add_method_arguments(strain)
     add_strain_arguments(strain)
     where = parser.add_argument_group("where")
     where.add_argument(

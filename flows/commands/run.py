@@ -32,12 +32,10 @@ __all__ = [
 ]
 
 
-def add_method_arguments(
-    group: argparse._ArgumentGroup, *, preset: str = "auto", configs: bool = True
-) -> None:
+def add_method_arguments(group: argparse._ArgumentGroup, *, preset: str = "auto") -> None:
     """Which methods run and with which settings (shared by ``run``, ``demo``, ``sweep`` and
-    ``reprocess``): ``--method``, ``--preset`` (default ``preset``) and, with ``configs``,
-    ``--ccstae-config`` and ``--py4dstem-config``."""
+    ``reprocess``): ``--method``, ``--preset`` (default ``preset``), ``--ccstae-config`` and
+    ``--py4dstem-config``."""
     group.add_argument(
         "--method",
         action="append",
@@ -51,8 +49,6 @@ def add_method_arguments(
         choices=["auto", "cpu", "gpu"],
         help="CC-ST-AE recipe; auto: gpu on CUDA, else cpu (default: %(default)s)",
     )
-    if not configs:
-        return
     group.add_argument(
         "--ccstae-config",
         metavar="FILE",

@@ -22,6 +22,7 @@ from .vendor import VENDOR_FORMATS
 __all__ = [
     "FORMATS",
     "Format",
+    "format_named",
     "ReadOptions",
     "SourceScan",
     "open_source",
@@ -89,15 +90,18 @@ def _detect(location: Location) -> Format:
     )
 
 
-def _format(location: Location, format: str) -> Format:
-    """The format named ``format``, or the file's own with ``"auto"``."""
-    if format == "auto":
-        return _detect(location)
+def format_named(format: str) -> Format:
+    """The format called ``format`` (a key of :data:`FORMATS`), or one sentence naming them."""
     if format in FORMATS:
         return FORMATS[format]
     raise InputError(
         f"--format {format!r} is not supported; use auto or one of: {', '.join(FORMATS)}."
     )
+
+
+def _format(location: Location, format: str) -> Format:
+    """The format named ``format``, or the file's own with ``"auto"``."""
+    return _detect(location) if format == "auto" else format_named(format)
 
 
 def _source_file(url: str) -> Location:
