@@ -271,10 +271,18 @@ def intact_scan(location: Location, attrs: dict[str, Any]) -> bool:
     """Whether a rerun may skip the finished scan store at ``location`` (its group attributes
     ``attrs``): False where it lacks its data array's metadata or blocks its writer stored,
     which is logged as a warning (the rerun writes it again)."""
-    damage = _missing_blocks(location, attrs, _open_data(location))
+    return _intact_data(location, attrs) is not None
+
+
+def _intact_data(location: Location, attrs: dict[str, Any]) -> zarr.Array | None:
+    """The data array of the scan store at ``location``, as :func:`intact_scan` sees it: None
+    (and a warning) where it lacks its metadata or blocks its writer stored."""
+    array = _open_data(location)
+    damage = _missing_blocks(location, attrs, array)
     if damage is not None:
         log.warning("%s; writing it again.", damage)
-    return damage is None
+        return None
+    return array
 
 
 def finite_counts(scan: xr.DataArray) -> da.Array:
@@ -512,12 +520,10 @@ def finished_scan(dest: str | Location, recipe: dict[str, Any]) -> WriteResult |
     attrs = read_store_attrs(dest) or {}
     if not attrs.get("complete") or attrs.get("recipe_sha256") != fingerprint(recipe):
         return None
-    if not intact_scan(dest, attrs):
+    stored = _intact_data(dest, attrs)
+    if stored is None:
         return None
     with storage_errors(dest.url):
-        stored = zarr.open_array(
-            dest.url, path=SCAN_VARIABLE, mode="r", storage_options=dest.storage_options or None
-        )
         stored_bytes = int(dest.fs.du(dest.path))
     return WriteResult(
         url=dest.url,
