@@ -37,7 +37,7 @@ from tasks.publish import published_request, request_key
 from .process_scan import process_scan, resolved_parameters
 from .runners import dask_runner, local_cluster
 
-__all__ = ["reprocess_facility", "result_url"]
+__all__ = ["reprocess_facility", "result_url", "survey", "pending", "summary", "counts_line"]
 
 
 def result_url(dest_root: str, name: str) -> str:
@@ -63,8 +63,8 @@ def process_one(
     runner = process_scan.with_options(task_runner=dask_runner(address))
     state = runner(source=source, dest=dest, device=device, return_state=True, **parameters)
     if state.is_completed():
-        return {"scan": redact(source), "status": "processed", "result": redact(dest), "reason": ""}
-    return {"scan": redact(source), "status": "failed", "result": "", "reason": _reason(state)}
+        return _row(source, "processed", dest)
+    return _row(source, "failed", reason=_reason(state))
 
 
 def _reason(state: Any) -> str:
@@ -74,6 +74,65 @@ def _reason(state: Any) -> str:
     except Exception as exc:  # noqa: BLE001 - the message is the report
         return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     return state.message or "failed"
+
+
+def survey(
+    root: str, dest_root: str, parameters: dict[str, Any]
+) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
+    """The scans under ``root`` and what a run with ``parameters`` (from
+    :func:`~flows.process_scan.resolved_parameters`) does with each: the rows of those it skips
+    (their result under ``dest_root`` records the same request) or cannot read (failed, with
+    the reason), and the (source, destination) pairs of the others, to process."""
+    rows: list[dict[str, Any]] = []
+    todo: list[tuple[str, str]] = []
+    for source in find_scans(root, format=parameters["ingest"].format):
+        dest = result_url(dest_root, scan_name(source, root))
+        try:
+            done = published_request(dest) == request_key(source, **parameters)
+        except Exception as exc:  # noqa: BLE001 - an unreadable scan is reported, not fatal
+            rows.append(_row(source, "failed", reason=str(exc)))
+            continue
+        if done:
+            rows.append(_row(source, "skipped", dest, "already processed"))
+        else:
+            todo.append((source, dest))
+    return rows, todo
+
+
+def _row(source: str, status: str, dest: str = "", reason: str = "") -> dict[str, Any]:
+    """One scan's line of the summary (URLs without credentials)."""
+    return {"scan": redact(source), "status": status, "result": redact(dest), "reason": reason}
+
+
+def pending(todo: list[tuple[str, str]]) -> list[dict[str, Any]]:
+    """The rows of a dry run's scans to process (:func:`survey`'s pairs)."""
+    return [_row(source, "to process", dest) for source, dest in todo]
+
+
+def summary(rows: list[dict[str, Any]], *, dry_run: bool = False) -> dict[str, Any]:
+    """``counts`` of the scans by status (those of a run, or of a dry run) and the ``scans``'
+    rows sorted by scan.
+
+    >>> rows = [{"scan": "b", "status": "failed"}, {"scan": "a", "status": "skipped"}]
+    >>> summary(rows, dry_run=True)["counts"]
+    {'to process': 0, 'skipped': 1, 'failed': 1}
+    >>> [row["scan"] for row in summary(rows)["scans"]]
+    ['a', 'b']
+    """
+    statuses = ("to process" if dry_run else "processed", "skipped", "failed")
+    return {
+        "counts": {s: sum(r["status"] == s for r in rows) for s in statuses},
+        "scans": sorted(rows, key=lambda r: r["scan"]),
+    }
+
+
+def counts_line(counts: dict[str, int]) -> str:
+    """``counts`` of :func:`summary` as one line.
+
+    >>> counts_line({"processed": 1, "skipped": 0, "failed": 2})
+    '1 processed, 0 skipped, 2 failed'
+    """
+    return ", ".join(f"{n} {status}" for status, n in counts.items())
 
 
 def _process(
@@ -114,6 +173,7 @@ def reprocess_facility(
     py4dstem: Py4DSTEMConfig | None = None,
     ingest: IngestOptions | None = None,
     dask_address: str | None = None,
+    dry_run: bool = False,
 ) -> dict[str, Any]:
     """Process every scan under a folder or bucket prefix that has not been processed yet.
 
@@ -131,6 +191,10 @@ def reprocess_facility(
         ingest: How to read every raw scan (an HDF5 dataset, a calibration the files lack, ...),
             for a facility whose files share them; each file says for itself by default.
         dask_address: Scheduler of an existing Dask cluster; a local one when empty.
+        dry_run: Only list the scans a run would process ("to process"), skip or fail on.
+
+    Returns:
+        :func:`summary` of the scans: ``counts`` by status, and a row per scan.
     """
     logger = get_run_logger()
     parameters = resolved_parameters(
@@ -143,42 +207,20 @@ def reprocess_facility(
         py4dstem=py4dstem,
         ingest=ingest,
     )
-    scans = find_scans(root, format=parameters["ingest"].format)
-    logger.info("found %d scans under %s", len(scans), redact(root))
-    rows: list[dict[str, Any]] = []
-    todo: list[tuple[str, str]] = []
-    for source in scans:
-        dest = result_url(dest_root, scan_name(source, root))
-        try:
-            done = published_request(dest) == request_key(source, **parameters)
-        except Exception as exc:  # noqa: BLE001 - an unreadable scan is reported, not fatal
-            rows.append(
-                {"scan": redact(source), "status": "failed", "result": "", "reason": str(exc)}
-            )
-            continue
-        if done:
-            rows.append(
-                {
-                    "scan": redact(source),
-                    "status": "skipped",
-                    "result": redact(dest),
-                    "reason": "already processed",
-                }
-            )
-        else:
-            todo.append((source, dest))
-    rows += _process(todo, parameters, device, max_concurrent, dask_address)
-    counts = {s: sum(r["status"] == s for r in rows) for s in ("processed", "skipped", "failed")}
+    rows, todo = survey(root, dest_root, parameters)
+    logger.info("found %d scans under %s", len(rows) + len(todo), redact(root))
+    if dry_run:
+        rows += pending(todo)
+    else:
+        rows += _process(todo, parameters, device, max_concurrent, dask_address)
+    result = summary(rows, dry_run=dry_run)
     create_table_artifact(
         key="reprocess-summary",
-        table=sorted(rows, key=lambda r: r["scan"]),
-        description=(
-            f"{counts['processed']} processed, {counts['skipped']} skipped, "
-            f"{counts['failed']} failed"
-        ),
+        table=result["scans"],
+        description=counts_line(result["counts"]),
     )
-    logger.info("%(processed)d processed, %(skipped)d skipped, %(failed)d failed", counts)
-    return {"counts": counts, "scans": rows}
+    logger.info(counts_line(result["counts"]))
+    return result
 
 
 # python -m flows.reprocess_facility ARGS... is stemflow reprocess ARGS...

@@ -54,6 +54,20 @@ def test_good_done_and_broken_scans(prefect_harness, one_scan, tmp_path, capsys)
     reason = lines[-4].split(": ", 1)[1]
     assert "broken.mib" in reason and "Traceback" not in reason
 
+    # A dry run lists what the next night would do (try the broken file again: a dry run reads
+    # no scan), and does nothing.
+    shutil.copy(one_scan, root / "day1" / "later.h5")
+    capsys.readouterr()
+    assert main([*command, "--py4dstem-config", str(config), "--dry-run"]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        f"to process {root}/broken.mib -> {result_url(str(results), 'broken')}",
+        f"skipped    {root}/day1/done.h5: already processed",
+        f"to process {root}/day1/later.h5 -> {result_url(str(results), 'day1/later')}",
+        f"skipped    {root}/day1/new.h5: already processed",
+        "2 to process, 2 skipped, 0 failed",
+    ]
+    assert not (results / "day1" / "later").exists() and not (results / "broken").exists()
+
     new = xr.open_zarr(result_url(str(results), "day1/new"))
     done = xr.open_zarr(result_url(str(results), "day1/done"))
     assert [str(m) for m in new["method"].values] == ["py4dstem"]
@@ -80,6 +94,11 @@ def test_a_facility_of_raw_binary_files(prefect_harness, tmp_path):
     (tmp_path / "raw" / "short.raw").write_bytes(bytes(100))
     (tmp_path / "raw" / "notes.mib").write_bytes(b"not a scan")
     layout = IngestOptions(format="raw", dtype="uint16", frame_shape=(8, 8), scan_shape=(4, 4))
+    dry = reprocess_facility(
+        root=str(tmp_path / "raw"), dest_root=str(tmp_path / "results"), ingest=layout, dry_run=True
+    )
+    assert dry["counts"] == {"to process": 1, "skipped": 0, "failed": 0}
+    assert dry["scans"][0]["result"] == result_url(str(tmp_path / "results"), "short")
     found = reprocess_facility(
         root=str(tmp_path / "raw"), dest_root=str(tmp_path / "results"), ingest=layout
     )

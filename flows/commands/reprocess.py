@@ -24,8 +24,8 @@ __all__ = ["register", "summary_lines"]
 
 
 def summary_lines(summary: dict[str, Any]) -> list[str]:
-    """The report of a reprocessing: one line per scan (its status, the scan, and its result
-    or the reason it failed or was skipped), then the counts.
+    """The report of a reprocessing (or of its dry run): one line per scan (its status, the
+    scan, and its result or the reason it failed or was skipped), then the counts.
 
     >>> rows = [
     ...     {"scan": "r/b.mib", "status": "failed", "result": "", "reason": "truncated"},
@@ -37,14 +37,14 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
     failed     r/b.mib: truncated
     1 processed, 0 skipped, 1 failed
     """
+    from flows.reprocess_facility import counts_line
+
     lines = []
     for row in sorted(summary["scans"], key=lambda r: r["scan"]):
-        outcome = f" -> {row['result']}" if row["status"] == "processed" else f": {row['reason']}"
+        done = row["status"] in ("processed", "to process")
+        outcome = f" -> {row['result']}" if done else f": {row['reason']}"
         lines.append(f"{row['status']:<10} {row['scan']}{outcome}")
-    counts = summary["counts"]
-    lines.append(
-        f"{counts['processed']} processed, {counts['skipped']} skipped, {counts['failed']} failed"
-    )
+    lines.append(counts_line(summary["counts"]))
     return lines
 
 
@@ -58,12 +58,29 @@ def _check_root(root: str) -> None:
             )
 
 
+def _dry_run(args: argparse.Namespace, options: dict[str, Any]) -> dict[str, Any]:
+    """What the flow's dry run reports, without Prefect or Dask: which scans a run would
+    process, skip, or fail to read."""
+    from flows.process_scan import resolved_parameters
+    from flows.reprocess_facility import pending, summary, survey
+
+    parameters = resolved_parameters(
+        reference=args.reference, symmetry=args.symmetry, device=args.device, **options
+    )
+    rows, todo = survey(args.root, args.dest_root, parameters)
+    return summary(rows + pending(todo), dry_run=True)
+
+
 def _run(args: argparse.Namespace) -> int:
     from flows.reprocess_facility import reprocess_facility
     from flows.runners import check_scheduler
 
     _check_root(args.root)
     options = {**method_options(args), "ingest": options_from_args(args)}
+    if args.dry_run:
+        summary = _dry_run(args, options)
+        print("\n".join(summary_lines(summary)))
+        return 1 if summary["counts"]["failed"] else 0
     if args.dask_address:
         check_scheduler(args.dask_address, option="--dask-address")
     with flow_run(args.dask_address):
@@ -110,4 +127,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         help="scans processed at the same time (default: %(default)s)",
     )
     add_dask_argument(where)
+    where.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="only list the scans a run would process, skip or fail to read; run nothing",
+    )
     parser.set_defaults(run=_run)
