@@ -31,6 +31,7 @@ from stemlib.ccstae import CCSTAEConfig
 from stemlib.discover import find_scans, scan_name
 from stemlib.ingest import IngestOptions
 from stemlib.io.storage import redact
+from stemlib.reference import check_reference
 from stemlib.types import Device, Method, Symmetry
 from tasks.publish import published_request, request_key
 
@@ -197,6 +198,7 @@ def reprocess_facility(
         :func:`summary` of the scans: ``counts`` by status, and a row per scan.
     """
     logger = get_run_logger()
+    check_reference(reference)  # one sentence now, rather than one failure per scan
     parameters = resolved_parameters(
         methods=methods,
         reference=reference,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import logging
 import re
+import sys
 
 import dask.array as da
 import numpy as np
@@ -18,10 +19,11 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from .errors import InputError
-from .io.storage import locate, redact, storage_errors
+from .io.storage import Location, locate, redact, storage_errors
 
 __all__ = [
     "parse_reference",
+    "check_reference",
     "auto_reference",
     "describe_reference",
     "region_mean",
@@ -80,45 +82,89 @@ def parse_reference(spec: str, scan_shape: tuple[int, int]) -> np.ndarray | None
         return None
     match = _REGION.match(text)
     if match:
-        bounds = [int(v) if v not in ("", "-") else None for v in match.groups()]
-        x0, x1 = (
-            bounds[0] if bounds[0] is not None else 0,
-            bounds[1] if bounds[1] is not None else rx,
-        )
-        y0, y1 = (
-            bounds[2] if bounds[2] is not None else 0,
-            bounds[3] if bounds[3] is not None else ry,
-        )
+        x0, x1, y0, y1 = _bounds(match, (rx, ry))
         if min(x0, x1, y0, y1) < 0 or x1 > rx or y1 > ry:
             raise InputError(
                 f"--reference {text} lies outside the scan of {rx} x {ry} positions; give "
                 f"RX0:RX1,RY0:RY1 with 0 <= RX0 < RX1 <= {rx} and 0 <= RY0 < RY1 <= {ry}."
             )
         if x0 >= x1 or y0 >= y1:
-            raise InputError(
-                f"--reference {text} is an empty region; give RX0:RX1,RY0:RY1 with RX0 < RX1 "
-                "and RY0 < RY1."
-            )
+            raise _empty(text)
         mask = np.zeros((rx, ry), bool)
         mask[x0:x1, y0:y1] = True
         return mask
     if text.endswith(".npy"):
         return _load_mask(text, (rx, ry))
-    raise InputError(
+    raise _not_understood(text)
+
+
+def check_reference(spec: str) -> None:
+    """Refuse a ``--reference`` that no scan could take, before any scan is read (what a run
+    over many scans checks first): one not understood, a rectangle empty in any scan, or a
+    mask file that does not exist. :func:`parse_reference` checks the rest against each scan.
+
+    Examples
+    --------
+    >>> check_reference("8:,0:8")
+    >>> try:
+    ...     check_reference("8:4,0:8")
+    ... except InputError as exc:
+    ...     print(exc)
+    --reference 8:4,0:8 is an empty region; give RX0:RX1,RY0:RY1 with RX0 < RX1 and RY0 < RY1.
+    """
+    text = str(spec).strip()
+    if text.lower() == "auto":
+        return
+    match = _REGION.match(text)
+    if match:
+        x0, x1, y0, y1 = _bounds(match, (sys.maxsize, sys.maxsize))
+        if x0 >= x1 or y0 >= y1:
+            raise _empty(text)
+    elif text.endswith(".npy"):
+        _existing_mask(text)
+    else:
+        raise _not_understood(text)
+
+
+def _bounds(match: re.Match[str], scan_shape: tuple[int, int]) -> tuple[int, int, int, int]:
+    """X0, X1, Y0, Y1 of a matched rectangle, an empty bound at the scan's edge."""
+    edges = (0, scan_shape[0], 0, scan_shape[1])
+    return tuple(  # type: ignore[return-value]
+        int(v) if v not in ("", "-") else edge
+        for v, edge in zip(match.groups(), edges, strict=True)
+    )
+
+
+def _empty(text: str) -> InputError:
+    return InputError(
+        f"--reference {text} is an empty region; give RX0:RX1,RY0:RY1 with RX0 < RX1 and RY0 < RY1."
+    )
+
+
+def _not_understood(text: str) -> InputError:
+    return InputError(
         f"--reference {text!r} is not understood; use auto, RX0:RX1,RY0:RY1 (e.g. 0:8,0:8) "
         "or a mask.npy file."
     )
 
 
-def _load_mask(url: str, shape: tuple[int, int]) -> np.ndarray:
+def _existing_mask(url: str) -> Location:
+    """The mask file at ``url``, or one sentence where it does not exist."""
     location = locate(url)
-    where = redact(location.url)
     if not location.exists():
-        raise InputError(f"reference mask {where} does not exist; pass an existing .npy file.")
+        raise InputError(
+            f"reference mask {redact(location.url)} does not exist; pass an existing .npy file."
+        )
+    return location
+
+
+def _load_mask(url: str, shape: tuple[int, int]) -> np.ndarray:
+    location = _existing_mask(url)
+    where = redact(location.url)
     try:
         with storage_errors(location.url), location.fs.open(location.path, "rb") as f:
             mask = np.load(io.BytesIO(f.read()), allow_pickle=False)
-    except (ValueError, OSError) as exc:
+    except (OSError, ValueError) as exc:
         raise InputError(
             f"reference mask {where} is not a readable .npy array ({exc}); save it with numpy.save."
         ) from None

@@ -153,3 +153,24 @@ def test_a_night_with_nothing_new_starts_no_cluster(prefect_harness, tmp_path, m
     (tmp_path / "raw" / "notes.txt").write_text("no scans tonight")
     night = reprocess_facility(root=str(tmp_path / "raw"), dest_root=str(tmp_path / "results"))
     assert night == {"counts": {"processed": 0, "skipped": 0, "failed": 0}, "scans": []}
+
+
+@pytest.mark.parametrize(
+    ("reference", "sentence"),
+    [
+        ("0:3", "--reference '0:3' is not understood; use auto, RX0:RX1,RY0:RY1 (e.g. 0:8,0:8) "),
+        ("{tmp}/mask.npy", "reference mask {tmp}/mask.npy does not exist; pass an existing .npy "),
+    ],
+)
+def test_a_reference_no_scan_could_take_is_refused_before_any_scan(
+    tmp_path, capsys, reference, sentence
+):
+    """Every scan's run would fail on it: one sentence instead, before the survey."""
+    (tmp_path / "raw").mkdir()
+    vf.write_mib(tmp_path / "raw" / "a.mib", SCAN, frames_per_trigger=4)
+    reference = reference.format(tmp=tmp_path)
+    command = ["reprocess", str(tmp_path / "raw"), str(tmp_path / "results")]
+    assert main([*command, "--reference", reference, "--dry-run"]) == 2
+    assert capsys.readouterr().err.startswith(
+        "stemflow reprocess: error: " + sentence.format(tmp=tmp_path)
+    )

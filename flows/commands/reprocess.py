@@ -9,6 +9,7 @@ from typing import Any
 
 from stemlib.errors import InputError
 from stemlib.io.storage import locate, redact, storage_errors
+from stemlib.reference import check_reference
 
 from ._args import positive_int
 from .ingest import add_source_arguments, options_from_args
@@ -76,6 +77,7 @@ def _run(args: argparse.Namespace) -> int:
     from flows.runners import check_scheduler
 
     _check_root(args.root)
+    check_reference(args.reference)
     options = {**method_options(args), "ingest": options_from_args(args)}
     if args.dry_run:
         summary = _dry_run(args, options)
