@@ -152,9 +152,9 @@ def _process(
         running: list[Any] = []
         for source, dest in todo:
             while len(running) >= max(1, max_concurrent):  # a free slot before the next scan
-                finished, pending = wait(running, timeout=2)
+                finished, unfinished = wait(running, timeout=2)
                 rows += [f.result() for f in finished]
-                running = list(pending)
+                running = list(unfinished)
             running.append(process_one.submit(source, dest, address, parameters, device))
         rows += [f.result() for f in running]
     return rows
