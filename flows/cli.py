@@ -21,6 +21,7 @@ from collections.abc import Iterator, Sequence
 
 from pydantic import ValidationError
 
+from flows.log_filters import no_tracebacks_for_mistakes
 from stemlib.config_file import validation_sentence
 from stemlib.errors import StemflowError
 
@@ -95,29 +96,6 @@ def _show_warnings(command: str) -> None:
     logger.propagate = False  # once, not again through a handler of the root logger
 
 
-class _SentenceOnly(logging.Filter):
-    """A flow or task run that a user's mistake (:class:`StemflowError`) ended is logged with
-    its sentence and without Prefect's traceback, which would come before the command's own
-    one-sentence error."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and isinstance(record.exc_info[1], StemflowError):
-            record.exc_info, record.exc_text = None, None
-        return True
-
-
-_SENTENCE_ONLY = _SentenceOnly()
-
-
-def _no_tracebacks_for_mistakes() -> None:
-    """Filter Prefect's run loggers with :class:`_SentenceOnly` (Prefect's logging setup, at its
-    import, keeps a logger's filters)."""
-    for name in ("prefect.flow_runs", "prefect.task_runs"):
-        logger = logging.getLogger(name)
-        if _SENTENCE_ONLY not in logger.filters:
-            logger.addFilter(_SENTENCE_ONLY)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -127,7 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _show_warnings(args.command)
-    _no_tracebacks_for_mistakes()
+    no_tracebacks_for_mistakes()
     try:
         with _sigterm_raises():
             status = int(args.run(args) or 0)

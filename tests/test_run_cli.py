@@ -106,3 +106,24 @@ def test_a_ccstae_config_file_changes_the_chosen_preset(tmp_path, command, prese
     config.write_text("epochs: 3\n")
     args = build_parser().parse_args([*command, "--ccstae-config", str(config)])
     assert method_options(args)["ccstae"] == CCSTAEConfig.preset(preset, epochs=3)
+
+
+def test_a_mistake_found_in_a_dask_worker_prints_no_traceback(tmp_path, capfd):
+    """NaN patterns are found by the ingest task on a Dask worker, whose task-run log reaches
+    the terminal: it says the sentence without Prefect's traceback, and the command ends with
+    the same sentence, exit status 2."""
+    import numpy as np
+
+    scan = np.ones((4, 4, 16, 16), dtype="float32")
+    scan[0, 0] = np.nan
+    np.save(tmp_path / "nan.npy", scan)
+    dest = tmp_path / "out" / "strain.zarr"
+    assert main(["run", str(tmp_path / "nan.npy"), str(dest), "--method", "py4dstem"]) == 2
+    err = capfd.readouterr().err
+    sentence = (
+        f"{tmp_path / 'nan.npy'} holds 256 NaN/Inf pixels in 1 patterns; clean the data, or pass "
+        "--allow-nonfinite to store them with their count recorded."
+    )
+    assert "Traceback" not in err and "Task run failed with exception: InputError" in err
+    assert err.strip().splitlines()[-1] == f"stemflow run: error: {sentence}"
+    assert not dest.exists()

@@ -1,0 +1,41 @@
+"""A logging filter that keeps Prefect's traceback off a run that a user's mistake ended, in the
+command's process and in the local cluster's Dask workers (:mod:`flows.dask_preload`), whose
+task-run logs reach the same terminal. It imports nothing but :mod:`logging`: a worker imports
+it as it starts."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+__all__ = ["SentenceOnly", "no_tracebacks_for_mistakes"]
+
+
+def _is_mistake(exc: BaseException | None) -> bool:
+    """Whether ``exc`` is a :class:`stemlib.errors.StemflowError` (a module that raised one has
+    imported :mod:`stemlib.errors`; none is imported here)."""
+    errors = sys.modules.get("stemlib.errors")
+    return errors is not None and isinstance(exc, errors.StemflowError)
+
+
+class SentenceOnly(logging.Filter):
+    """A flow or task run that a user's mistake (:class:`stemlib.errors.StemflowError`) ended is
+    logged with its sentence and without Prefect's traceback, which would come before the
+    command's own one-sentence error."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and _is_mistake(record.exc_info[1]):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+_SENTENCE_ONLY = SentenceOnly()
+
+
+def no_tracebacks_for_mistakes() -> None:
+    """Filter Prefect's run loggers with :class:`SentenceOnly` (Prefect's logging setup, at its
+    import, keeps a logger's filters)."""
+    for name in ("prefect.flow_runs", "prefect.task_runs"):
+        logger = logging.getLogger(name)
+        if _SENTENCE_ONLY not in logger.filters:
+            logger.addFilter(_SENTENCE_ONLY)
