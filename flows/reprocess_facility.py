@@ -30,6 +30,7 @@ from stemlib.baseline_py4dstem import Py4DSTEMConfig
 from stemlib.ccstae import CCSTAEConfig
 from stemlib.discover import find_scans, scan_name
 from stemlib.ingest import IngestOptions
+from stemlib.io.readers.numpy_raw import check_raw_layout
 from stemlib.io.storage import redact
 from stemlib.reference import check_reference
 from stemlib.types import Device, Method, Symmetry
@@ -38,12 +39,27 @@ from tasks.publish import published_request, request_key
 from .process_scan import process_scan, resolved_parameters
 from .runners import dask_runner, local_cluster
 
-__all__ = ["reprocess_facility", "result_url", "survey", "pending", "summary", "counts_line"]
+__all__ = [
+    "reprocess_facility",
+    "result_url",
+    "check_ingest",
+    "survey",
+    "pending",
+    "summary",
+    "counts_line",
+]
 
 
 def result_url(dest_root: str, name: str) -> str:
     """Where the strain dataset of scan ``name`` goes: ``<dest_root>/<name>/strain.zarr``."""
     return posixpath.join(dest_root.rstrip("/"), name, "strain.zarr")
+
+
+def check_ingest(ingest: IngestOptions | None) -> None:
+    """Refuse reading options that no scan could be read with: ``--format raw`` without the
+    files' layout (one sentence before the survey, rather than the same failure per scan)."""
+    if ingest is not None and ingest.format == "raw":
+        check_raw_layout(ingest.read_options())
 
 
 @contextmanager
@@ -199,6 +215,7 @@ def reprocess_facility(
     """
     logger = get_run_logger()
     check_reference(reference)  # one sentence now, rather than one failure per scan
+    check_ingest(ingest)
     parameters = resolved_parameters(
         methods=methods,
         reference=reference,

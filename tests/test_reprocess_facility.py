@@ -11,6 +11,7 @@ import xarray as xr
 from flows.cli import main
 from flows.reprocess_facility import reprocess_facility, result_url
 from stemlib.baseline_py4dstem import Py4DSTEMConfig
+from stemlib.errors import InputError
 from stemlib.ingest import IngestOptions
 
 from . import vendor_files as vf
@@ -174,3 +175,38 @@ def test_a_reference_no_scan_could_take_is_refused_before_any_scan(
     assert capsys.readouterr().err.startswith(
         "stemflow reprocess: error: " + sentence.format(tmp=tmp_path)
     )
+
+
+@pytest.mark.parametrize(
+    ("layout", "sentence"),
+    [
+        (
+            ["--dtype", "uint16", "--frame-shape", "8,8"],
+            "--format raw: a raw binary file needs its layout; pass --dtype (e.g. uint16) and "
+            "--frame-shape QX,QY, and --scan-shape RX,RY.",
+        ),
+        (
+            ["--dtype", "unit16", "--frame-shape", "8,8", "--scan-shape", "4,4"],
+            "--dtype 'unit16' is not a NumPy dtype; use e.g. uint16 or <f4.",
+        ),
+    ],
+)
+def test_raw_files_without_their_layout_are_refused_before_any_scan(
+    prefect_harness, tmp_path, capsys, layout, sentence
+):
+    """Every raw file would fail on it: one sentence instead, before the survey (a dry run
+    listed each file as to process, and a run failed each with the same sentence)."""
+    (tmp_path / "raw").mkdir()
+    for name in ("a.raw", "b.raw"):
+        (tmp_path / "raw" / name).write_bytes(bytes(4 * 4 * 8 * 8 * 2))
+    command = ["reprocess", str(tmp_path / "raw"), str(tmp_path / "results"), "--format", "raw"]
+    for dry_run in (["--dry-run"], []):
+        assert main([*command, *layout, *dry_run]) == 2
+        assert capsys.readouterr().err == f"stemflow reprocess: error: {sentence}\n"
+    assert not (tmp_path / "results").exists()
+    # The flow (the nightly deployment) refuses it too, with the same sentence.
+    ingest = IngestOptions(format="raw", dtype="uint16", frame_shape=(8, 8))
+    with pytest.raises(InputError, match=r"^--format raw: a raw binary file needs its layout"):
+        reprocess_facility(
+            root=str(tmp_path / "raw"), dest_root=str(tmp_path / "results"), ingest=ingest
+        )

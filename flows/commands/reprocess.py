@@ -73,12 +73,13 @@ def _dry_run(args: argparse.Namespace, options: dict[str, Any]) -> dict[str, Any
 
 
 def _run(args: argparse.Namespace) -> int:
-    from flows.reprocess_facility import reprocess_facility
+    from flows.reprocess_facility import check_ingest, reprocess_facility
     from flows.runners import check_scheduler
 
     _check_root(args.root)
     check_reference(args.reference)
     options = {**method_options(args), "ingest": options_from_args(args)}
+    check_ingest(options["ingest"])
     if args.dry_run:
         summary = _dry_run(args, options)
         print("\n".join(summary_lines(summary)))

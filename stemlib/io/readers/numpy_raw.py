@@ -9,7 +9,7 @@ from ...errors import InputError
 from ..storage import Location, redact, storage_errors
 from .base import ByteRangeArray, ReadOptions, SourceScan, lazy_scan, resolve_scan_shape
 
-__all__ = ["read_npy", "read_raw"]
+__all__ = ["read_npy", "read_raw", "check_raw_layout"]
 
 
 def _check_size(frames: ByteRangeArray, actual: int, source: str) -> None:
@@ -67,6 +67,40 @@ def read_npy(location: Location, options: ReadOptions) -> SourceScan:
     )
 
 
+#: What a raw binary file lacks without its layout (after the file's name, or ``--format raw``).
+_NO_LAYOUT = (
+    "a raw binary file needs its layout; pass --dtype (e.g. uint16) and --frame-shape QX,QY, "
+    "and --scan-shape RX,RY."
+)
+
+
+def _raw_dtype(name: str) -> np.dtype:
+    """The NumPy dtype ``--dtype`` names."""
+    try:
+        return np.dtype(name)
+    except TypeError:
+        raise InputError(
+            f"--dtype {name!r} is not a NumPy dtype; use e.g. uint16 or <f4."
+        ) from None
+
+
+def check_raw_layout(options: ReadOptions) -> None:
+    """Refuse, before any file is read, a raw layout that no raw file could be read with: no
+    ``dtype``, ``frame_shape`` or ``scan_shape``, or a ``dtype`` that is not NumPy's (for a
+    run over many files, which would each fail with the same sentence).
+
+    >>> check_raw_layout(ReadOptions(dtype="uint16", frame_shape=(8, 8), scan_shape=(4, 4)))
+    >>> check_raw_layout(ReadOptions(dtype="uint16"))  # doctest: +NORMALIZE_WHITESPACE
+    Traceback (most recent call last):
+    ...
+    stemlib.errors.InputError: --format raw: a raw binary file needs its layout; pass --dtype
+    (e.g. uint16) and --frame-shape QX,QY, and --scan-shape RX,RY.
+    """
+    if options.dtype is None or options.frame_shape is None or options.scan_shape is None:
+        raise InputError(f"--format raw: {_NO_LAYOUT}")
+    _raw_dtype(options.dtype)
+
+
 def read_raw(location: Location, options: ReadOptions) -> SourceScan:
     """Open a raw binary file of frames, given its layout in ``options``.
 
@@ -76,16 +110,8 @@ def read_raw(location: Location, options: ReadOptions) -> SourceScan:
     """
     source = redact(location.url)
     if options.dtype is None or options.frame_shape is None:
-        raise InputError(
-            f"{source}: a raw binary file needs its layout; pass --dtype (e.g. uint16) and "
-            "--frame-shape QX,QY, and --scan-shape RX,RY."
-        )
-    try:
-        dtype = np.dtype(options.dtype)
-    except TypeError:
-        raise InputError(
-            f"--dtype {options.dtype!r} is not a NumPy dtype; use e.g. uint16 or <f4."
-        ) from None
+        raise InputError(f"{source}: {_NO_LAYOUT}")
+    dtype = _raw_dtype(options.dtype)
     with storage_errors(location.url):
         size = int(location.fs.size(location.path))
     frame_shape = options.frame_shape
