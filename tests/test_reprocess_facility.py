@@ -210,3 +210,18 @@ def test_raw_files_without_their_layout_are_refused_before_any_scan(
         reprocess_facility(
             root=str(tmp_path / "raw"), dest_root=str(tmp_path / "results"), ingest=ingest
         )
+
+
+def test_a_dest_root_that_is_a_file_is_one_sentence(tmp_path, capsys):
+    """No result could be written under it: one sentence before the survey, the file kept (a
+    dry run listed every scan as to process, and a run failed each one)."""
+    (tmp_path / "raw").mkdir()
+    vf.write_mib(tmp_path / "raw" / "a.mib", SCAN, frames_per_trigger=4)
+    (tmp_path / "results").write_text("my notes")
+    for dry_run in (["--dry-run"], []):
+        assert main(["reprocess", str(tmp_path / "raw"), str(tmp_path / "results"), *dry_run]) == 2
+        assert capsys.readouterr().err == (
+            f"stemflow reprocess: error: {tmp_path / 'results'} is a file, not a folder or prefix "
+            "of results; pass another DEST_ROOT.\n"
+        )
+    assert (tmp_path / "results").read_text() == "my notes"

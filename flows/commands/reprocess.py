@@ -59,6 +59,18 @@ def _check_root(root: str) -> None:
             )
 
 
+def _check_dest_root(dest_root: str) -> None:
+    """Refuse a DEST_ROOT that is a file (one sentence, before anything starts): no scan's
+    result could be written under it."""
+    location = locate(dest_root)
+    with storage_errors(location.url):
+        if location.fs.isfile(location.path):
+            raise InputError(
+                f"{redact(location.url)} is a file, not a folder or prefix of results; pass "
+                "another DEST_ROOT."
+            )
+
+
 def _dry_run(args: argparse.Namespace, options: dict[str, Any]) -> dict[str, Any]:
     """What the flow's dry run reports, without Prefect or Dask: which scans a run would
     process, skip, or fail to read."""
@@ -77,6 +89,7 @@ def _run(args: argparse.Namespace) -> int:
     from flows.runners import check_scheduler
 
     _check_root(args.root)
+    _check_dest_root(args.dest_root)
     check_reference(args.reference)
     options = {**method_options(args), "ingest": options_from_args(args)}
     check_ingest(options["ingest"])
