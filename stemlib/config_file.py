@@ -31,17 +31,25 @@ def read_mapping(path: str | os.PathLike[str], model: type[BaseModel]) -> dict[s
     Raises
     ------
     InputError
-        If the file does not exist, is not valid YAML/JSON, or does not hold a mapping.
+        If the file does not exist (or is a folder), is not text (a scan or a mask .npy passed
+        by mistake), is not valid YAML/JSON, or does not hold a mapping.
     """
     file = Path(path)
     fields = f"{model.__name__} fields"
+    if file.is_dir():
+        raise InputError(f"config file {file} is a folder; pass a YAML or JSON file of {fields}.")
     if not file.is_file():
         raise InputError(
             f"config file {file} does not exist; pass a YAML or JSON file of {fields}."
         )
     import yaml
 
-    text = file.read_text()
+    try:
+        text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise InputError(
+            f"config file {file} is not a text file; pass a YAML or JSON file of {fields}."
+        ) from None
     try:
         data = json.loads(text) if file.suffix == ".json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as exc:

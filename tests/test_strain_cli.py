@@ -309,6 +309,24 @@ def test_bad_config(scan, tmp_path, capsys):
     assert _nothing_published(tmp_path)
 
 
+@pytest.mark.parametrize("method", ["py4dstem", "ccstae"])
+def test_a_config_that_is_a_folder_or_not_text_is_one_sentence(scan, tmp_path, capsys, method):
+    """A folder was told as a file that does not exist; a binary file (a mask .npy passed by
+    mistake) ended in a UnicodeDecodeError traceback."""
+    model = {"py4dstem": "Py4DSTEMConfig", "ccstae": "CCSTAEConfig"}[method]
+    np.save(tmp_path / "mask.npy", np.ones((4, 4), dtype=bool))
+    (tmp_path / "configs").mkdir()
+    dest = str(tmp_path / "strain.zarr")
+    for name, what in (("configs", "is a folder"), ("mask.npy", "is not a text file")):
+        args = ["strain", scan, dest, "--method", method, "--config", str(tmp_path / name)]
+        assert main(args) == 2
+        assert _error(capsys) == (
+            f"stemflow strain: error: config file {tmp_path / name} {what}; pass a YAML or JSON "
+            f"file of {model} fields."
+        )
+    assert _nothing_published(tmp_path)
+
+
 def test_an_unreachable_dask_scheduler(scan, tmp_path, capsys, monkeypatch):
     from flows import runners
 
