@@ -269,6 +269,20 @@ def test_destination_holding_something_else(tmp_path, capsys):
     assert (tmp_path / "results" / "notes.txt").read_text() == "precious"
 
 
+def test_a_destination_that_cannot_be_written_is_named_as_given(tmp_path, capsys):
+    """A destination inside a file: the sentence named the hidden temporary store
+    (``.s.zarr.partial-<table>-<pid>-<random>``), not the path the user typed."""
+    np.save(tmp_path / "s.npy", scan())
+    (tmp_path / "notes.txt").write_text("precious")
+    dest = tmp_path / "notes.txt" / "s.zarr"
+    assert main(["ingest", str(tmp_path / "s.npy"), str(dest), "--quiet"]) == 2
+    assert capsys.readouterr().err == (
+        f"stemflow ingest: error: {dest}: Not a directory; check the path and that you can "
+        "write there.\n"
+    )
+    assert (tmp_path / "notes.txt").read_text() == "precious"
+
+
 @pytest.mark.parametrize("allow", [False, True])
 def test_nonfinite_float_data(tmp_path, allow):
     data = scan(dtype="float32")

@@ -461,10 +461,27 @@ def staged(
                 _publish_local(temp, dest)
             else:
                 _publish_remote(temp, dest)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(Exception):
             remove(temp)
+        _raise_for_dest(exc, temp.path, dest)
         raise
+
+
+def _raise_for_dest(exc: BaseException, temp: str, dest: Location) -> None:
+    """Raise a local write's failure under the temporary ``temp`` (a folder that is a file,
+    a read-only disk, a full one) as one sentence naming ``dest``, the path the user gave, not
+    the hidden temporary one; return for any other failure."""
+    if (
+        dest.is_local
+        and isinstance(exc, OSError)
+        and not isinstance(exc, StorageError)
+        and exc.strerror
+        and str(exc.filename or "").startswith(temp)
+    ):
+        raise InputError(
+            f"{dest.path}: {exc.strerror}; check the path and that you can write there."
+        ) from None
 
 
 @contextlib.contextmanager
@@ -514,9 +531,10 @@ def staged_file(path: str | os.PathLike[str]) -> Iterator[Path]:
         finally:
             os.close(descriptor)
         os.replace(temp, dest.path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(OSError):
             temp.unlink(missing_ok=True)
+        _raise_for_dest(exc, str(temp), dest)
         raise
 
 
