@@ -83,7 +83,7 @@ class SimulationConfig(BaseModel):
     True
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     scan: tuple[_Positive, _Positive] = Field((64, 64), description="Probe positions (RX, RY).")
     pattern: int = Field(

@@ -166,7 +166,7 @@ def test_bad_level_is_refused_before_any_work(prefect_harness, tmp_path, capsys)
     code = main(["sweep", dest, "--levels", "0,1.5", "--scan", "8", "--pattern", "64"])
     assert (code, capsys.readouterr().err) == (
         2,
-        "stemflow sweep: error: levels.1: Input should be less than or equal to 1; correct it "
+        "stemflow sweep: error: --levels: Input should be less than or equal to 1; correct it "
         "and run again.\n",
     )
     # Through Prefect (the UI's form, the API): its parameter check refuses the run.

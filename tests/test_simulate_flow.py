@@ -95,15 +95,19 @@ def test_cli_simulate_writes_a_scan_with_its_truth(tmp_path, capsys):
         ),
         (
             ["--scan", "0,4"],
-            "scan.0: Input should be greater than or equal to 1; correct it and run again.",
+            "--scan: Input should be greater than or equal to 1; correct it and run again.",
         ),
         (
             ["--scan", "4,4", "--max-strain", "0.5"],
-            "max_strain: Input should be less than or equal to 0.1; correct it and run again.",
+            "--max-strain: Input should be less than or equal to 0.1; correct it and run again.",
+        ),
+        (
+            ["--scan", "4,4", "--max-rot", "nan"],
+            "--max-rot: Input should be a finite number; correct it and run again.",
         ),
         (
             ["--scan", "4,4", "--levels", "0,1.5"],
-            "levels.1: Input should be less than or equal to 1; correct it and run again.",
+            "--levels: Input should be less than or equal to 1; correct it and run again.",
         ),
     ],
 )

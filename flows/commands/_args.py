@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import argparse
 
-__all__ = ["int_pair", "float_pair", "positive_int", "symmetry", "SYMMETRIES"]
+from pydantic import ValidationError
+
+from stemlib.errors import InputError
+
+__all__ = ["int_pair", "float_pair", "positive_int", "symmetry", "SYMMETRIES", "flag_error"]
 
 
 def int_pair(text: str) -> tuple[int, int]:
@@ -48,3 +52,12 @@ def symmetry(text: str) -> str | int:
     """Parse ``--symmetry``: ``"auto"``, or n of the n-fold lattice symmetry (checked against
     :data:`SYMMETRIES` by argparse)."""
     return text if text == "auto" else int(text)
+
+
+def flag_error(exc: ValidationError, flags: dict[str, str] | None = None) -> InputError:
+    """A flag's bad value as one sentence naming the flag, where pydantic names the field:
+    ``--field-name``, or ``flags[field]`` for a field whose flag is named otherwise."""
+    first = exc.errors()[0]
+    field = str(first["loc"][0]) if first.get("loc") else "input"
+    flag = (flags or {}).get(field, "--" + field.replace("_", "-"))
+    return InputError(f"{flag}: {first.get('msg', 'invalid value')}; correct it and run again.")

@@ -7,12 +7,11 @@ import argparse
 from pydantic import ValidationError
 
 from stemlib.calibration import Calibration
-from stemlib.errors import InputError
 from stemlib.ingest import IngestOptions, IngestResult, ingest
 from stemlib.io.readers import FORMATS, supported_formats
 from stemlib.io.storage import redact
 
-from ._args import float_pair, int_pair
+from ._args import flag_error, float_pair, int_pair
 
 __all__ = ["register", "options_from_args", "add_source_arguments", "describe"]
 
@@ -66,14 +65,6 @@ _FLAGS = {
 }
 
 
-def _flag_error(exc: ValidationError) -> InputError:
-    """A flag's bad value as one sentence naming the flag (pydantic names the field)."""
-    first = exc.errors()[0]
-    field = str(first["loc"][0]) if first.get("loc") else "input"
-    flag = _FLAGS.get(field, "--" + field.replace("_", "-"))
-    return InputError(f"{flag}: {first.get('msg', 'invalid value')}; correct it and run again.")
-
-
 def options_from_args(args: argparse.Namespace) -> IngestOptions:
     """The ingest options the reading and calibration flags ask for.
 
@@ -85,7 +76,7 @@ def options_from_args(args: argparse.Namespace) -> IngestOptions:
     try:
         return _options(args)
     except ValidationError as exc:
-        raise _flag_error(exc) from None
+        raise flag_error(exc, _FLAGS) from None
 
 
 def _options(args: argparse.Namespace) -> IngestOptions:

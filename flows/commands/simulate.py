@@ -8,16 +8,20 @@ from __future__ import annotations
 
 import argparse
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from pydantic import ValidationError
 
 from stemlib.io.storage import redact
 from stemlib.simulate import LATTICE_SYMMETRY, SimulationConfig
 
-from ._args import int_pair
+from ._args import flag_error, int_pair
 
-__all__ = ["register", "config_from_args", "parse_levels"]
+if TYPE_CHECKING:
+    from flows.simulate_benchmark import NoiseLevels
+
+__all__ = ["register", "config_from_args", "levels_from_args", "parse_levels"]
 
 
 def parse_levels(text: str) -> list[float]:
@@ -38,7 +42,13 @@ def config_from_args(
     args: argparse.Namespace, base: SimulationConfig | None = None
 ) -> SimulationConfig:
     """The simulation the flags ask for; flags not given keep ``base``'s settings where it set
-    them, else the defaults (or :meth:`SimulationConfig.hard`'s with ``--hard``)."""
+    them, else the defaults (or :meth:`SimulationConfig.hard`'s with ``--hard``).
+
+    Raises
+    ------
+    InputError
+        A value the configuration refuses, as one sentence naming its flag.
+    """
     given: dict[str, Any] = {
         "scan": args.scan,
         "pattern": args.pattern,
@@ -52,7 +62,26 @@ def config_from_args(
         **(base.model_dump(exclude_unset=True) if base is not None else {}),
         **{k: v for k, v in given.items() if v is not None},
     }
-    return SimulationConfig.hard(**given) if args.hard else SimulationConfig(**given)
+    try:
+        return SimulationConfig.hard(**given) if args.hard else SimulationConfig(**given)
+    except ValidationError as exc:
+        raise flag_error(exc, {"max_rot_deg": "--max-rot"}) from None
+
+
+def levels_from_args(args: argparse.Namespace) -> NoiseLevels:
+    """The noise levels ``--levels``, ``--counts`` and ``--noise-seed`` ask for.
+
+    Raises
+    ------
+    InputError
+        A value the levels refuse, as one sentence naming its flag.
+    """
+    from flows.simulate_benchmark import NoiseLevels
+
+    try:
+        return NoiseLevels(levels=args.levels, counts=args.counts, seed=args.noise_seed)
+    except ValidationError as exc:
+        raise flag_error(exc, {"seed": "--noise-seed"}) from None
 
 
 def _verb(record: dict[str, Any]) -> str:
@@ -64,9 +93,9 @@ def _run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     if args.levels is not None:
         from flows.api_server import temporary_api
-        from flows.simulate_benchmark import NoiseLevels, simulate_benchmark
+        from flows.simulate_benchmark import simulate_benchmark
 
-        noise = NoiseLevels(levels=args.levels, counts=args.counts, seed=args.noise_seed)
+        noise = levels_from_args(args)
         with temporary_api():
             record = simulate_benchmark(dest=args.dest, simulation=config, noise=noise)
         clean = record["clean"]

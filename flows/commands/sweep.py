@@ -12,7 +12,7 @@ import argparse
 from stemlib.simulate import LATTICE_SYMMETRY, SimulationConfig
 
 from .run import add_dask_argument, add_method_arguments, flow_run, method_options
-from .simulate import config_from_args, parse_levels
+from .simulate import config_from_args, levels_from_args, parse_levels
 
 __all__ = ["register", "simulation_from_args"]
 
@@ -39,10 +39,9 @@ def simulation_from_args(args: argparse.Namespace) -> SimulationConfig:
 def _run(args: argparse.Namespace) -> int:
     from flows.noise_sweep import check_sweep, noise_sweep, sweep_table, table_url
     from flows.runners import dask_runner
-    from flows.simulate_benchmark import NoiseLevels
 
     simulation = simulation_from_args(args)
-    noise = NoiseLevels(levels=args.levels, counts=args.counts, seed=args.noise_seed)
+    noise = levels_from_args(args)
     # A mistake is refused here, as one sentence, before Prefect or Dask start.
     check_sweep(
         args.dest,
