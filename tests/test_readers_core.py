@@ -77,6 +77,19 @@ def test_raw_needs_its_layout(tmp_path):
         open_source(str(tmp_path / "s.raw"))
 
 
+@pytest.mark.parametrize(("dtype", "named"), [("c8", "complex64"), ("O", "object"), ("U4", "<U4")])
+def test_raw_of_values_that_are_not_counts_is_refused_by_its_dtype(tmp_path, dtype, named):
+    """The sentence named the destination store ("the scan for X.zarr holds object values")
+    rather than the --dtype that chose them."""
+    (tmp_path / "s.raw").write_bytes(b"\0" * 2048)
+    layout = ReadOptions(dtype=dtype, frame_shape=(4, 4), scan_shape=(4, 4))
+    with pytest.raises(InputError) as refused:
+        open_source(str(tmp_path / "s.raw"), options=layout)
+    assert str(refused.value) == (
+        f"--dtype '{dtype}' is {named}, not integer or float counts; use e.g. uint16 or <f4."
+    )
+
+
 def test_raw_truncated(tmp_path):
     (tmp_path / "s.raw").write_bytes(b"\0" * (3 * 4 * 16 * 12 * 2 - 10))
     options = ReadOptions(dtype="uint16", frame_shape=(16, 12), scan_shape=(3, 4))

@@ -75,13 +75,18 @@ _NO_LAYOUT = (
 
 
 def _raw_dtype(name: str) -> np.dtype:
-    """The NumPy dtype ``--dtype`` names."""
+    """The NumPy dtype ``--dtype`` names: integer or float counts, as a scan store holds."""
     try:
-        return np.dtype(name)
+        dtype = np.dtype(name)
     except TypeError:
         raise InputError(
             f"--dtype {name!r} is not a NumPy dtype; use e.g. uint16 or <f4."
         ) from None
+    if dtype.kind not in "uif":
+        raise InputError(
+            f"--dtype {name!r} is {dtype}, not integer or float counts; use e.g. uint16 or <f4."
+        )
+    return dtype
 
 
 def check_raw_layout(options: ReadOptions) -> None:
