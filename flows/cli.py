@@ -127,6 +127,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _terminations():
         print(f"stemflow {args.command}: terminated; nothing was published.", file=sys.stderr)
         return 143
+    except MemoryError as exc:  # numpy: "Unable to allocate 7.28 TiB for an array with ..."
+        print(
+            f"stemflow {args.command}: error: this machine has not enough memory for it "
+            f"({str(exc).rstrip('.') or 'MemoryError'}); use a smaller scan, or a machine with "
+            "more memory.",
+            file=sys.stderr,
+        )
+        return 2
     except BrokenPipeError:  # `stemflow ... | head`: the reader left
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1

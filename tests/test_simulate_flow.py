@@ -150,3 +150,16 @@ def test_benchmark_flow_on_a_local_cluster(prefect_harness, tmp_path, capsys):
     assert (
         xr.open_zarr(tmp_path / "sim-noise50.zarr").attrs["content_sha256"] == here.content_sha256
     )
+
+
+def test_a_scan_too_large_for_the_machine_is_one_sentence(tmp_path, capsys):
+    """numpy's MemoryError was a traceback. 1e14 positions need 728 TiB of truth maps, more
+    than a process can address, so no machine's memory settings let the allocation succeed."""
+    dest = tmp_path / "huge.zarr"
+    assert main(["simulate", str(dest), "--scan", "10000000,10000000", "--quiet"]) == 2
+    assert capsys.readouterr().err == (
+        "stemflow simulate: error: this machine has not enough memory for it (Unable to "
+        "allocate 728. TiB for an array with shape (10000000, 10000000) and data type int64); "
+        "use a smaller scan, or a machine with more memory.\n"
+    )
+    assert leftovers(tmp_path) == []
