@@ -138,8 +138,8 @@ def _record(epoch: int = 0) -> Checkpoint:
 
 def test_a_checkpoint_that_fails_to_save_leaves_the_last_one_whole(tmp_path, monkeypatch):
     """A save that fails part way (a full disk) left its ``checkpoint.tmp<pid>`` beside the
-    checkpoint. Nothing is left: no temporary file, and no checkpoint where there was none;
-    where there was one, it is the last epoch's, whole."""
+    checkpoint. Nothing is left: no temporary file, and no checkpoint (nor the folder the save
+    created) where there was none; where there was one, it is the last epoch's, whole."""
     _record(epoch=1).save(tmp_path / "resumed")
 
     def half_then_full(record, path):
@@ -150,7 +150,7 @@ def test_a_checkpoint_that_fails_to_save_leaves_the_last_one_whole(tmp_path, mon
     for workdir in (tmp_path / "fresh", tmp_path / "resumed"):
         with pytest.raises(OSError, match="No space left on device"):
             _record(epoch=2).save(workdir)
-    assert os.listdir(tmp_path / "fresh") == []
+    assert not (tmp_path / "fresh").exists()
     assert os.listdir(tmp_path / "resumed") == ["checkpoint.pt"]
     assert Checkpoint.load(tmp_path / "resumed").epoch == 1
 

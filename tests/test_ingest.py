@@ -283,6 +283,20 @@ def test_a_destination_that_cannot_be_written_is_named_as_given(tmp_path, capsys
     assert (tmp_path / "notes.txt").read_text() == "precious"
 
 
+def test_a_failed_write_leaves_no_folder_it_created(tmp_path):
+    """A store refused while it was written (NaN patterns) took the folders it had created
+    with it, but left them: an empty ``new/deeper/`` after a failed run."""
+    data = scan(dtype="float32")
+    data[0, 0] = np.nan
+    np.save(tmp_path / "nan.npy", data)
+    (tmp_path / "kept").mkdir()
+    for dest in (tmp_path / "new" / "deeper" / "s.zarr", tmp_path / "kept" / "s.zarr"):
+        with pytest.raises(InputError, match="NaN/Inf pixels"):
+            ingest(str(tmp_path / "nan.npy"), str(dest))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept", "nan.npy"]  # kept: not ours
+    assert list((tmp_path / "kept").iterdir()) == []
+
+
 @pytest.mark.parametrize("allow", [False, True])
 def test_nonfinite_float_data(tmp_path, allow):
     data = scan(dtype="float32")

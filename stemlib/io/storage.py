@@ -450,6 +450,7 @@ def staged(
         Temporary siblings of ``dest`` that killed writers left are removed first
         (:func:`remove_abandoned`).
     """
+    created = _missing_folders(dest)
     remove_abandoned(dest)
     temp = temporary_sibling(dest, "partial")
     try:
@@ -464,8 +465,30 @@ def staged(
     except BaseException as exc:
         with contextlib.suppress(Exception):
             remove(temp)
+        _remove_empty(created)
         _raise_for_dest(exc, temp.path, dest)
         raise
+
+
+def _missing_folders(dest: Location) -> list[str]:
+    """The local folders above ``dest`` that do not exist yet, deepest first: those its write
+    creates, which a failed write removes again (:func:`_remove_empty`)."""
+    missing: list[str] = []
+    folder = os.path.dirname(dest.path.rstrip("/")) if dest.is_local else ""
+    while folder and not os.path.exists(folder) and folder not in missing:
+        missing.append(folder)
+        folder = os.path.dirname(folder)
+    return missing
+
+
+def _remove_empty(folders: list[str]) -> None:
+    """Remove ``folders`` (deepest first) while they are empty: a failed write leaves no folder
+    it created, and never one that another writer has put something in since."""
+    for folder in folders:
+        try:
+            os.rmdir(folder)
+        except OSError:  # not empty, or already gone
+            return
 
 
 def _raise_for_dest(exc: BaseException, temp: str, dest: Location) -> None:
@@ -520,6 +543,7 @@ def staged_file(path: str | os.PathLike[str]) -> Iterator[Path]:
     >>> shutil.rmtree(path.parent)
     """
     dest = locate(Path(path).absolute())
+    created = _missing_folders(dest)
     os.makedirs(dest.parent.path, exist_ok=True)
     remove_abandoned(dest)
     temp = Path(temporary_sibling(dest, "partial").path)
@@ -534,6 +558,7 @@ def staged_file(path: str | os.PathLike[str]) -> Iterator[Path]:
     except BaseException as exc:
         with contextlib.suppress(OSError):
             temp.unlink(missing_ok=True)
+        _remove_empty(created)
         _raise_for_dest(exc, str(temp), dest)
         raise
 
