@@ -438,7 +438,8 @@ def staged(
     ----------
     dest
         The final location. An existing store there is replaced only at publication, so a
-        failed run leaves it untouched.
+        failed run leaves it untouched; nor does it leave the temporary store, or a folder it
+        created above ``dest`` that is still empty.
     verify
         Called with the temporary location after the body succeeds; it raises to refuse
         publication.
