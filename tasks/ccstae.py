@@ -187,8 +187,6 @@ def infer_ccstae(
         record["symmetry"],
         record["timings_s"]["inference_s"],
     )
-    for warning in record["warnings"]:
-        logger.warning(warning)
     return {
         "url": redact(url),
         "coverage": record["coverage"],

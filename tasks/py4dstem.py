@@ -66,8 +66,6 @@ def py4dstem_strain_scan(
         ds.attrs["reference"],
         ds.attrs["symmetry"],
     )
-    for warning in record["warnings"]:
-        logger.warning(warning)
     return {
         "url": redact(url),
         "png": redact(png),

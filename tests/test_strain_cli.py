@@ -380,6 +380,35 @@ def test_cli_publishes_to_object_storage(scan, s3, capsys, monkeypatch):
     assert not [k for k in fs.ls(f"{s3}/runs") if ".partial-" in k]
 
 
+def test_a_task_shows_a_warning_once_and_keeps_it_in_its_run_logs(
+    prefect_harness, scan, tmp_path, capfd
+):
+    """A warning the library met inside a task (a strained reference region) showed twice on
+    the terminal: the library's line, then the task's copy, made so that the Prefect UI would
+    have it. Now the terminal shows it once and the run's logs in the API hold it once."""
+    from prefect import flow
+
+    from tasks.py4dstem import py4dstem_strain_scan
+
+    from .test_process_scan import _run_logs_and_artifacts
+
+    np.save(tmp_path / "strained.npy", open_truth(scan)["grain_id"].values == 1)
+
+    @flow
+    def baseline(scan: str, dest: str, reference: str) -> dict:
+        return py4dstem_strain_scan(scan, dest, reference=reference, symmetry=4)
+
+    capfd.readouterr()
+    state = baseline(
+        scan, str(tmp_path / "strain.zarr"), str(tmp_path / "strained.npy"), return_state=True
+    )
+    (warning,) = open_strain(str(tmp_path / "strain.zarr")).attrs["methods"]["py4dstem"]["warnings"]
+    shown = capfd.readouterr()
+    assert (shown.out + shown.err).count(warning) == 1
+    logs, _ = _run_logs_and_artifacts(state.state_details.flow_run_id)
+    assert logs.count(warning) == 1
+
+
 def test_prefect_task_publishes_the_baseline(prefect_harness, scan, tmp_path):
     from prefect import flow
 
