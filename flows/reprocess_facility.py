@@ -29,9 +29,10 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from stemlib.baseline_py4dstem import Py4DSTEMConfig
 from stemlib.ccstae import CCSTAEConfig
 from stemlib.discover import find_scans, scan_name
+from stemlib.errors import InputError
 from stemlib.ingest import IngestOptions
 from stemlib.io.readers.numpy_raw import check_raw_layout
-from stemlib.io.storage import redact
+from stemlib.io.storage import locate, redact, storage_errors
 from stemlib.reference import check_reference
 from stemlib.types import Device, Method, Symmetry
 from tasks.publish import published_request, request_key
@@ -42,7 +43,7 @@ from .runners import dask_runner, local_cluster
 __all__ = [
     "reprocess_facility",
     "result_url",
-    "check_ingest",
+    "check_settings",
     "survey",
     "pending",
     "summary",
@@ -55,9 +56,19 @@ def result_url(dest_root: str, name: str) -> str:
     return posixpath.join(dest_root.rstrip("/"), name, "strain.zarr")
 
 
-def check_ingest(ingest: IngestOptions | None) -> None:
-    """Refuse reading options that no scan could be read with: ``--format raw`` without the
-    files' layout (one sentence before the survey, rather than the same failure per scan)."""
+def check_settings(dest_root: str, reference: str, ingest: IngestOptions | None) -> None:
+    """Refuse settings that no scan could be processed with, as one sentence before the survey
+    rather than the same failure per scan: a ``dest_root`` that is a file, a ``reference`` no
+    scan could take (:func:`~stemlib.reference.check_reference`), or ``--format raw`` without
+    the files' layout."""
+    location = locate(dest_root)
+    with storage_errors(location.url):
+        if location.fs.isfile(location.path):
+            raise InputError(
+                f"{redact(location.url)} is a file, not a folder or prefix of results; pass "
+                "another DEST_ROOT."
+            )
+    check_reference(reference)
     if ingest is not None and ingest.format == "raw":
         check_raw_layout(ingest.read_options())
 
@@ -214,8 +225,7 @@ def reprocess_facility(
         :func:`summary` of the scans: ``counts`` by status, and a row per scan.
     """
     logger = get_run_logger()
-    check_reference(reference)  # one sentence now, rather than one failure per scan
-    check_ingest(ingest)
+    check_settings(dest_root, reference, ingest)
     parameters = resolved_parameters(
         methods=methods,
         reference=reference,

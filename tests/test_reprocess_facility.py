@@ -212,9 +212,10 @@ def test_raw_files_without_their_layout_are_refused_before_any_scan(
         )
 
 
-def test_a_dest_root_that_is_a_file_is_one_sentence(tmp_path, capsys):
+def test_a_dest_root_that_is_a_file_is_one_sentence(prefect_harness, tmp_path, capsys):
     """No result could be written under it: one sentence before the survey, the file kept (a
-    dry run listed every scan as to process, and a run failed each one)."""
+    dry run listed every scan as to process, and a run failed each one), from the command and
+    from the flow (the nightly deployment)."""
     (tmp_path / "raw").mkdir()
     vf.write_mib(tmp_path / "raw" / "a.mib", SCAN, frames_per_trigger=4)
     (tmp_path / "results").write_text("my notes")
@@ -224,4 +225,6 @@ def test_a_dest_root_that_is_a_file_is_one_sentence(tmp_path, capsys):
             f"stemflow reprocess: error: {tmp_path / 'results'} is a file, not a folder or prefix "
             "of results; pass another DEST_ROOT.\n"
         )
+    with pytest.raises(InputError, match="results is a file, not a folder or prefix of results"):
+        reprocess_facility(root=str(tmp_path / "raw"), dest_root=str(tmp_path / "results"))
     assert (tmp_path / "results").read_text() == "my notes"

@@ -9,7 +9,6 @@ from typing import Any
 
 from stemlib.errors import InputError
 from stemlib.io.storage import locate, redact, storage_errors
-from stemlib.reference import check_reference
 
 from ._args import positive_int
 from .ingest import add_source_arguments, options_from_args
@@ -59,18 +58,6 @@ def _check_root(root: str) -> None:
             )
 
 
-def _check_dest_root(dest_root: str) -> None:
-    """Refuse a DEST_ROOT that is a file (one sentence, before anything starts): no scan's
-    result could be written under it."""
-    location = locate(dest_root)
-    with storage_errors(location.url):
-        if location.fs.isfile(location.path):
-            raise InputError(
-                f"{redact(location.url)} is a file, not a folder or prefix of results; pass "
-                "another DEST_ROOT."
-            )
-
-
 def _dry_run(args: argparse.Namespace, options: dict[str, Any]) -> dict[str, Any]:
     """What the flow's dry run reports, without Prefect or Dask: which scans a run would
     process, skip, or fail to read."""
@@ -85,14 +72,12 @@ def _dry_run(args: argparse.Namespace, options: dict[str, Any]) -> dict[str, Any
 
 
 def _run(args: argparse.Namespace) -> int:
-    from flows.reprocess_facility import check_ingest, reprocess_facility
+    from flows.reprocess_facility import check_settings, reprocess_facility
     from flows.runners import check_scheduler
 
     _check_root(args.root)
-    _check_dest_root(args.dest_root)
-    check_reference(args.reference)
     options = {**method_options(args), "ingest": options_from_args(args)}
-    check_ingest(options["ingest"])
+    check_settings(args.dest_root, args.reference, options["ingest"])
     if args.dry_run:
         summary = _dry_run(args, options)
         print("\n".join(summary_lines(summary)))
