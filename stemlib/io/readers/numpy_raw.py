@@ -109,9 +109,9 @@ def check_raw_layout(options: ReadOptions) -> None:
 def read_raw(location: Location, options: ReadOptions) -> SourceScan:
     """Open a raw binary file of frames, given its layout in ``options``.
 
-    ``dtype`` and ``frame_shape`` are required; ``scan_shape`` is required too unless the frame
-    count is 1. ``header_bytes`` precede the first frame; ``frame_header_bytes`` and
-    ``frame_footer_bytes`` surround every frame (e.g. 0 and 1024 for an EMPAD raw file).
+    ``dtype``, ``frame_shape`` and ``scan_shape`` are required. ``header_bytes`` precede the
+    first frame; ``frame_header_bytes`` and ``frame_footer_bytes`` surround every frame (e.g. 0
+    and 1024 for an EMPAD raw file).
     """
     source = redact(location.url)
     if options.dtype is None or options.frame_shape is None:
