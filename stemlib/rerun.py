@@ -10,6 +10,7 @@ is finished (:func:`finished_step`). Scan stores made by stemflow carry their ow
 from __future__ import annotations
 
 import hashlib
+import logging
 from typing import Any
 
 from pydantic import BaseModel
@@ -17,8 +18,11 @@ from pydantic import BaseModel
 from .io.scan_store import read_store_attrs
 from .io.storage import locate
 from .provenance import fingerprint
+from .results import damaged_strain
 
 __all__ = ["scan_identity", "run_key", "finished_step"]
+
+log = logging.getLogger("stemlib.rerun")
 
 
 def scan_identity(url: str) -> dict[str, Any] | None:
@@ -74,7 +78,16 @@ def run_key(
 
 
 def finished_step(url: str, key: str) -> bool:
-    """Whether the store at ``url`` is a finished result of the run with fingerprint ``key``."""
+    """Whether the store at ``url`` is a finished result of the run with fingerprint ``key``:
+    False where it lost blocks of its maps since it was written
+    (:func:`stemlib.results.damaged_strain`), which is logged as a warning (the rerun writes it
+    again)."""
     location = locate(url)
     attrs = read_store_attrs(location) if location.exists() else None
-    return bool(attrs) and key in (attrs.get("run_keys") or {}).values()
+    if not attrs or key not in (attrs.get("run_keys") or {}).values():
+        return False
+    damage = damaged_strain(location, attrs)
+    if damage is not None:
+        log.warning("%s; writing it again.", damage)
+        return False
+    return True

@@ -19,8 +19,10 @@ from typing import Any
 
 import numpy as np
 import xarray as xr
+import zarr
 
 from .errors import InputError
+from .io.blocks import block_keys, missing_blocks
 from .io.scan_store import check_destination
 from .io.storage import Location, locate, redact, staged, storage_errors
 from .types import SCAN_DIMS
@@ -32,10 +34,14 @@ __all__ = [
     "combine_methods",
     "write_strain",
     "open_strain",
+    "damaged_strain",
     "coverage",
 ]
 
 CONVENTION = "stemflow-1"
+#: Group attribute: the count of objects that hold the store's arrays, every one of them
+#: written, also one of NaN only (:func:`damaged_strain`).
+BLOCKS_ATTR = "stored_blocks"
 
 #: Required variables: (units, long_name).
 STRAIN_VARIABLES: dict[str, tuple[str, str]] = {
@@ -196,6 +202,8 @@ def write_strain(ds: xr.Dataset, dest: str | Location) -> str:
     The store is written under a temporary name, opened and checked, then published (see
     :func:`stemlib.io.storage.staged`); an existing strain store at ``dest`` is replaced only
     then, and anything else there is refused (:func:`stemlib.io.scan_store.check_destination`).
+    Every block is stored, also one of NaN only, and their count is recorded, so that one lost
+    later is found (:func:`damaged_strain`).
     """
     dest = locate(dest) if isinstance(dest, str) else dest
     _check_strain(ds, redact(dest.url))
@@ -210,11 +218,15 @@ def write_strain(ds: xr.Dataset, dest: str | Location) -> str:
                 f"verification of {redact(dest.url)} failed: sizes {dict(back.sizes)}"
             )
 
+    options = dest.storage_options or None
     with staged(dest, verify=verify) as temp, warnings.catch_warnings(), storage_errors(dest.url):
         warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
         out.to_zarr(
-            temp.url, mode="w-", zarr_format=3, storage_options=temp.storage_options or None
+            temp.url, mode="w-", zarr_format=3, write_empty_chunks=True, storage_options=options
         )
+        group = zarr.open_group(temp.url, mode="r+", storage_options=options)
+        group.attrs[BLOCKS_ATTR] = sum(len(block_keys(array)) for _, array in group.arrays())
+        zarr.consolidate_metadata(group.store)
     return dest.url
 
 
@@ -224,7 +236,8 @@ def open_strain(url: str | Location) -> xr.Dataset:
     Raises
     ------
     InputError
-        If ``url`` does not exist or is not a strain dataset.
+        If ``url`` does not exist, is not a strain dataset, or lost blocks of its maps since it
+        was written (:func:`damaged_strain`).
     """
     location = locate(url) if isinstance(url, str) else url
     where = redact(location.url)
@@ -233,13 +246,44 @@ def open_strain(url: str | Location) -> xr.Dataset:
     with warnings.catch_warnings(), storage_errors(location.url):
         warnings.filterwarnings("ignore", category=RuntimeWarning, message=".*consolidated.*")
         try:
-            ds = xr.open_zarr(location.url, storage_options=location.storage_options or None).load()
+            ds = xr.open_zarr(location.url, storage_options=location.storage_options or None)
         except (FileNotFoundError, KeyError, ValueError):
             raise InputError(
                 f"{where} is not a Zarr store; pass a store written by `stemflow strain`."
             ) from None
-    _check_strain(ds, where)
-    return ds
+        _check_strain(ds, where)
+        damage = damaged_strain(location, ds.attrs)
+        if damage is not None:
+            raise InputError(
+                f"{damage}; copy the store again from where it came from, or rerun the command "
+                "that wrote it (stemflow strain or run) to write it again."
+            )
+        return ds.load()
+
+
+def damaged_strain(location: Location, attrs: Mapping[str, Any]) -> str | None:
+    """What the strain store at ``location`` (group attributes ``attrs``) lost of the blocks
+    its writer stored, as a clause naming the store, their count and the first missing key;
+    None where it lost nothing.
+
+    Zarr reads a missing block as NaN, which a reader would take for positions with no answer.
+    One listing of the store; no data is read. A store that records no ``stored_blocks``
+    (written before stemflow recorded it) is not checked: it may lack blocks of NaN that were
+    never written.
+    """
+    if BLOCKS_ATTR not in attrs:
+        return None
+    with storage_errors(location.url):
+        group = zarr.open_group(
+            location.url, mode="r", storage_options=location.storage_options or None
+        )
+        missing, expected = missing_blocks(location, dict(group.arrays()))
+    if not missing:
+        return None
+    return (
+        f"{redact(location.url)} lacks {len(missing)} of the {expected} blocks that hold its "
+        f"maps (first missing: {missing[0]}), which would read as positions with no answer"
+    )
 
 
 def coverage(ds: xr.Dataset) -> dict[str, float]:

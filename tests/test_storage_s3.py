@@ -99,6 +99,9 @@ def test_strain_dataset_to_s3(s3):
     # say that the new temporary store does not exist.
     for again in (f"{s3}/results/other.zarr", url):
         np.testing.assert_array_equal(open_strain(write_strain(ds, again))["exx"], ds["exx"])
+    s3fs.S3FileSystem().rm(f"{url}/theta/c/0/0/0")  # one listing of the store finds it gone
+    with pytest.raises(InputError, match=r"its maps \(first missing: theta/c/0/0/0\), which"):
+        open_strain(url)
 
 
 def test_wrong_credentials_are_named_not_printed(tmp_path, s3, monkeypatch, capsys):

@@ -78,7 +78,8 @@ def test_cli_writes_the_strain_store_and_the_maps(scan, tmp_path, capsys):
 
 def test_a_rerun_of_a_finished_run_skips_it_and_a_changed_one_runs(scan, tmp_path, capsys):
     """DEST records the run's fingerprint: the same scan content and settings skip (nothing is
-    written); another reference, or the same mask file with other contents, run again."""
+    written), unless DEST lost a block since; another reference, or the same mask file with
+    other contents, run again."""
     dest, mask = str(tmp_path / "strain.zarr"), tmp_path / "reference.npy"
     region = np.zeros((12, 12), bool)
     region[:4, :4] = True
@@ -94,6 +95,17 @@ def test_a_rerun_of_a_finished_run_skips_it_and_a_changed_one_runs(scan, tmp_pat
         "and configuration): skipped."
     )
     assert metadata.stat().st_mtime_ns == stamp
+
+    (tmp_path / "strain.zarr" / "exx" / "c" / "0" / "0" / "0").unlink()  # an interrupted copy
+    assert main(args) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith(f"wrote {dest}: py4dstem strain")
+    assert err.startswith(f"stemflow strain: warning: {dest} lacks 1 of the ")
+    assert err.endswith(
+        "(first missing: exx/c/0/0/0), which would read as positions with no "
+        "answer; writing it again.\n"
+    )
+    assert not np.isnan(open_strain(dest)["exx"]).any()
 
     region[:4, :4], region[8:, 8:] = False, True  # same file name, another region
     np.save(mask, region)

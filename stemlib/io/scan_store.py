@@ -14,19 +14,17 @@ values only, not on the chunking or the number of workers.
 
 Zarr reads a chunk or shard object that is missing as the fill value, so a store damaged after
 it was written (an interrupted copy, an object deleted on a bucket) would read as patterns of
-zeros. The writer therefore stores every block, also one holding only zeros, and records their
-count as ``data_blocks``; :func:`open_scan` lists the objects under ``data/`` and refuses a store
-that lacks any, and a rerun writes such a store again instead of skipping it
-(:func:`intact_scan`). Stores written before stemflow recorded ``data_blocks`` may lack blocks
-of zeros legitimately: they open unchecked, as before.
+zeros (:mod:`stemlib.io.blocks`). The writer therefore stores every block, also one holding
+only zeros, and records their count as ``data_blocks``; :func:`open_scan` lists the store's
+objects and refuses a store that lacks any, and a rerun writes such a store again instead of
+skipping it (:func:`intact_scan`). Stores written before stemflow recorded ``data_blocks`` may
+lack blocks of zeros legitimately: they open unchecked, as before.
 """
 
 from __future__ import annotations
 
 import hashlib
-import itertools
 import logging
-import posixpath
 import warnings
 from collections.abc import Collection
 from concurrent.futures import ThreadPoolExecutor
@@ -46,6 +44,7 @@ from ..calibration import Calibration, scan_coords
 from ..errors import InputError
 from ..provenance import fingerprint
 from ..types import DIMS
+from .blocks import block_keys, missing_blocks
 from .readers.base import READ_BLOCK_BYTES, probe_block
 from .storage import (
     Location,
@@ -203,14 +202,6 @@ def read_store_attrs(location: Location) -> dict[str, Any] | None:
         return dict(group.attrs)
 
 
-def _block_keys(array: zarr.Array) -> list[str]:
-    """Keys, relative to ``array``, of the objects that hold its values: one per chunk, or per
-    shard where sharded, in C order of the grid."""
-    block = array.shards or array.chunks
-    grid = (range(-(-n // b)) for n, b in zip(array.shape, block, strict=True))
-    return [array.metadata.encode_chunk_key(coords) for coords in itertools.product(*grid)]
-
-
 def _open_data(location: Location) -> zarr.Array | None:
     """The scan store's ``data`` array, opened for reading; None where its metadata
     (``data/zarr.json``) is missing."""
@@ -234,29 +225,22 @@ def _missing_blocks(
     :func:`_open_data` gives it), or blocks of it (their count and the first missing key); None
     where it lacks nothing.
 
-    One listing of the ``data`` prefix (on object storage one request per 1,000 objects: one
-    for a 17 GB scan of 512 shards); no data is read. ``attrs`` are the store's group
-    attributes: the blocks of a store that records no ``data_blocks`` (written before stemflow
-    recorded it) are not checked, as it may lack blocks of zeros that were never written.
+    One listing of the store (:func:`stemlib.io.blocks.missing_blocks`); no data is read.
+    ``attrs`` are the store's group attributes: the blocks of a store that records no
+    ``data_blocks`` (written before stemflow recorded it) are not checked, as it may lack blocks
+    of zeros that were never written.
     """
     where = redact(location.url)
     if array is None:
         return f"{where} lacks the metadata of its patterns ({SCAN_VARIABLE}/zarr.json)"
     if BLOCKS_ATTR not in attrs:
         return None
-    prefix = posixpath.join(location.path.rstrip("/"), SCAN_VARIABLE)
-    with storage_errors(location.url):
-        try:
-            found = {posixpath.relpath(key, prefix) for key in location.fs.find(prefix)}
-        finally:
-            location.fs.invalidate_cache(prefix)  # s3fs keeps the listing; list afresh next time
-    expected = _block_keys(array)
-    missing = [key for key in expected if key not in found]
+    missing, expected = missing_blocks(location, {SCAN_VARIABLE: array})
     if not missing:
         return None
     return (
-        f"{where} lacks {len(missing)} of the {len(expected)} blocks that hold its "
-        f"patterns (first missing: {SCAN_VARIABLE}/{missing[0]}), which would read as zeros"
+        f"{where} lacks {len(missing)} of the {expected} blocks that hold its "
+        f"patterns (first missing: {missing[0]}), which would read as zeros"
     )
 
 
@@ -491,7 +475,7 @@ def write_scan(
                     "content_hash_scheme": HASH_SCHEME,
                     "nonfinite_pixels": nonfinite,
                     **({"recipe_sha256": fingerprint(recipe)} if recipe is not None else {}),
-                    BLOCKS_ATTR: len(_block_keys(target)),
+                    BLOCKS_ATTR: len(block_keys(target)),
                     "complete": True,
                 }
             )

@@ -1,0 +1,73 @@
+"""Strain result stores: every block stored and counted, so that one lost after the store was
+written (an interrupted copy, an object deleted on a bucket) is found, never read as positions
+with no answer."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import xarray as xr
+import zarr
+
+from stemlib.errors import InputError
+from stemlib.rerun import finished_step
+from stemlib.results import open_strain, strain_dataset, write_strain
+
+
+def no_answer_here() -> xr.Dataset:
+    """A 3 x 4 result whose last row has no answer, and a class map of NaN only (zarr's fill
+    value for float maps, a block its writer would skip unless told to store every block)."""
+    maps = {k: np.arange(12.0).reshape(3, 4) * 1e-3 for k in ("exx", "eyy", "exy", "theta")}
+    valid = np.ones((3, 4), bool)
+    valid[2] = False
+    nan = (np.full((3, 4), np.nan), {"units": "1", "long_name": "class"})
+    ds = strain_dataset("ccstae", **maps, valid=valid, extras={"class_map": nan})
+    return ds.assign_attrs(run_keys={"ccstae": "k1"})
+
+
+def stored_blocks(store) -> list[str]:
+    return sorted(p.relative_to(store).as_posix() for p in store.glob("*/c/**/*") if p.is_file())
+
+
+def test_every_block_is_stored_and_counted(tmp_path):
+    store = tmp_path / "strain.zarr"
+    write_strain(no_answer_here(), str(store))
+    assert "class_map/c/0/0/0" in stored_blocks(store)  # NaN only, stored all the same
+    assert xr.open_zarr(store).attrs["stored_blocks"] == len(stored_blocks(store))
+    assert np.isnan(open_strain(str(store))["class_map"]).all()
+
+
+@pytest.mark.parametrize("lost", ["class_map/c/0/0/0", "exx/c/0/0/0", "rx/c/0"])
+def test_a_result_that_lost_a_block_is_one_sentence_and_the_rerun_writes_it(tmp_path, caplog, lost):
+    """A missing block of ``exx`` read as NaN beside ``valid = True``; a rerun took the store
+    for finished work."""
+    store = tmp_path / "strain.zarr"
+    write_strain(no_answer_here(), str(store))
+    total = len(stored_blocks(store))
+    assert finished_step(str(store), "k1")
+    (store / lost).unlink()
+    damage = (
+        f"{store} lacks 1 of the {total} blocks that hold its maps (first missing: {lost}), "
+        "which would read as positions with no answer"
+    )
+    with pytest.raises(InputError) as error:
+        open_strain(str(store))
+    assert str(error.value) == (
+        f"{damage}; copy the store again from where it came from, or rerun the command that "
+        "wrote it (stemflow strain or run) to write it again."
+    )
+    caplog.clear()
+    assert not finished_step(str(store), "k1")
+    assert [r.getMessage() for r in caplog.records] == [f"{damage}; writing it again."]
+
+
+def test_a_result_written_before_blocks_were_counted_opens_unchecked(tmp_path):
+    """Earlier writers stored no block of NaN only and recorded no count."""
+    store = tmp_path / "strain.zarr"
+    write_strain(no_answer_here(), str(store))
+    group = zarr.open_group(store, mode="r+")
+    del group.attrs["stored_blocks"]
+    zarr.consolidate_metadata(group.store)
+    (store / "class_map/c/0/0/0").unlink()  # as an earlier writer left it
+    assert np.isnan(open_strain(str(store))["class_map"]).all()
+    assert finished_step(str(store), "k1")
