@@ -24,6 +24,7 @@ from pydantic import ValidationError
 from flows.log_filters import no_tracebacks_for_mistakes
 from stemlib.config_file import validation_sentence
 from stemlib.errors import StemflowError
+from stemlib.provenance import software_versions
 
 __all__ = ["main", "build_parser"]
 
@@ -69,10 +70,24 @@ def build_parser() -> argparse.ArgumentParser:
         prog="stemflow",
         description="4D-STEM scans to strain, shear and rotation maps (CC-ST-AE and py4DSTEM).",
     )
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=_versions(),
+        help="show stemflow's version and those of the libraries that shape a result, and exit",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMANDS:
         importlib.import_module(f"flows.commands.{name}").register(sub)
     return parser
+
+
+def _versions() -> str:
+    """``stemflow 0.1.0 (numpy 2.3.4, ...)``: what a result's ``software`` attribute records."""
+    versions = software_versions()
+    stemflow = versions.pop("stemflow", "(not installed)")
+    libraries = ", ".join(f"{name} {version}" for name, version in versions.items())
+    return f"stemflow {stemflow} ({libraries})"
 
 
 class _Stderr(logging.Handler):
