@@ -136,10 +136,10 @@ def train_ccstae(
             reference=reference,
             config=config,
             device=device,
-            progress=False,
+            progress=logger.info,  # each epoch on the terminal and in the task's logs in the UI
         )
     logger.info(
-        "trained on %s: %d epochs, final loss %s, checkpoint sha256 %s",
+        "trained on %s: %d epochs, final loss %.5g, checkpoint sha256 %s",
         redact(scan),
         summary["epochs"],
         summary["final_loss"],

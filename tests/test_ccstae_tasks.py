@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -9,6 +11,8 @@ from stemlib.ccstae import CCSTAEConfig
 from stemlib.results import open_strain
 from stemlib.simulate import SimulationConfig, write_simulation
 from stemlib.truth import open_truth
+
+from .test_process_scan import _run_logs_and_artifacts
 
 CONFIG = CCSTAEConfig.preset("cpu", epochs=1, channels=4, search_patterns=32, batch_size=16)
 
@@ -139,11 +143,16 @@ def test_train_then_infer_in_a_flow(tmp_path):
         )
         return trained, written
 
-    trained, written = strain_flow()
+    state = strain_flow(return_state=True)
+    trained, written = state.result()
     assert (
         trained["epochs"] == 1
         and written["model_checkpoint_sha256"] == trained["checkpoint_sha256"]
     )
+    # the training's progress, which an operator follows in the UI while it runs
+    logs, _ = _run_logs_and_artifacts(state.state_details.flow_run_id)
+    assert re.search(r"^ccstae: epoch 1/1  loss [0-9.e-]+  \d+ patterns/s", logs, re.MULTILINE)
+    assert re.search(r"^trained on .*: 1 epochs, final loss [0-9.e-]+, checkpoint", logs, re.M)
     ds = open_strain(str(tmp_path / "strain.zarr"))
     assert list(ds["method"].values) == ["ccstae"] and written["coverage"] == 1.0
     truth = open_truth(scan)

@@ -23,6 +23,7 @@ import json
 import sys
 import time
 import zipfile
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
 from functools import partial
@@ -190,13 +191,20 @@ def _poisson(
     return np.dtype(dtype).kind in "ui" and float(sample[:, ring].mean()) < 1.0
 
 
-def _print_progress(metrics: dict[str, Any], *, epochs: int) -> None:
-    print(
+#: Where each epoch's progress line goes: True prints it on stderr, a function (a logger's
+#: ``info``) receives it, False says nothing.
+Progress = bool | Callable[[str], None]
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def _report_progress(metrics: dict[str, Any], *, epochs: int, to: Callable[[str], None]) -> None:
+    to(
         f"ccstae: epoch {metrics['epoch']}/{epochs}  loss {metrics['loss']:.5g}  "
         f"{metrics['patterns_per_s']:.0f} patterns/s"
-        f"  ({metrics['seconds']:.1f} s, {metrics['skipped_batches']} skipped)",
-        file=sys.stderr,
-        flush=True,
+        f"  ({metrics['seconds']:.1f} s, {metrics['skipped_batches']} skipped)"
     )
 
 
@@ -368,7 +376,7 @@ def _train_stages(
     config: CCSTAEConfig | None,
     device: Device,
     folder: Path,
-    progress: bool,
+    progress: Progress,
 ) -> _Trained:
     """Statistics, rotation stage, starting bases and training, resumed from ``folder``."""
     from ..reference import parse_reference
@@ -503,7 +511,13 @@ def _train_stages(
         device=dev,
         record=record,
         workdir=folder,
-        progress=partial(_print_progress, epochs=config.epochs) if progress else None,
+        progress=(
+            partial(
+                _report_progress, epochs=config.epochs, to=_stderr if progress is True else progress
+            )
+            if progress
+            else None
+        ),
     )
     timings["training_s"] = time.perf_counter() - start
     if config.epochs == 0:
@@ -534,7 +548,7 @@ def train_on_scan(
     reference: str = "auto",
     config: CCSTAEConfig | None = None,
     device: Device = "auto",
-    progress: bool = True,
+    progress: Progress = True,
 ) -> dict[str, Any]:
     """Train the CC-ST-AE on a scan and leave the checkpoint in ``workdir`` (resumed if there).
 
@@ -573,7 +587,7 @@ def ccstae_strain(
     device: Device = "auto",
     workdir: str | None = None,
     bases_png: str | None = None,
-    progress: bool = True,
+    progress: Progress = True,
 ) -> xr.Dataset:
     """Strain, shear and rotation maps of a scan by the CC-ST-AE (method ``"ccstae"``).
 
@@ -607,7 +621,8 @@ def ccstae_strain(
     bases_png
         Where to save a picture of the learned bases (path or URL), if given.
     progress
-        Print one line per epoch (loss, patterns/s) on stderr.
+        One line per epoch (loss, patterns/s): True prints it on stderr, a function (such as a
+        logger's ``info``) receives it, False says nothing.
 
     Returns
     -------
