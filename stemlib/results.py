@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import warnings
 from collections.abc import Mapping
+from numbers import Number
 from typing import Any
 
 import numpy as np
@@ -36,6 +37,7 @@ __all__ = [
     "open_strain",
     "damaged_strain",
     "coverage",
+    "netcdf_ready",
 ]
 
 CONVENTION = "stemflow-1"
@@ -289,3 +291,47 @@ def damaged_strain(location: Location, attrs: Mapping[str, Any]) -> str | None:
 def coverage(ds: xr.Dataset) -> dict[str, float]:
     """Fraction of valid positions per method."""
     return {str(m): float(ds["valid"].sel({"method": m}).mean()) for m in ds["method"].values}
+
+
+def netcdf_ready(ds: xr.Dataset) -> xr.Dataset:
+    """A copy of ``ds`` that ``to_netcdf`` accepts: every attribute that netCDF refuses (a dict
+    such as ``methods`` or ``software``, a nested list, a bool, None) becomes its JSON text.
+
+    The stores keep these attributes as JSON objects, which ``xr.open_zarr`` gives back as
+    Python dicts and lists; netCDF attributes can only be strings, numbers and flat arrays of
+    numbers, and ``ds.to_netcdf`` raises ``TypeError: Invalid value for attr 'methods'``.
+    Strings, numbers and flat lists of numbers are kept as they are, except integers beyond
+    32 bits (a scan's ``source_bytes``), which netCDF3 cannot hold; data are not touched.
+    Works on a strain dataset and on a scan store (or a slice of one) alike. Read an encoded
+    attribute back with :func:`json.loads`.
+
+    Examples
+    --------
+    >>> z = np.zeros((2, 2))
+    >>> ds = strain_dataset("py4dstem", exx=z, eyy=z, exy=z, theta=z, attrs={"symmetry": 4})
+    >>> out = netcdf_ready(ds)
+    >>> out.attrs["methods"], out.attrs["symmetry"]
+    ('{"py4dstem": {"coverage": 1.0}}', 4)
+    """
+
+    def number(value: Any) -> bool:
+        # netCDF3, the format of the engine that needs no extra library, has no 64-bit integers.
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, Number):
+            return False
+        return not isinstance(value, (int, np.integer)) or -(2**31) <= value < 2**31
+
+    def plain(value: Any) -> bool:
+        if isinstance(value, (list, tuple, np.ndarray)):
+            return np.ndim(value) == 1 and all(number(v) for v in value)
+        return isinstance(value, str) or number(value)
+
+    def encode(attrs: Mapping[str, Any]) -> dict[str, Any]:
+        return {
+            k: v if plain(v) else json.dumps(_jsonable({"v": v})["v"]) for k, v in attrs.items()
+        }
+
+    out = ds.copy()
+    out.attrs = encode(ds.attrs)
+    for name in out.variables:
+        out[name].attrs = encode(ds[name].attrs)
+    return out

@@ -4,14 +4,19 @@ with no answer."""
 
 from __future__ import annotations
 
+import json
+
+import dask.array as da
 import numpy as np
 import pytest
 import xarray as xr
 import zarr
 
+from stemlib.calibration import Calibration
 from stemlib.errors import InputError
+from stemlib.io.scan_store import write_scan
 from stemlib.rerun import finished_step
-from stemlib.results import open_strain, strain_dataset, write_strain
+from stemlib.results import netcdf_ready, open_strain, strain_dataset, write_strain
 
 
 def no_answer_here() -> xr.Dataset:
@@ -71,3 +76,34 @@ def test_a_result_written_before_blocks_were_counted_opens_unchecked(tmp_path):
     (store / "class_map/c/0/0/0").unlink()  # as an earlier writer left it
     assert np.isnan(open_strain(str(store))["class_map"]).all()
     assert finished_step(str(store), "k1")
+
+
+def test_a_result_and_a_scan_go_to_netcdf_through_netcdf_ready(tmp_path):
+    """``ds.to_netcdf`` refused the stores' dict, bool and None attributes (``methods``,
+    ``software``, ``complete``, ...): an analyst could not hand a result on as netCDF."""
+    strain = tmp_path / "strain.zarr"
+    ds = no_answer_here().assign_attrs(software={"stemflow": "0.1.0"}, request_key=None)
+    write_strain(ds, str(strain))
+    opened = xr.open_zarr(strain)
+    with pytest.raises(TypeError, match="Invalid value for attr 'methods'"):
+        opened.to_netcdf(tmp_path / "refused.nc")
+    netcdf_ready(opened).to_netcdf(tmp_path / "strain.nc")
+    back = xr.open_dataset(tmp_path / "strain.nc")
+    xr.testing.assert_equal(back.load(), opened.load())  # values, NaN, dims, coords
+    assert back["valid"].dtype == bool and back["theta"].attrs["units"] == "rad"
+    assert back["rx"].attrs["units"] == "px"
+    assert json.loads(back.attrs["methods"]) == {"ccstae": {"coverage": 2 / 3}}
+    assert json.loads(back.attrs["software"]) == {"stemflow": "0.1.0"}
+    assert back.attrs["request_key"] == "null"
+    assert back.attrs["stored_blocks"] == opened.attrs["stored_blocks"]
+    back.close()
+
+    scan = tmp_path / "scan.zarr"
+    data = da.from_array(np.arange(2 * 3 * 4 * 5, dtype="uint16").reshape(2, 3, 4, 5))
+    write_scan(data, str(scan), calibration=Calibration(origin_px=(2.0, 2.0)))
+    store = xr.open_zarr(scan).assign_attrs(source_bytes=17 * 2**30)  # a 17 GiB source file
+    netcdf_ready(store).to_netcdf(tmp_path / "scan.nc")
+    with xr.open_dataset(tmp_path / "scan.nc") as back:
+        np.testing.assert_array_equal(back["data"].values, data.compute())
+        assert back.attrs["complete"] == "true" and back.attrs["source_bytes"] == "18253611008"
+        assert list(back.attrs["origin_px"]) == [2.0, 2.0]
