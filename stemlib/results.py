@@ -116,7 +116,11 @@ def strain_dataset(
         data_vars[name] = (("method",) + SCAN_DIMS, np.asarray(value)[None])
     if coords is None:
         coords = {
-            d: (d, np.arange(n, dtype=np.float64), {"units": "px"})
+            d: (
+                d,
+                np.arange(n, dtype=np.float64),
+                {"units": "px", "long_name": f"probe position {d}"},
+            )
             for d, n in zip(SCAN_DIMS, shape, strict=False)
         }
     # Variable-length strings: Zarr v3 has a specification for them, not for fixed-width ones.

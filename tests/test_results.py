@@ -107,3 +107,22 @@ def test_a_result_and_a_scan_go_to_netcdf_through_netcdf_ready(tmp_path):
         np.testing.assert_array_equal(back["data"].values, data.compute())
         assert back.attrs["complete"] == "true" and back.attrs["source_bytes"] == "18253611008"
         assert list(back.attrs["origin_px"]) == [2.0, 2.0]
+
+
+def test_positions_of_a_result_from_plain_arrays_are_labelled(tmp_path):
+    """Maps computed from arrays (no scan store's coordinates) had ``rx``/``ry`` with units and
+    no ``long_name``: their plots' axes read ``ry [px]`` where a store's read ``probe
+    position ry [px]``."""
+    from matplotlib.figure import Figure
+
+    store = tmp_path / "strain.zarr"
+    write_strain(no_answer_here(), str(store))
+    ds = xr.open_zarr(store)
+    for d in ("rx", "ry"):
+        assert ds[d].attrs == {"units": "px", "long_name": f"probe position {d}"}
+    ax = Figure().add_subplot()
+    ds["exx"].sel({"method": "ccstae"}).plot(ax=ax)
+    assert (ax.get_xlabel(), ax.get_ylabel()) == (
+        "probe position ry [px]",
+        "probe position rx [px]",
+    )
