@@ -64,7 +64,7 @@ def truth_dataset(
         ds["grain_id"] = (
             SCAN_DIMS,
             np.asarray(grain_id, np.int32),
-            {"units": "1", "long_name": "grain index"},
+            {"units": "1", "long_name": "grain index (-1 in vacuum)"},
         )
     if reference_mask is not None:
         ds["reference_mask"] = (

@@ -192,6 +192,7 @@ def test_hard_settings_take_effect():
     config = SimulationConfig.hard(scan=(10, 10), pattern=96, grains=4, seed=5)
     ds = simulate(config)
     vacuum = ds["grain_id"].values == -1
+    assert ds["grain_id"].attrs["long_name"] == "grain index (-1 in vacuum)"
     assert vacuum.sum() == 10  # 10 % of the positions, as one band
     assert (
         np.isnan(ds["truth_exx"].values[vacuum]).all()
