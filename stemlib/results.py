@@ -124,7 +124,8 @@ def strain_dataset(
             for d, n in zip(SCAN_DIMS, shape, strict=False)
         }
     # Variable-length strings: Zarr v3 has a specification for them, not for fixed-width ones.
-    ds = xr.Dataset(data_vars, coords={"method": np.array([method], dtype=object), **dict(coords)})
+    method_label = ("method", np.array([method], dtype=object), {"long_name": "strain method"})
+    ds = xr.Dataset(data_vars, coords={"method": method_label, **dict(coords)})
     for name, (units, long_name) in STRAIN_VARIABLES.items():
         ds[name].attrs = {"units": units, "long_name": long_name}
     for name, (_, var_attrs) in (extras or {}).items():

@@ -109,10 +109,10 @@ def test_a_result_and_a_scan_go_to_netcdf_through_netcdf_ready(tmp_path):
         assert list(back.attrs["origin_px"]) == [2.0, 2.0]
 
 
-def test_positions_of_a_result_from_plain_arrays_are_labelled(tmp_path):
+def test_coordinates_of_a_result_from_plain_arrays_are_labelled(tmp_path):
     """Maps computed from arrays (no scan store's coordinates) had ``rx``/``ry`` with units and
     no ``long_name``: their plots' axes read ``ry [px]`` where a store's read ``probe
-    position ry [px]``."""
+    position ry [px]``. ``method`` had no ``long_name`` either."""
     from matplotlib.figure import Figure
 
     store = tmp_path / "strain.zarr"
@@ -120,6 +120,7 @@ def test_positions_of_a_result_from_plain_arrays_are_labelled(tmp_path):
     ds = xr.open_zarr(store)
     for d in ("rx", "ry"):
         assert ds[d].attrs == {"units": "px", "long_name": f"probe position {d}"}
+    assert ds["method"].attrs == {"long_name": "strain method"}
     ax = Figure().add_subplot()
     ds["exx"].sel({"method": "ccstae"}).plot(ax=ax)
     assert (ax.get_xlabel(), ax.get_ylabel()) == (
