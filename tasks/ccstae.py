@@ -136,7 +136,7 @@ def train_ccstae(
             reference=reference,
             config=config,
             device=device,
-            progress=logger.info,  # each epoch on the terminal and in the task's logs in the UI
+            progress=logger.info,  # on the terminal and in the task's logs in the UI
         )
     logger.info(
         "trained on %s: %d epochs, final loss %.5g, checkpoint sha256 %s",
@@ -174,7 +174,7 @@ def infer_ccstae(
             device=device,
             workdir=folder,
             bases_png=bases_png,
-            progress=False,
+            progress=logger.info,  # each quarter of the scan inferred
         )
     if run_key:
         ds.attrs["run_keys"] = {"ccstae": run_key}

@@ -149,9 +149,11 @@ def test_train_then_infer_in_a_flow(tmp_path):
         trained["epochs"] == 1
         and written["model_checkpoint_sha256"] == trained["checkpoint_sha256"]
     )
-    # the training's progress, which an operator follows in the UI while it runs
+    # the progress of each stage, which an operator follows in the UI while it runs
     logs, _ = _run_logs_and_artifacts(state.state_details.flow_run_id)
     assert re.search(r"^ccstae: epoch 1/1  loss [0-9.e-]+  \d+ patterns/s", logs, re.MULTILINE)
+    for stage in ("rotation search", "inference", "inference from the neighbours' warps"):
+        assert re.search(rf"^ccstae: {stage} 36/36 patterns \(\d+ patterns/s\)$", logs, re.M)
     assert re.search(r"^trained on .*: 1 epochs, final loss [0-9.e-]+, checkpoint", logs, re.M)
     ds = open_strain(str(tmp_path / "strain.zarr"))
     assert list(ds["method"].values) == ["ccstae"] and written["coverage"] == 1.0

@@ -148,7 +148,9 @@ def test_cli_trains_ccstae_draws_its_bases_and_a_rerun_only_infers(scan, tmp_pat
     args = ["strain", scan, dest, "--method", "ccstae", "--config", str(tmp_path / "cc.yaml")]
     assert main([*args, "--device", "cpu"]) == 0
     run = capsys.readouterr()
-    assert "epoch 2/2" in run.err  # progress while it trains
+    assert "epoch 2/2" in run.err  # progress while it trains, and in each pass over the scan
+    for stage in ("rotation search", "inference", "inference from the neighbours' warps"):
+        assert f"ccstae: {stage} 144/144 patterns (" in run.err
     assert f"wrote {dest}: ccstae strain of 12 x 12 positions, coverage 100.0 %" in run.out
     bases = tmp_path / "strain-ccstae-bases.png"
     assert f"learned bases {bases}" in run.out

@@ -11,6 +11,7 @@ import torch
 from .affine import rotation
 from .data import PatternStream, loader
 from .model import CCSTAE, mixed_precision
+from .progress import Counter, Report
 from .refine import (
     disk_regions,
     masked_error,
@@ -68,6 +69,7 @@ def infer(
     num_workers: int = 0,
     amp: bool = True,
     neighbour_starts: bool = True,
+    report: Report | None = None,
 ) -> Inference:
     """Run the model over every pattern of ``stream`` and refine each warp against its base.
 
@@ -107,6 +109,9 @@ def infer(
         keep whichever fit reaches the lower objective. Each answer is still that pattern's own
         fit; only the start is shared. At low dose the likelihood has local minima near the
         network's start, and a grain's neighbours start closer to the truth.
+    report
+        Takes a line of progress at each quarter of the scan, in each pass
+        (:class:`stemlib.ccstae.progress.Counter`); None: no progress.
 
     Returns
     -------
@@ -149,6 +154,7 @@ def infer(
             disks=None if disks is None else (disks[0][cls], disks[1][cls]),
         )
 
+    counter = Counter(report, "inference", n)
     for batch in loader(stream, num_workers=num_workers, device=device):
         x = batch["pattern"].to(device, non_blocking=True)
         theta0 = batch["theta0"].to(device, non_blocking=True)
@@ -195,13 +201,16 @@ def infer(
         class_map[idx] = cls.cpu().numpy()
         error[idx] = err.cpu().numpy()
         gain[idx] = g.cpu().numpy()
+        counter.add(len(idx))
     if refine_steps > 0 and neighbour_starts:
         start_A = _neighbour_median(matrix.reshape(rx, ry, 2, 2)).reshape(n, 2, 2)
         start_t = _neighbour_median(shift.reshape(rx, ry, 1, 2)).reshape(n, 2)
+        counter = Counter(report, "inference from the neighbours' warps", n)
         for batch in loader(stream, num_workers=num_workers, device=device):
             idx = batch["index"].numpy()
             ok = np.isfinite(start_A[idx]).all(axis=(1, 2))
             if not ok.any():
+                counter.add(len(idx))
                 continue
             idx = idx[ok]
             x = batch["pattern"][torch.from_numpy(ok)].to(device)
@@ -216,6 +225,7 @@ def infer(
             error[pick] = fit["error"].cpu().numpy()[better]
             gain[pick] = fit["gain"].cpu().numpy()[better]
             objective[pick] = fit["objective"].cpu().numpy()[better]
+            counter.add(len(batch["index"]))
     return Inference(
         matrix=matrix.reshape(rx, ry, 2, 2),
         shift=shift.reshape(rx, ry, 2),

@@ -20,10 +20,8 @@ from __future__ import annotations
 
 import io
 import json
-import sys
 import time
 import zipfile
-from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
 from functools import partial
@@ -51,6 +49,7 @@ from .data import PatternStream, Preprocess, as_dask, data_fingerprint, sample_p
 from .figures import save_bases_png
 from .infer import Inference, infer
 from .model import build_model
+from .progress import Counter, Progress, Report, reporter
 from .rotation import (
     angular_symmetry,
     build_template,
@@ -191,16 +190,7 @@ def _poisson(
     return np.dtype(dtype).kind in "ui" and float(sample[:, ring].mean()) < 1.0
 
 
-#: Where each epoch's progress line goes: True prints it on stderr, a function (a logger's
-#: ``info``) receives it, False says nothing.
-Progress = bool | Callable[[str], None]
-
-
-def _stderr(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
-
-
-def _report_progress(metrics: dict[str, Any], *, epochs: int, to: Callable[[str], None]) -> None:
+def _report_epoch(metrics: dict[str, Any], *, epochs: int, to: Report) -> None:
     to(
         f"ccstae: epoch {metrics['epoch']}/{epochs}  loss {metrics['loss']:.5g}  "
         f"{metrics['patterns_per_s']:.0f} patterns/s"
@@ -221,11 +211,13 @@ def _rotation_stage(
     start: np.ndarray | None,
     poisson: bool,
     beam: float,
+    report: Report | None,
 ) -> dict[str, np.ndarray]:
     """Each position's direct beam (descan) and rotation (rad), the correlation peak, the
     template's angular symmetry and the starting bases learned on the sample (``sample``: its
     patterns, preprocessed; ``pick``: their flat scan indices; ``start``: its patterns of the
-    reference, or None: of the largest grain of one rotation, :func:`_grain_of_one_turn`)."""
+    reference, or None: of the largest grain of one rotation, :func:`_grain_of_one_turn`);
+    ``report`` takes the progress over the scan's patterns."""
     h, w = data.shape[2:]
     search_radius = beam + 0.08 * min(h, w)  # the beam plus up to 8 % of the pattern of descan
     x = torch.from_numpy(sample)[:, None].to(device)
@@ -248,12 +240,14 @@ def _rotation_stage(
     peak = np.zeros(rx * ry, np.float32)
     shift = np.zeros((rx * ry, 2), np.float32)
     stream = PatternStream(data, preprocess, batch_size=config.infer_batch_size)
+    counter = Counter(report, "rotation search", rx * ry)
     for batch in stream:
         found, f = search(batch["pattern"].to(device))
         t, p = correlate_angles(f, template)
         idx = batch["index"].numpy()
         theta[idx], peak[idx] = t.cpu().numpy(), p.cpu().numpy()
         shift[idx] = (found - found.new_tensor(center)).cpu().numpy()
+        counter.add(len(idx))
     symmetry = angular_symmetry(template.cpu())
     if start is None:
         start = _grain_of_one_turn(theta.reshape(rx, ry), symmetry).reshape(-1)[pick]
@@ -381,6 +375,7 @@ def _train_stages(
     """Statistics, rotation stage, starting bases and training, resumed from ``folder``."""
     from ..reference import parse_reference
 
+    report = reporter(progress)
     dev = resolve_device(device)
     config = config or CCSTAEConfig.for_device(dev)
     data = as_dask(scan)
@@ -477,6 +472,7 @@ def _train_stages(
             start=None if include is None else np.isin(pick, include),
             poisson=poisson,
             beam=setup["beam_radius_px"],
+            report=report,
         )
         _save_rotation(rotation_file, search)
     del sample
@@ -511,13 +507,7 @@ def _train_stages(
         device=dev,
         record=record,
         workdir=folder,
-        progress=(
-            partial(
-                _report_progress, epochs=config.epochs, to=_stderr if progress is True else progress
-            )
-            if progress
-            else None
-        ),
+        progress=partial(_report_epoch, epochs=config.epochs, to=report) if report else None,
     )
     timings["training_s"] = time.perf_counter() - start
     if config.epochs == 0:
@@ -621,8 +611,9 @@ def ccstae_strain(
     bases_png
         Where to save a picture of the learned bases (path or URL), if given.
     progress
-        One line per epoch (loss, patterns/s): True prints it on stderr, a function (such as a
-        logger's ``info``) receives it, False says nothing.
+        One line per epoch (loss, patterns/s), and per quarter of the scan in the stages that
+        pass over every pattern (:mod:`stemlib.ccstae.progress`): True prints them on stderr,
+        a function (such as a logger's ``info``) receives them, False says nothing.
 
     Returns
     -------
@@ -685,6 +676,7 @@ def ccstae_strain(
             disk_radius=setup["beam_radius_px"],
             num_workers=config.num_workers,
             amp=config.amp,
+            report=reporter(progress),
         )
         t.timings["inference_s"] = time.perf_counter() - start
         with torch.no_grad():
