@@ -90,8 +90,12 @@ def _source_identity(location: Location, options: IngestOptions) -> dict[str, An
     """What :func:`source_key` fingerprints: the source file's URL, size and stamp, the options,
     and, where its reader uses companion files, ``companions``: name (relative to the source's
     folder) -> ``[size, stamp]`` of each."""
-    with storage_errors(location.url):
-        info = location.fs.info(location.path)
+    try:
+        with storage_errors(location.url):
+            info = location.fs.info(location.path)
+    except FileNotFoundError:
+        # The process-scan flow keys a request before its ingest looks at the source.
+        raise InputError(f"{redact(location.url)} does not exist; check the path.") from None
     identity = {
         "source": redact(location.url),
         "size": info.get("size"),

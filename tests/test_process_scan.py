@@ -175,6 +175,29 @@ def test_an_unreachable_store_fails_clearly_and_publishes_nothing(
     assert os.listdir(tmp_path) == []
 
 
+def test_a_source_that_does_not_exist_fails_in_one_sentence(prefect_harness, tmp_path):
+    """A run started from the UI has no command to check its source first: the failed run's
+    message (what the UI shows) is one sentence naming the path, not "FileNotFoundError:
+    [Errno 2] No such file or directory"; nothing is written."""
+    from prefect.client.orchestration import get_client
+
+    missing = tmp_path / "raw" / "scan_042.mib"
+    state = process_scan(
+        source=str(missing), dest=str(tmp_path / "out" / "strain.zarr"), return_state=True
+    )
+
+    async def read():
+        async with get_client() as client:
+            return await client.read_flow_run(state.state_details.flow_run_id)
+
+    run = asyncio.run(read())
+    assert run.state.is_failed()
+    assert run.state.message == (
+        f"Flow run encountered an exception: InputError: {missing} does not exist; check the path."
+    )
+    assert os.listdir(tmp_path) == []
+
+
 @pytest.mark.slow
 def test_a_worker_killed_mid_run_changes_nothing(prefect_harness, raw, tmp_path):
     from distributed import Client
