@@ -56,11 +56,19 @@ def result_url(dest_root: str, name: str) -> str:
     return posixpath.join(dest_root.rstrip("/"), name, "strain.zarr")
 
 
-def check_settings(dest_root: str, reference: str, ingest: IngestOptions | None) -> None:
+def check_settings(root: str, dest_root: str, reference: str, ingest: IngestOptions | None) -> None:
     """Refuse settings that no scan could be processed with, as one sentence before the survey
-    rather than the same failure per scan: a ``dest_root`` that is a file, a ``reference`` no
-    scan could take (:func:`~stemlib.reference.check_reference`), or ``--format raw`` without
-    the files' layout."""
+    rather than the same failure per scan (or, for a ``root`` that is not a folder, a night
+    that finds no scan and completes): a ``root`` that is not a folder or prefix, a
+    ``dest_root`` that is a file, a ``reference`` no scan could take
+    (:func:`~stemlib.reference.check_reference`), or ``--format raw`` without the files'
+    layout."""
+    source = locate(root)
+    with storage_errors(source.url):
+        if not source.fs.isdir(source.path):
+            raise InputError(
+                f"{redact(source.url)} is not a folder or prefix of raw scans; check the path."
+            )
     location = locate(dest_root)
     with storage_errors(location.url):
         if location.fs.isfile(location.path):
@@ -225,7 +233,7 @@ def reprocess_facility(
         :func:`summary` of the scans: ``counts`` by status, and a row per scan.
     """
     logger = get_run_logger()
-    check_settings(dest_root, reference, ingest)
+    check_settings(root, dest_root, reference, ingest)
     parameters = resolved_parameters(
         methods=methods,
         reference=reference,

@@ -124,12 +124,22 @@ def test_an_edited_companion_file_is_a_new_request(tmp_path):
     assert request_key(str(tmp_path / "a.mib"), **parameters) != before
 
 
-def test_a_root_that_is_not_a_folder_is_one_sentence(tmp_path, capsys):
+def test_a_root_that_is_not_a_folder_is_one_sentence(prefect_harness, tmp_path, capsys):
+    """From the command and from the flow (the nightly deployment): the flow's run found no
+    scan there and completed, night after night, with "0 processed, 0 skipped, 0 failed"."""
     missing = tmp_path / "no-such-day"
     assert main(["reprocess", str(missing), str(tmp_path / "results")]) == 2
     assert capsys.readouterr().err == (
         f"stemflow reprocess: error: {missing} is not a folder or prefix of raw scans; check "
         "the path.\n"
+    )
+    state = reprocess_facility(
+        root=str(missing), dest_root=str(tmp_path / "results"), return_state=True
+    )
+    assert state.is_failed()
+    assert state.message == (
+        f"Flow run encountered an exception: InputError: {missing} is not a folder or prefix "
+        "of raw scans; check the path."
     )
     assert not (tmp_path / "results").exists()
 

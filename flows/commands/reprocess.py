@@ -7,9 +7,6 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from stemlib.errors import InputError
-from stemlib.io.storage import locate, redact, storage_errors
-
 from ._args import positive_int
 from .ingest import add_source_arguments, options_from_args
 from .run import (
@@ -48,16 +45,6 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _check_root(root: str) -> None:
-    """Refuse a root that is not a folder or prefix (one sentence, before anything starts)."""
-    location = locate(root)
-    with storage_errors(location.url):
-        if not location.fs.isdir(location.path):
-            raise InputError(
-                f"{redact(location.url)} is not a folder or prefix of raw scans; check the path."
-            )
-
-
 def _dry_run(args: argparse.Namespace, options: dict[str, Any]) -> dict[str, Any]:
     """What the flow's dry run reports, without Prefect or Dask: which scans a run would
     process, skip, or fail to read."""
@@ -75,9 +62,8 @@ def _run(args: argparse.Namespace) -> int:
     from flows.reprocess_facility import check_settings, reprocess_facility
     from flows.runners import check_scheduler
 
-    _check_root(args.root)
     options = {**method_options(args), "ingest": options_from_args(args)}
-    check_settings(args.dest_root, args.reference, options["ingest"])
+    check_settings(args.root, args.dest_root, args.reference, options["ingest"])
     if args.dry_run:
         summary = _dry_run(args, options)
         print("\n".join(summary_lines(summary)))
