@@ -91,12 +91,19 @@ def _cluster(address: str | None) -> Iterator[str]:
         yield cluster.scheduler_address
 
 
-@task(name="process-one-scan", cache_policy=NO_CACHE)
+@task(name="process-one-scan", task_run_name="process-{name}", cache_policy=NO_CACHE)
 def process_one(
-    source: str, dest: str, address: str, parameters: dict[str, Any], device: Device
+    source: str, dest: str, address: str, parameters: dict[str, Any], device: Device, name: str
 ) -> dict[str, Any]:
-    """Run process-scan on one scan; never raises, so that one failure does not stop the rest."""
-    runner = process_scan.with_options(task_runner=dask_runner(address))
+    """Run process-scan on scan ``name`` (:func:`~stemlib.discover.scan_name`); never raises,
+    so that one failure does not stop the rest.
+
+    The task run and the process-scan run are both called ``process-NAME``, the scan's path
+    below the root: a facility's files often share a base name (``day1/data.mib``,
+    ``day2/data.mib``), which is all process-scan's own run name holds."""
+    runner = process_scan.with_options(
+        task_runner=dask_runner(address), flow_run_name=lambda: f"process-{name}"
+    )
     state = runner(source=source, dest=dest, device=device, return_state=True, **parameters)
     if state.is_completed():
         return _row(source, "processed", dest)
@@ -172,14 +179,16 @@ def counts_line(counts: dict[str, int]) -> str:
 
 
 def _process(
+    root: str,
     todo: list[tuple[str, str]],
     parameters: dict[str, Any],
     device: Device,
     max_concurrent: int,
     dask_address: str | None,
 ) -> list[dict[str, Any]]:
-    """The rows of the (source, dest) pairs ``todo``, processed at most ``max_concurrent`` at a
-    time on one Dask cluster (none is started when there is nothing to do)."""
+    """The rows of the (source, dest) pairs ``todo`` found under ``root``, processed at most
+    ``max_concurrent`` at a time on one Dask cluster (none is started when there is nothing to
+    do)."""
     if not todo:
         return []
     rows: list[dict[str, Any]] = []
@@ -190,7 +199,8 @@ def _process(
                 finished, unfinished = wait(running, timeout=2)
                 rows += [f.result() for f in finished]
                 running = list(unfinished)
-            running.append(process_one.submit(source, dest, address, parameters, device))
+            name = scan_name(source, root)
+            running.append(process_one.submit(source, dest, address, parameters, device, name))
         rows += [f.result() for f in running]
     return rows
 
@@ -249,7 +259,7 @@ def reprocess_facility(
     if dry_run:
         rows += pending(todo)
     else:
-        rows += _process(todo, parameters, device, max_concurrent, dask_address)
+        rows += _process(root, todo, parameters, device, max_concurrent, dask_address)
     result = summary(rows, dry_run=dry_run)
     create_table_artifact(
         key="reprocess-summary",

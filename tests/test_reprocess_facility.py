@@ -3,6 +3,7 @@ one failing scan never stops the others, and each outcome is reported with its r
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 
 import pytest
@@ -22,6 +23,34 @@ from .test_readers_vendor import SCAN
 @pytest.fixture(scope="module")
 def one_scan(tmp_path_factory) -> str:
     return write_raw_scan(tmp_path_factory.mktemp("raw") / "grains.h5")
+
+
+def _task_and_subflow_runs(flow_run_id) -> tuple[list, list]:
+    """The process-one-scan task runs of a facility run, and its process-scan runs, as the
+    Prefect API holds them (what the UI lists)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterParentFlowRunId,
+        TaskRunFilter,
+        TaskRunFilterFlowRunId,
+    )
+
+    async def read():
+        async with get_client() as client:
+            tasks = await client.read_task_runs(
+                task_run_filter=TaskRunFilter(
+                    flow_run_id=TaskRunFilterFlowRunId(any_=[flow_run_id])
+                )
+            )
+            subflows = await client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(
+                    parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[flow_run_id])
+                )
+            )
+        return [t for t in tasks if t.task_key.startswith("process_one")], subflows
+
+    return asyncio.run(read())
 
 
 @pytest.mark.slow
@@ -90,23 +119,32 @@ def test_good_done_and_broken_scans(prefect_harness, one_scan, tmp_path, capsys)
 def test_a_facility_of_raw_binary_files(prefect_harness, tmp_path):
     """Raw binary files say nothing of their layout, so a run finds them only when told their
     format (and the ingest options give the layout); a file of the wrong size is reported by
-    name, and the rest of the folder is not taken for scans."""
-    (tmp_path / "raw").mkdir()
-    (tmp_path / "raw" / "short.raw").write_bytes(bytes(100))
+    name, and the rest of the folder is not taken for scans. In the UI, the scan's task run
+    and process-scan run are named by its path below the root."""
+    (tmp_path / "raw" / "day1").mkdir(parents=True)
+    short = tmp_path / "raw" / "day1" / "short.raw"
+    short.write_bytes(bytes(100))
     (tmp_path / "raw" / "notes.mib").write_bytes(b"not a scan")
     layout = IngestOptions(format="raw", dtype="uint16", frame_shape=(8, 8), scan_shape=(4, 4))
     dry = reprocess_facility(
         root=str(tmp_path / "raw"), dest_root=str(tmp_path / "results"), ingest=layout, dry_run=True
     )
     assert dry["counts"] == {"to process": 1, "skipped": 0, "failed": 0}
-    assert dry["scans"][0]["result"] == result_url(str(tmp_path / "results"), "short")
-    found = reprocess_facility(
-        root=str(tmp_path / "raw"), dest_root=str(tmp_path / "results"), ingest=layout
+    assert dry["scans"][0]["result"] == result_url(str(tmp_path / "results"), "day1/short")
+    state = reprocess_facility(
+        root=str(tmp_path / "raw"),
+        dest_root=str(tmp_path / "results"),
+        ingest=layout,
+        return_state=True,
     )
+    found = state.result()
     assert found["counts"] == {"processed": 0, "skipped": 0, "failed": 1}
     (row,) = found["scans"]
-    assert row["scan"] == str(tmp_path / "raw" / "short.raw")
-    assert row["reason"].startswith(f"{tmp_path / 'raw' / 'short.raw'} is truncated: it has 100 ")
+    assert row["scan"] == str(short)
+    assert row["reason"].startswith(f"{short} is truncated: it has 100 ")
+    tasks, subflows = _task_and_subflow_runs(state.state_details.flow_run_id)
+    assert [(t.name, t.state.type.value) for t in tasks] == [("process-day1/short", "COMPLETED")]
+    assert [(f.name, f.state.type.value) for f in subflows] == [("process-day1/short", "FAILED")]
 
 
 def test_an_edited_companion_file_is_a_new_request(tmp_path):
