@@ -35,6 +35,7 @@ from stemlib.ingest import IngestOptions
 from stemlib.io.storage import locate, redact
 from stemlib.rerun import finished_step, run_key, scan_identity
 from stemlib.types import Device, Method, Symmetry
+from tasks._retry import STORAGE_RETRY
 from tasks.ccstae import gpu_resources, infer_ccstae, train_ccstae
 from tasks.ingest import ingest_scan
 from tasks.publish import publish_strain, published_request, request_key
@@ -96,7 +97,12 @@ def _run_name() -> str:
     return f"process-{posixpath.basename(source.rstrip('/')) or 'scan'}"
 
 
-@task(name="resolve-scan", cache_policy=NO_CACHE)
+@task(
+    name="resolve-scan",
+    # It runs the ingest step's function (not its task), so it carries that task's retries.
+    **STORAGE_RETRY,
+    cache_policy=NO_CACHE,
+)
 def resolve_scan(source: str, scan_store: str, options: IngestOptions) -> dict[str, Any]:
     """The scan store to process: ``source`` itself if it is one, else ``scan_store`` after
     ingesting (skipped when it already holds this source)."""

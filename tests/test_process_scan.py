@@ -198,6 +198,46 @@ def test_a_source_that_does_not_exist_fails_in_one_sentence(prefect_harness, tmp
     assert os.listdir(tmp_path) == []
 
 
+def test_the_ingest_step_retries_an_unreachable_store_and_not_a_mistake(
+    prefect_harness, tmp_path, monkeypatch
+):
+    """process-scan ingests in its resolve-scan task, which calls the ingest function, not the
+    ingest-scan task: it had none of that task's retries, so one dropped connection to the
+    object store failed the run. A missing file is still not retried."""
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+
+    from flows.process_scan import resolve_scan
+    from stemlib.ingest import IngestOptions
+
+    np.save(tmp_path / "s.npy", np.zeros((2, 2, 8, 8), "uint16"))
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{closed_port()}")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
+    forget_s3_clients()
+    quick = resolve_scan.with_options(retry_delay_seconds=0)
+
+    @flow
+    def two_scans() -> None:
+        unreachable = quick.submit(str(tmp_path / "s.npy"), "s3://bucket/s.zarr", IngestOptions())
+        missing = quick.submit(str(tmp_path / "no.npy"), str(tmp_path / "m.zarr"), IngestOptions())
+        for future in (unreachable, missing):
+            future.wait()
+
+    state = two_scans(return_state=True)
+
+    async def read():
+        async with get_client() as client:
+            runs = await client.read_task_runs()
+        return [r for r in runs if r.flow_run_id == state.state_details.flow_run_id]
+
+    attempts = {r.state.message.split(": ", 1)[0]: r.run_count for r in asyncio.run(read())}
+    assert attempts == {
+        "Task run encountered an exception StorageError": 3,  # 1 + 2 retries
+        "Task run encountered an exception InputError": 1,
+    }
+
+
 @pytest.mark.slow
 def test_a_worker_killed_mid_run_changes_nothing(prefect_harness, raw, tmp_path):
     from distributed import Client
