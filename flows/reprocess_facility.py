@@ -24,6 +24,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import wait
+from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from stemlib.baseline_py4dstem import Py4DSTEMConfig
@@ -205,7 +206,20 @@ def _process(
     return rows
 
 
-@flow(name="reprocess-facility", task_runner=ThreadPoolTaskRunner(max_workers=8), log_prints=True)
+def _run_name() -> str:
+    """``reprocess-ROOT`` (the last part of the root), ``reprocess-ROOT-dry-run`` for a dry run:
+    a dry run, which processes nothing, is not mistaken for a night's run in the UI."""
+    root = str(flow_run.parameters.get("root", ""))
+    name = f"reprocess-{posixpath.basename(root.rstrip('/')) or 'facility'}"
+    return f"{name}-dry-run" if flow_run.parameters.get("dry_run") else name
+
+
+@flow(
+    name="reprocess-facility",
+    flow_run_name=_run_name,
+    task_runner=ThreadPoolTaskRunner(max_workers=8),
+    log_prints=True,
+)
 def reprocess_facility(
     root: str,
     dest_root: str,

@@ -53,6 +53,17 @@ def _task_and_subflow_runs(flow_run_id) -> tuple[list, list]:
     return asyncio.run(read())
 
 
+def _flow_run_names(states: list) -> list[str]:
+    """The names the Prefect API holds for the flow runs that ended in ``states``."""
+    from prefect.client.orchestration import get_client
+
+    async def read():
+        async with get_client() as client:
+            return [(await client.read_flow_run(s.state_details.flow_run_id)).name for s in states]
+
+    return asyncio.run(read())
+
+
 @pytest.mark.slow
 def test_good_done_and_broken_scans(prefect_harness, one_scan, tmp_path, capsys):
     root, results = tmp_path / "raw", tmp_path / "results"
@@ -126,9 +137,14 @@ def test_a_facility_of_raw_binary_files(prefect_harness, tmp_path):
     short.write_bytes(bytes(100))
     (tmp_path / "raw" / "notes.mib").write_bytes(b"not a scan")
     layout = IngestOptions(format="raw", dtype="uint16", frame_shape=(8, 8), scan_shape=(4, 4))
-    dry = reprocess_facility(
-        root=str(tmp_path / "raw"), dest_root=str(tmp_path / "results"), ingest=layout, dry_run=True
+    dry_state = reprocess_facility(
+        root=str(tmp_path / "raw"),
+        dest_root=str(tmp_path / "results"),
+        ingest=layout,
+        dry_run=True,
+        return_state=True,
     )
+    dry = dry_state.result()
     assert dry["counts"] == {"to process": 1, "skipped": 0, "failed": 0}
     assert dry["scans"][0]["result"] == result_url(str(tmp_path / "results"), "day1/short")
     state = reprocess_facility(
@@ -145,6 +161,8 @@ def test_a_facility_of_raw_binary_files(prefect_harness, tmp_path):
     tasks, subflows = _task_and_subflow_runs(state.state_details.flow_run_id)
     assert [(t.name, t.state.type.value) for t in tasks] == [("process-day1/short", "COMPLETED")]
     assert [(f.name, f.state.type.value) for f in subflows] == [("process-day1/short", "FAILED")]
+    # The facility's runs are named by their root, and a dry run says so.
+    assert _flow_run_names([dry_state, state]) == ["reprocess-raw-dry-run", "reprocess-raw"]
 
 
 def test_an_edited_companion_file_is_a_new_request(tmp_path):
