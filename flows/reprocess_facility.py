@@ -7,7 +7,8 @@
 3. **Process** the rest with the `process-scan` flow, at most `max_concurrent` at a time, on one
    shared Dask cluster (a local one by default, or `dask_address`).
 4. **Summarise**: processed, skipped and failed scans (with the reason) as an artifact. One
-   failing scan never stops the others.
+   failing scan never stops the others; the run then ends Failed (:class:`ScansFailed`), so
+   that the run list and an automation watching for failed runs show it.
 
 Scheduled nightly by the `facility-reprocess` deployment (deployments/prefect.yaml).
 """
@@ -30,7 +31,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from stemlib.baseline_py4dstem import Py4DSTEMConfig
 from stemlib.ccstae import CCSTAEConfig
 from stemlib.discover import find_scans, scan_name
-from stemlib.errors import InputError
+from stemlib.errors import InputError, StemflowError
 from stemlib.ingest import IngestOptions
 from stemlib.io.readers.numpy_raw import check_raw_layout
 from stemlib.io.storage import locate, redact, storage_errors
@@ -43,6 +44,7 @@ from .runners import dask_runner, local_cluster
 
 __all__ = [
     "reprocess_facility",
+    "ScansFailed",
     "result_url",
     "check_settings",
     "survey",
@@ -80,6 +82,23 @@ def check_settings(root: str, dest_root: str, reference: str, ingest: IngestOpti
     check_reference(reference)
     if ingest is not None and ingest.format == "raw":
         check_raw_layout(ingest.read_options())
+
+
+class ScansFailed(StemflowError):
+    """Some scans of a facility run failed (the others were processed, or listed by a dry run):
+    the run ends Failed with the counts as its message. ``summary`` is the run's
+    :func:`summary`, and the reprocess-summary artifact gives each failed scan's reason."""
+
+    def __init__(self, summary: dict[str, Any]) -> None:
+        counts = summary["counts"]
+        super().__init__(
+            f"{counts['failed']} of {sum(counts.values())} scans failed ({counts_line(counts)}); "
+            "the reprocess-summary artifact gives each one's reason."
+        )
+        self.summary = summary
+
+    def __reduce__(self) -> tuple[type[ScansFailed], tuple[dict[str, Any]]]:
+        return type(self), (self.summary,)  # pickled with its summary (a Dask or Prefect copy)
 
 
 @contextmanager
@@ -255,6 +274,9 @@ def reprocess_facility(
 
     Returns:
         :func:`summary` of the scans: ``counts`` by status, and a row per scan.
+
+    Raises:
+        ScansFailed: When any scan failed, with that summary (the run ends Failed).
     """
     logger = get_run_logger()
     check_settings(root, dest_root, reference, ingest)
@@ -281,6 +303,8 @@ def reprocess_facility(
         description=counts_line(result["counts"]),
     )
     logger.info(counts_line(result["counts"]))
+    if result["counts"]["failed"]:
+        raise ScansFailed(result)
     return result
 
 

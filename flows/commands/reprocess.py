@@ -59,7 +59,7 @@ def _dry_run(args: argparse.Namespace, options: dict[str, Any]) -> dict[str, Any
 
 
 def _run(args: argparse.Namespace) -> int:
-    from flows.reprocess_facility import check_settings, reprocess_facility
+    from flows.reprocess_facility import ScansFailed, check_settings, reprocess_facility
     from flows.runners import check_scheduler
 
     options = {**method_options(args), "ingest": options_from_args(args)}
@@ -71,16 +71,19 @@ def _run(args: argparse.Namespace) -> int:
     if args.dask_address:
         check_scheduler(args.dask_address, option="--dask-address")
     with flow_run(args.dask_address):
-        summary = reprocess_facility(
-            root=args.root,
-            dest_root=args.dest_root,
-            max_concurrent=args.max_concurrent,
-            reference=args.reference,
-            symmetry=args.symmetry,
-            device=args.device,
-            dask_address=args.dask_address,
-            **options,
-        )
+        try:
+            summary = reprocess_facility(
+                root=args.root,
+                dest_root=args.dest_root,
+                max_concurrent=args.max_concurrent,
+                reference=args.reference,
+                symmetry=args.symmetry,
+                device=args.device,
+                dask_address=args.dask_address,
+                **options,
+            )
+        except ScansFailed as failed:  # the run ended Failed; the lines say which and why
+            summary = failed.summary
     print("\n".join(summary_lines(summary)))
     return 1 if summary["counts"]["failed"] else 0
 
