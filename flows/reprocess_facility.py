@@ -19,7 +19,7 @@ import posixpath
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
@@ -27,6 +27,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.futures import wait
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
+from pydantic import Field
 
 from stemlib.baseline_py4dstem import Py4DSTEMConfig
 from stemlib.ccstae import CCSTAEConfig
@@ -215,7 +216,7 @@ def _process(
     with _cluster(dask_address) as address:
         running: list[Any] = []
         for source, dest in todo:
-            while len(running) >= max(1, max_concurrent):  # a free slot before the next scan
+            while len(running) >= max_concurrent:  # a free slot before the next scan
                 finished, unfinished = wait(running, timeout=2)
                 rows += [f.result() for f in finished]
                 running = list(unfinished)
@@ -242,7 +243,7 @@ def _run_name() -> str:
 def reprocess_facility(
     root: str,
     dest_root: str,
-    max_concurrent: int = 2,
+    max_concurrent: Annotated[int, Field(ge=1)] = 2,
     methods: list[Method] | None = None,
     reference: str = "auto",
     symmetry: Symmetry = "auto",

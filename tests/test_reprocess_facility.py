@@ -301,3 +301,15 @@ def test_a_dest_root_that_is_a_file_is_one_sentence(prefect_harness, tmp_path, c
     with pytest.raises(InputError, match="results is a file, not a folder or prefix of results"):
         reprocess_facility(root=str(tmp_path / "raw"), dest_root=str(tmp_path / "results"))
     assert (tmp_path / "results").read_text() == "my notes"
+
+
+def test_the_form_takes_at_least_one_scan_at_a_time():
+    """The form's max_concurrent took 0 or -3 (the flow quietly ran one scan at a time), where
+    the command refuses them."""
+    from prefect.exceptions import ParameterTypeError
+    from prefect.utilities.callables import parameter_schema
+
+    field = parameter_schema(reprocess_facility.fn).model_dump()["properties"]["max_concurrent"]
+    assert (field["minimum"], field["default"]) == (1, 2)
+    with pytest.raises(ParameterTypeError, match="greater than or equal to 1"):
+        reprocess_facility.validate_parameters({"root": "r", "dest_root": "d", "max_concurrent": 0})
