@@ -138,11 +138,12 @@ def train_ccstae(
             device=device,
             progress=logger.info,  # on the terminal and in the task's logs in the UI
         )
+    loss = summary["final_loss"]  # None after no epoch (epochs: 0)
     logger.info(
-        "trained on %s: %d epochs, final loss %.5g, checkpoint sha256 %s",
+        "trained on %s: %d epochs, final loss %s, checkpoint sha256 %s",
         redact(scan),
         summary["epochs"],
-        summary["final_loss"],
+        "none" if loss is None else f"{loss:.5g}",
         summary["checkpoint_sha256"][:16],
     )
     return summary
