@@ -188,6 +188,7 @@ def process_scan(
     }
     outputs = {m: work.child(f"{m}.zarr").url for m in methods}
     futures: dict[str, Any] = {}
+    upstream: dict[str, Any] = {}  # a method's earlier step, whose failure is the one to tell
     if "py4dstem" in methods and not finished_step(outputs["py4dstem"], keys["py4dstem"]):
         futures["py4dstem"] = py4dstem_strain_scan.submit(
             scan["url"],
@@ -201,7 +202,7 @@ def process_scan(
         name = model_folder_name(scan["content_sha256"], reference=reference, config=ccstae)
         model_dir = work.child(name).url
         with gpu_resources():
-            trained = train_ccstae.submit(
+            trained = upstream["ccstae"] = train_ccstae.submit(
                 scan["url"], model_dir, reference=reference, config=ccstae, device=device
             )
             futures["ccstae"] = infer_ccstae.submit(
@@ -219,6 +220,8 @@ def process_scan(
     steps = {"ingest": scan["status"]}
     for method in methods:
         if method in futures:
+            if method in upstream:  # not inference's "upstream task run did not complete"
+                upstream[method].result()
             futures[method].result()
             steps[method] = "done"
         else:

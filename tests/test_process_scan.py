@@ -14,6 +14,7 @@ import threading
 import time
 
 import dask
+import dask.array as da
 import numpy as np
 import pytest
 import xarray as xr
@@ -54,6 +55,9 @@ def _run_logs_and_artifacts(flow_run_id) -> tuple[str, str]:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
     from prefect.client.schemas.sorting import LogSort
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all(timeout=30)  # logs go to the API in batches: send the last ones
 
     async def read():
         async with get_client() as client:
@@ -282,3 +286,33 @@ def test_a_worker_killed_mid_run_changes_nothing(prefect_harness, raw, tmp_path)
     rough = xr.open_zarr(result["url"]).sel({"method": "py4dstem"}).load()
     for name in ("exx", "eyy", "exy", "theta", "valid"):
         np.testing.assert_array_equal(rough[name].values, calm[name].values[0])
+
+
+def test_a_training_that_refuses_the_scan_is_the_runs_one_sentence(prefect_harness, tmp_path):
+    """CC-ST-AE's training refuses a scan without Bragg disks; the flow then asked for the
+    inference's result, which never ran, and failed with "UnfinishedRun: Run is in PENDING
+    state" and a traceback instead of the training's sentence."""
+    from stemlib.calibration import Calibration
+    from stemlib.io.scan_store import write_scan
+
+    q = np.hypot(*np.indices((32, 32)) - 16.0)
+    beam = (1.0 / (1.0 + np.exp((q - 3.0) / 0.3))).astype(np.float32)  # the direct beam alone
+    vacuum = str(tmp_path / "vacuum.zarr")
+    write_scan(
+        da.from_array(np.broadcast_to(beam, (4, 4, 32, 32)).copy()),
+        vacuum,
+        calibration=Calibration(),
+    )
+    state = process_scan(
+        source=vacuum,
+        dest=str(tmp_path / "out" / "strain.zarr"),
+        methods=["ccstae"],
+        device="cpu",
+        return_state=True,
+    )
+    assert state.is_failed()
+    assert state.message.startswith(
+        f"Flow run encountered an exception: InputError: {vacuum} shows no Bragg disks above "
+        "the noise in the 16 patterns sampled"
+    )
+    assert not (tmp_path / "out" / "strain.zarr").exists()
