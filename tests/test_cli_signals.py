@@ -160,11 +160,12 @@ def test_a_stopped_run_leaves_no_process_behind(scan, vacuum, tmp_path):
     mistake = f"stemflow run: error: {vacuum} shows a lattice of Bragg disks above the noise in 0"
     for how, (folder, _, tree) in runs.items():
         status, sentence = STOPS.get(how, (2, mistake))
+        output = (folder / "output.txt").read_text(errors="replace")
         assert ended[how] == status, how
         servers = [line for line in tree.command_lines.values() if SERVER in line]
-        assert len(servers) == 1, f"{how}: Prefect servers {servers}"
+        seen = sorted(tree.command_lines.values())
+        assert len(servers) == 1, f"{how}: Prefect servers {servers} among {seen}; {output}"
         assert survivors[how] == [], how
-        output = (folder / "output.txt").read_text(errors="replace")
         if sentence is not None:
             assert output.rstrip().splitlines()[-1].startswith(sentence), how
             assert "KeyboardInterrupt" not in output and "TerminationSignal" not in output
