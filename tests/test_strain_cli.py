@@ -151,6 +151,7 @@ def test_cli_trains_ccstae_draws_its_bases_and_a_rerun_only_infers(scan, tmp_pat
     assert "epoch 2/2" in run.err  # progress while it trains, and in each pass over the scan
     for stage in ("rotation search", "inference", "inference from the neighbours' warps"):
         assert f"ccstae: {stage} 144/144 patterns (" in run.err
+    assert "ccstae: starting bases, round 2/2 on 64 sampled patterns (" in run.err
     assert f"wrote {dest}: ccstae strain of 12 x 12 positions, coverage 100.0 %" in run.out
     bases = tmp_path / "strain-ccstae-bases.png"
     assert f"learned bases {bases}" in run.out

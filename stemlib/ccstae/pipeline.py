@@ -266,6 +266,7 @@ def _rotation_stage(
         shift=beams - beams.new_tensor(center),
         disk_radius=beam if config.rigid_disks else None,
         inner=radii[0],
+        report=report,
     )
     return {
         "theta0": theta.reshape(rx, ry),

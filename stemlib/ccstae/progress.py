@@ -2,9 +2,9 @@
 
 A :data:`Progress` is True (print each line on stderr), a function that takes each line (a
 logger's ``info``), or False (say nothing); :func:`reporter` turns it into a function or None.
-Training reports each epoch; the stages that pass over every pattern of the scan (the rotation
-search, inference and its second pass) report each further quarter of the scan
-(:class:`Counter`): on a CPU, a 256 x 256 scan takes minutes per stage.
+The starting bases report each round, training each epoch; the stages that pass over every
+pattern of the scan (the rotation search, inference and its second pass) report each further
+quarter of the scan (:class:`Counter`): on a CPU, a 256 x 256 scan takes minutes per stage.
 """
 
 from __future__ import annotations

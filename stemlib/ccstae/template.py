@@ -18,10 +18,13 @@ sample is first split by k-means (e.g. crystal and vacuum).
 
 from __future__ import annotations
 
+import time
+
 import torch
 import torch.nn.functional as F
 
 from .affine import rotation, warp
+from .progress import Report
 from .refine import (
     average_base,
     radial_background,
@@ -94,6 +97,7 @@ def learn_bases(
     solve: bool = True,
     disk_radius: float | None = None,
     inner: float = 0.0,
+    report: Report | None = None,
 ) -> dict[str, torch.Tensor]:
     """Sharp starting bases from a sample of preprocessed patterns.
 
@@ -142,6 +146,8 @@ def learn_bases(
         (:func:`stemlib.ccstae.refine.rigid_disk_model`).
     inner
         Inner radius (px) of the ring.
+    report
+        Takes a line of progress after each round; None: no progress.
 
     Returns
     -------
@@ -176,7 +182,8 @@ def learn_bases(
             starts.append(aligned.mean(0, keepdim=True))
     bases = torch.cat(starts)
     del aligned, starts
-    for _ in range(rounds):
+    start_time = time.perf_counter()
+    for round_ in range(rounds):
         bg = radial_background(bases, center=center) if background else torch.zeros_like(bases)
         lattice = bases - bg
         disks = (
@@ -236,4 +243,9 @@ def learn_bases(
                 batch_size=batch_size,
             )
         bases = lattice + bg
+        if report is not None:
+            report(
+                f"ccstae: starting bases, round {round_ + 1}/{rounds} on {n:,} sampled patterns "
+                f"({time.perf_counter() - start_time:.1f} s)"
+            )
     return {"bases": bases, "labels": labels, "matrix": A, "shift": t}
