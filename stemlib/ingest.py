@@ -93,8 +93,7 @@ def _source_identity(location: Location, options: IngestOptions) -> dict[str, An
     try:
         with storage_errors(location.url):
             info = location.fs.info(location.path)
-    except FileNotFoundError:
-        # The process-scan flow keys a request before its ingest looks at the source.
+    except FileNotFoundError:  # ingest, and process-scan keying a request before its ingest
         raise InputError(f"{redact(location.url)} does not exist; check the path.") from None
     identity = {
         "source": redact(location.url),
@@ -212,9 +211,7 @@ def ingest(source: str, dest: str, options: IngestOptions | None = None) -> Inge
     """
     options = options or IngestOptions()
     src, out = locate(source), locate(dest)
-    if not src.exists():
-        raise InputError(f"{redact(src.url)} does not exist; check the path.")
-    identity = _source_identity(src, options)
+    identity = _source_identity(src, options)  # names a source that does not exist
     key = fingerprint(identity)
     done = _existing(out, identity, options.overwrite)
     if done is not None:
