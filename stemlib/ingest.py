@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .calibration import Calibration
 from .errors import InputError
-from .io.readers import ReadOptions, open_source, source_companions
+from .io.readers import FORMATS, ReadOptions, open_source, source_companions
 from .io.scan_store import intact_scan, read_store_attrs, write_scan
 from .io.storage import Location, interrupted_publication, locate, redact, storage_errors
 from .provenance import fingerprint, software_versions, utc_now
@@ -27,13 +27,19 @@ __all__ = ["IngestOptions", "IngestResult", "ingest", "source_key"]
 #: Bumped when the stored layout changes, so that old stores are not taken as finished work.
 STORE_VERSION = 1
 
+#: ``"auto"`` or a name of :data:`~stemlib.io.readers.FORMATS`: a fixed choice, so the Prefect
+#: form offers a dropdown and a misspelt format is refused before a run starts.
+SourceFormat = Literal[("auto", *FORMATS)]  # type: ignore[valid-type]
+
 
 class IngestOptions(BaseModel):
     """How to read a raw scan and where calibration overrides apply."""
 
     model_config = ConfigDict(extra="forbid")
 
-    format: str = Field("auto", description="Source format, or 'auto' to detect it from the file.")
+    format: SourceFormat = Field(
+        "auto", description="Source format, or 'auto' to detect it from the file."
+    )
     dataset: str | None = Field(None, description="Path of the scan inside an HDF5 file.")
     scan_shape: tuple[int, int] | None = Field(
         None, description="(RX, RY) for a flat stack of frames."

@@ -232,6 +232,8 @@ def test_the_deployments_of_prefect_yaml_register(prefect_server):
     assert fields["methods"]["anyOf"][0]["items"]["enum"] == ["ccstae", "py4dstem"]
     assert fields["symmetry"]["enum"] == ["auto", 2, 4, 6]  # a dropdown
     assert {"CCSTAEConfig", "Py4DSTEMConfig", "IngestOptions"} <= set(form["definitions"])
+    formats = form["definitions"]["IngestOptions"]["properties"]["format"]["enum"]
+    assert formats[0] == "auto" and {"mib", "hdf5", "raw", "npy"} <= set(formats)
 
     nightly = deployments["facility-reprocess"]
     assert nightly["entrypoint"] == "flows.reprocess_facility.reprocess_facility"

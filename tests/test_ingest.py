@@ -402,6 +402,13 @@ def test_values_that_are_not_a_scan_or_its_calibration(tmp_path, capsys, data, e
     assert leftovers(tmp_path) == [] and os.listdir(tmp_path) == ["s.npy"]
 
 
+def test_the_format_is_one_of_the_readers():
+    """A fixed choice: the Prefect form shows a dropdown, a misspelt name fails before a run."""
+    assert IngestOptions(format="mib").format == "mib"
+    with pytest.raises(ValueError, match=r"Input should be 'auto', 'mib', .*'raw' or 'hdf5'"):
+        IngestOptions(format="mbi")
+
+
 @pytest.mark.parametrize("damage", ["cut short", "changed"])
 def test_a_damaged_chunk_is_one_sentence_never_wrong_counts(tmp_path, capsys, damage):
     np.save(tmp_path / "s.npy", scan())
