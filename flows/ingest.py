@@ -25,6 +25,7 @@ from prefect.runtime import flow_run
 from stemlib.ingest import IngestOptions
 from tasks.ingest import ingest_scan
 
+from .artifacts import artifact_key
 from .runners import dask_runner
 
 __all__ = ["ingest_flow"]
@@ -46,7 +47,7 @@ def ingest_flow(source: str, dest: str, options: IngestOptions | None = None) ->
     """
     record = ingest_scan.submit(source, dest, options or IngestOptions()).result()
     create_markdown_artifact(
-        key="ingest-summary",
+        key=artifact_key("ingest", os.path.basename(source.rstrip("/"))),
         markdown=(
             f"**{record['status']}** `{record['url']}`\n\n"
             f"| shape | content sha256 |\n|---|---|\n"

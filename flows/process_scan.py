@@ -41,6 +41,7 @@ from tasks.ingest import ingest_scan
 from tasks.publish import publish_strain, published_request, request_key
 from tasks.py4dstem import py4dstem_strain_scan
 
+from .artifacts import artifact_key
 from .runners import dask_runner
 
 __all__ = ["process_scan", "default_locations", "resolved_parameters"]
@@ -240,11 +241,12 @@ def process_scan(
     if "ccstae" in methods:  # drawn by the CC-ST-AE inference, in this run or an earlier one
         published["pngs"]["ccstae-bases"] = _bases_png(published["url"])
     warnings = [f"- **warning** ({m}): {w}" for m, ws in published["warnings"].items() for w in ws]
+    name = _scan_name(source)
     create_markdown_artifact(
-        key="strain-statistics",
+        key=artifact_key("strain", name),
         markdown="\n\n".join(
             [
-                f"## {posixpath.basename(source.rstrip('/'))}",
+                f"## {name}",
                 published["table"],
                 *(["\n".join(warnings)] if warnings else []),
                 f"Open with `xr.open_zarr({published['url']!r})`",
@@ -252,12 +254,20 @@ def process_scan(
         ),
         description="Coverage, agreement of the methods, and error against the truth",
     )
-    for name, png in published["pngs"].items():
-        create_link_artifact(
-            key=f"map-{name}", link=png, link_text=os.path.basename(png), description=name
-        )
-    create_link_artifact(key="strain-dataset", link=published["url"], link_text="strain dataset")
+    # The maps and the dataset are this run's (its Artifacts tab), not keyed histories.
+    for map_name, png in published["pngs"].items():
+        create_link_artifact(link=png, link_text=os.path.basename(png), description=map_name)
+    create_link_artifact(link=published["url"], link_text="strain dataset")
     return {**published, "steps": steps}
+
+
+def _scan_name(source: str) -> str:
+    """What this run calls its scan: NAME of its run name ``process-NAME`` (in a facility run,
+    the scan's path below the root), else the source's file name."""
+    run_name = flow_run.name or ""
+    if run_name.startswith("process-"):
+        return run_name.removeprefix("process-")
+    return posixpath.basename(source.rstrip("/")) or "scan"
 
 
 def _bases_png(dest: str) -> str:

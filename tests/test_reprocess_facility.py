@@ -64,6 +64,26 @@ def _flow_run_names(states: list) -> list[str]:
     return asyncio.run(read())
 
 
+def _latest_markdown(key: str) -> str:
+    """The text of the latest version of artifact ``key``."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        ArtifactCollectionFilter,
+        ArtifactCollectionFilterKey,
+    )
+
+    async def read():
+        async with get_client() as client:
+            return await client.read_latest_artifacts(
+                artifact_filter=ArtifactCollectionFilter(
+                    key=ArtifactCollectionFilterKey(any_=[key])
+                )
+            )
+
+    [latest] = asyncio.run(read())
+    return latest.data
+
+
 @pytest.mark.slow
 def test_good_done_and_broken_scans(prefect_harness, one_scan, tmp_path, capsys):
     root, results = tmp_path / "raw", tmp_path / "results"
@@ -116,6 +136,9 @@ def test_good_done_and_broken_scans(prefect_harness, one_scan, tmp_path, capsys)
     assert [str(m) for m in new["method"].values] == ["py4dstem"]
     xr.testing.assert_equal(new["exx"].load(), done["exx"].load())  # the same scan, the same answer
     assert not (results / "broken").exists()  # a failed scan publishes nothing
+    # Each scan's statistics are an artifact keyed by its path below the root.
+    assert _latest_markdown("strain-day1-new").startswith("## day1/new\n")
+    assert _latest_markdown("strain-day1-done").startswith("## day1/done\n")
 
     # Other parameters are another request, which the nightly run would not skip.
     from flows.process_scan import resolved_parameters
