@@ -4,6 +4,7 @@ independent measurement, determinism, truth stored with the scan, streaming and 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import subprocess
 import sys
@@ -13,12 +14,14 @@ import dask
 import numpy as np
 import pytest
 import xarray as xr
+import zarr
 from pydantic import ValidationError
 from scipy import ndimage
 
 from flows.cli import main
 from stemlib.errors import InputError
-from stemlib.io.scan_store import open_scan
+from stemlib.io.scan_store import intact_scan, open_scan, read_store_attrs
+from stemlib.io.storage import locate
 from stemlib.metrics import strain_errors
 from stemlib.results import combine_methods, strain_dataset
 from stemlib.simulate import SimulationConfig, simulate, write_simulation
@@ -305,6 +308,55 @@ def test_a_rerun_skips_a_finished_simulation_and_redoes_a_changed_one(tmp_path, 
     )
     other = write_simulation(config.model_copy(update={"seed": 2}), dest)
     assert other.status == "written" and other.content_sha256 != first.content_sha256
+
+
+def test_a_simulation_that_lost_a_block_of_its_truth_is_one_sentence_and_written_again(
+    tmp_path, caplog
+):
+    """Zarr reads a missing chunk of a truth map as NaN: a simulated scan whose truth_exx lost
+    its chunk (an interrupted copy, an object deleted on a bucket) opened as a good scan, a
+    rerun skipped it, and strain was scored against holes in its truth. Every block of every
+    array is stored, also one of the fill value only (one grain: grain_id all 0), so that a lost
+    one is told apart; the store is refused, and a rerun writes it again."""
+    store, config = tmp_path / "sim.zarr", SimulationConfig(scan=(5, 4), pattern=32, grains=1)
+    write_simulation(config, str(store))
+    truth = open_truth(str(store))
+    assert (truth["grain_id"].values == 0).all()  # zarr's fill value for int32, stored
+    open_scan(str(store))
+    (store / "truth_exx/c/0/0").unlink()
+    lost = (
+        f"{store} lacks 1 of the 1 blocks that hold its truth_exx (first missing: "
+        "truth_exx/c/0/0), which would read as NaN"
+    )
+    with pytest.raises(InputError) as error:
+        open_scan(str(store))
+    assert str(error.value) == (
+        f"{lost}; copy the store again from its source, or rerun the command that wrote it "
+        "(stemflow ingest, simulate or noise) to write it again."
+    )
+    location = locate(str(store))
+    with caplog.at_level(logging.WARNING, logger="stemlib.io"):
+        assert not intact_scan(location, read_store_attrs(location))
+    assert caplog.messages == [f"{lost}; writing it again."]
+    assert write_simulation(config, str(store)).status == "written"
+    xr.testing.assert_identical(open_truth(str(store)), truth)
+
+
+def test_a_simulation_written_before_every_array_was_counted_checks_only_its_data(tmp_path):
+    """Earlier writers stored every block of ``data`` only (``data_blocks``) and no block of a
+    map holding only its fill value: their stores open as before, with their data checked."""
+    store = tmp_path / "sim.zarr"
+    write_simulation(SimulationConfig(scan=(5, 4), pattern=32, grains=1), str(store))
+    group = zarr.open_group(store, mode="r+")
+    del group.attrs["stored_blocks"]
+    zarr.consolidate_metadata(group.store)
+    (store / "grain_id/c/0/0").unlink()  # zeros only, which an earlier writer did not store
+    location = locate(str(store))
+    assert intact_scan(location, read_store_attrs(location))
+    assert (open_truth(str(store))["grain_id"].values == 0).all()
+    (store / "data/c/0/0/0/0").unlink()
+    with pytest.raises(InputError, match=r"lacks 1 of the 1 blocks that hold its patterns"):
+        open_scan(str(store))
 
 
 def test_same_seed_same_bytes_whatever_the_chunks_workers_and_order():

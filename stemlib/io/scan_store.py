@@ -14,11 +14,13 @@ values only, not on the chunking or the number of workers.
 
 Zarr reads a chunk or shard object that is missing as the fill value, so a store damaged after
 it was written (an interrupted copy, an object deleted on a bucket) would read as patterns of
-zeros (:mod:`stemlib.io.blocks`). The writer therefore stores every block, also one holding
-only zeros, and records their count as ``data_blocks``; :func:`open_scan` lists the store's
-objects and refuses a store that lacks any, and a rerun writes such a store again instead of
-skipping it (:func:`intact_scan`). Stores written before stemflow recorded ``data_blocks`` may
-lack blocks of zeros legitimately: they open unchecked, as before.
+zeros, or as coordinates and ground-truth maps of NaN (:mod:`stemlib.io.blocks`). The writer
+therefore stores every block of every array, also one holding only the fill value, and records
+their count as ``stored_blocks``; :func:`open_scan` lists the store's objects and refuses a
+store that lacks any, and a rerun writes such a store again instead of skipping it
+(:func:`intact_scan`). Stores written before stemflow recorded ``stored_blocks`` may lack blocks
+of the fill value legitimately: those that record ``data_blocks`` have only the blocks of
+``data`` checked, the others open unchecked, as before.
 """
 
 from __future__ import annotations
@@ -82,8 +84,12 @@ INNER_CHUNK_BYTES = 4 * 2**20
 SHARD_ABOVE_BYTES = 256 * 2**20
 _DIGEST = 32
 #: Group attribute: the count of objects that hold ``data`` (its chunks, or its shards where
-#: sharded), every one of them written (:func:`_missing_blocks`).
+#: sharded), every one of them written (:func:`_missing_blocks`). Still written, so that earlier
+#: stemflow versions check the data of a store written now.
 BLOCKS_ATTR = "data_blocks"
+#: Group attribute: the count of objects that hold all the store's arrays (``data``, the
+#: coordinates, the ground truth and other per-position maps), every one of them written.
+STORED_BLOCKS_ATTR = "stored_blocks"
 
 log = logging.getLogger("stemlib.io")
 
@@ -222,26 +228,60 @@ def _missing_blocks(
 ) -> str | None:
     """What the scan store at ``location`` lacks of what its writer stored, as a clause naming
     the store and what is missing: its data array's metadata (``array`` None, as
-    :func:`_open_data` gives it), or blocks of it (their count and the first missing key); None
-    where it lacks nothing.
+    :func:`_open_data` gives it), or blocks of an array (the first array that lacks any: its
+    count of missing blocks, its first missing key and what they would read as); None where it
+    lacks nothing.
 
     One listing of the store (:func:`stemlib.io.blocks.missing_blocks`); no data is read.
-    ``attrs`` are the store's group attributes: the blocks of a store that records no
-    ``data_blocks`` (written before stemflow recorded it) are not checked, as it may lack blocks
-    of zeros that were never written.
+    ``attrs`` are the store's group attributes: a store that records ``stored_blocks`` has the
+    blocks of all its arrays checked (their metadata is read from the group's consolidated
+    metadata), one that records only ``data_blocks`` those of ``data``, and one that records
+    neither (written before stemflow recorded them) none, as it may lack blocks of the fill value
+    that were never written.
     """
     where = redact(location.url)
     if array is None:
         return f"{where} lacks the metadata of its patterns ({SCAN_VARIABLE}/zarr.json)"
-    if BLOCKS_ATTR not in attrs:
+    if STORED_BLOCKS_ATTR in attrs:
+        arrays = {SCAN_VARIABLE: array, **_other_arrays(location)}
+    elif BLOCKS_ATTR in attrs:
+        arrays = {SCAN_VARIABLE: array}
+    else:
         return None
-    missing, expected = missing_blocks(location, {SCAN_VARIABLE: array})
+    missing, _ = missing_blocks(location, arrays)
     if not missing:
         return None
+    name = missing[0].split("/", 1)[0]
+    lost = [key for key in missing if key.split("/", 1)[0] == name]
+    what = "patterns" if name == SCAN_VARIABLE else name
     return (
-        f"{where} lacks {len(missing)} of the {expected} blocks that hold its "
-        f"patterns (first missing: {missing[0]}), which would read as zeros"
+        f"{where} lacks {len(lost)} of the {len(block_keys(arrays[name]))} blocks that hold its "
+        f"{what} (first missing: {lost[0]}), which would read as {_fill_words(arrays[name])}"
     )
+
+
+def _other_arrays(location: Location) -> dict[str, zarr.Array]:
+    """The arrays of the scan store at ``location`` other than ``data`` (coordinates, ground
+    truth, per-position maps), by path; from the group's consolidated metadata."""
+    with storage_errors(location.url):
+        group = zarr.open_group(
+            location.url, mode="r", storage_options=location.storage_options or None
+        )
+        return {name: array for name, array in group.arrays() if name != SCAN_VARIABLE}
+
+
+def _fill_words(array: zarr.Array) -> str:
+    """How a missing block of ``array`` reads: its fill value in words.
+
+    >>> _fill_words(zarr.create_array({}, shape=(2,), dtype="f8", fill_value=np.nan))
+    'NaN'
+    >>> [_fill_words(zarr.create_array({}, shape=(2,), dtype=t)) for t in ("u2", "?")]
+    ['zeros', 'False']
+    """
+    fill = np.asarray(array.fill_value)
+    if fill.dtype.kind == "f" and np.isnan(fill):
+        return "NaN"
+    return "zeros" if fill.dtype.kind in "uif" and fill == 0 else str(fill.item())
 
 
 #: What to do about a store that lost part of what its writer stored.
@@ -433,16 +473,17 @@ def write_scan(
         }
         with warnings.catch_warnings(), storage_errors(dest.url):
             warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
+            # every block is stored, also one of the fill value only: one missing later is damage
             skeleton.to_zarr(
                 temp.url,
                 mode="w-",
                 compute=False,
                 zarr_format=3,
                 encoding=encoding,
+                write_empty_chunks=True,  # the coordinates and extras, written now
                 storage_options=options,
             )
-            # every block is stored, also one of zeros only: one missing later is damage
-            with zarr.config.set({"array.write_empty_chunks": True}):
+            with zarr.config.set({"array.write_empty_chunks": True}):  # the data, by block below
                 target = zarr.open_array(
                     temp.url, path=SCAN_VARIABLE, mode="r+", storage_options=options
                 )
@@ -476,6 +517,7 @@ def write_scan(
                     "nonfinite_pixels": nonfinite,
                     **({"recipe_sha256": fingerprint(recipe)} if recipe is not None else {}),
                     BLOCKS_ATTR: len(block_keys(target)),
+                    STORED_BLOCKS_ATTR: sum(len(block_keys(a)) for _, a in group.arrays()),
                     "complete": True,
                 }
             )
