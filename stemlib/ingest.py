@@ -92,10 +92,15 @@ def _stamp(info: dict[str, Any]) -> str:
     )
 
 
-def _source_identity(location: Location, options: IngestOptions) -> dict[str, Any]:
+def _source_identity(
+    location: Location, options: IngestOptions
+) -> tuple[dict[str, Any], dict[str, dict[str, Any]] | None]:
     """What :func:`source_key` fingerprints: the source file's URL, size and stamp, the options,
     and, where its reader uses companion files, ``companions``: name (relative to the source's
-    folder) -> ``[size, stamp]`` of each."""
+    folder) -> ``[size, stamp]`` of each. Also returns the listing of companion files that this
+    is made from (path -> fsspec info, as :func:`~stemlib.io.readers.source_companions` gives
+    it; None for a folder, which is not listed), for :func:`~stemlib.io.readers.open_source` to
+    copy without listing them again."""
     try:
         with storage_errors(location.url):
             info = location.fs.info(location.path)
@@ -109,13 +114,14 @@ def _source_identity(location: Location, options: IngestOptions) -> dict[str, An
         "store_version": STORE_VERSION,
     }
     if info.get("type") == "directory":  # no scan file: the reader says what to pass instead
-        return identity
+        return identity, None
     folder = posixpath.dirname(location.path)
+    listed = source_companions(location, format=options.format)
     companions = {
         posixpath.relpath(path, folder): [companion.get("size"), _stamp(companion)]
-        for path, companion in source_companions(location, format=options.format).items()
+        for path, companion in listed.items()
     }
-    return {**identity, "companions": companions} if companions else identity
+    return ({**identity, "companions": companions} if companions else identity), listed
 
 
 def source_key(location: Location, options: IngestOptions) -> str:
@@ -143,7 +149,7 @@ def source_key(location: Location, options: IngestOptions) -> str:
     that names the companions. A source with no companion file has the key it had before
     companion files counted.
     """
-    return fingerprint(_source_identity(location, options))
+    return fingerprint(_source_identity(location, options)[0])
 
 
 def _keyed_without_companions(attrs: dict[str, Any], identity: dict[str, Any]) -> bool:
@@ -217,15 +223,18 @@ def ingest(source: str, dest: str, options: IngestOptions | None = None) -> Inge
     """
     options = options or IngestOptions()
     src, out = locate(source), locate(dest)
-    identity = _source_identity(src, options)  # names a source that does not exist
+    identity, companions = _source_identity(src, options)  # names a source that does not exist
     key = fingerprint(identity)
     done = _existing(out, identity, options.overwrite)
     if done is not None:
         return IngestResult("skipped", out.url, key, done)
     with storage_errors(src.url):
         size = int(src.fs.size(src.path))
-    # A vendor file on object storage is read from a local copy, removed when the block ends.
-    with open_source(src.url, format=options.format, options=options.read_options()) as scan:
+    # A vendor file on object storage is read from a local copy, removed when the block ends;
+    # the copy holds the companion files listed for the key, not listed again.
+    with open_source(
+        src.url, format=options.format, options=options.read_options(), companions=companions
+    ) as scan:
         calibration = scan.calibration.merged(options.calibration)
         attrs = {
             "source": scan.source,

@@ -6,7 +6,8 @@ local disk. A source on object storage is copied for them into a new temporary f
 ``.mib``, the ``.raw`` that an EMPAD ``.xml`` names, ...). Each file streams through in blocks of
 :data:`COPY_BLOCK_BYTES`, so a scan of tens of GB never sits in memory, and the free space of
 the temporary folder's disk is checked before the copies. The same listing of companion files
-(:func:`companion_files`) is part of the source's key (:func:`stemlib.ingest.source_key`).
+(:func:`companion_files`) is part of the source's key (:func:`stemlib.ingest.source_key`): an
+ingest lists them once, for the key, and copies what that listing found.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import errno
 import os
 import posixpath
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import fsspec
@@ -78,6 +79,10 @@ class LocalCopy:
         Given ``location``, the glob patterns (relative to its folder) of the companion files
         its reader uses (:func:`companion_files`). Those that exist are copied beside it under
         the same relative names; a missing one is not, and the reader names it.
+    listed
+        The companion files as :func:`companion_files` listed them with ``companions`` (path
+        -> fsspec info with ``size`` in bytes), copied without listing them again; None lists
+        them.
 
     Attributes
     ----------
@@ -97,13 +102,21 @@ class LocalCopy:
     :meth:`close` removes the folder; so does a failure while copying.
     """
 
-    def __init__(self, location: Location, companions: Callable[[Location], Sequence[str]]) -> None:
+    def __init__(
+        self,
+        location: Location,
+        companions: Callable[[Location], Sequence[str]],
+        *,
+        listed: Mapping[str, Mapping[str, Any]] | None = None,
+    ) -> None:
         self._stack = contextlib.ExitStack()
         self._folder = self._stack.enter_context(temporary_folder(SOURCE_PREFIX))
         try:
             with storage_errors(location.url):
                 files = {location.path: int(location.fs.info(location.path)["size"])}
-            for path, info in companion_files(location, companions).items():
+            if listed is None:
+                listed = companion_files(location, companions)
+            for path, info in listed.items():
                 files[path] = int(info["size"])
             self._copy(location, files)
         except BaseException:

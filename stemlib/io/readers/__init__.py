@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Mapping
 from typing import Any
 
 from ...errors import InputError
@@ -167,7 +168,11 @@ def _read(fmt: Format, location: Location, options: ReadOptions) -> SourceScan:
 
 
 def open_source(
-    url: str, *, format: str = "auto", options: ReadOptions | None = None
+    url: str,
+    *,
+    format: str = "auto",
+    options: ReadOptions | None = None,
+    companions: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> SourceScan:
     """Open a raw scan lazily.
 
@@ -179,6 +184,10 @@ def open_source(
         A name of :data:`FORMATS`, or ``"auto"`` to choose by extension and file signature.
     options
         Dataset path, scan shape, raw layout, block size (:class:`ReadOptions`).
+    companions
+        The companion files as :func:`source_companions` listed them for ``url`` and
+        ``format`` (path -> fsspec info with ``size`` in bytes): a local copy holds those, not
+        listed again (on object storage, requests per file). None lists them.
 
     Returns
     -------
@@ -207,7 +216,7 @@ def open_source(
     fmt = _format(location, format)
     if fmt.companions is None or location.is_local:
         return _read(fmt, location, options)
-    copy = LocalCopy(location, fmt.companions)
+    copy = LocalCopy(location, fmt.companions, listed=companions)
     try:
         return dataclasses.replace(_read(fmt, copy.location, options), local_copy=copy)
     except BaseException:
