@@ -228,8 +228,6 @@ def ingest(source: str, dest: str, options: IngestOptions | None = None) -> Inge
     done = _existing(out, identity, options.overwrite)
     if done is not None:
         return IngestResult("skipped", out.url, key, done)
-    with storage_errors(src.url):
-        size = int(src.fs.size(src.path))
     # A vendor file on object storage is read from a local copy, removed when the block ends;
     # the copy holds the companion files listed for the key, not listed again.
     with open_source(
@@ -238,7 +236,7 @@ def ingest(source: str, dest: str, options: IngestOptions | None = None) -> Inge
         calibration = scan.calibration.merged(options.calibration)
         attrs = {
             "source": scan.source,
-            "source_bytes": size,
+            "source_bytes": identity["size"],  # as the key's listing found it
             "source_key": key,
             "companion_files": {
                 name: size for name, (size, _) in identity.get("companions", {}).items()

@@ -14,6 +14,7 @@ import h5py
 import numpy as np
 import xarray as xr
 
+from .io.scan_store import refuse_damaged
 from .io.storage import Location, locate, storage_errors
 from .types import SCAN_DIMS
 
@@ -79,8 +80,15 @@ def truth_dataset(
 
 def open_truth(url: str | Location) -> xr.Dataset | None:
     """The truth a scan store carries, with plain names (``exx, eyy, exy, theta``, ``grain_id``,
-    ``reference_mask``; attribute ``symmetry``), or None if it carries none. Loaded into memory."""
+    ``reference_mask``; attribute ``symmetry``), or None if it carries none. Loaded into memory.
+
+    Raises
+    ------
+    InputError
+        The store lost an object its writer stored (:func:`~stemlib.io.scan_store.refuse_damaged`).
+    """
     location = locate(url) if isinstance(url, str) else url
+    refuse_damaged(location)  # a lost block of the truth would read as NaN
     with warnings.catch_warnings(), storage_errors(location.url):
         warnings.filterwarnings("ignore", category=RuntimeWarning, message=".*consolidated.*")
         ds = xr.open_zarr(location.url, storage_options=location.storage_options or None)

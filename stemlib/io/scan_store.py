@@ -63,6 +63,7 @@ __all__ = [
     "choose_layout",
     "write_scan",
     "open_scan",
+    "refuse_damaged",
     "read_store_attrs",
     "check_destination",
     "finished_scan",
@@ -289,6 +290,30 @@ _WRITE_AGAIN = (
     "copy the store again from its source, or rerun the command that wrote it (stemflow "
     "ingest, simulate or noise) to write it again."
 )
+
+
+def _refuse_damage(location: Location, attrs: dict[str, Any], array: zarr.Array | None) -> None:
+    """Raise what :func:`_missing_blocks` finds missing, with what to do about it."""
+    damage = _missing_blocks(location, attrs, array)  # what was lost since it was written
+    if damage is not None:
+        raise InputError(f"{damage}; {_WRITE_AGAIN}")
+
+
+def refuse_damaged(url: str | Location) -> None:
+    """Refuse the scan store at ``url`` if it lost any object its writer stored (one listing,
+    no data read), as :func:`open_scan` does: for readers of its other arrays, such as the
+    ground truth (:func:`stemlib.truth.open_truth`). A folder that holds no stemflow store is
+    left to its reader.
+
+    Raises
+    ------
+    InputError
+        One sentence naming the store, the array and its first missing object.
+    """
+    location = locate(url) if isinstance(url, str) else url
+    attrs = read_store_attrs(location)
+    if attrs is not None:
+        _refuse_damage(location, attrs, _open_data(location))
 
 
 def intact_scan(location: Location, attrs: dict[str, Any]) -> bool:
@@ -601,9 +626,7 @@ def open_scan(url: str | Location) -> xr.DataArray:
     # one dask block per shard, the unit a writer wrote, rather than per inner chunk
     chunks = scan.encoding.get("shards") or scan.encoding["chunks"]
     stored = _open_data(location)
-    damage = _missing_blocks(location, attrs, stored)  # what was lost since it was written
-    if damage is not None:
-        raise InputError(f"{damage}; {_WRITE_AGAIN}")
+    _refuse_damage(location, attrs, stored)
     data = da.from_array(
         _Decoded(stored, where),
         chunks=chunks,
