@@ -73,13 +73,20 @@ def scan_coords(
     """Coordinates of a datacube of ``shape`` (rx, ry, qx, qy) under ``calibration``.
 
     ``rx, ry`` are in nm (index x probe step) or ``"px"`` (index) when the step is unknown.
-    ``qx, qy`` are zero at the direct beam and in ``q_pixel_units`` when both the origin and the
-    pixel size are known; otherwise they are detector pixel indices in ``"px"``.
+    ``qx, qy`` are zero at the direct beam wherever its position (``origin_px``) is known, in
+    ``q_pixel_units`` when the pixel size is known too, else in ``"px"``; without the beam's
+    position they are detector pixel indices in ``"px"``.
 
     Returns
     -------
     dict
         ``{name: (dim, values, attrs)}``, ready for :class:`xarray.Dataset` ``coords``.
+
+    Examples
+    --------
+    >>> beam_only = scan_coords((1, 1, 5, 4), Calibration(origin_px=(2.0, 1.5)))
+    >>> beam_only["qx"][1].tolist(), beam_only["qy"][1].tolist(), beam_only["qx"][2]["units"]
+    ([-2.0, -1.0, 0.0, 1.0, 2.0], [-1.5, -0.5, 0.5, 1.5], 'px')
     """
     rx, ry, qx, qy = shape
     coords: dict[str, tuple[str, np.ndarray, dict[str, str]]] = {}
@@ -98,12 +105,14 @@ def scan_coords(
     for axis, (name, n) in enumerate((("qx", qx), ("qy", qy))):
         index = np.arange(n, dtype=np.float64)
         long_name = f"detector {name} ({'rows' if name == 'qx' else 'columns'})"
-        if size is not None and units is not None and origin is not None:
+        if origin is None:
+            coords[name] = (name, index, {"units": "px", "long_name": long_name})
+        elif size is None or units is None:
+            coords[name] = (name, index - origin[axis], {"units": "px", "long_name": long_name})
+        else:
             coords[name] = (
                 name,
                 (index - origin[axis]) * size,
                 {"units": units, "long_name": long_name},
             )
-        else:
-            coords[name] = (name, index, {"units": "px", "long_name": long_name})
     return coords

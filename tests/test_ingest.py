@@ -89,6 +89,19 @@ def test_uncalibrated_axes_are_pixels(tmp_path):
         assert unknown not in ds.attrs
 
 
+def test_pattern_axes_are_zero_at_the_beam_when_only_its_position_is_known(tmp_path):
+    """CONVENTIONS.md: qx, qy zero at the direct beam, in px without a q pixel size (simulated
+    scans, `--origin` alone); they were pixel indices from 0 before."""
+    np.save(tmp_path / "s.npy", scan())
+    assert (
+        main(["ingest", str(tmp_path / "s.npy"), str(tmp_path / "s.zarr"), "--origin", "8,6"]) == 0
+    )
+    ds = xr.open_zarr(tmp_path / "s.zarr")
+    assert ds["qx"].attrs["units"] == ds["qy"].attrs["units"] == "px"
+    assert ds["qx"].values[8] == 0.0 and ds["qy"].values[6] == 0.0
+    assert ds["qx"].values[0] == -8.0 and ds["qy"].values[-1] == ds.sizes["qy"] - 7.0
+
+
 def test_content_hash_does_not_depend_on_chunking(tmp_path):
     from stemlib.io.readers import open_source
     from stemlib.io.scan_store import StoreLayout, write_scan
