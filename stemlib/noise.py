@@ -25,6 +25,7 @@ Transforming Autoencoders", NeurIPS 2023 ML4PS workshop (noise levels 0-70 %, N 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import dask.array as da
@@ -34,8 +35,10 @@ from dask.base import tokenize
 
 from .calibration import Calibration
 from .errors import InputError
+from .ingest import IngestOptions, source_key
+from .io.readers import SourceScan, open_source
 from .io.scan_store import WriteResult, finished_scan, open_scan, write_scan
-from .io.storage import locate, redact, storage_errors
+from .io.storage import Location, locate, redact, storage_errors
 from .provenance import software_versions, utc_now
 from .types import SCAN_DIMS, NoiseModel
 
@@ -259,18 +262,72 @@ def noise_recipe(
     counts: float = PAPER_COUNTS,
     seed: int = 0,
     model: NoiseModel = "background",
+    source_key: str | None = None,
 ) -> dict[str, Any]:
-    """What determines a noisy copy's values: the source's content hash and the noise
-    parameters (:func:`stemlib.io.scan_store.finished_scan` finds a copy made from them)."""
+    """What determines a noisy copy's values: the source's content hash (a scan store) or its
+    key (a raw scan: :func:`stemlib.ingest.source_key`) and the noise parameters
+    (:func:`stemlib.io.scan_store.finished_scan` finds a copy made from them)."""
     return {
         "made_by": "stemlib.noise",
         "source_content_sha256": source_content_sha256,
+        **({"source_key": source_key} if source_key is not None else {}),
         "model": model,
         "background": float(background),
         "counts": float(counts),
         "seed": int(seed),
         "software": software_versions(("stemflow",)),
     }
+
+
+@dataclass(frozen=True)
+class _Clean:
+    """The scan to add noise to, from a scan store or a raw file: its patterns (RX, RY, QX, QY),
+    calibration, per-position maps to carry (the truth), the attributes the noisy copy keeps,
+    and ``identity``, the :func:`noise_recipe` arguments that name its content."""
+
+    data: da.Array
+    calibration: Calibration
+    extras: xr.Dataset | None
+    attrs: dict[str, Any]
+    identity: dict[str, Any]
+
+
+#: Attributes of a scan store that its noisy copy keeps.
+_KEPT = ("truth_symmetry", "simulation", "reciprocal_basis_px", "ellipse_matrix", "disk_radius_px")
+
+
+def _from_store(src: Location) -> _Clean:
+    scan = open_scan(src)
+    with storage_errors(src.url):
+        stored = xr.open_zarr(src.url, storage_options=src.storage_options or None)
+    content = scan.attrs.get("content_sha256")
+    return _Clean(
+        data=scan.data,
+        calibration=Calibration.from_attrs(scan.attrs),
+        extras=stored[[name for name, var in stored.data_vars.items() if var.dims == SCAN_DIMS]],
+        attrs={
+            **{key: scan.attrs[key] for key in _KEPT if key in scan.attrs},
+            "source_content_sha256": content,
+        },
+        identity={"source_content_sha256": content},
+    )
+
+
+def _from_raw(raw: SourceScan, key: str, options: IngestOptions) -> _Clean:
+    truth = raw.truth
+    return _Clean(
+        data=raw.data,
+        calibration=raw.calibration.merged(options.calibration),
+        extras=truth,
+        attrs={
+            **({"truth_symmetry": truth.attrs.get("truth_symmetry")} if truth is not None else {}),
+            "source_key": key,
+            "reader": raw.reader,
+            "reader_details": raw.details,
+            "ingest_options": options.identity(),
+        },
+        identity={"source_content_sha256": None, "source_key": key},
+    )
 
 
 def noise_store(
@@ -281,87 +338,104 @@ def noise_store(
     counts: float = PAPER_COUNTS,
     seed: int = 0,
     model: NoiseModel = "background",
+    read: IngestOptions | None = None,
 ) -> WriteResult:
-    """Read a scan store, add noise chunk by chunk, and publish the noisy scan atomically.
+    """Read a scan, add noise chunk by chunk, and publish the noisy scan store atomically.
 
     Parameters
     ----------
     source
-        Scan store (path or URL) with ``data`` of dims (rx, ry, qx, qy).
+        Scan store (path or URL) with ``data`` of dims (rx, ry, qx, qy), or a raw scan file in
+        any supported format, read block by block as ``stemflow ingest`` reads it (no clean
+        store is written).
     dest
         Scan store to write (path or URL); must differ from ``source``.
     background, counts, seed, model
         As :func:`add_noise`.
+    read
+        How to read a raw ``source`` (format, HDF5 dataset, raw layout, calibration overrides);
+        ignored for a scan store.
 
     Returns
     -------
     WriteResult
-        What was published, or what ``dest`` already held from the same source content and
-        parameters (status ``"skipped"``: nothing is computed again). The store carries the
-        source's calibration, its per-position variables (the ``truth_*`` maps,
-        ``grain_id``, ...) and ``truth_symmetry``, and the provenance attributes
-        ``noise_model``, ``noise_background`` (w), ``noise_counts`` (N), ``noise_seed``,
-        ``noise_q0``, ``noise_seeding``, ``paper_scale`` (1 for the clean ``w = 0`` copy),
-        ``source`` and ``source_content_sha256`` (the source's fingerprint).
+        What was published, or what ``dest`` already held from the same source and parameters
+        (status ``"skipped"``: nothing is computed again). The store carries the source's
+        calibration, its per-position variables (the ``truth_*`` maps, ``grain_id``, ...) and
+        ``truth_symmetry``, and the provenance attributes ``noise_model``,
+        ``noise_background`` (w), ``noise_counts`` (N), ``noise_seed``, ``noise_q0``,
+        ``noise_seeding``, ``paper_scale`` (1 for the clean ``w = 0`` copy), ``source`` and
+        the source's fingerprint: ``source_content_sha256`` of a scan store, ``source_key`` of
+        a raw file.
 
     Raises
     ------
     InputError
-        For bad parameters, a missing source, a store without the dims of CONVENTIONS.md, or
-        ``dest`` equal to ``source``; nothing is published.
+        For bad parameters, a missing source, a store without the dims of CONVENTIONS.md, a raw
+        file its reader refuses, or ``dest`` equal to ``source``; nothing is published.
     """
     _check(background, counts, model, seed)
     src, out = locate(source), locate(dest)
     if src.fs.protocol == out.fs.protocol and src.path.rstrip("/") == out.path.rstrip("/"):
         raise InputError(f"DEST {redact(dest)} is the SOURCE; choose another destination.")
-    scan = open_scan(src)
+    with storage_errors(src.url):
+        found, raw_file = src.fs.exists(src.path), src.fs.isfile(src.path)
+    if not found:
+        raise InputError(
+            f"{redact(src.url)} does not exist; check the path (a scan store, or a raw scan in "
+            "any supported format)."
+        )
+    if not raw_file:  # a scan store, or a folder that open_scan explains
+        return _write_noisy(_from_store(src), source, out, background, counts, seed, model)
+    options = read or IngestOptions()
+    key = source_key(src, options)
+    with open_source(src.url, format=options.format, options=options.read_options()) as raw:
+        clean = _from_raw(raw, key, options)
+        return _write_noisy(clean, source, out, background, counts, seed, model)
+
+
+def _write_noisy(
+    clean: _Clean,
+    source: str,
+    out: Location,
+    background: float,
+    counts: float,
+    seed: int,
+    model: NoiseModel,
+) -> WriteResult:
+    """Publish the noisy copy of ``clean`` at ``out`` (:func:`noise_store`), or find it there."""
     recipe = noise_recipe(
-        scan.attrs.get("content_sha256"),
+        clean.identity["source_content_sha256"],
         background=background,
         counts=counts,
         seed=seed,
         model=model,
+        source_key=clean.identity.get("source_key"),
     )
     done = finished_scan(out, recipe)
     if done is not None:
         return done
-    with storage_errors(src.url):
-        stored = xr.open_zarr(src.url, storage_options=src.storage_options or None)
-    extras = stored[[name for name, var in stored.data_vars.items() if var.dims == SCAN_DIMS]]
-    noisy = add_noise(scan.data, background=background, counts=counts, seed=seed, model=model)
-    clean = noisy is scan.data
-    attrs: dict[str, Any] = {
-        key: scan.attrs[key]
-        for key in (
-            "truth_symmetry",
-            "simulation",
-            "reciprocal_basis_px",
-            "ellipse_matrix",
-            "disk_radius_px",
-        )
-        if key in scan.attrs
+    noisy = add_noise(clean.data, background=background, counts=counts, seed=seed, model=model)
+    no_poisson = noisy is clean.data
+    attrs = {
+        **clean.attrs,
+        "source": redact(source),
+        "noise_model": model,
+        "noise_background": float(background),
+        "noise_counts": float(counts),
+        "noise_seed": int(seed),
+        "noise_q0": Q0,
+        "noise_poisson": not no_poisson,
+        "noise_seeding": "one numpy Generator per pattern, default_rng([seed, rx, ry])",
+        "paper_scale": 1.0 if no_poisson else paper_scale(counts),
+        "software": software_versions(),
+        "created": utc_now(),
     }
-    attrs.update(
-        {
-            "source": redact(source),
-            "source_content_sha256": scan.attrs.get("content_sha256"),
-            "noise_model": model,
-            "noise_background": float(background),
-            "noise_counts": float(counts),
-            "noise_seed": int(seed),
-            "noise_q0": Q0,
-            "noise_poisson": not clean,
-            "noise_seeding": "one numpy Generator per pattern, default_rng([seed, rx, ry])",
-            "paper_scale": 1.0 if clean else paper_scale(counts),
-            "software": software_versions(),
-            "created": utc_now(),
-        }
-    )
     return write_scan(
         noisy,
         out,
-        calibration=Calibration.from_attrs(scan.attrs),
+        calibration=clean.calibration,
         attrs=attrs,
-        extras=extras,
+        extras=clean.extras,
         recipe=recipe,
     )

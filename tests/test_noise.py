@@ -15,7 +15,10 @@ import xarray as xr
 from flows.cli import main
 from stemlib.calibration import Calibration
 from stemlib.errors import InputError
+from stemlib.ingest import IngestOptions, ingest, source_key
+from stemlib.io.export import write_hdf5_scan
 from stemlib.io.scan_store import open_scan, write_scan
+from stemlib.io.storage import locate
 from stemlib.noise import add_noise, background_pattern, count_dtype, noise_store, paper_scale
 from stemlib.simulate import SimulationConfig, simulate, write_simulation
 from stemlib.truth import open_truth
@@ -202,6 +205,38 @@ def test_noise_store_records_provenance_and_carries_the_truth(source, tmp_path):
     assert again.content_sha256 == result.content_sha256
 
 
+#: Per-position maps besides the truth_* ones that a raw file's truth group keeps.
+KEPT_MAPS = ("grain_id", "reference_mask")
+
+
+def test_a_raw_scan_gets_the_noise_its_ingested_store_would(source, tmp_path):
+    """A raw file is read as ``stemflow ingest`` reads it, and no clean store is written: the
+    same counts and truth as noise on its ingested store, the file's key as the copy's
+    fingerprint, and a rerun skips it."""
+    stored = xr.open_zarr(source)
+    truth = stored[[v for v in stored.data_vars if v.startswith("truth_") or v in KEPT_MAPS]]
+    truth.attrs["truth_symmetry"] = stored.attrs["truth_symmetry"]
+    raw = str(write_hdf5_scan(open_scan(source).data, tmp_path / "raw" / "scan.h5", truth=truth))
+    ingest(raw, str(tmp_path / "scan.zarr"))
+    kwargs = dict(background=0.25, counts=1e5, seed=9)
+    via_store = noise_store(str(tmp_path / "scan.zarr"), str(tmp_path / "a.zarr"), **kwargs)
+    direct = noise_store(raw, str(tmp_path / "b.zarr"), **kwargs)
+    assert direct.status == "written" and direct.content_sha256 == via_store.content_sha256
+    xr.testing.assert_identical(open_truth(str(tmp_path / "b.zarr")), open_truth(source))
+    attrs = xr.open_zarr(tmp_path / "b.zarr").attrs
+    assert attrs["source_key"] == source_key(locate(raw), IngestOptions())
+    assert attrs["reader"].startswith("hdf5") and attrs["truth_symmetry"] == 4
+    assert os.listdir(tmp_path / "raw") == ["scan.h5"]
+    assert noise_store(raw, str(tmp_path / "b.zarr"), **kwargs).status == "skipped"
+    # The command line takes the reading options of `stemflow ingest` for a raw SOURCE.
+    command = ["noise", raw, str(tmp_path / "c.zarr"), "--background", "0.25", "--seed", "9"]
+    assert main([*command, "--dataset", "/nowhere", "--quiet"]) == 2
+    assert main([*command, "--probe-step-nm", "0.5", "--quiet"]) == 0
+    copy = open_scan(str(tmp_path / "c.zarr"))
+    assert copy.attrs["content_sha256"] == direct.content_sha256
+    assert copy.attrs["probe_step_nm"] == 0.5 and copy["rx"].attrs["units"] == "nm"
+
+
 def test_zero_background_store_is_a_clean_copy(source, tmp_path):
     noise_store(source, str(tmp_path / "n0.zarr"), background=0.0)
     copy, clean = open_scan(str(tmp_path / "n0.zarr")), open_scan(source)
@@ -248,7 +283,7 @@ BAD = [
     (
         "missing.zarr",
         dict(background=0.5),
-        r"missing\.zarr does not exist; run `stemflow ingest SOURCE",
+        r"missing\.zarr does not exist; check the path \(a scan store, or a raw scan in any",
     ),
     (
         "flat.zarr",

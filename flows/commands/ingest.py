@@ -16,8 +16,10 @@ from ._args import flag_error, float_pair, int_pair
 __all__ = ["register", "options_from_args", "add_source_arguments", "describe"]
 
 
-def add_source_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options that say how to read a raw scan (shared by ``ingest`` and ``run``)."""
+def add_source_arguments(parser: argparse.ArgumentParser, *, nonfinite: bool = True) -> None:
+    """The options that say how to read a raw scan (shared by ``ingest``, ``run`` and
+    ``noise``); ``nonfinite``: also ``--allow-nonfinite``, for commands that store the patterns
+    as read."""
     read = parser.add_argument_group("reading the source")
     read.add_argument(
         "--format", default="auto", choices=["auto", *FORMATS], help="source format (default: auto)"
@@ -49,6 +51,8 @@ def add_source_arguments(parser: argparse.ArgumentParser) -> None:
         "--origin", type=float_pair, metavar="QX,QY", help="direct-beam pixel (qx, qy)"
     )
     cal.add_argument("--qr-rotation-deg", type=float, help="scan-to-detector rotation (deg)")
+    if not nonfinite:
+        return
     parser.add_argument(
         "--allow-nonfinite",
         action="store_true",
@@ -99,7 +103,7 @@ def _options(args: argparse.Namespace) -> IngestOptions:
         frame_header_bytes=args.frame_header_bytes,
         frame_footer_bytes=args.frame_footer_bytes,
         calibration=calibration,
-        allow_nonfinite=args.allow_nonfinite,
+        allow_nonfinite=getattr(args, "allow_nonfinite", False),
         overwrite=getattr(args, "overwrite", False),
     )
 

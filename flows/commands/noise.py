@@ -1,4 +1,5 @@
-"""``stemflow noise SOURCE DEST --background W``: the paper's noise model on a scan store."""
+"""``stemflow noise SOURCE DEST --background W``: the paper's noise model on a scan store or a
+raw scan."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import numpy as np
 
 from stemlib.io.storage import redact
 from stemlib.noise import PAPER_COUNTS, noise_store
+
+from .ingest import add_source_arguments, options_from_args
 
 __all__ = ["register"]
 
@@ -25,6 +28,7 @@ def _run(args: argparse.Namespace) -> int:
             counts=args.counts,
             seed=args.seed,
             model=args.model,
+            read=options_from_args(args),
         )
     seconds = time.perf_counter() - start
     patterns = result.shape[0] * result.shape[1]
@@ -50,14 +54,18 @@ def _run(args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     parser = sub.add_parser(
         "noise",
-        help="add the CC-ST-AE paper's background + Poisson noise to a scan store",
-        description="Write a noisy copy of a scan store: counts ~ Poisson(N ((1 - w) P + w B)) "
-        "with B "
+        help="add the CC-ST-AE paper's background + Poisson noise to a scan",
+        description="Write a noisy copy of a scan store or a raw scan (read as `stemflow ingest` "
+        "reads it) as a scan store: counts ~ Poisson(N ((1 - w) P + w B)) with B "
         "the paper's Lorentzian background (CONVENTIONS.md section 3), or pure shot noise with "
         "--model dose. Counts are stored as integers, the paper's scale 1/N * 1e5/4 as the "
         "attribute paper_scale; the source's truth is copied.",
     )
-    parser.add_argument("source", metavar="SOURCE", help="scan store to read: path or URL")
+    parser.add_argument(
+        "source",
+        metavar="SOURCE",
+        help="scan store, or raw scan (any supported format), to read: path or URL",
+    )
     parser.add_argument("dest", metavar="DEST", help="scan store to write: path or URL")
     parser.add_argument(
         "--background",
@@ -83,4 +91,5 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         help="background (the paper) or dose (shot noise only)",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_source_arguments(parser, nonfinite=False)  # for a raw SOURCE
     parser.set_defaults(run=_run)
