@@ -283,13 +283,15 @@ def noise_recipe(
 class _Clean:
     """The scan to add noise to, from a scan store or a raw file: its patterns (RX, RY, QX, QY),
     calibration, per-position maps to carry (the truth), the attributes the noisy copy keeps,
-    and ``identity``, the :func:`noise_recipe` arguments that name its content."""
+    and what names its content for :func:`noise_recipe` (a store's content hash, a raw file's
+    source key)."""
 
     data: da.Array
     calibration: Calibration
     extras: xr.Dataset | None
     attrs: dict[str, Any]
-    identity: dict[str, Any]
+    content_sha256: str | None = None
+    source_key: str | None = None
 
 
 #: Attributes of a scan store that its noisy copy keeps.
@@ -309,7 +311,7 @@ def _from_store(src: Location) -> _Clean:
             **{key: scan.attrs[key] for key in _KEPT if key in scan.attrs},
             "source_content_sha256": content,
         },
-        identity={"source_content_sha256": content},
+        content_sha256=content,
     )
 
 
@@ -326,7 +328,7 @@ def _from_raw(raw: SourceScan, key: str, options: IngestOptions) -> _Clean:
             "reader_details": raw.details,
             "ingest_options": options.identity(),
         },
-        identity={"source_content_sha256": None, "source_key": key},
+        source_key=key,
     )
 
 
@@ -405,12 +407,12 @@ def _write_noisy(
 ) -> WriteResult:
     """Publish the noisy copy of ``clean`` at ``out`` (:func:`noise_store`), or find it there."""
     recipe = noise_recipe(
-        clean.identity["source_content_sha256"],
+        clean.content_sha256,
         background=background,
         counts=counts,
         seed=seed,
         model=model,
-        source_key=clean.identity.get("source_key"),
+        source_key=clean.source_key,
     )
     done = finished_scan(out, recipe)
     if done is not None:
