@@ -32,7 +32,7 @@ from stemlib.baseline_py4dstem import Py4DSTEMConfig
 from stemlib.ccstae import CCSTAEConfig
 from stemlib.ccstae.train import model_folder_name
 from stemlib.ingest import IngestOptions
-from stemlib.io.storage import locate, redact
+from stemlib.io.storage import locate, redact, remove
 from stemlib.rerun import finished_step, run_key, scan_identity
 from stemlib.types import Device, Method, Symmetry
 from tasks._retry import STORAGE_RETRY
@@ -128,6 +128,7 @@ def process_scan(
     ingest: IngestOptions | None = None,
     scan_store: str | None = None,
     workdir: str | None = None,
+    recompute: bool = False,
 ) -> dict[str, Any]:
     """Strain, shear and rotation maps of one scan by CC-ST-AE and py4DSTEM, published together.
 
@@ -144,6 +145,9 @@ def process_scan(
         ingest: How to read the raw scan (format, HDF5 dataset, scan shape, calibration).
         scan_store: Where to keep the ingested scan; beside dest by default.
         workdir: Folder for intermediate results and checkpoints; beside dest by default.
+        recompute: Compute both methods again, even where an earlier run finished them with
+            the same settings (after an upgrade of stemflow, say); CC-ST-AE trains anew. The
+            ingested scan is kept.
     """
     logger = get_run_logger()
     params = resolved_parameters(
@@ -167,7 +171,9 @@ def process_scan(
     # before any hour of training.
     if published_request(dest) == request:
         logger.info(
-            "%s already holds this request's result; finished steps are skipped", redact(dest)
+            "%s already holds this request's result; %s",
+            redact(dest),
+            "computing it again (recompute)" if recompute else "finished steps are skipped",
         )
     where = default_locations(source, dest)
     scan_store = scan_store or where["scan_store"]
@@ -190,7 +196,11 @@ def process_scan(
     outputs = {m: work.child(f"{m}.zarr").url for m in methods}
     futures: dict[str, Any] = {}
     upstream: dict[str, Any] = {}  # a method's earlier step, whose failure is the one to tell
-    if "py4dstem" in methods and not finished_step(outputs["py4dstem"], keys["py4dstem"]):
+
+    def finished(method: str) -> bool:
+        return not recompute and finished_step(outputs[method], keys[method])
+
+    if "py4dstem" in methods and not finished("py4dstem"):
         futures["py4dstem"] = py4dstem_strain_scan.submit(
             scan["url"],
             outputs["py4dstem"],
@@ -199,9 +209,11 @@ def process_scan(
             config=py4dstem,
             run_key=keys["py4dstem"],
         )
-    if "ccstae" in methods and not finished_step(outputs["ccstae"], keys["ccstae"]):
+    if "ccstae" in methods and not finished("ccstae"):
         name = model_folder_name(scan["content_sha256"], reference=reference, config=ccstae)
         model_dir = work.child(name).url
+        if recompute:  # not resumed from, nor taken as trained
+            remove(work.child(name))
         with gpu_resources():
             trained = upstream["ccstae"] = train_ccstae.submit(
                 scan["url"], model_dir, reference=reference, config=ccstae, device=device

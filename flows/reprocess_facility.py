@@ -114,7 +114,13 @@ def _cluster(address: str | None) -> Iterator[str]:
 
 @task(name="process-one-scan", task_run_name="process-{name}", cache_policy=NO_CACHE)
 def process_one(
-    source: str, dest: str, address: str, parameters: dict[str, Any], device: Device, name: str
+    source: str,
+    dest: str,
+    address: str,
+    parameters: dict[str, Any],
+    device: Device,
+    name: str,
+    recompute: bool = False,
 ) -> dict[str, Any]:
     """Run process-scan on scan ``name`` (:func:`~stemlib.discover.scan_name`); never raises,
     so that one failure does not stop the rest.
@@ -125,7 +131,14 @@ def process_one(
     runner = process_scan.with_options(
         task_runner=dask_runner(address), flow_run_name=lambda: f"process-{name}"
     )
-    state = runner(source=source, dest=dest, device=device, return_state=True, **parameters)
+    state = runner(
+        source=source,
+        dest=dest,
+        device=device,
+        recompute=recompute,
+        return_state=True,
+        **parameters,
+    )
     if state.is_completed():
         return _row(source, "processed", dest)
     return _row(source, "failed", reason=_reason(state))
@@ -141,18 +154,19 @@ def _reason(state: Any) -> str:
 
 
 def survey(
-    root: str, dest_root: str, parameters: dict[str, Any]
+    root: str, dest_root: str, parameters: dict[str, Any], *, recompute: bool = False
 ) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
     """The scans under ``root`` and what a run with ``parameters`` (from
     :func:`~flows.process_scan.resolved_parameters`) does with each: the rows of those it skips
-    (their result under ``dest_root`` records the same request) or cannot read (failed, with
-    the reason), and the (source, destination) pairs of the others, to process."""
+    (their result under ``dest_root`` records the same request, unless ``recompute``) or cannot
+    read (failed, with the reason), and the (source, destination) pairs of the others, to
+    process."""
     rows: list[dict[str, Any]] = []
     todo: list[tuple[str, str]] = []
     for source in find_scans(root, format=parameters["ingest"].format):
         dest = result_url(dest_root, scan_name(source, root))
         try:
-            done = published_request(dest) == request_key(source, **parameters)
+            done = published_request(dest) == request_key(source, **parameters) and not recompute
         except Exception as exc:  # noqa: BLE001 - an unreadable scan is reported, not fatal
             rows.append(_row(source, "failed", reason=str(exc)))
             continue
@@ -206,6 +220,7 @@ def _process(
     device: Device,
     max_concurrent: int,
     dask_address: str | None,
+    recompute: bool = False,
 ) -> list[dict[str, Any]]:
     """The rows of the (source, dest) pairs ``todo`` found under ``root``, processed at most
     ``max_concurrent`` at a time on one Dask cluster (none is started when there is nothing to
@@ -221,7 +236,9 @@ def _process(
                 rows += [f.result() for f in finished]
                 running = list(unfinished)
             name = scan_name(source, root)
-            running.append(process_one.submit(source, dest, address, parameters, device, name))
+            running.append(
+                process_one.submit(source, dest, address, parameters, device, name, recompute)
+            )
         rows += [f.result() for f in running]
     return rows
 
@@ -254,6 +271,7 @@ def reprocess_facility(
     ingest: IngestOptions | None = None,
     dask_address: str | None = None,
     dry_run: bool = False,
+    recompute: bool = False,
 ) -> dict[str, Any]:
     """Process every scan under a folder or bucket prefix that has not been processed yet.
 
@@ -272,6 +290,8 @@ def reprocess_facility(
             for a facility whose files share them; each file says for itself by default.
         dask_address: Scheduler of an existing Dask cluster; a local one when empty.
         dry_run: Only list the scans a run would process ("to process"), skip or fail on.
+        recompute: Process every scan again, also those processed with the same settings
+            (after an upgrade of stemflow, say): both methods computed anew.
 
     Returns:
         :func:`summary` of the scans: ``counts`` by status, and a row per scan.
@@ -291,12 +311,12 @@ def reprocess_facility(
         py4dstem=py4dstem,
         ingest=ingest,
     )
-    rows, todo = survey(root, dest_root, parameters)
+    rows, todo = survey(root, dest_root, parameters, recompute=recompute)
     logger.info("found %d scans under %s", len(rows) + len(todo), redact(root))
     if dry_run:
         rows += pending(todo)
     else:
-        rows += _process(root, todo, parameters, device, max_concurrent, dask_address)
+        rows += _process(root, todo, parameters, device, max_concurrent, dask_address, recompute)
     result = summary(rows, dry_run=dry_run)
     create_table_artifact(
         key="reprocess-summary",

@@ -292,6 +292,21 @@ def test_a_worker_killed_mid_run_changes_nothing(prefect_harness, raw, tmp_path)
         np.testing.assert_array_equal(rough[name].values, calm[name].values[0])
 
 
+@pytest.mark.slow
+def test_recompute_trains_and_maps_again_what_a_rerun_would_skip(prefect_harness, raw, tmp_path):
+    """After an upgrade of stemflow, a facility computes its results again with the same
+    settings: recompute runs the steps that a rerun skips (test above) again, and CC-ST-AE
+    trains anew rather than resuming its finished model; the scan store is kept."""
+    dest = tmp_path / "strain.zarr"
+    run = dict(source=raw, dest=str(dest), methods=["ccstae"], ccstae=TINY, device="cpu")
+    process_scan(**run)
+    [model] = (dest.parent / ".strain.zarr.work").glob("ccstae-model-*")
+    (model / "sentinel").write_text("the first run's model folder")
+    again = process_scan(**run, recompute=True)
+    assert again["steps"] == {"ingest": "skipped", "ccstae": "done"}
+    assert not (model / "sentinel").exists() and (model / "checkpoint.pt").is_file()
+
+
 def test_a_training_that_refuses_the_scan_is_the_runs_one_sentence(prefect_harness, tmp_path):
     """CC-ST-AE's training refuses a scan without Bragg disks; the flow then asked for the
     inference's result, which never ran, and failed with "UnfinishedRun: Run is in PENDING

@@ -130,6 +130,9 @@ def test_good_done_and_broken_scans(prefect_harness, one_scan, tmp_path, capsys)
         "2 to process, 2 skipped, 0 failed",
     ]
     assert not (results / "day1" / "later").exists() and not (results / "broken").exists()
+    # With --recompute (after an upgrade, say) the processed scans are processed again too.
+    assert main([*command, "--py4dstem-config", str(config), "--dry-run", "--recompute"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "4 to process, 0 skipped, 0 failed"
 
     new = xr.open_zarr(result_url(str(results), "day1/new"))
     done = xr.open_zarr(result_url(str(results), "day1/done"))

@@ -12,6 +12,7 @@ from .ingest import add_source_arguments, options_from_args
 from .run import (
     add_dask_argument,
     add_method_arguments,
+    add_recompute_argument,
     add_strain_arguments,
     flow_run,
     method_options,
@@ -54,7 +55,7 @@ def _dry_run(args: argparse.Namespace, options: dict[str, Any]) -> dict[str, Any
     parameters = resolved_parameters(
         reference=args.reference, symmetry=args.symmetry, device=args.device, **options
     )
-    rows, todo = survey(args.root, args.dest_root, parameters)
+    rows, todo = survey(args.root, args.dest_root, parameters, recompute=args.recompute)
     return summary(rows + pending(todo), dry_run=True)
 
 
@@ -80,6 +81,7 @@ def _run(args: argparse.Namespace) -> int:
                 symmetry=args.symmetry,
                 device=args.device,
                 dask_address=args.dask_address,
+                recompute=args.recompute,
                 **options,
             )
         except ScansFailed as failed:  # the run ended Failed; the lines say which and why
@@ -108,6 +110,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     strain = parser.add_argument_group("strain")
     add_method_arguments(strain)
     add_strain_arguments(strain)
+    add_recompute_argument(strain)
     where = parser.add_argument_group("where")
     where.add_argument(
         "--max-concurrent",

@@ -25,6 +25,7 @@ __all__ = [
     "add_method_arguments",
     "method_options",
     "add_pipeline_arguments",
+    "add_recompute_argument",
     "add_strain_arguments",
     "add_dask_argument",
     "pipeline_options",
@@ -103,12 +104,23 @@ def add_dask_argument(group: argparse._ArgumentGroup) -> None:
     )
 
 
+def add_recompute_argument(group: argparse._ArgumentGroup) -> None:
+    """``--recompute``: compute again what an earlier run finished with the same settings."""
+    group.add_argument(
+        "--recompute",
+        action="store_true",
+        help="compute both methods again even where an earlier run finished them with the same "
+        "settings (after an upgrade of stemflow, say); CC-ST-AE trains anew",
+    )
+
+
 def add_pipeline_arguments(parser: argparse.ArgumentParser, *, preset: str = "auto") -> None:
     """The options of a strain run (shared by ``run`` and ``demo``; ``preset``: the default
     CC-ST-AE recipe)."""
     strain = parser.add_argument_group("strain")
     add_method_arguments(strain, preset=preset)
     add_strain_arguments(strain)
+    add_recompute_argument(strain)
     where = parser.add_argument_group("where")
     where.add_argument(
         "--scan-store", help="where to keep the ingested scan (default: beside DEST)"
@@ -128,6 +140,7 @@ def pipeline_options(args: argparse.Namespace) -> dict[str, Any]:
         "device": args.device,
         "scan_store": args.scan_store,
         "workdir": args.workdir,
+        "recompute": args.recompute,
     }
 
 
