@@ -42,6 +42,7 @@ from ..provenance import input_provenance
 from ..py4dstem.pipeline import region_lattice
 from ..reference import auto_reference, describe_reference, reference_warnings
 from ..results import strain_dataset
+from ..scan import ScanLike, as_scan
 from ..strain import detect_symmetry, fold_rotation, rotation_matrix
 from ..types import SCAN_DIMS, Device, Symmetry
 from .config import CCSTAEConfig, check_config, resolve_device
@@ -533,7 +534,7 @@ def _train_stages(
 
 
 def train_on_scan(
-    scan: xr.DataArray,
+    scan: ScanLike,
     *,
     workdir: str,
     reference: str = "auto",
@@ -552,7 +553,7 @@ def train_on_scan(
         ``workdir``, ``epochs``, ``final_loss``, ``checkpoint_sha256``, ``timings_s``.
     """
     trained = _train_stages(
-        scan,
+        as_scan(scan),
         reference=reference,
         config=config,
         device=device,
@@ -570,7 +571,7 @@ def train_on_scan(
 
 
 def ccstae_strain(
-    scan: xr.DataArray,
+    scan: ScanLike,
     *,
     reference: str = "auto",
     symmetry: Symmetry = "auto",
@@ -590,8 +591,9 @@ def ccstae_strain(
     ----------
     scan
         Lazy DataArray of shape (RX, RY, QX, QY) (``qx`` = pattern rows, axis 2), as
-        :func:`stemlib.io.open_scan` returns; ``attrs["origin_px"]`` is the direct beam if known,
-        else ``(QX // 2, QY // 2)``.
+        :func:`stemlib.io.open_scan` returns, or a NumPy or dask array of that shape or a
+        DataArray of those dims without attributes (:func:`stemlib.scan.as_scan`);
+        ``attrs["origin_px"]`` is the direct beam if known, else ``(QX // 2, QY // 2)``.
     reference
         ``"auto"`` (the largest region of consistent lattice), ``"RX0:RX1,RY0:RY1"`` or the path
         of a boolean ``.npy`` mask of shape (RX, RY) (:func:`stemlib.reference.parse_reference`).
@@ -628,7 +630,8 @@ def ccstae_strain(
     Raises
     ------
     InputError
-        Bad device, symmetry or config for this scan, a reference region outside the scan or
+        A scan that is not 4-dimensional (rx, ry, qx, qy); bad device, symmetry or config for
+        this scan, a reference region outside the scan or
         without a valid answer, a scan whose sampled patterns show no Bragg disks
         (:func:`stemlib.angular.angular_order`), or a ``workdir`` holding another run's
         checkpoint.
@@ -640,6 +643,7 @@ def ccstae_strain(
     """
     if symmetry not in ("auto", 2, 4, 6):
         raise InputError(f"symmetry={symmetry!r} is not known; use auto, 2, 4 or 6.")
+    scan = as_scan(scan)
     with ExitStack() as stack:
         folder = (
             Path(workdir) if workdir else Path(stack.enter_context(temporary_folder(WORK_PREFIX)))
@@ -715,7 +719,7 @@ def ccstae_strain(
     )
     if bases_png is not None:
         save_bases_png(bases, bases_png, mask=ring_last)
-    coords = {d: scan.coords[d] for d in SCAN_DIMS if hasattr(scan, "coords") and d in scan.coords}
+    coords = {d: scan.coords[d] for d in SCAN_DIMS if d in scan.coords}
     described = describe_reference(reference, reference_mask)
     warnings = reference_warnings(strain, valid, reference=described)
     return strain_dataset(
