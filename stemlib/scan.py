@@ -13,6 +13,7 @@ from typing import Any, TypeAlias
 import dask.array as da
 import numpy as np
 import xarray as xr
+from dask.base import tokenize
 
 from .errors import InputError
 from .types import DIMS
@@ -51,6 +52,62 @@ def _labelled(scan: Any, name: str) -> xr.DataArray:
     return xr.DataArray(scan, dims=DIMS)
 
 
+def _refuse_empty_or_complex(scan: xr.DataArray, name: str) -> None:
+    if 0 in scan.shape:
+        raise InputError(
+            f"{name} has shape {tuple(scan.shape)}, with no probe positions or no pixels; pass a "
+            "scan of at least one pattern."
+        )
+    if scan.dtype.kind not in "iuf":
+        raise InputError(
+            f"{name} has dtype {scan.dtype}; the strain methods take intensities of an integer or "
+            f"float dtype: pass the counts, e.g. np.abs({name}) of a complex wave."
+        )
+
+
+def _first_nonfinite(block: np.ndarray) -> tuple[int, int] | None:
+    """(i, j) of the first pattern of a block (crx, cry, QX, QY) holding NaN or Inf, or None."""
+    bad = np.argwhere(~np.isfinite(block).all(axis=(2, 3)))
+    return (int(bad[0, 0]), int(bad[0, 1])) if len(bad) else None
+
+
+def _nonfinite(name: str, rx: int, ry: int) -> InputError:
+    return InputError(
+        f"{name} holds NaN or Inf, first in the pattern at (rx, ry) = ({rx}, {ry}); replace them "
+        f"first, e.g. np.nan_to_num({name}) for 0 counts where a pixel read nothing."
+    )
+
+
+def _finite_block(block: np.ndarray, *, argument: str, block_info: Any = None) -> np.ndarray:
+    """``block`` itself, or the sentence naming its first pattern holding NaN or Inf."""
+    first = _first_nonfinite(block)
+    if first is not None:
+        (r0, _), (c0, _) = block_info[0]["array-location"][:2]
+        raise _nonfinite(argument, r0 + first[0], c0 + first[1])
+    return block
+
+
+def _checked_finite(scan: xr.DataArray, name: str) -> xr.DataArray:
+    """``scan`` with its float values checked finite: at once in memory, per block when lazy (so
+    that building a graph computes nothing). A stemflow store is not checked again: its writer
+    refused NaN and Inf, or recorded them as ``nonfinite_pixels``, read as 0 counts."""
+    if scan.dtype.kind != "f" or scan.attrs.get("content_sha256"):
+        return scan
+    if not isinstance(scan.data, da.Array):
+        first = _first_nonfinite(np.asarray(scan.data))
+        if first is not None:
+            raise _nonfinite(name, *first)
+        return scan
+    checked = scan.data.map_blocks(
+        _finite_block,
+        argument=name,
+        dtype=scan.dtype,
+        meta=scan.data._meta,
+        name="stemflow-finite-" + tokenize(scan.data, name),
+    )
+    return scan.copy(data=checked)
+
+
 def as_scan(scan: ScanLike, *, name: str = "scan") -> xr.DataArray:
     """A user's scan as a DataArray of dims (rx, ry, qx, qy), checked.
 
@@ -68,12 +125,16 @@ def as_scan(scan: ScanLike, *, name: str = "scan") -> xr.DataArray:
     xarray.DataArray of dims (rx, ry, qx, qy)
         ``scan`` itself if it is such a DataArray, else the array with those dims and no
         coordinates or attributes (uncalibrated: the direct beam is taken at the pattern's
-        centre, ``(QX // 2, QY // 2)``).
+        centre, ``(QX // 2, QY // 2)``). A lazy scan comes back lazy, its values checked as
+        each block is computed.
 
     Raises
     ------
     InputError
-        If ``scan`` is not 4-dimensional, has dims of other names or order, or is not an array.
+        If ``scan`` is not 4-dimensional, has dims of other names or order, is not an array, is
+        empty or of a dtype other than integer or float; if a float scan holds NaN or Inf (at
+        once in memory, when the block is computed for a dask array; a store that
+        :func:`stemlib.io.open_scan` opened is not checked again).
 
     Examples
     --------
@@ -84,4 +145,6 @@ def as_scan(scan: ScanLike, *, name: str = "scan") -> xr.DataArray:
     ...
     stemlib.errors.InputError: scan has dims ('qx', 'qy', 'rx', 'ry'); expected (rx, ry, qx, qy) in that order: transpose it: scan.transpose('rx', 'ry', 'qx', 'qy').
     """  # noqa: E501
-    return _labelled(scan, name)
+    labelled = _labelled(scan, name)
+    _refuse_empty_or_complex(labelled, name)
+    return _checked_finite(labelled, name)

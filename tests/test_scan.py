@@ -94,3 +94,44 @@ def test_as_scan_keeps_a_scan_of_the_right_dims():
     assert as_scan(scan) is scan
     lazy = as_scan(da.zeros((2, 3, 8, 8), chunks=(1, 3, 8, 8)))
     assert isinstance(lazy.data, da.Array) and lazy.dims == ("rx", "ry", "qx", "qy")
+
+
+def _with_nan(patterns, rx, ry):
+    bad = patterns.copy()
+    bad[rx, ry, 3, 5] = np.nan
+    return bad
+
+
+@pytest.mark.parametrize(
+    ("scan", "match"),
+    [
+        (np.zeros((0, 8, 32, 32), np.float32), r"shape \(0, 8, 32, 32\), with no probe positions"),
+        (np.ones((4, 4, 32, 32), np.complex64), r"dtype complex64; .* np.abs\(scan\)"),
+        (
+            _with_nan(np.ones((4, 4, 32, 32), np.float32), 2, 3),
+            r"NaN or Inf, first in the pattern at \(rx, ry\) = \(2, 3\); .*np.nan_to_num\(scan\)",
+        ),
+    ],
+    ids=["empty", "complex", "NaN"],
+)
+@pytest.mark.parametrize("method", ["py4dstem", "ccstae"])
+def test_unusable_values_are_one_sentence_before_any_work(scan, match, method):
+    """Regression: an empty scan was a ZeroDivisionError (py4DSTEM) or an IndexError (CC-ST-AE),
+    a complex one ran on its real part, and a NaN pixel failed deep inside CC-ST-AE's refinement
+    after training ('cannot convert float NaN to integer')."""
+    run = {
+        "py4dstem": lambda: py4dstem_strain(scan),
+        "ccstae": lambda: ccstae_strain(scan, config=TINY, device="cpu", progress=False),
+    }[method]
+    with pytest.raises(InputError, match=match):
+        run()
+
+
+def test_a_lazy_scan_is_checked_per_block_when_computed(dask_computes):
+    patterns = _with_nan(np.ones((4, 6, 8, 8), np.float32), 3, 4)
+    with dask_computes as counter:
+        scan = as_scan(da.from_array(patterns, chunks=(2, 3, 8, 8)))
+    assert counter.count == 0
+    np.testing.assert_array_equal(scan[:2].values, patterns[:2])
+    with pytest.raises(InputError, match=r"first in the pattern at \(rx, ry\) = \(3, 4\)"):
+        scan.compute()
