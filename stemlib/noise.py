@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import dask.array as da
 import numpy as np
@@ -40,6 +40,7 @@ from .io.readers import SourceScan, open_source
 from .io.scan_store import WriteResult, finished_scan, open_scan, write_scan
 from .io.storage import Location, locate, redact, storage_errors
 from .provenance import software_versions, utc_now
+from .scan import as_scan
 from .types import SCAN_DIMS, NoiseModel
 
 __all__ = [
@@ -60,6 +61,8 @@ PAPER_COUNTS = 1e5
 #: Standard deviations above the dose that a count dtype must hold (see :func:`count_dtype`).
 _SIGMAS = 20.0
 _MODELS = ("background", "dose")
+#: A scan as a user holds it; :func:`add_noise` returns the same kind.
+_Patterns = TypeVar("_Patterns", da.Array, np.ndarray, xr.DataArray)
 
 
 def background_pattern(shape: tuple[int, int], *, q0: float = Q0) -> np.ndarray:
@@ -187,59 +190,8 @@ def _noisy_block(
     return out
 
 
-def add_noise(
-    patterns: da.Array,
-    *,
-    background: float,
-    counts: float = PAPER_COUNTS,
-    seed: int,
-    model: NoiseModel = "background",
-) -> da.Array:
-    """Noisy counts of a scan under the paper's background model or the pure dose model.
-
-    Parameters
-    ----------
-    patterns
-        Lazy array of shape (RX, RY, QX, QY) (``qx`` = pattern rows, axis 2) of intensities
-        >= 0. Each pattern is divided by its sum first (the model's ``P``; a no-op for the
-        simulator's patterns, which sum to 1).
-    background
-        ``w`` in [0, 1], the background weight; must be 0 for ``model="dose"``.
-    counts
-        ``N``, electrons per pattern (> 0).
-    seed
-        Seed; the pattern at (rx, ry) draws from a generator seeded by ``(seed, rx, ry)``.
-    model
-        ``"background"``: ``Poisson(N ((1 - w) P + w B))``, and ``w = 0`` returns ``patterns``
-        unchanged (the clean pattern, no Poisson step). ``"dose"``: ``Poisson(N P)``.
-
-    Returns
-    -------
-    dask.array.Array of shape (RX, RY, QX, QY)
-        Counts (unit "counts") in :func:`count_dtype` ``(counts)``; multiply by
-        :func:`paper_scale` for the paper's intensities. ``patterns`` itself for ``w = 0``.
-
-    Raises
-    ------
-    InputError
-        For ``w`` outside [0, 1], a non-positive dose, an unknown model or a non-4D array (at
-        once); for negative or non-finite intensities (when the block is computed).
-
-    Examples
-    --------
-    >>> p = da.ones((2, 2, 16, 16), chunks=(1, 2, 16, 16))
-    >>> noisy = add_noise(p, background=0.5, counts=1e4, seed=0)
-    >>> noisy.dtype, int(noisy[0, 0].sum().compute()) > 9000
-    (dtype('uint16'), True)
-    """
-    _check(background, counts, model, seed)
-    if patterns.ndim != 4:
-        raise InputError(
-            f"patterns has shape {patterns.shape}; add_noise needs 4 dims (rx, ry, qx, qy)."
-        )
-    weight = float(background)
-    if model == "background" and weight == 0.0:
-        return patterns
+def _noisy(patterns: da.Array, *, weight: float, counts: float, seed: int, model: str) -> da.Array:
+    """Lazy counts of a lazy scan of shape (RX, RY, QX, QY) (see :func:`add_noise`)."""
     dtype = count_dtype(counts)
     patterns = patterns.rechunk({2: -1, 3: -1})
     return da.map_blocks(
@@ -253,6 +205,86 @@ def add_noise(
         dtype=dtype,
         name=f"stemflow-noise-{model}-" + tokenize(patterns, weight, counts, seed),
     )
+
+
+def _labelled_counts(patterns: xr.DataArray, counts: da.Array) -> xr.DataArray:
+    """``counts`` in the place of ``patterns``'s values, with its dims, coordinates and
+    calibration; in memory where ``patterns`` was."""
+    in_memory = not isinstance(patterns.data, da.Array)
+    noisy = patterns.copy(data=counts.compute() if in_memory else counts)
+    noisy.attrs.update(units="counts", long_name="electron counts")
+    return noisy
+
+
+def add_noise(
+    patterns: _Patterns,
+    *,
+    background: float,
+    counts: float = PAPER_COUNTS,
+    seed: int,
+    model: NoiseModel = "background",
+) -> _Patterns:
+    """Noisy counts of a scan under the paper's background model or the pure dose model.
+
+    Parameters
+    ----------
+    patterns
+        Array of shape (RX, RY, QX, QY) (``qx`` = pattern rows, axis 2) of intensities >= 0: a
+        dask array, a NumPy array, or an xarray DataArray with dims (rx, ry, qx, qy) (such as
+        ``stemlib.simulate(...)["data"]``). Each pattern is divided by its sum first (the
+        model's ``P``; a no-op for the simulator's patterns, which sum to 1).
+    background
+        ``w`` in [0, 1], the background weight; must be 0 for ``model="dose"``.
+    counts
+        ``N``, electrons per pattern (> 0).
+    seed
+        Seed; the pattern at (rx, ry) draws from a generator seeded by ``(seed, rx, ry)``.
+    model
+        ``"background"``: ``Poisson(N ((1 - w) P + w B))``, and ``w = 0`` returns ``patterns``
+        unchanged (the clean pattern, no Poisson step). ``"dose"``: ``Poisson(N P)``.
+
+    Returns
+    -------
+    Array of shape (RX, RY, QX, QY), of the kind of ``patterns``
+        Counts (unit "counts") in :func:`count_dtype` ``(counts)``; multiply by
+        :func:`paper_scale` for the paper's intensities. A dask array (or a DataArray of one)
+        stays lazy; a NumPy array (or a DataArray of one) is computed. A DataArray keeps its
+        dims, coordinates and attributes, with ``units = "counts"``. ``patterns`` itself for
+        ``w = 0``.
+
+    Raises
+    ------
+    InputError
+        For ``w`` outside [0, 1], a non-positive dose, an unknown model, a non-4D array or a
+        DataArray of other dims (at once); for negative or non-finite intensities (when the
+        block is computed).
+
+    Examples
+    --------
+    >>> p = da.ones((2, 2, 16, 16), chunks=(1, 2, 16, 16))
+    >>> noisy = add_noise(p, background=0.5, counts=1e4, seed=0)
+    >>> noisy.dtype, int(noisy[0, 0].sum().compute()) > 9000
+    (dtype('uint16'), True)
+    >>> scan = xr.DataArray(np.ones((2, 2, 16, 16)), dims=("rx", "ry", "qx", "qy"))
+    >>> counts = add_noise(scan, background=0.5, counts=1e4, seed=0)
+    >>> counts.dims, counts.attrs["units"], type(counts.data).__name__
+    (('rx', 'ry', 'qx', 'qy'), 'counts', 'ndarray')
+    """
+    _check(background, counts, model, seed)
+    scan = None if isinstance(patterns, da.Array) else as_scan(patterns, name="patterns")
+    lazy = patterns if scan is None else da.asarray(scan.data)
+    if lazy.ndim != 4:
+        raise InputError(
+            f"patterns has shape {lazy.shape}; add_noise needs 4 dims (rx, ry, qx, qy)."
+        )
+    weight = float(background)
+    if model == "background" and weight == 0.0:
+        return patterns
+    noisy = _noisy(lazy, weight=weight, counts=float(counts), seed=int(seed), model=model)
+    if scan is None:
+        return noisy
+    labelled = _labelled_counts(scan, noisy)
+    return labelled if isinstance(patterns, xr.DataArray) else labelled.data
 
 
 def noise_recipe(

@@ -169,6 +169,22 @@ def test_add_noise_builds_a_graph_without_computing():
     assert counter.count == 0
 
 
+def test_add_noise_takes_a_numpy_array_or_a_dataarray_and_returns_the_same_kind():
+    """Regression: ``add_noise(simulate(...)["data"], ...)`` and ``add_noise(ndarray, ...)`` were
+    AttributeErrors ('... has no attribute rechunk'); both give the bytes of the dask path."""
+    sim = simulate(SimulationConfig(scan=(3, 4), pattern=32, grains=2, seed=1))
+    expected = add_noise(sim["data"].data, background=0.3, seed=5).compute()
+    counts = add_noise(sim["data"], background=0.3, seed=5)
+    assert isinstance(counts.data, da.Array)  # lazy in, lazy out
+    assert counts.dims == ("rx", "ry", "qx", "qy") and counts.attrs["units"] == "counts"
+    np.testing.assert_array_equal(counts["qx"], sim["qx"])
+    np.testing.assert_array_equal(counts.values, expected)
+    in_memory = add_noise(sim["data"].values, background=0.3, seed=5)
+    assert isinstance(in_memory, np.ndarray) and in_memory.tobytes() == expected.tobytes()
+    with pytest.raises(InputError, match=r"patterns has dims \('qx', 'qy', 'rx', 'ry'\)"):
+        add_noise(sim["data"].transpose("qx", "qy", "rx", "ry"), background=0.3, seed=5)
+
+
 @pytest.fixture(scope="module")
 def source(tmp_path_factory) -> str:
     path = str(tmp_path_factory.mktemp("noise") / "clean.zarr")
