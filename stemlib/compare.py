@@ -12,6 +12,7 @@ import numpy as np
 import xarray as xr
 
 from .metrics import rotation_difference, strain_errors
+from .truth import as_truth
 from .types import SCAN_DIMS
 
 __all__ = ["COMPONENTS", "compare_methods", "statistics_table"]
@@ -30,7 +31,8 @@ def compare_methods(
         A strain dataset (dims (method, rx, ry)) with one or more methods.
     truth
         Ground truth with ``exx, eyy, exy, theta`` of dims (rx, ry) (e.g.
-        :func:`stemlib.truth.open_truth`), or None.
+        :func:`stemlib.truth.open_truth`), or with ``truth_exx, ...`` (the dataset
+        :func:`stemlib.simulate.simulate` returns), or None.
     symmetry
         The lattice's n-fold symmetry, for rotation differences (1 if None).
 
@@ -87,6 +89,7 @@ def compare_methods(
             }
         stats["agreement"] = agreement
     if truth is not None:
+        truth = as_truth(truth)
         for c in COMPONENTS:
             out[f"truth_{c}"] = (
                 SCAN_DIMS,

@@ -5,7 +5,9 @@ from __future__ import annotations
 import numpy as np
 import xarray as xr
 
+from .errors import InputError
 from .strain import fold_rotation
+from .truth import as_truth
 
 __all__ = ["rotation_difference", "strain_errors"]
 
@@ -23,7 +25,11 @@ def rotation_difference(estimate: np.ndarray, truth: np.ndarray, symmetry: int) 
 
 
 def strain_errors(
-    result: xr.Dataset, truth: xr.Dataset, *, symmetry: int, mask: np.ndarray | None = None
+    result: xr.Dataset,
+    truth: xr.Dataset,
+    *,
+    symmetry: int | None = None,
+    mask: np.ndarray | None = None,
 ) -> dict[str, float]:
     """Mean absolute errors of one method's maps against the truth.
 
@@ -34,9 +40,12 @@ def strain_errors(
         the method first, e.g. ``ds.sel({"method": "ccstae"})``: ``ds.sel(method=...)`` would
         pass the string as xarray's matching method, not as a label).
     truth
-        Truth with ``exx, eyy, exy, theta`` (see :func:`stemlib.truth.open_truth`).
+        Truth with ``exx, eyy, exy, theta`` (:func:`stemlib.truth.open_truth`), or with
+        ``truth_exx, ...`` (the dataset :func:`stemlib.simulate.simulate` returns); see
+        :func:`stemlib.truth.as_truth`.
     symmetry
-        The lattice's n-fold symmetry, for the rotation error.
+        The lattice's n-fold symmetry, for the rotation error; None takes the truth's
+        (its attribute ``symmetry`` or ``truth_symmetry``).
     mask
         Positions to score (all by default). Positions without a finite truth (the vacuum of a
         simulated scan) are never scored.
@@ -49,11 +58,28 @@ def strain_errors(
 
     Raises
     ------
-    ValueError
-        If ``result`` still holds several methods.
+    InputError
+        If ``result`` still holds several methods, if ``truth`` holds no truth, or if no
+        symmetry is given or recorded in the truth.
+
+    Examples
+    --------
+    >>> from stemlib.results import strain_dataset
+    >>> from stemlib.simulate import SimulationConfig, simulate
+    >>> sim = simulate(SimulationConfig(scan=(4, 4), pattern=32, grains=2))
+    >>> parts = {c: sim[f"truth_{c}"].values for c in ("exx", "eyy", "exy", "theta")}
+    >>> off = strain_dataset("py4dstem", **{**parts, "exx": parts["exx"] + 1e-3})
+    >>> round(strain_errors(off, sim)["exx"], 9), strain_errors(off, sim)["coverage"]
+    (0.001, 1.0)
     """
+    truth = as_truth(truth)
+    symmetry = symmetry if symmetry is not None else truth.attrs.get("symmetry")
+    if symmetry is None:
+        raise InputError(
+            "the truth records no lattice symmetry; pass symmetry=n (2, 4 or 6) to strain_errors."
+        )
     if result.sizes.get("method", 1) > 1:
-        raise ValueError(
+        raise InputError(
             f"strain_errors scores one method; the result holds {result.sizes['method']}: select "
             'one first, e.g. ds.sel({"method": "ccstae"}).'
         )
@@ -67,8 +93,8 @@ def strain_errors(
     for name in ("exx", "eyy", "exy"):
         err = np.abs(result[name].values - truth[name].values)[use]
         out[name] = float(err.mean()) if err.size else float("nan")
-    dtheta = np.abs(rotation_difference(result["theta"].values, truth["theta"].values, symmetry))[
-        use
-    ]
+    dtheta = np.abs(
+        rotation_difference(result["theta"].values, truth["theta"].values, int(symmetry))
+    )[use]
     out["theta"] = float(dtheta.mean()) if dtheta.size else float("nan")
     return out

@@ -14,12 +14,14 @@ import h5py
 import numpy as np
 import xarray as xr
 
+from .errors import InputError
 from .io.scan_store import refuse_damaged
 from .io.storage import Location, locate, storage_errors
 from .types import SCAN_DIMS
 
 __all__ = [
     "TRUTH_COMPONENTS",
+    "as_truth",
     "truth_dataset",
     "open_truth",
     "read_truth_group",
@@ -94,9 +96,49 @@ def open_truth(url: str | Location) -> xr.Dataset | None:
         ds = xr.open_zarr(location.url, storage_options=location.storage_options or None)
     if "truth_exx" not in ds:
         return None
+    return as_truth(ds).load()
+
+
+def as_truth(ds: xr.Dataset) -> xr.Dataset:
+    """The truth with plain names (``exx, eyy, exy, theta``; attribute ``symmetry``), from a
+    dataset that holds it under either name: plain, as :func:`open_truth` returns it, or
+    ``truth_*``, as :func:`stemlib.simulate.simulate` returns it and a scan store carries it.
+
+    Parameters
+    ----------
+    ds
+        A dataset with maps of dims (rx, ry): ``exx, eyy, exy`` ("1"), ``theta`` (rad), or the
+        same with the prefix ``truth_`` (then ``grain_id`` and ``reference_mask`` come along,
+        and the attribute ``truth_symmetry`` becomes ``symmetry``).
+
+    Returns
+    -------
+    xarray.Dataset
+        ``ds`` itself if its names are plain, else its truth renamed (lazy where ``ds`` is).
+
+    Raises
+    ------
+    InputError
+        If ``ds`` holds neither form.
+
+    Examples
+    --------
+    >>> from stemlib.simulate import SimulationConfig, simulate
+    >>> truth = as_truth(simulate(SimulationConfig(scan=(4, 4), pattern=32, grains=2)))
+    >>> sorted(truth.data_vars), truth.attrs["symmetry"]
+    (['exx', 'exy', 'eyy', 'grain_id', 'reference_mask', 'theta'], 4)
+    """
+    if all(k in ds for k in TRUTH_COMPONENTS):
+        return ds
     names = {f"truth_{k}": k for k in TRUTH_COMPONENTS}
+    if not all(n in ds for n in names):
+        raise InputError(
+            f"the truth has variables {sorted(map(str, ds.data_vars))}, not exx, eyy, exy, theta "
+            "(or truth_exx, ...); pass the dataset stemlib.simulate returns or "
+            "stemlib.truth.open_truth(url)."
+        )
     keep = [*names, *(n for n in ("grain_id", "reference_mask") if n in ds)]
-    truth = ds[keep].rename(names).load()
+    truth = ds[keep].rename(names)
     truth.attrs = {"symmetry": ds.attrs.get("truth_symmetry")}
     return truth
 

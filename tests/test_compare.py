@@ -6,8 +6,11 @@ import numpy as np
 import pytest
 
 from stemlib.compare import compare_methods, statistics_table
+from stemlib.errors import InputError
+from stemlib.metrics import strain_errors
 from stemlib.results import combine_methods, open_strain, strain_dataset, write_strain
-from stemlib.truth import truth_dataset
+from stemlib.simulate import SimulationConfig, simulate
+from stemlib.truth import as_truth, truth_dataset
 
 
 def maps(rng, scale=0.01):
@@ -73,3 +76,21 @@ def test_rotation_differences_wrap_by_the_symmetry():
     out, stats = compare_methods(combine_methods([a, b]), symmetry=4)
     np.testing.assert_allclose(np.degrees(out["diff_theta"].values), -1.0)
     assert "mae" not in stats
+
+
+def test_the_simulated_dataset_is_a_truth_as_it_comes():
+    """Regression: scoring against ``simulate(...)`` itself (its truth named ``truth_exx``, ...)
+    was a KeyError 'No variable named exx' in strain_errors and compare_methods."""
+    sim = simulate(SimulationConfig(scan=(4, 5), pattern=32, grains=2, seed=3))
+    parts = {c: sim[f"truth_{c}"].values for c in ("exx", "eyy", "exy", "theta")}
+    off = strain_dataset("py4dstem", **{**parts, "theta": parts["theta"] - 2e-3})
+    errors = strain_errors(off, sim)  # the symmetry too comes from the simulation (4)
+    assert errors["theta"] == pytest.approx(2e-3) and errors["exx"] == 0.0
+    assert errors == strain_errors(off, as_truth(sim), symmetry=4)
+    out, stats = compare_methods(off, truth=sim, symmetry=4)
+    assert stats["mae"]["py4dstem"] == errors
+    np.testing.assert_array_equal(out["truth_exy"].values, parts["exy"])
+    with pytest.raises(InputError, match=r"the truth has variables \[.data.\], not exx"):
+        strain_errors(off, sim[["data"]], symmetry=4)
+    with pytest.raises(InputError, match=r"records no lattice symmetry; pass symmetry=n"):
+        strain_errors(off, truth_dataset(**parts))
