@@ -8,13 +8,16 @@ shape; ``"auto"`` takes the largest connected region whose lattice is the same e
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import re
 import sys
+from typing import TypeAlias
 
 import dask.array as da
 import numpy as np
+import xarray as xr
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
@@ -22,7 +25,9 @@ from .errors import InputError
 from .io.storage import Location, locate, redact, storage_errors
 
 __all__ = [
+    "ReferenceLike",
     "parse_reference",
+    "reference_name",
     "check_reference",
     "auto_reference",
     "describe_reference",
@@ -41,17 +46,23 @@ STRAINED_REFERENCE_LIMIT = 0.025
 
 log = logging.getLogger("stemlib.reference")
 
+#: A reference region as the strain methods take it: ``"auto"``, ``"RX0:RX1,RY0:RY1"``, a
+#: ``.npy`` path, or a boolean mask of shape (RX, RY) in memory.
+ReferenceLike: TypeAlias = "str | np.ndarray | xr.DataArray"
+
 _REGION = re.compile(r"^\s*(-?\d*)\s*:\s*(-?\d*)\s*,\s*(-?\d*)\s*:\s*(-?\d*)\s*$")
 
 
-def parse_reference(spec: str, scan_shape: tuple[int, int]) -> np.ndarray | None:
+def parse_reference(spec: ReferenceLike, scan_shape: tuple[int, int]) -> np.ndarray | None:
     """The reference region named by ``spec``.
 
     Parameters
     ----------
     spec
         ``"auto"``; a rectangle ``"RX0:RX1,RY0:RY1"`` of scan indices (half-open; an empty bound
-        means the scan's edge); or the path or URL of a ``.npy`` boolean mask.
+        means the scan's edge); the path or URL of a ``.npy`` boolean mask; or a boolean mask of
+        shape (RX, RY) itself (NumPy array or DataArray, such as a simulated scan's
+        ``reference_mask``).
     scan_shape
         (RX, RY) of the scan.
 
@@ -77,7 +88,9 @@ def parse_reference(spec: str, scan_shape: tuple[int, int]) -> np.ndarray | None
            [0, 0, 0, 0]])
     """
     rx, ry = (int(n) for n in scan_shape)
-    text = str(spec).strip()
+    if not isinstance(spec, str):
+        return _checked_mask(np.asarray(spec), (rx, ry), where="the reference mask")
+    text = spec.strip()
     if text.lower() == "auto":
         return None
     match = _REGION.match(text)
@@ -96,6 +109,24 @@ def parse_reference(spec: str, scan_shape: tuple[int, int]) -> np.ndarray | None
     if text.endswith(".npy"):
         return _load_mask(text, (rx, ry))
     raise _not_understood(text)
+
+
+def reference_name(spec: ReferenceLike) -> str:
+    """How a result and a checkpoint name the reference: ``spec`` itself, or for a mask in
+    memory its content, ``"mask sha256:<12 hex digits>"``.
+
+    Examples
+    --------
+    >>> reference_name("0:8,0:8")
+    '0:8,0:8'
+    >>> reference_name(np.ones((2, 2), bool))
+    'mask sha256:5d69f3a773fe'
+    """
+    if isinstance(spec, str):
+        return spec
+    mask = np.ascontiguousarray(np.asarray(spec, bool))
+    digest = hashlib.sha256(f"{mask.shape}".encode() + mask.tobytes()).hexdigest()
+    return f"mask sha256:{digest[:12]}"
 
 
 def check_reference(spec: str) -> None:
@@ -160,29 +191,30 @@ def _existing_mask(url: str) -> Location:
 
 def _load_mask(url: str, shape: tuple[int, int]) -> np.ndarray:
     location = _existing_mask(url)
-    where = redact(location.url)
+    where = f"reference mask {redact(location.url)}"
     try:
         with storage_errors(location.url), location.fs.open(location.path, "rb") as f:
             mask = np.load(io.BytesIO(f.read()), allow_pickle=False)
     except (OSError, ValueError) as exc:
         raise InputError(
-            f"reference mask {where} is not a readable .npy array ({exc}); save it with numpy.save."
+            f"{where} is not a readable .npy array ({exc}); save it with numpy.save."
         ) from None
+    return _checked_mask(mask, shape, where=where)
+
+
+def _checked_mask(mask: np.ndarray, shape: tuple[int, int], *, where: str) -> np.ndarray:
+    """``mask`` as a boolean array of the scan's ``shape`` selecting a position, or the
+    sentence saying why it is not one."""
     if mask.shape != shape:
-        raise InputError(
-            f"reference mask {where} has shape {mask.shape}; it must have the scan shape {shape}."
-        )
+        raise InputError(f"{where} has shape {mask.shape}; it must have the scan shape {shape}.")
     if mask.dtype != bool:
         if not (np.issubdtype(mask.dtype, np.number) and np.isin(mask, (0, 1)).all()):
             raise InputError(
-                f"reference mask {where} holds {mask.dtype} values other than 0 and 1; "
-                "save a boolean mask."
+                f"{where} holds {mask.dtype} values other than 0 and 1; save a boolean mask."
             )
         mask = mask.astype(bool)
     if not mask.any():
-        raise InputError(
-            f"reference mask {where} selects no position; mark the reference region True."
-        )
+        raise InputError(f"{where} selects no position; mark the reference region True.")
     return mask
 
 

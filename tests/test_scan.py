@@ -135,3 +135,25 @@ def test_a_lazy_scan_is_checked_per_block_when_computed(dask_computes):
     np.testing.assert_array_equal(scan[:2].values, patterns[:2])
     with pytest.raises(InputError, match=r"first in the pattern at \(rx, ry\) = \(3, 4\)"):
         scan.compute()
+
+
+@pytest.mark.parametrize("kind", ["numpy", "DataArray"])
+def test_the_reference_region_can_be_a_mask_in_memory(simulated, kind):
+    """A simulated scan's ``reference_mask`` (or any boolean array of the scan's shape) is a
+    reference as it is: it took a ``.npy`` file written for the purpose."""
+    mask = simulated["reference_mask"]
+    ds = py4dstem_strain(simulated["data"], reference=mask.values if kind == "numpy" else mask)
+    np.testing.assert_array_equal(ds["reference_region"][0].values, mask.values)
+    assert ds.attrs["reference"].startswith("mask sha256:")
+    assert strain_errors(ds, _truth(simulated), symmetry=4)["exx"] < 1e-3
+    with pytest.raises(InputError, match=r"the reference mask has shape \(4, 4\); it must have"):
+        ccstae_strain(simulated["data"], reference=np.ones((4, 4), bool), config=TINY)
+
+
+def test_ccstae_resumes_only_from_the_same_mask(simulated, tmp_path):
+    mask = simulated["reference_mask"].values
+    run = dict(config=TINY, device="cpu", progress=False, workdir=str(tmp_path))
+    ds = ccstae_strain(simulated["data"], reference=mask, **run)
+    np.testing.assert_array_equal(ds["reference_region"][0].values, mask)
+    with pytest.raises(InputError, match=r"started from reference 'mask sha256:.*', not 'auto'"):
+        ccstae_strain(simulated["data"], reference="auto", **run)

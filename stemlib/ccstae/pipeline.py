@@ -40,7 +40,13 @@ from ..io.storage import WORK_PREFIX, staged_file, temporary_folder
 from ..masks import MaskSchedule, ring_mask
 from ..provenance import input_provenance
 from ..py4dstem.pipeline import region_lattice
-from ..reference import auto_reference, describe_reference, reference_warnings
+from ..reference import (
+    ReferenceLike,
+    auto_reference,
+    describe_reference,
+    reference_name,
+    reference_warnings,
+)
 from ..results import strain_dataset
 from ..scan import ScanLike, as_scan
 from ..strain import detect_symmetry, fold_rotation, rotation_matrix
@@ -368,7 +374,7 @@ class _Trained:
 def _train_stages(
     scan: Any,
     *,
-    reference: str,
+    reference: ReferenceLike,
     config: CCSTAEConfig | None,
     device: Device,
     folder: Path,
@@ -438,15 +444,15 @@ def _train_stages(
             "noise_model": "poisson" if poisson else "gaussian",
             "angular_order": order,
             "mask": json.loads(schedule.model_dump_json()),
-            "reference": reference,
+            "reference": reference_name(reference),
         }
     else:
         setup = record.setup
-        if setup.get("reference") != reference:
+        if setup.get("reference") != reference_name(reference):
             raise InputError(
                 f"{folder} holds a checkpoint whose bases started from reference "
                 f"{setup.get('reference')!r}, "
-                f"not {reference!r}; pass that reference or an empty workdir."
+                f"not {reference_name(reference)!r}; pass that reference or an empty workdir."
             )
         schedule = MaskSchedule.model_validate(setup["mask"])
     poisson = setup["noise_model"] == "poisson"
@@ -537,7 +543,7 @@ def train_on_scan(
     scan: ScanLike,
     *,
     workdir: str,
-    reference: str = "auto",
+    reference: ReferenceLike = "auto",
     config: CCSTAEConfig | None = None,
     device: Device = "auto",
     progress: Progress = True,
@@ -573,7 +579,7 @@ def train_on_scan(
 def ccstae_strain(
     scan: ScanLike,
     *,
-    reference: str = "auto",
+    reference: ReferenceLike = "auto",
     symmetry: Symmetry = "auto",
     config: CCSTAEConfig | None = None,
     device: Device = "auto",
@@ -595,8 +601,9 @@ def ccstae_strain(
         DataArray of those dims without attributes (:func:`stemlib.scan.as_scan`);
         ``attrs["origin_px"]`` is the direct beam if known, else ``(QX // 2, QY // 2)``.
     reference
-        ``"auto"`` (the largest region of consistent lattice), ``"RX0:RX1,RY0:RY1"`` or the path
-        of a boolean ``.npy`` mask of shape (RX, RY) (:func:`stemlib.reference.parse_reference`).
+        ``"auto"`` (the largest region of consistent lattice), ``"RX0:RX1,RY0:RY1"``, or a
+        boolean mask of shape (RX, RY), in memory or the path of a ``.npy`` file
+        (:func:`stemlib.reference.parse_reference`).
         The starting bases are learned from the reference region's patterns.
     symmetry
         The lattice's n-fold symmetry for the rotation branch; ``"auto"`` detects it from the
@@ -720,7 +727,7 @@ def ccstae_strain(
     if bases_png is not None:
         save_bases_png(bases, bases_png, mask=ring_last)
     coords = {d: scan.coords[d] for d in SCAN_DIMS if d in scan.coords}
-    described = describe_reference(reference, reference_mask)
+    described = describe_reference(reference_name(reference), reference_mask)
     warnings = reference_warnings(strain, valid, reference=described)
     return strain_dataset(
         "ccstae",

@@ -15,9 +15,11 @@ from ..errors import InputError
 from ..io.scan_store import finite_counts, scan_label
 from ..provenance import input_provenance
 from ..reference import (
+    ReferenceLike,
     auto_reference,
     describe_reference,
     parse_reference,
+    reference_name,
     reference_warnings,
     region_mean,
 )
@@ -170,7 +172,7 @@ def _descan(records: np.ndarray, valid: np.ndarray) -> dict[str, Any]:
 def py4dstem_strain(
     scan: ScanLike,
     *,
-    reference: str = "auto",
+    reference: ReferenceLike = "auto",
     symmetry: Symmetry = "auto",
     config: Py4DSTEMConfig | None = None,
 ) -> xr.Dataset:
@@ -197,8 +199,9 @@ def py4dstem_strain(
         NumPy or dask array of shape (RX, RY, QX, QY) or a DataArray of those dims without
         attributes (:func:`stemlib.scan.as_scan`).
     reference
-        ``"auto"`` (largest region of consistent lattice), ``"RX0:RX1,RY0:RY1"`` or a mask
-        ``.npy`` path (see :func:`stemlib.reference.parse_reference`).
+        ``"auto"`` (largest region of consistent lattice), ``"RX0:RX1,RY0:RY1"``, or a boolean
+        mask of shape (RX, RY), in memory or the path of a ``.npy`` file (see
+        :func:`stemlib.reference.parse_reference`).
     symmetry
         n of the projected lattice's n-fold symmetry (2, 4 or 6) for the rotation branch;
         ``"auto"`` measures it on the reference lattice.
@@ -294,7 +297,7 @@ def py4dstem_strain(
         ),
         "reference_region": (mask, {"units": "1", "long_name": "reference region"}),
     }
-    described = describe_reference(reference, mask)
+    described = describe_reference(reference_name(reference), mask)
     warnings = reference_warnings(
         maps, valid, reference=described, lattice=g_ref if symmetry == "auto" else None
     )
