@@ -114,7 +114,9 @@ def as_truth(ds: xr.Dataset) -> xr.Dataset:
     Returns
     -------
     xarray.Dataset
-        ``ds`` itself if its names are plain, else its truth renamed (lazy where ``ds`` is).
+        The ``truth_*`` maps renamed where ``ds`` holds them (lazy where ``ds`` is), else ``ds``
+        itself: a published strain dataset, which holds a method's ``exx`` beside the truth's
+        ``truth_exx``, gives its truth.
 
     Raises
     ------
@@ -128,10 +130,10 @@ def as_truth(ds: xr.Dataset) -> xr.Dataset:
     >>> sorted(truth.data_vars), truth.attrs["symmetry"]
     (['exx', 'exy', 'eyy', 'grain_id', 'reference_mask', 'theta'], 4)
     """
-    if all(k in ds for k in TRUTH_COMPONENTS):
-        return ds
     names = {f"truth_{k}": k for k in TRUTH_COMPONENTS}
     if not all(n in ds for n in names):
+        if all(k in ds for k in TRUTH_COMPONENTS):
+            return ds
         raise InputError(
             f"the truth has variables {sorted(map(str, ds.data_vars))}, not exx, eyy, exy, theta "
             "(or truth_exx, ...); pass the dataset stemlib.simulate returns or "

@@ -90,6 +90,8 @@ def test_the_simulated_dataset_is_a_truth_as_it_comes():
     out, stats = compare_methods(off, truth=sim, symmetry=4)
     assert stats["mae"]["py4dstem"] == errors
     np.testing.assert_array_equal(out["truth_exy"].values, parts["exy"])
+    # A published result holds a method's exx beside the truth's truth_exx: the truth is scored.
+    assert strain_errors(off, out, symmetry=4) == errors
     with pytest.raises(InputError, match=r"the truth has variables \[.data.\], not exx"):
         strain_errors(off, sim[["data"]], symmetry=4)
     with pytest.raises(InputError, match=r"records no lattice symmetry; pass symmetry=n"):
