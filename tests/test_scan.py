@@ -157,3 +157,27 @@ def test_ccstae_resumes_only_from_the_same_mask(simulated, tmp_path):
     np.testing.assert_array_equal(ds["reference_region"][0].values, mask)
     with pytest.raises(InputError, match=r"started from reference 'mask sha256:.*', not 'auto'"):
         ccstae_strain(simulated["data"], reference="auto", **run)
+
+
+def test_the_entry_points_are_found_from_stemlib_and_import_their_libraries_when_used():
+    """``stemlib.<tab>`` in a notebook lists both methods, the scores and the plots; ``import
+    stemlib`` itself does not import PyTorch, py4DSTEM or matplotlib's pyplot (seconds more)."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, stemlib\n"
+        "heavy = ('torch', 'py4DSTEM', 'matplotlib.pyplot')\n"
+        "print([m for m in heavy if m in sys.modules])\n"
+        "print(sorted(n for n in stemlib.__all__ if not hasattr(stemlib, n)))\n"
+        "print('ccstae_strain' in dir(stemlib), stemlib.ccstae_strain.__module__)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True
+    )
+    assert done.stdout.splitlines() == ["[]", "[]", "True stemlib.ccstae.pipeline"]
+    import stemlib
+
+    assert stemlib.py4dstem_strain is py4dstem_strain and stemlib.as_scan is as_scan
+    with pytest.raises(AttributeError, match="module 'stemlib' has no attribute 'nope'"):
+        stemlib.nope  # noqa: B018

@@ -13,7 +13,6 @@ import numpy as np
 
 from ...calibration import Calibration
 from ...errors import InputError
-from ...truth import read_truth_group
 from ..storage import Location, locate, redact, storage_errors
 from .base import ReadOptions, SourceScan, lazy_scan, probe_block, resolve_scan_shape
 
@@ -237,6 +236,9 @@ def read_hdf5(location: Location, options: ReadOptions) -> SourceScan:
             stored_chunks = tuple(int(n) for n in ds.chunks) if ds.chunks else None
             truth_group = f.get("truth")
             truth_shape = _scan_shape_of(stored_shape, layout, options.scan_shape)
+            # imported here: stemlib.truth imports the io package, which imports this reader
+            from ...truth import read_truth_group
+
             truth = (
                 read_truth_group(truth_group, truth_shape)
                 if isinstance(truth_group, h5py.Group) and truth_shape is not None
