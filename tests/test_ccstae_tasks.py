@@ -92,8 +92,12 @@ def _turn(slots: int) -> tuple[float, float]:
 
     with host_slots(slots):
         start = time.monotonic()
-        time.sleep(1.0)
+        time.sleep(2.0)
         return start, time.monotonic()
+
+
+def _import_tasks() -> None:
+    import tasks.ccstae  # noqa: F401
 
 
 @pytest.mark.parametrize("slots", [1, 2])
@@ -106,12 +110,15 @@ def test_gpu_tasks_on_one_host_take_turns(slots):
 
     with local_cluster(n_workers=2) as cluster, Client(cluster) as client:
         client.wait_for_workers(2)
+        # Imported first: on a loaded machine one worker's import can take a second longer, and
+        # its task then starts that much later (the 2-slot case failed so in a fresh clone).
+        client.run(_import_tasks)
         # one task per worker: the scheduler may give both to one worker, which runs them in turn
         workers = list(client.scheduler_info()["workers"])
         tasks = [client.submit(_turn, slots, pure=False, workers=[w]) for w in workers]
         first, second = sorted(client.gather(tasks))
     overlap = first[1] - second[0]
-    assert overlap < 0.05 if slots == 1 else overlap > 0.5
+    assert overlap < 0.05 if slots == 1 else overlap > 1.0
 
 
 @pytest.mark.usefixtures("prefect_harness")
