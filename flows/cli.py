@@ -26,10 +26,23 @@ from stemlib.config_file import validation_sentence
 from stemlib.errors import StemflowError
 from stemlib.provenance import software_versions
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "quiet_resource_tracker"]
 
 #: Subcommand modules, in the order ``stemflow --help`` lists them.
 COMMANDS = ("run", "demo", "reprocess", "ingest", "simulate", "noise", "strain", "sweep")
+
+
+#: The ``-W`` option that silences the resource tracker's report of leaked semaphores.
+_QUIET_TRACKER = "ignore:resource_tracker:UserWarning"
+
+
+def quiet_resource_tracker() -> None:
+    """Keep multiprocessing's resource tracker from reporting, after the command's last line,
+    the semaphores of a Dask worker killed as a run stopped ("There appear to be 1 leaked
+    semaphore objects"): nothing a user can act on. The tracker is a process of its own, started
+    with this interpreter's ``-W`` options, so the option goes there."""
+    if _QUIET_TRACKER not in sys.warnoptions:
+        sys.warnoptions.append(_QUIET_TRACKER)
 
 
 class Terminated(BaseException):
@@ -117,6 +130,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("MPLBACKEND", "Agg")
     # Prefect's temporary server gets 20 s to start; a loaded machine needed more
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    quiet_resource_tracker()
     parser = build_parser()
     args = parser.parse_args(argv)
     _show_warnings(args.command)

@@ -1,5 +1,6 @@
 """Preload of the local cluster's Dask workers (``preload=["flows.dask_preload"]``): they
-ignore SIGINT, and log a task run that a user's mistake ended without its traceback.
+ignore SIGINT, log a task run that a user's mistake ended without its traceback, and do not
+report each task they cancel as they close.
 
 A terminal's Ctrl-C reaches every process of the command; the command records the interrupted
 run and closes the cluster, whose Nannies end the workers. Without this, each worker would also
@@ -17,7 +18,7 @@ from __future__ import annotations
 import signal
 from typing import Any
 
-from flows.log_filters import no_tracebacks_for_mistakes
+from flows.log_filters import no_tracebacks_for_mistakes, quiet_worker_close
 
 __all__ = ["dask_setup"]
 
@@ -26,3 +27,4 @@ def dask_setup(worker: Any) -> None:
     """Dask's preload hook, run in the worker process's main thread as it starts."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     no_tracebacks_for_mistakes()
+    quiet_worker_close()

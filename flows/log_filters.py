@@ -1,14 +1,15 @@
-"""A logging filter that keeps Prefect's traceback off a run that a user's mistake ended, in the
-command's process and in the local cluster's Dask workers (:mod:`flows.dask_preload`), whose
-task-run logs reach the same terminal. It imports nothing but :mod:`logging`: a worker imports
-it as it starts."""
+"""Logging filters for the command's terminal: one keeps Prefect's traceback off a run that a
+user's mistake ended, in the command's process and in the local cluster's Dask workers
+(:mod:`flows.dask_preload`), whose task-run logs reach the same terminal; one keeps a closing
+worker's report of the tasks it cancelled off it. It imports nothing but :mod:`logging`: a
+worker imports it as it starts."""
 
 from __future__ import annotations
 
 import logging
 import sys
 
-__all__ = ["SentenceOnly", "no_tracebacks_for_mistakes"]
+__all__ = ["SentenceOnly", "no_tracebacks_for_mistakes", "quiet_worker_close"]
 
 
 def _is_mistake(exc: BaseException | None) -> bool:
@@ -39,3 +40,20 @@ def no_tracebacks_for_mistakes() -> None:
         logger = logging.getLogger(name)
         if _SENTENCE_ONLY not in logger.filters:
             logger.addFilter(_SENTENCE_ONLY)
+
+
+class _NotCancelledOnClose(logging.Filter):
+    """Drops distributed's "Async instruction for <Task ...> ended with CancelledError": a
+    worker that closes (Ctrl-C, the end of a run) cancels what it was running, and its state
+    machine says so for each task, in a line of its own format and with asyncio's task repr."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = str(record.msg)
+        return not (message.startswith("Async instruction") and "CancelledError" in message)
+
+
+def quiet_worker_close() -> None:
+    """Filter a Dask worker's state-machine logger with :class:`_NotCancelledOnClose`."""
+    logger = logging.getLogger("distributed.worker.state_machine")
+    if not any(isinstance(f, _NotCancelledOnClose) for f in logger.filters):
+        logger.addFilter(_NotCancelledOnClose())

@@ -178,3 +178,49 @@ def test_a_stopped_run_leaves_no_process_behind(scan, vacuum, tmp_path):
             assert "KeyboardInterrupt" not in output and "TerminationSignal" not in output
             assert "Traceback" not in output, how
         assert not (folder / "strain.zarr").exists()
+
+
+#: A process that exits without releasing a semaphore, as a Dask worker killed on Ctrl-C does.
+_LEAK = (
+    "import multiprocessing, os\n"
+    "{quiet}\n"
+    "lock = multiprocessing.get_context('spawn').Semaphore()\n"
+    "os._exit(0)\n"
+)
+
+
+@pytest.mark.parametrize("quiet", [False, True])
+def test_the_resource_tracker_says_nothing_after_the_last_line(quiet):
+    """A run stopped while CC-ST-AE trained ended with multiprocessing's resource tracker's
+    "There appear to be 1 leaked semaphore objects" warning, after "interrupted; nothing was
+    published.": its process takes this interpreter's -W options, which the command sets."""
+    setup = "from flows.cli import quiet_resource_tracker; quiet_resource_tracker()"
+    script = _LEAK.format(quiet=setup if quiet else "")
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
+    assert ("leaked semaphore" in done.stderr) is not quiet, done.stderr
+
+
+def test_a_closing_worker_does_not_report_each_task_it_cancelled(caplog):
+    """Ctrl-C printed a Dask worker's "Async instruction for <Task cancelled name=...> ended
+    with CancelledError" among the command's lines; the local cluster's workers filter it
+    (flows.dask_preload), and nothing else of that logger."""
+    import logging
+
+    from flows.log_filters import quiet_worker_close
+
+    logger = logging.getLogger("distributed.worker.state_machine")
+    before = list(logger.filters)
+    try:
+        quiet_worker_close()
+        quiet_worker_close()  # once is enough
+        assert len(logger.filters) == len(before) + 1
+        with caplog.at_level(logging.WARNING, logger=logger.name):
+            logger.warning(
+                "Async instruction for <Task cancelled name='x'> ended with CancelledError"
+            )
+            logger.warning("Unhandled exception in async instruction for <Task>")
+        assert caplog.messages == ["Unhandled exception in async instruction for <Task>"]
+    finally:
+        logger.filters[:] = before
