@@ -63,6 +63,13 @@ def test_ccstae_takes_a_numpy_array(simulated):
     assert ds["theta"].dims == ("method", "rx", "ry") and ds.attrs["source"] == "the scan"
 
 
+def _strain(method: str, scan) -> xr.Dataset:
+    """``method``'s strain of ``scan`` (CC-ST-AE with the smallest config)."""
+    if method == "py4dstem":
+        return py4dstem_strain(scan)
+    return ccstae_strain(scan, config=TINY, device="cpu", progress=False)
+
+
 @pytest.mark.parametrize(
     ("scan", "match"),
     [
@@ -81,12 +88,8 @@ def test_ccstae_takes_a_numpy_array(simulated):
 )
 @pytest.mark.parametrize("method", ["py4dstem", "ccstae"])
 def test_a_scan_of_another_shape_is_one_sentence(scan, match, method):
-    run = {
-        "py4dstem": lambda: py4dstem_strain(scan),
-        "ccstae": lambda: ccstae_strain(scan, config=TINY, device="cpu", progress=False),
-    }[method]
     with pytest.raises(InputError, match=match):
-        run()
+        _strain(method, scan)
 
 
 def test_as_scan_keeps_a_scan_of_the_right_dims():
@@ -119,12 +122,8 @@ def test_unusable_values_are_one_sentence_before_any_work(scan, match, method):
     """Regression: an empty scan was a ZeroDivisionError (py4DSTEM) or an IndexError (CC-ST-AE),
     a complex one ran on its real part, and a NaN pixel failed deep inside CC-ST-AE's refinement
     after training ('cannot convert float NaN to integer')."""
-    run = {
-        "py4dstem": lambda: py4dstem_strain(scan),
-        "ccstae": lambda: ccstae_strain(scan, config=TINY, device="cpu", progress=False),
-    }[method]
     with pytest.raises(InputError, match=match):
-        run()
+        _strain(method, scan)
 
 
 def test_a_lazy_scan_is_checked_per_block_when_computed(dask_computes):
