@@ -20,7 +20,15 @@ class InputError(StemflowError, ValueError):
 
 
 class StorageError(StemflowError, OSError):
-    """A store that cannot be reached, read or written (network, credentials, permissions)."""
+    """A store that cannot be reached, read or written (network, credentials, permissions).
+
+    ``transient``: whether trying again later may succeed (an unreachable endpoint), or not
+    until a user acts (refused credentials, a missing bucket); flows retry only the first.
+    """
+
+    def __init__(self, message: str, *, transient: bool = True) -> None:
+        super().__init__(message)
+        self.transient = transient
 
 
 class ResourceError(StemflowError):

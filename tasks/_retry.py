@@ -1,4 +1,5 @@
-"""Retry policy shared by I/O tasks: retry storage failures, never a user's mistake or science."""
+"""Retry policy shared by I/O tasks: retry a store that could not be reached, never a user's
+mistake (refused credentials and missing buckets included) or science."""
 
 from __future__ import annotations
 
@@ -13,12 +14,13 @@ STORAGE_RETRY_DELAYS = [5, 30]
 
 
 def retry_on_storage_error(task: Any, task_run: Any, state: Any) -> bool:
-    """Prefect ``retry_condition_fn``: retry only when the failure was a :class:`StorageError`
-    (an object store that could not be reached); bad input and science errors fail at once."""
+    """Prefect ``retry_condition_fn``: retry only when the failure was a transient
+    :class:`StorageError` (an object store that could not be reached); refused credentials, a
+    missing bucket, bad input and science errors fail at once."""
     try:
         state.result()
-    except StorageError:
-        return True
+    except StorageError as exc:
+        return exc.transient
     except Exception:  # noqa: BLE001 - every other failure is final
         return False
     return False

@@ -77,3 +77,29 @@ def test_storage_errors_are_retried_and_input_errors_are_not(
         False: 1,
     }  # the unreachable store: 1 + 2 retries; the missing file: once
     assert not (tmp_path / "m.zarr").exists()
+
+
+def test_only_a_store_that_could_not_be_reached_is_tried_again():
+    """Refused credentials and a missing bucket failed three times over about 35 s (two
+    retries) before the run said so: nothing changes until the user acts."""
+    from prefect.states import Completed, Failed
+
+    from stemlib.errors import InputError, StorageError
+    from tasks._retry import retry_on_storage_error
+
+    unreachable = StorageError("s3://b/s.zarr: the object store cannot be reached")
+    refused = StorageError(
+        "s3://b/s.zarr: the object store refused the credentials", transient=False
+    )
+    retried = {
+        "unreachable": Failed(data=unreachable),
+        "refused": Failed(data=refused),
+        "mistake": Failed(data=InputError("s.npy does not exist")),
+        "done": Completed(data=1),
+    }
+    assert {k: retry_on_storage_error(None, None, s) for k, s in retried.items()} == {
+        "unreachable": True,
+        "refused": False,
+        "mistake": False,
+        "done": False,
+    }

@@ -117,6 +117,9 @@ def test_wrong_credentials_are_named_not_printed(tmp_path, s3, monkeypatch, caps
         "refused the credentials or access; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY" in err
     )
     assert secret not in err and "AKIAIOSFODNN7EXAMPLE" not in err and "Traceback" not in err
+    with pytest.raises(StorageError, match="refused the credentials") as refused:
+        ingest(str(tmp_path / "s.npy"), f"{s3}/s.zarr")
+    assert refused.value.transient is False  # no retry: not until the user sets a key
     monkeypatch.undo()
 
 
@@ -151,8 +154,9 @@ def test_unreachable_endpoint_fails_fast_with_one_sentence(tmp_path, s3, monkeyp
         f"stemflow ingest: error: {s3}/s.zarr: the object store at {endpoint} cannot be reached; "
         "check AWS_ENDPOINT_URL and that the server is running."
     )
-    with pytest.raises(StorageError, match="cannot be reached"):
+    with pytest.raises(StorageError, match="cannot be reached") as unreachable:
         ingest(f"{s3}/raw.npy", str(tmp_path / "out.zarr"))
+    assert unreachable.value.transient is True  # retried: the server may come back
     assert not (tmp_path / "out.zarr").exists()
 
 
@@ -164,6 +168,9 @@ def test_missing_bucket(tmp_path, s3, capsys):
         "s3://no-such-bucket-here/s.zarr: the bucket does not exist; create it or correct the URL."
         in capsys.readouterr().err
     )
+    with pytest.raises(StorageError, match="the bucket does not exist") as missing:
+        ingest(str(tmp_path / "s.npy"), "s3://no-such-bucket-here/s.zarr")
+    assert missing.value.transient is False
 
 
 def test_failed_upload_publishes_nothing(tmp_path, s3, monkeypatch):

@@ -246,11 +246,13 @@ def storage_errors(url: str) -> Iterator[None]:
         if kind == "auth" and remote:
             raise StorageError(
                 f"{where}: the object store refused the credentials or access; set "
-                "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) to a key with access."
+                "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) to a key with "
+                "access.",
+                transient=False,
             ) from None
         if kind == "auth":
             raise StorageError(
-                f"{where}: permission denied; choose a path you can write to."
+                f"{where}: permission denied; choose a path you can write to.", transient=False
             ) from None
         if kind == "unreachable":
             endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
@@ -261,7 +263,8 @@ def storage_errors(url: str) -> Iterator[None]:
             ) from None
         if kind == "missing" and remote:
             raise StorageError(
-                f"{where}: the bucket does not exist; create it or correct the URL."
+                f"{where}: the bucket does not exist; create it or correct the URL.",
+                transient=False,
             ) from None
         raise
 
