@@ -95,6 +95,9 @@ def test_a_rerun_of_a_finished_run_skips_it_and_a_changed_one_runs(scan, tmp_pat
         "and configuration): skipped."
     )
     assert metadata.stat().st_mtime_ns == stamp
+    assert main([*args, "--recompute"]) == 0  # after an upgrade, say: computed again
+    assert capsys.readouterr().out.startswith(f"wrote {dest}: py4dstem strain")
+    stamp = metadata.stat().st_mtime_ns
 
     (tmp_path / "strain.zarr" / "exx" / "c" / "0" / "0" / "0").unlink()  # an interrupted copy
     assert main(args) == 0
@@ -173,6 +176,12 @@ def test_cli_trains_ccstae_draws_its_bases_and_a_rerun_only_infers(scan, tmp_pat
     assert "epoch" not in again.err  # nothing trained again
     assert open_strain(dest).attrs["methods"]["ccstae"]["model_checkpoint_sha256"] == sha
     assert list((tmp_path / ".strain.zarr.work").glob("ccstae-model-*")) == [models[0].parent]
+
+    # --recompute (after an upgrade, say) trains anew, in a model folder emptied first.
+    (models[0].parent / "sentinel").write_text("the first run's model folder")
+    assert main([*args, "--recompute"]) == 0
+    assert "epoch 2/2" in capsys.readouterr().err
+    assert not (models[0].parent / "sentinel").exists() and models[0].is_file()
 
 
 @pytest.mark.parametrize(

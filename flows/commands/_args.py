@@ -1,4 +1,4 @@
-"""Argument types shared by the subcommands."""
+"""Argument types and options shared by the subcommands."""
 
 from __future__ import annotations
 
@@ -8,7 +8,15 @@ from pydantic import ValidationError
 
 from stemlib.errors import InputError
 
-__all__ = ["int_pair", "float_pair", "positive_int", "symmetry", "SYMMETRIES", "flag_error"]
+__all__ = [
+    "int_pair",
+    "float_pair",
+    "positive_int",
+    "symmetry",
+    "SYMMETRIES",
+    "flag_error",
+    "add_recompute_argument",
+]
 
 
 def int_pair(text: str) -> tuple[int, int]:
@@ -61,3 +69,13 @@ def flag_error(exc: ValidationError, flags: dict[str, str] | None = None) -> Inp
     field = str(first["loc"][0]) if first.get("loc") else "input"
     flag = (flags or {}).get(field, "--" + field.replace("_", "-"))
     return InputError(f"{flag}: {first.get('msg', 'invalid value')}; correct it and run again.")
+
+
+def add_recompute_argument(group: argparse._ActionsContainer) -> None:
+    """``--recompute``: compute again what an earlier run finished with the same settings."""
+    group.add_argument(
+        "--recompute",
+        action="store_true",
+        help="compute the strain again even where an earlier run finished it with the same "
+        "settings (after an upgrade of stemflow, say); CC-ST-AE trains anew",
+    )

@@ -7,12 +7,11 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ._args import positive_int
+from ._args import add_recompute_argument, positive_int
 from .ingest import add_source_arguments, options_from_args
 from .run import (
     add_dask_argument,
     add_method_arguments,
-    add_recompute_argument,
     add_strain_arguments,
     flow_run,
     method_options,

@@ -15,7 +15,7 @@ from stemlib.io.scan_store import check_destination
 from stemlib.io.storage import locate
 from stemlib.reference import parse_reference
 
-from ._args import SYMMETRIES, symmetry
+from ._args import SYMMETRIES, add_recompute_argument, symmetry
 from .ingest import add_source_arguments, options_from_args
 from .strain import read_config
 
@@ -25,7 +25,6 @@ __all__ = [
     "add_method_arguments",
     "method_options",
     "add_pipeline_arguments",
-    "add_recompute_argument",
     "add_strain_arguments",
     "add_dask_argument",
     "pipeline_options",
@@ -101,16 +100,6 @@ def add_dask_argument(group: argparse._ArgumentGroup) -> None:
         "--dask-address",
         metavar="tcp://HOST:8786",
         help="an existing Dask cluster (default: a local one)",
-    )
-
-
-def add_recompute_argument(group: argparse._ArgumentGroup) -> None:
-    """``--recompute``: compute again what an earlier run finished with the same settings."""
-    group.add_argument(
-        "--recompute",
-        action="store_true",
-        help="compute both methods again even where an earlier run finished them with the same "
-        "settings (after an upgrade of stemflow, say); CC-ST-AE trains anew",
     )
 
 

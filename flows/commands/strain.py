@@ -6,9 +6,9 @@ and the four maps beside it as ``<DEST stem>-<method>.png``. CC-ST-AE also draws
 bases (``<DEST stem>-ccstae-bases.png``) and keeps its checkpoints in a work folder (``--workdir``,
 by default ``.<DEST name>.work`` beside DEST): a rerun resumes an interrupted training, or only
 infers. DEST records a fingerprint of the scan's content and the settings, so a rerun of a
-finished run skips it. A user's mistake (a store that is not a scan, a reference region outside
-the scan or empty, a mask of the wrong shape, a scan without Bragg disks) stops before anything
-is published.
+finished run skips it (``--recompute`` runs it again, CC-ST-AE training anew). A user's mistake
+(a store that is not a scan, a reference region outside the scan or empty, a mask of the wrong
+shape, a scan without Bragg disks) stops before anything is published.
 """
 
 from __future__ import annotations
@@ -25,14 +25,14 @@ from stemlib.config_file import read_mapping, validated
 from stemlib.errors import InputError
 from stemlib.io import open_scan
 from stemlib.io.scan_store import check_destination
-from stemlib.io.storage import local_workdir, locate, redact, work_folder
+from stemlib.io.storage import local_workdir, locate, redact, remove, work_folder
 from stemlib.plots import png_url, save_png, strain_figure
 from stemlib.reference import parse_reference
 from stemlib.rerun import finished_step, run_key
 from stemlib.results import write_strain
 from stemlib.types import Device
 
-from ._args import SYMMETRIES, symmetry
+from ._args import SYMMETRIES, add_recompute_argument, symmetry
 
 __all__ = ["register", "run_method", "read_config"]
 
@@ -152,7 +152,7 @@ def _run(args: argparse.Namespace) -> int:
         symmetry=args.symmetry,
         config=config,
     )
-    if finished_step(args.dest, key):
+    if not args.recompute and finished_step(args.dest, key):
         url = redact(locate(args.dest).url)
         print(
             f"{url} already holds this result (same scan content, method, reference, symmetry "
@@ -166,6 +166,8 @@ def _run(args: argparse.Namespace) -> int:
             "workdir": _model_folder(scan, args, config),
             "bases_png": png_url(args.dest, "ccstae-bases"),
         }
+        if args.recompute:  # not resumed from, nor taken as trained
+            remove(locate(files["workdir"]))
     ds = run_method(
         scan,
         args.method,
@@ -240,4 +242,5 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         help="CC-ST-AE's checkpoints, so that a rerun resumes training or only infers: path or "
         "URL (default: .DEST.work beside DEST)",
     )
+    add_recompute_argument(parser)
     parser.set_defaults(run=_run)
