@@ -245,6 +245,14 @@ def open_strain(url: str | Location) -> xr.Dataset:
     InputError
         If ``url`` does not exist, is not a strain dataset, or lost blocks of its maps since it
         was written (:func:`damaged_strain`).
+
+    Examples
+    --------
+    >>> zeros = np.zeros((2, 3))
+    >>> ds = strain_dataset("py4dstem", exx=zeros, eyy=zeros, exy=zeros, theta=zeros)
+    >>> back = open_strain(write_strain(ds, "memory://doc/strain.zarr"))
+    >>> back["exx"].dims, back["method"].values.tolist(), back["exx"].attrs["units"]
+    (('method', 'rx', 'ry'), ['py4dstem'], '1')
     """
     location = locate(url) if isinstance(url, str) else url
     where = redact(location.url)

@@ -550,13 +550,28 @@ def train_on_scan(
 ) -> dict[str, Any]:
     """Train the CC-ST-AE on a scan and leave the checkpoint in ``workdir`` (resumed if there).
 
-    The training half of :func:`ccstae_strain` (same parameters); a later ``ccstae_strain``
-    with the same ``workdir``, scan, reference and config only infers.
+    The training half of :func:`ccstae_strain`; a later ``ccstae_strain`` with the same
+    ``workdir``, scan, reference and config only infers.
+
+    Parameters
+    ----------
+    scan, reference, config, device, progress
+        As :func:`ccstae_strain`.
+    workdir
+        Local folder of the checkpoint: created if missing; a checkpoint there of the same scan,
+        reference and training settings is resumed (or taken as trained).
 
     Returns
     -------
     dict
-        ``workdir``, ``epochs``, ``final_loss``, ``checkpoint_sha256``, ``timings_s``.
+        ``workdir``, ``epochs``, ``final_loss`` (None after no epoch), ``checkpoint_sha256``,
+        ``timings_s`` (seconds per stage).
+
+    Raises
+    ------
+    InputError
+        As :func:`ccstae_strain` does for the scan, reference, device and config, and for a
+        ``workdir`` holding another run's checkpoint.
     """
     trained = _train_stages(
         as_scan(scan),

@@ -602,6 +602,14 @@ def open_scan(url: str | Location) -> xr.DataArray:
         If ``url`` does not exist, is not a stemflow scan store, or lacks its data array's metadata
         or blocks that its writer stored (damaged after it was written: see the module's
         notes; checked by one listing, before any data is read).
+
+    Examples
+    --------
+    >>> patterns, step = da.ones((2, 3, 8, 8), dtype="uint16"), Calibration(probe_step_nm=0.5)
+    >>> _ = write_scan(patterns, "memory://doc/scan.zarr", calibration=step)
+    >>> scan = open_scan("memory://doc/scan.zarr")
+    >>> scan.dims, scan.shape, scan["rx"].attrs["units"], int(scan[1, 2].sum())
+    (('rx', 'ry', 'qx', 'qy'), (2, 3, 8, 8), 'nm', 64)
     """
     location = locate(url) if isinstance(url, str) else url
     where = redact(location.url)
