@@ -191,6 +191,22 @@ def test_warps_stay_float32_under_bf16_autocast():
     torch.testing.assert_close(out.transformed_input, reference.transformed_input)
 
 
+@pytest.mark.parametrize("decoder", ["image", "conv"])
+def test_bases_stay_float32_under_bf16_autocast(decoder):
+    # The bases are what every pattern is registered onto: under the training step's bf16
+    # autocast they must be the float32 bases, not bf16-rounded copies (up to 0.4 % off).
+    model = _model(CCSTAEConfig.preset("cpu", channels=8, num_bases=2, decoder=decoder))
+    model.initialise_bases(_input(2))
+    x = _input()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x, torch.full((3,), 0.3))
+    reference = model(x, torch.full((3,), 0.3))
+    for name in ("bases", "base", "transformed_base"):
+        torch.testing.assert_close(
+            getattr(out, name), getattr(reference, name), rtol=0, atol=0, msg=name
+        )
+
+
 def test_the_model_compiles_into_one_graph():
     # The GPU preset sets `compile: true`. Dynamo must trace the forward and the backward pass
     # whole; a graph break would lose the speed-up on the GPU. The aot_eager backend traces as

@@ -3,7 +3,7 @@
 Each epoch streams the scan once (:class:`stemlib.ccstae.data.PatternStream`, shuffled by
 ``(seed, epoch)``), with the ring of :meth:`stemlib.masks.MaskSchedule.mask` for that epoch.
 The learning rate decays by a cosine from ``lr`` to ``lr / 20``. On CUDA the forward pass runs
-under bf16 autocast (the warps and the loss in float32) and optionally ``torch.compile``.
+under bf16 autocast (the bases, the warps and the loss in float32) and optionally ``torch.compile``.
 
 A batch whose loss is not finite, or above ``outlier_factor`` x the running loss, is skipped
 and counted. After every epoch a checkpoint (:class:`Checkpoint`) is written atomically; a run
