@@ -564,8 +564,9 @@ def train_on_scan(
     Returns
     -------
     dict
-        ``workdir``, ``epochs``, ``final_loss`` (None after no epoch), ``checkpoint_sha256``,
-        ``timings_s`` (seconds per stage).
+        ``workdir``, ``epochs``, ``final_loss`` (None after no epoch), ``epoch_s`` (seconds of
+        each epoch, resumed ones included: on CUDA the first holds ``torch.compile``'s
+        compilation), ``checkpoint_sha256``, ``timings_s`` (seconds per stage).
 
     Raises
     ------
@@ -586,6 +587,7 @@ def train_on_scan(
         "workdir": str(workdir),
         "epochs": trained.record.epoch,
         "final_loss": history[-1]["loss"] if history else None,
+        "epoch_s": [float(h["seconds"]) for h in history],
         "checkpoint_sha256": trained.checkpoint_sha256,
         "timings_s": trained.timings,
     }
