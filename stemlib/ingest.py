@@ -22,7 +22,7 @@ from .io.scan_store import intact_scan, read_store_attrs, write_scan
 from .io.storage import Location, interrupted_publication, locate, redact, storage_errors
 from .provenance import fingerprint, software_versions, utc_now
 
-__all__ = ["IngestOptions", "IngestResult", "ingest", "source_key"]
+__all__ = ["IngestOptions", "IngestResult", "KeyedSource", "ingest", "keyed_source", "source_key"]
 
 #: Bumped when the stored layout changes, so that old stores are not taken as finished work.
 STORE_VERSION = 1
@@ -92,15 +92,39 @@ def _stamp(info: dict[str, Any]) -> str:
     )
 
 
-def _source_identity(
-    location: Location, options: IngestOptions
-) -> tuple[dict[str, Any], dict[str, dict[str, Any]] | None]:
-    """What :func:`source_key` fingerprints: the source file's URL, size and stamp, the options,
-    and, where its reader uses companion files, ``companions``: name (relative to the source's
-    folder) -> ``[size, stamp]`` of each. Also returns the listing of companion files that this
-    is made from (path -> fsspec info, as :func:`~stemlib.io.readers.source_companions` gives
-    it; None for a folder, which is not listed), for :func:`~stemlib.io.readers.open_source` to
-    copy without listing them again."""
+@dataclass(frozen=True)
+class KeyedSource:
+    """A raw source as a rerun recognises it, found by listing files (none is read or copied).
+
+    Attributes
+    ----------
+    identity
+        What :attr:`key` fingerprints: the source file's URL, size and stamp, the options and,
+        where its reader uses companion files, ``companions``: name (relative to the source's
+        folder) -> ``[size, stamp]`` of each.
+    companions
+        Those companion files as :func:`~stemlib.io.readers.source_companions` listed them (path
+        -> fsspec info), for :func:`~stemlib.io.readers.open_source` to copy without listing
+        them again; None for a folder, which is not listed.
+    """
+
+    identity: dict[str, Any]
+    companions: dict[str, dict[str, Any]] | None
+
+    @property
+    def key(self) -> str:
+        """:func:`source_key`."""
+        return fingerprint(self.identity)
+
+
+def keyed_source(location: Location, options: IngestOptions) -> KeyedSource:
+    """The source at ``location`` read with ``options``, as its key (:func:`source_key`) sees it.
+
+    Raises
+    ------
+    InputError
+        The source does not exist.
+    """
     try:
         with storage_errors(location.url):
             info = location.fs.info(location.path)
@@ -114,14 +138,14 @@ def _source_identity(
         "store_version": STORE_VERSION,
     }
     if info.get("type") == "directory":  # no scan file: the reader says what to pass instead
-        return identity, None
+        return KeyedSource(identity, None)
     folder = posixpath.dirname(location.path)
     listed = source_companions(location, format=options.format)
     companions = {
         posixpath.relpath(path, folder): [companion.get("size"), _stamp(companion)]
         for path, companion in listed.items()
     }
-    return ({**identity, "companions": companions} if companions else identity), listed
+    return KeyedSource({**identity, "companions": companions} if companions else identity, listed)
 
 
 def source_key(location: Location, options: IngestOptions) -> str:
@@ -149,7 +173,7 @@ def source_key(location: Location, options: IngestOptions) -> str:
     that names the companions. A source with no companion file has the key it had before
     companion files counted.
     """
-    return fingerprint(_source_identity(location, options)[0])
+    return keyed_source(location, options).key
 
 
 def _keyed_without_companions(attrs: dict[str, Any], identity: dict[str, Any]) -> bool:
@@ -163,7 +187,7 @@ def _keyed_without_companions(attrs: dict[str, Any], identity: dict[str, Any]) -
 
 
 def _existing(dest: Location, identity: dict[str, Any], overwrite: bool) -> dict[str, Any] | None:
-    """The attrs of a finished store of the source of ``identity`` (:func:`_source_identity`)
+    """The attrs of a finished store of the source of ``identity`` (:attr:`KeyedSource.identity`)
     at ``dest`` (skip), None to write; raises if ``dest`` holds something else.
 
     A store of this source that lacks blocks (:func:`~stemlib.io.scan_store.intact_scan`) is
@@ -223,15 +247,15 @@ def ingest(source: str, dest: str, options: IngestOptions | None = None) -> Inge
     """
     options = options or IngestOptions()
     src, out = locate(source), locate(dest)
-    identity, companions = _source_identity(src, options)  # names a source that does not exist
-    key = fingerprint(identity)
+    keyed = keyed_source(src, options)  # names a source that does not exist
+    identity, key = keyed.identity, keyed.key
     done = _existing(out, identity, options.overwrite)
     if done is not None:
         return IngestResult("skipped", out.url, key, done)
     # A vendor file on object storage is read from a local copy, removed when the block ends;
     # the copy holds the companion files listed for the key, not listed again.
     with open_source(
-        src.url, format=options.format, options=options.read_options(), companions=companions
+        src.url, format=options.format, options=options.read_options(), companions=keyed.companions
     ) as scan:
         calibration = scan.calibration.merged(options.calibration)
         attrs = {

@@ -35,7 +35,7 @@ from dask.base import tokenize
 
 from .calibration import Calibration
 from .errors import InputError
-from .ingest import IngestOptions, source_key
+from .ingest import IngestOptions, keyed_source
 from .io.readers import SourceScan, open_source
 from .io.scan_store import WriteResult, finished_scan, open_scan, write_scan
 from .io.storage import Location, locate, redact, storage_errors
@@ -314,36 +314,31 @@ def noise_recipe(
 @dataclass(frozen=True)
 class _Clean:
     """The scan to add noise to, from a scan store or a raw file: its patterns (RX, RY, QX, QY),
-    calibration, per-position maps to carry (the truth), the attributes the noisy copy keeps,
-    and what names its content for :func:`noise_recipe` (a store's content hash, a raw file's
-    source key)."""
+    calibration, per-position maps to carry (the truth) and the attributes the noisy copy
+    keeps."""
 
     data: da.Array
     calibration: Calibration
     extras: xr.Dataset | None
     attrs: dict[str, Any]
-    content_sha256: str | None = None
-    source_key: str | None = None
 
 
 #: Attributes of a scan store that its noisy copy keeps.
 _KEPT = ("truth_symmetry", "simulation", "reciprocal_basis_px", "ellipse_matrix", "disk_radius_px")
 
 
-def _from_store(src: Location) -> _Clean:
-    scan = open_scan(src)
+def _from_store(src: Location, scan: xr.DataArray) -> _Clean:
+    """The scan store at ``src``, whose ``scan`` :func:`open_scan` opened."""
     with storage_errors(src.url):
         stored = xr.open_zarr(src.url, storage_options=src.storage_options or None)
-    content = scan.attrs.get("content_sha256")
     return _Clean(
         data=scan.data,
         calibration=Calibration.from_attrs(scan.attrs),
         extras=stored[[name for name, var in stored.data_vars.items() if var.dims == SCAN_DIMS]],
         attrs={
             **{key: scan.attrs[key] for key in _KEPT if key in scan.attrs},
-            "source_content_sha256": content,
+            "source_content_sha256": scan.attrs.get("content_sha256"),
         },
-        content_sha256=content,
     )
 
 
@@ -360,7 +355,6 @@ def _from_raw(raw: SourceScan, key: str, options: IngestOptions) -> _Clean:
             "reader_details": raw.details,
             "ingest_options": options.identity(),
         },
-        source_key=key,
     )
 
 
@@ -419,36 +413,38 @@ def noise_store(
             f"{redact(src.url)} does not exist; check the path (a scan store, or a raw scan in "
             "any supported format)."
         )
+    params = {"background": background, "counts": counts, "seed": seed, "model": model}
     if not raw_file:  # a scan store, or a folder that open_scan explains
-        return _write_noisy(_from_store(src), source, out, background, counts, seed, model)
+        scan = open_scan(src)
+        recipe = noise_recipe(scan.attrs.get("content_sha256"), **params)
+        done = finished_scan(out, recipe)
+        if done is not None:
+            return done
+        return _write_noisy(_from_store(src, scan), recipe, source, out, **params)
     options = read or IngestOptions()
-    key = source_key(src, options)
-    with open_source(src.url, format=options.format, options=options.read_options()) as raw:
-        clean = _from_raw(raw, key, options)
-        return _write_noisy(clean, source, out, background, counts, seed, model)
+    keyed = keyed_source(src, options)  # the companion files listed once, for key and copy
+    recipe = noise_recipe(None, source_key=keyed.key, **params)
+    done = finished_scan(out, recipe)  # before a vendor file on object storage is copied
+    if done is not None:
+        return done
+    with open_source(
+        src.url, format=options.format, options=options.read_options(), companions=keyed.companions
+    ) as raw:
+        return _write_noisy(_from_raw(raw, keyed.key, options), recipe, source, out, **params)
 
 
 def _write_noisy(
     clean: _Clean,
+    recipe: dict[str, Any],
     source: str,
     out: Location,
+    *,
     background: float,
     counts: float,
     seed: int,
     model: NoiseModel,
 ) -> WriteResult:
-    """Publish the noisy copy of ``clean`` at ``out`` (:func:`noise_store`), or find it there."""
-    recipe = noise_recipe(
-        clean.content_sha256,
-        background=background,
-        counts=counts,
-        seed=seed,
-        model=model,
-        source_key=clean.source_key,
-    )
-    done = finished_scan(out, recipe)
-    if done is not None:
-        return done
+    """Publish the noisy copy of ``clean``, made by ``recipe``, at ``out`` (:func:`noise_store`)."""
     noisy = add_noise(clean.data, background=background, counts=counts, seed=seed, model=model)
     no_poisson = noisy is clean.data
     attrs = {

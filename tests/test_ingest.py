@@ -32,6 +32,7 @@ from stemlib.io.scan_store import (
     write_scan,
 )
 from stemlib.io.storage import locate
+from stemlib.noise import noise_store
 from stemlib.provenance import fingerprint
 
 from . import vendor_files as vf
@@ -227,8 +228,8 @@ def test_an_ingest_from_object_storage_lists_the_companion_files_once(
     """A vendor file on object storage had its companion files listed for the source key, then
     again for the local copy its reader opens: on S3, two HEAD requests more per named file (a
     .hdr), a LIST more per wildcard (.ser series, TVIPS parts), an EMPAD .xml read again. The
-    copy now holds what the key's listing found. fsspec's memory:// stands in for S3 here; a
-    listing is a call of its filesystem's glob."""
+    copy now holds what the key's listing found, in stemflow noise's reading too. fsspec's
+    memory:// stands in for S3 here; a listing is a call of its filesystem's glob."""
     case = CASES[name]
     (tmp_path / "raw").mkdir()
     path = case.write(tmp_path / "raw")
@@ -248,9 +249,12 @@ def test_an_ingest_from_object_storage_lists_the_companion_files_once(
         listing = list(globs)
         globs.clear()
         result = ingest(url, str(tmp_path / "a.zarr"), options)
+        ingest_globs = list(globs)
+        globs.clear()  # stemflow noise reads a raw source as ingest does
+        noise_store(url, str(tmp_path / "n.zarr"), background=0.5, read=options)
     finally:
         fs.rm(f"/{tmp_path.name}", recursive=True)
-    assert listing and globs == listing  # one listing, for the key
+    assert listing and ingest_globs == listing and globs == listing  # one listing, for the key
     assert result.source_key == key and result.status == "written"
     np.testing.assert_array_equal(open_scan(str(tmp_path / "a.zarr")).values, case.data)
     assert os.listdir(own_tmpdir) == []
