@@ -1,4 +1,4 @@
-"""Keys of the artifacts the flows publish about a scan.
+"""Names of a scan in the flows' runs, and keys of the artifacts they publish about it.
 
 Prefect's Artifacts page lists one entry per key, holding every version of it. A key per scan
 gives each scan its own history there (each rerun a version); one key shared by every scan
@@ -7,9 +7,19 @@ would show them as one artifact whose latest version is whichever scan finished 
 
 from __future__ import annotations
 
+import posixpath
 import re
 
-__all__ = ["artifact_key"]
+__all__ = ["artifact_key", "file_name"]
+
+
+def file_name(source: str) -> str:
+    """The name a run gives its scan: the file name of ``source`` (a path or URL).
+
+    >>> file_name("s3://raw/2026/scan_042.mib"), file_name("/data/scan.zarr/")
+    ('scan_042.mib', 'scan.zarr')
+    """
+    return posixpath.basename(source.rstrip("/")) or "scan"
 
 
 def artifact_key(kind: str, name: str) -> str:

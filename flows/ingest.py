@@ -14,7 +14,6 @@ Run it from the command line with `stemflow ingest SOURCE DEST`, or as a flow:
 
 from __future__ import annotations
 
-import os
 import sys
 from typing import Any
 
@@ -25,7 +24,7 @@ from prefect.runtime import flow_run
 from stemlib.ingest import IngestOptions
 from tasks.ingest import ingest_scan
 
-from .artifacts import artifact_key
+from .artifacts import artifact_key, file_name
 from .runners import dask_runner
 
 __all__ = ["ingest_flow"]
@@ -33,7 +32,7 @@ __all__ = ["ingest_flow"]
 
 def _run_name() -> str:
     source = str(flow_run.parameters.get("source", "scan"))
-    return f"ingest-{os.path.basename(source.rstrip('/')) or 'scan'}"
+    return f"ingest-{file_name(source)}"
 
 
 @flow(name="ingest", flow_run_name=_run_name, task_runner=dask_runner(), log_prints=True)
@@ -47,7 +46,7 @@ def ingest_flow(source: str, dest: str, options: IngestOptions | None = None) ->
     """
     record = ingest_scan.submit(source, dest, options or IngestOptions()).result()
     create_markdown_artifact(
-        key=artifact_key("ingest", os.path.basename(source.rstrip("/"))),
+        key=artifact_key("ingest", file_name(source)),
         markdown=(
             f"**{record['status']}** `{record['url']}`\n\n"
             f"| shape | content sha256 |\n|---|---|\n"

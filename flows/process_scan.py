@@ -41,7 +41,7 @@ from tasks.ingest import ingest_scan
 from tasks.publish import publish_strain, published_request, request_key
 from tasks.py4dstem import py4dstem_strain_scan
 
-from .artifacts import artifact_key
+from .artifacts import artifact_key, file_name
 from .runners import dask_runner
 
 __all__ = ["process_scan", "default_locations", "resolved_parameters"]
@@ -95,7 +95,7 @@ def resolved_parameters(
 
 def _run_name() -> str:
     source = str(flow_run.parameters.get("source", "scan"))
-    return f"process-{posixpath.basename(source.rstrip('/')) or 'scan'}"
+    return f"process-{file_name(source)}"
 
 
 @task(
@@ -279,7 +279,7 @@ def _scan_name(source: str) -> str:
     run_name = flow_run.name or ""
     if run_name.startswith("process-"):
         return run_name.removeprefix("process-")
-    return posixpath.basename(source.rstrip("/")) or "scan"
+    return file_name(source)
 
 
 def _bases_png(dest: str) -> str:
