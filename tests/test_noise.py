@@ -225,7 +225,7 @@ def test_noise_store_records_provenance_and_carries_the_truth(source, tmp_path):
 KEPT_MAPS = ("grain_id", "reference_mask")
 
 
-def test_a_raw_scan_gets_the_noise_its_ingested_store_would(source, tmp_path):
+def test_a_raw_scan_gets_the_noise_its_ingested_store_would(source, tmp_path, capsys):
     """A raw file is read as ``stemflow ingest`` reads it, and no clean store is written: the
     same counts and truth as noise on its ingested store, the file's key as the copy's
     fingerprint, and a rerun skips it."""
@@ -247,6 +247,9 @@ def test_a_raw_scan_gets_the_noise_its_ingested_store_would(source, tmp_path):
     # The command line takes the reading options of `stemflow ingest` for a raw SOURCE.
     command = ["noise", raw, str(tmp_path / "c.zarr"), "--background", "0.25", "--seed", "9"]
     assert main([*command, "--dataset", "/nowhere", "--quiet"]) == 2
+    assert capsys.readouterr().err.startswith(
+        f"stemflow noise: error: {raw} has no dataset /nowhere; pass --dataset with one of: "
+    )
     assert main([*command, "--probe-step-nm", "0.5", "--quiet"]) == 0
     copy = open_scan(str(tmp_path / "c.zarr"))
     assert copy.attrs["content_sha256"] == direct.content_sha256
