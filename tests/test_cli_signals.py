@@ -64,7 +64,8 @@ def _start(scan: str, tmp_path: Path, log: Path) -> subprocess.Popen[bytes]:
 
 class _Tree:
     """Every process that descended from ``root`` while :meth:`look` was called, with its last
-    command line seen (a child shows its parent's until it runs its own program)."""
+    command line seen (a child shows its parent's until it runs its own program; an exiting
+    process shows an empty one, which does not replace what it ran)."""
 
     def __init__(self, root: int) -> None:
         self.root = psutil.Process(root)
@@ -79,7 +80,8 @@ class _Tree:
         for child in children:
             process = self.processes.setdefault(child.pid, child)
             with contextlib.suppress(psutil.Error):
-                self.command_lines[child.pid] = " ".join(process.cmdline())
+                if line := " ".join(process.cmdline()):
+                    self.command_lines[child.pid] = line
 
     def running(self, timeout_s: float) -> list[str]:
         """The command lines of those still running after up to ``timeout_s``."""
