@@ -23,9 +23,9 @@ or not.
 from __future__ import annotations
 
 import contextlib
-import socket
+import itertools
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import dask
 from prefect import get_run_logger, task
@@ -39,12 +39,15 @@ from stemlib.resources import usable_cores
 from stemlib.results import write_strain
 from stemlib.types import Device, Symmetry
 
+if TYPE_CHECKING:
+    import torch
+
 __all__ = [
     "train_ccstae",
     "infer_ccstae",
     "gpu_resources",
     "gpu_turn",
-    "host_slots",
+    "hold_one",
     "torch_cores",
 ]
 
@@ -63,7 +66,7 @@ def gpu_resources() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def torch_cores(device: Device) -> Iterator[None]:
+def torch_cores(device: Device | torch.device) -> Iterator[None]:
     """On CPU, torch uses every core this process may run on inside the block.
 
     A Dask worker starts with ``OMP_NUM_THREADS=1``, one thread per task, so torch ran the
@@ -86,36 +89,63 @@ def torch_cores(device: Device) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+#: Seconds a task waits on one busy GPU before it looks at the others again.
+GPU_POLL_S = 0.5
+
+
 @contextlib.contextmanager
-def gpu_turn(device: Device) -> Iterator[None]:
-    """On CUDA inside a Dask worker, wait for one of this host's GPUs and hold it for the block
-    (:func:`host_slots`, one slot per visible GPU); elsewhere a no-op.
+def gpu_turn(device: Device) -> Iterator[torch.device]:
+    """The device to run on, held for the block.
+
+    On CUDA inside a Dask worker, waits for a free GPU among those visible here, holds it
+    (:func:`hold_one`, one Dask lock per GPU, named by its UUID) and yields it, ``cuda:N``, made
+    the current device of this thread. Elsewhere yields ``device`` resolved, holding nothing.
 
     A local cluster gives every worker the resource GPU=1, so that GPU tasks go where a GPU is.
     Without turns, the noise sweep's levels or a reprocess's scans would train side by side on
-    one GPU, each with the gpu preset's memory (over 11 GB of activations when run on a CPU)."""
+    one GPU, each with the gpu preset's memory (over 11 GB of activations when run on a CPU).
+    On a host with several GPUs each task gets its own: they all used GPU 0 when only their
+    number was held. Naming the locks by UUID keeps workers that see the GPUs in different
+    orders (``CUDA_VISIBLE_DEVICES``) apart."""
     import torch
 
-    if resolve_device(device).type != "cuda":
-        yield
+    resolved = resolve_device(device)
+    if resolved.type != "cuda":
+        yield resolved
         return
-    with host_slots(torch.cuda.device_count()):
-        yield
+    gpus = range(torch.cuda.device_count())
+    names = [f"stemflow-gpu-{torch.cuda.get_device_properties(i).uuid}" for i in gpus]
+    with hold_one(names) as index:
+        if index is None:  # not in a Dask worker
+            yield resolved
+            return
+        with torch.cuda.device(index):  # what a bare "cuda" means in this thread
+            yield torch.device("cuda", index)
 
 
 @contextlib.contextmanager
-def host_slots(slots: int) -> Iterator[None]:
-    """Hold one of ``slots`` leases of this host's ``distributed.Semaphore`` for the block,
-    when it runs in a Dask worker (a no-op outside one)."""
-    from distributed import Semaphore, get_worker
+def hold_one(names: list[str]) -> Iterator[int | None]:
+    """Hold one of the Dask locks ``names`` for the block, the first free one, waiting while all
+    are held; yields its index in ``names``. A no-op outside a Dask worker (yields None).
+
+    The scheduler frees a lock whose worker died (distributed's lease timeout)."""
+    from distributed import Lock, get_worker
 
     try:
         get_worker()
     except ValueError:
-        yield
+        yield None
         return
-    with Semaphore(max_leases=slots, name=f"stemflow-gpu-{socket.gethostname()}"):
-        yield
+    locks = [Lock(name) for name in names]
+    for attempt in itertools.count():
+        index = attempt % len(locks)
+        # one look at each, then wait on each in turn a little
+        if locks[index].acquire(timeout=GPU_POLL_S if attempt >= len(locks) else 0):
+            break
+    try:
+        yield index
+    finally:
+        locks[index].release()
 
 
 @task(name="train-ccstae", tags=["gpu"], cache_policy=NO_CACHE)
@@ -129,13 +159,13 @@ def train_ccstae(
 ) -> dict[str, Any]:
     """Train the CC-ST-AE on the scan store ``scan``; the checkpoint goes to ``workdir``."""
     logger = get_run_logger()
-    with gpu_turn(device), local_workdir(workdir) as folder, torch_cores(device):
+    with gpu_turn(device) as held, local_workdir(workdir) as folder, torch_cores(held):
         summary = train_on_scan(
             open_scan(scan),
             workdir=folder,
             reference=reference,
             config=config,
-            device=device,
+            device=held,
             progress=logger.info,  # on the terminal and in the task's logs in the UI
         )
     loss = summary["final_loss"]  # None after no epoch (epochs: 0)
@@ -166,13 +196,13 @@ def infer_ccstae(
     atomically to ``dest``; ``run_key`` is recorded in its ``run_keys`` (see
     :func:`tasks.py4dstem.py4dstem_strain_scan`)."""
     logger = get_run_logger()
-    with gpu_turn(device), local_workdir(workdir) as folder, torch_cores(device):
+    with gpu_turn(device) as held, local_workdir(workdir) as folder, torch_cores(held):
         ds = ccstae_strain(
             open_scan(scan),
             reference=reference,
             symmetry=symmetry,
             config=config,
-            device=device,
+            device=held,
             workdir=folder,
             bases_png=bases_png,
             progress=logger.info,  # each quarter of the scan inferred

@@ -85,25 +85,26 @@ def test_loader_workers_inside_a_dask_worker(daemon):
             assert client.submit(_patterns_read_with_two_loader_workers).result() == 36
 
 
-def _turn(slots: int) -> tuple[float, float]:
+def _turn(gpus: int) -> tuple[float, float, int]:
     import time
 
-    from tasks.ccstae import host_slots
+    from tasks.ccstae import hold_one
 
-    with host_slots(slots):
+    with hold_one([f"test-gpu-{i}" for i in range(gpus)]) as index:
         start = time.monotonic()
         time.sleep(2.0)
-        return start, time.monotonic()
+        return start, time.monotonic(), index
 
 
 def _import_tasks() -> None:
     import tasks.ccstae  # noqa: F401
 
 
-@pytest.mark.parametrize("slots", [1, 2])
-def test_gpu_tasks_on_one_host_take_turns(slots):
-    """Two CC-ST-AE tasks on a host with one GPU run one after the other (with two GPUs, side by
-    side): the semaphore that gpu_turn holds on CUDA, run here on the CPU with its slot count."""
+@pytest.mark.parametrize("gpus", [1, 2])
+def test_gpu_tasks_on_one_host_take_turns(gpus):
+    """Two CC-ST-AE tasks on a host with one GPU run one after the other on it; with two GPUs,
+    side by side, each on its own: the locks that gpu_turn holds on CUDA (one per GPU), run
+    here on the CPU."""
     from distributed import Client
 
     from flows.runners import local_cluster
@@ -111,14 +112,26 @@ def test_gpu_tasks_on_one_host_take_turns(slots):
     with local_cluster(n_workers=2) as cluster, Client(cluster) as client:
         client.wait_for_workers(2)
         # Imported first: on a loaded machine one worker's import can take a second longer, and
-        # its task then starts that much later (the 2-slot case failed so in a fresh clone).
+        # its task then starts that much later (the 2-GPU case failed so in a fresh clone).
         client.run(_import_tasks)
         # one task per worker: the scheduler may give both to one worker, which runs them in turn
         workers = list(client.scheduler_info()["workers"])
-        tasks = [client.submit(_turn, slots, pure=False, workers=[w]) for w in workers]
+        tasks = [client.submit(_turn, gpus, pure=False, workers=[w]) for w in workers]
         first, second = sorted(client.gather(tasks))
     overlap = first[1] - second[0]
-    assert overlap < 0.05 if slots == 1 else overlap > 1.0
+    if gpus == 1:
+        assert overlap < 0.05 and first[2] == second[2] == 0
+    else:
+        assert overlap > 1.0 and {first[2], second[2]} == {0, 1}
+
+
+def test_hold_one_outside_a_dask_worker_holds_nothing():
+    import torch
+
+    from tasks.ccstae import gpu_turn, hold_one
+
+    with hold_one(["test-gpu-0"]) as index, gpu_turn("cpu") as device:
+        assert index is None and device == torch.device("cpu")
 
 
 @pytest.mark.usefixtures("prefect_harness")

@@ -191,7 +191,7 @@ class CCSTAEConfig(BaseModel):
     def for_device(cls, device: Device | torch.device = "auto", **overrides: Any) -> CCSTAEConfig:
         """The preset for where the model runs (``"gpu"`` on CUDA, else ``"cpu"``), with
         ``overrides`` applied."""
-        dev = device if isinstance(device, torch.device) else resolve_device(device)
+        dev = resolve_device(device)
         return cls.preset("gpu" if dev.type == "cuda" else "cpu", **overrides)
 
     @classmethod
@@ -243,14 +243,16 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def resolve_device(device: Device | str) -> torch.device:
-    """``"auto"`` -> CUDA when present, else CPU.
+def resolve_device(device: Device | str | torch.device) -> torch.device:
+    """``"auto"`` -> CUDA when present, else CPU; a ``torch.device`` (``cuda:1``) as it is.
 
     Raises
     ------
     InputError
         For an unknown name, or ``"cuda"`` on a machine without CUDA.
     """
+    if isinstance(device, torch.device):
+        return device
     if device not in ("auto", "cpu", "cuda"):
         raise InputError(f"device={device!r} is not known; use auto, cpu or cuda.")
     if device == "cuda" and not torch.cuda.is_available():

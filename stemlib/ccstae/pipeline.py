@@ -376,7 +376,7 @@ def _train_stages(
     *,
     reference: ReferenceLike,
     config: CCSTAEConfig | None,
-    device: Device,
+    device: Device | torch.device,
     folder: Path,
     progress: Progress,
 ) -> _Trained:
@@ -545,7 +545,7 @@ def train_on_scan(
     workdir: str,
     reference: ReferenceLike = "auto",
     config: CCSTAEConfig | None = None,
-    device: Device = "auto",
+    device: Device | torch.device = "auto",
     progress: Progress = True,
 ) -> dict[str, Any]:
     """Train the CC-ST-AE on a scan and leave the checkpoint in ``workdir`` (resumed if there).
@@ -599,7 +599,7 @@ def ccstae_strain(
     reference: ReferenceLike = "auto",
     symmetry: Symmetry = "auto",
     config: CCSTAEConfig | None = None,
-    device: Device = "auto",
+    device: Device | torch.device = "auto",
     workdir: str | None = None,
     bases_png: str | None = None,
     progress: Progress = True,
@@ -629,7 +629,8 @@ def ccstae_strain(
     config
         The recipe; the ``"gpu"`` preset on CUDA, else ``"cpu"``.
     device
-        ``"auto"``, ``"cpu"`` or ``"cuda"``.
+        ``"auto"``, ``"cpu"`` or ``"cuda"``, or a ``torch.device`` (``cuda:1`` for a host's
+        second GPU).
     workdir
         Folder for the checkpoint, the rotation stage's result and the bases; a rerun with the
         same scan, reference and config resumes from it (and only infers once trained). None: a
