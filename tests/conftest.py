@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import textwrap
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -144,6 +146,16 @@ def s3(
     forget_s3_clients()
     yield f"s3://{bucket}"
     forget_s3_clients()
+
+
+def logged_requests(records: Iterable[logging.LogRecord]) -> list[str]:
+    """The requests that the test server logged, each as ``"METHOD /bucket/key?query"``, in the
+    order served: capture them with ``caplog.at_level(logging.INFO, logger="werkzeug")`` (and
+    ``caplog.clear()`` first). The server logs a request before it answers it, so the list is
+    whole when the call returns."""
+    lines = (re.sub(r"\x1b\[[0-9;]*m", "", r.getMessage()) for r in records)  # 4xx in colour
+    found = (re.search(r'"([A-Z]+ \S+) HTTP/', line) for line in lines)
+    return [match.group(1) for match in found if match]
 
 
 def closed_port() -> int:

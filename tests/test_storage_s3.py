@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import itertools
+import logging
 import os
+import re
+from collections import Counter
 
 import h5py
 import numpy as np
@@ -18,7 +21,13 @@ from stemlib.io.scan_store import open_scan
 from stemlib.io.storage import WORK_PREFIX, local_workdir
 from stemlib.results import open_strain, strain_dataset, write_strain
 
-from .conftest import closed_port, folders_of_writers, forget_s3_clients, temporary_writer
+from .conftest import (
+    closed_port,
+    folders_of_writers,
+    forget_s3_clients,
+    logged_requests,
+    temporary_writer,
+)
 
 pytestmark = pytest.mark.s3
 
@@ -230,3 +239,30 @@ def test_a_store_that_lost_an_object_on_s3_is_one_sentence_and_the_rerun_writes_
     assert ingest(str(tmp_path / "s.npy"), url).status == "written"
     np.testing.assert_array_equal(open_scan(url).values, scan())
     assert ingest(str(tmp_path / "s.npy"), url).status == "skipped"
+
+
+def test_open_scan_reads_the_group_metadata_once_besides_xarray(tmp_path, s3, caplog):
+    """open_scan read the store's zarr.json three times (for its attributes, in xarray's opening,
+    and again for the damage check's list of arrays) and asked for Zarr v2 metadata beside it
+    and beside its data array's (.zgroup, .zattrs, .zmetadata, .zarray): 40 requests to S3 for
+    a small scan, 25 of them on the group's metadata. It now reads the group once for its
+    attributes and arrays, xarray reads it once more, and a Zarr v3 store is not asked for v2
+    metadata; the damage check still reads the data array's own zarr.json and lists the store.
+    """
+    np.save(tmp_path / "s.npy", scan())
+    url = f"{s3}/scans/s.zarr"
+    ingest(str(tmp_path / "s.npy"), url)
+    forget_s3_clients()  # nothing kept from the writing: a run that opens the scan afresh
+    with caplog.at_level(logging.INFO, logger="werkzeug"):
+        caplog.clear()
+        opened = open_scan(url)
+    requests = logged_requests(caplog.records)
+    prefix = f"/{s3.removeprefix('s3://')}/scans/s.zarr/"
+    reads = Counter(r.removeprefix(f"GET {prefix}") for r in requests if r.startswith("GET "))
+    assert {k: n for k, n in reads.items() if k.endswith("zarr.json")} == {
+        "zarr.json": 2,
+        "data/zarr.json": 1,
+    }, requests
+    assert not [r for r in requests if re.search(r"\.z(group|attrs|metadata|array)", r)]
+    assert len([r for r in requests if "list-type=2" in r and "delimiter=&" in r]) == 1  # blocks
+    np.testing.assert_array_equal(opened.values, scan())

@@ -197,27 +197,42 @@ def _skeleton(
 
 def read_store_attrs(location: Location) -> dict[str, Any] | None:
     """Group attributes of the Zarr store at ``location``, or None if it is not a Zarr group."""
+    group = _open_group(location)
+    return None if group is None else dict(group.attrs)
+
+
+def _open_group(location: Location) -> zarr.Group | None:
+    """The Zarr v3 group at ``location``, opened for reading (its attributes, and its arrays'
+    metadata where consolidated), or None if it is not a Zarr group.
+
+    Zarr is told the format: where ``zarr.json`` exists it reads that as the group in any case,
+    and need not also look for Zarr v2 metadata (``.zgroup``, ``.zattrs``, ``.zmetadata``: on
+    object storage two requests each).
+    """
     with storage_errors(location.url):
         if not location.fs.exists(location.path.rstrip("/") + "/zarr.json"):
             return None
         try:
-            group = zarr.open_group(
-                location.url, mode="r", storage_options=location.storage_options or None
+            return zarr.open_group(
+                location.url,
+                mode="r",
+                zarr_format=3,
+                storage_options=location.storage_options or None,
             )
         except Exception:  # noqa: BLE001 - any unreadable metadata means "not a store of ours"
             return None
-        return dict(group.attrs)
 
 
 def _open_data(location: Location) -> zarr.Array | None:
-    """The scan store's ``data`` array, opened for reading; None where its metadata
-    (``data/zarr.json``) is missing."""
+    """The scan store's ``data`` array, opened for reading from its own metadata (Zarr v3, as
+    the whole store); None where that (``data/zarr.json``) is missing."""
     with storage_errors(location.url):
         try:
             return zarr.open_array(
                 location.url,
                 path=SCAN_VARIABLE,
                 mode="r",
+                zarr_format=3,
                 storage_options=location.storage_options or None,
             )
         except zarr.errors.NodeNotFoundError:
@@ -225,7 +240,10 @@ def _open_data(location: Location) -> zarr.Array | None:
 
 
 def _missing_blocks(
-    location: Location, attrs: dict[str, Any], array: zarr.Array | None
+    location: Location,
+    attrs: dict[str, Any],
+    array: zarr.Array | None,
+    group: zarr.Group | None = None,
 ) -> str | None:
     """What the scan store at ``location`` lacks of what its writer stored, as a clause naming
     the store and what is missing: its data array's metadata (``array`` None, as
@@ -238,13 +256,14 @@ def _missing_blocks(
     blocks of all its arrays checked (their metadata is read from the group's consolidated
     metadata), one that records only ``data_blocks`` those of ``data``, and one that records
     neither (written before stemflow recorded them) none, as it may lack blocks of the fill value
-    that were never written.
+    that were never written. ``group`` is the store's group where the caller opened it already
+    (:func:`_open_group`); None opens it for those other arrays.
     """
     where = redact(location.url)
     if array is None:
         return f"{where} lacks the metadata of its patterns ({SCAN_VARIABLE}/zarr.json)"
     if STORED_BLOCKS_ATTR in attrs:
-        arrays = {SCAN_VARIABLE: array, **_other_arrays(location)}
+        arrays = {SCAN_VARIABLE: array, **_other_arrays(location, group)}
     elif BLOCKS_ATTR in attrs:
         arrays = {SCAN_VARIABLE: array}
     else:
@@ -261,13 +280,18 @@ def _missing_blocks(
     )
 
 
-def _other_arrays(location: Location) -> dict[str, zarr.Array]:
+def _other_arrays(location: Location, group: zarr.Group | None) -> dict[str, zarr.Array]:
     """The arrays of the scan store at ``location`` other than ``data`` (coordinates, ground
-    truth, per-position maps), by path; from the group's consolidated metadata."""
+    truth, per-position maps), by path; from the consolidated metadata of its group (``group``,
+    else opened here: a Zarr v3 group, whose attributes the caller read)."""
     with storage_errors(location.url):
-        group = zarr.open_group(
-            location.url, mode="r", storage_options=location.storage_options or None
-        )
+        if group is None:
+            group = zarr.open_group(
+                location.url,
+                mode="r",
+                zarr_format=3,
+                storage_options=location.storage_options or None,
+            )
         return {name: array for name, array in group.arrays() if name != SCAN_VARIABLE}
 
 
@@ -292,9 +316,14 @@ _WRITE_AGAIN = (
 )
 
 
-def _refuse_damage(location: Location, attrs: dict[str, Any], array: zarr.Array | None) -> None:
+def _refuse_damage(
+    location: Location,
+    attrs: dict[str, Any],
+    array: zarr.Array | None,
+    group: zarr.Group | None = None,
+) -> None:
     """Raise what :func:`_missing_blocks` finds missing, with what to do about it."""
-    damage = _missing_blocks(location, attrs, array)  # what was lost since it was written
+    damage = _missing_blocks(location, attrs, array, group)  # what was lost since it was written
     if damage is not None:
         raise InputError(f"{damage}; {_WRITE_AGAIN}")
 
@@ -311,9 +340,9 @@ def refuse_damaged(url: str | Location) -> None:
         One sentence naming the store, the array and its first missing object.
     """
     location = locate(url) if isinstance(url, str) else url
-    attrs = read_store_attrs(location)
-    if attrs is not None:
-        _refuse_damage(location, attrs, _open_data(location))
+    group = _open_group(location)
+    if group is not None:
+        _refuse_damage(location, dict(group.attrs), _open_data(location), group)
 
 
 def intact_scan(location: Location, attrs: dict[str, Any]) -> bool:
@@ -613,17 +642,19 @@ def open_scan(url: str | Location) -> xr.DataArray:
     """
     location = locate(url) if isinstance(url, str) else url
     where = redact(location.url)
-    attrs = read_store_attrs(location)
-    if attrs is None:
+    group = _open_group(location)  # read once: attributes here, arrays for the damage check
+    if group is None:
         if not location.exists():
             raise InputError(f"{where} does not exist; run `stemflow ingest SOURCE {where}` first.")
         raise InputError(
             f"{where} is not a Zarr scan store; convert the raw scan with `stemflow ingest` first."
         )
+    attrs = dict(group.attrs)
     options = location.storage_options or None
     with warnings.catch_warnings(), storage_errors(location.url):
         warnings.filterwarnings("ignore", category=RuntimeWarning, message=".*consolidated.*")
-        ds = xr.open_zarr(location.url, storage_options=options, chunks={})
+        # xarray opens the group again (it takes no zarr group), as the Zarr v3 group it is
+        ds = xr.open_zarr(location.url, storage_options=options, chunks={}, zarr_format=3)
     if SCAN_VARIABLE not in ds or ds[SCAN_VARIABLE].dims != DIMS:
         found = {name: v.dims for name, v in ds.data_vars.items()}
         raise InputError(
@@ -634,7 +665,7 @@ def open_scan(url: str | Location) -> xr.DataArray:
     # one dask block per shard, the unit a writer wrote, rather than per inner chunk
     chunks = scan.encoding.get("shards") or scan.encoding["chunks"]
     stored = _open_data(location)
-    _refuse_damage(location, attrs, stored)
+    _refuse_damage(location, attrs, stored, group)
     data = da.from_array(
         _Decoded(stored, where),
         chunks=chunks,
