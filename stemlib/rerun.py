@@ -15,7 +15,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from .io.scan_store import read_store_attrs
+from .io.scan_store import open_store_group, read_store_attrs
 from .io.storage import locate
 from .provenance import fingerprint
 from .results import damaged_strain
@@ -83,10 +83,11 @@ def finished_step(url: str, key: str) -> bool:
     (:func:`stemlib.results.damaged_strain`), which is logged as a warning (the rerun writes it
     again)."""
     location = locate(url)
-    attrs = read_store_attrs(location) if location.exists() else None
+    group = open_store_group(location) if location.exists() else None
+    attrs = dict(group.attrs) if group is not None else None
     if not attrs or key not in (attrs.get("run_keys") or {}).values():
         return False
-    damage = damaged_strain(location, attrs)
+    damage = damaged_strain(location, attrs, group=group)  # its arrays: no second read
     if damage is not None:
         log.warning("%s; writing it again.", damage)
         return False

@@ -24,7 +24,7 @@ import zarr
 
 from .errors import InputError
 from .io.blocks import block_keys, missing_blocks
-from .io.scan_store import check_destination
+from .io.scan_store import check_destination, open_store_group
 from .io.storage import Location, locate, redact, staged, storage_errors
 from .types import SCAN_DIMS
 
@@ -258,16 +258,21 @@ def open_strain(url: str | Location) -> xr.Dataset:
     where = redact(location.url)
     if not location.exists():
         raise InputError(f"{where} does not exist; run `stemflow strain` first.")
+    group = open_store_group(location)  # for the damage check: xarray takes no zarr group
     with warnings.catch_warnings(), storage_errors(location.url):
         warnings.filterwarnings("ignore", category=RuntimeWarning, message=".*consolidated.*")
         try:
-            ds = xr.open_zarr(location.url, storage_options=location.storage_options or None)
+            ds = xr.open_zarr(
+                location.url,
+                storage_options=location.storage_options or None,
+                zarr_format=None if group is None else 3,  # no v2 lookups once it is known
+            )
         except (FileNotFoundError, KeyError, ValueError):
             raise InputError(
                 f"{where} is not a Zarr store; pass a store written by `stemflow strain`."
             ) from None
         _check_strain(ds, where)
-        damage = damaged_strain(location, ds.attrs)
+        damage = damaged_strain(location, ds.attrs, group=group)
         if damage is not None:
             raise InputError(
                 f"{damage}; copy the store again from where it came from, or rerun the command "
@@ -276,7 +281,9 @@ def open_strain(url: str | Location) -> xr.Dataset:
         return ds.load()
 
 
-def damaged_strain(location: Location, attrs: Mapping[str, Any]) -> str | None:
+def damaged_strain(
+    location: Location, attrs: Mapping[str, Any], *, group: zarr.Group | None = None
+) -> str | None:
     """What the strain store at ``location`` (group attributes ``attrs``) lost of the blocks
     its writer stored, as a clause naming the store, their count and the first missing key;
     None where it lost nothing.
@@ -284,14 +291,17 @@ def damaged_strain(location: Location, attrs: Mapping[str, Any]) -> str | None:
     Zarr reads a missing block as NaN, which a reader would take for positions with no answer.
     One listing of the store; no data is read. A store that records no ``stored_blocks``
     (written before stemflow recorded it) is not checked: it may lack blocks of NaN that were
-    never written.
+    never written. ``group`` is the store's Zarr group where the caller opened it already
+    (:func:`~stemlib.io.scan_store.open_store_group`), whose arrays are checked without
+    reading its metadata again; None opens it.
     """
     if BLOCKS_ATTR not in attrs:
         return None
     with storage_errors(location.url):
-        group = zarr.open_group(
-            location.url, mode="r", storage_options=location.storage_options or None
-        )
+        if group is None:
+            group = zarr.open_group(
+                location.url, mode="r", storage_options=location.storage_options or None
+            )
         missing, expected = missing_blocks(location, dict(group.arrays()))
     if not missing:
         return None

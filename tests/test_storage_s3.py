@@ -19,6 +19,7 @@ from stemlib.errors import InputError, StorageError
 from stemlib.ingest import ingest
 from stemlib.io.scan_store import open_scan
 from stemlib.io.storage import WORK_PREFIX, local_workdir
+from stemlib.rerun import finished_step
 from stemlib.results import open_strain, strain_dataset, write_strain
 
 from .conftest import (
@@ -266,3 +267,40 @@ def test_open_scan_reads_the_group_metadata_once_besides_xarray(tmp_path, s3, ca
     assert not [r for r in requests if re.search(r"\.z(group|attrs|metadata|array)", r)]
     assert len([r for r in requests if "list-type=2" in r and "delimiter=&" in r]) == 1  # blocks
     np.testing.assert_array_equal(opened.values, scan())
+
+
+def strain_store_requests(s3, caplog, read) -> tuple[object, Counter, list[str]]:
+    """What ``read(url)`` gives for a strain store on S3 written just before (nothing kept from
+    the writing), and its requests: the GETs per key of the store, and all."""
+    z = np.zeros((3, 4))
+    ds = strain_dataset("py4dstem", exx=z, eyy=z, exy=z, theta=z, attrs={"run_keys": {"a": "k"}})
+    url = write_strain(ds, f"{s3}/strain.zarr")
+    forget_s3_clients()
+    with caplog.at_level(logging.INFO, logger="werkzeug"):
+        caplog.clear()
+        result = read(url)
+    requests = logged_requests(caplog.records)
+    prefix = f"GET /{s3.removeprefix('s3://')}/strain.zarr/"
+    reads = Counter(r.removeprefix(prefix) for r in requests if r.startswith(prefix))
+    return result, reads, requests
+
+
+def test_the_rerun_check_of_a_strain_store_reads_its_group_metadata_once(s3, caplog):
+    """finished_step read the store's zarr.json for its run keys, then damaged_strain read it
+    again for its arrays, each time asking for Zarr v2 metadata beside it too (.zgroup, .zattrs,
+    .zmetadata: two requests each on S3): 20 requests per method and scan of a facility rerun,
+    16 of them on the group's metadata; now 6. The store is still listed for lost blocks."""
+    finished, reads, requests = strain_store_requests(s3, caplog, lambda u: finished_step(u, "k"))
+    assert finished and reads["zarr.json"] == 1, requests
+    assert not [r for r in requests if re.search(r"\.z(group|attrs|metadata)", r)]
+    assert len([r for r in requests if "list-type=2" in r and "delimiter=&" in r]) == 1
+
+
+def test_open_strain_asks_for_no_zarr_v2_metadata(s3, caplog):
+    """open_strain (xarray's reading) and damaged_strain each read the store's zarr.json and
+    asked for Zarr v2 metadata beside it, 12 requests on S3 of 35. damaged_strain now has the
+    group that open_strain read; xarray, which takes no zarr group, reads it once more."""
+    ds, reads, requests = strain_store_requests(s3, caplog, open_strain)
+    assert ds.sizes["rx"] == 3 and reads["zarr.json"] == 2, requests
+    assert not [r for r in requests if re.search(r"\.z(group|attrs|metadata|array)", r)]
+    assert len([r for r in requests if "list-type=2" in r and "delimiter=&" in r]) == 1

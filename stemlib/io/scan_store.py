@@ -65,6 +65,7 @@ __all__ = [
     "open_scan",
     "refuse_damaged",
     "read_store_attrs",
+    "open_store_group",
     "check_destination",
     "finished_scan",
     "intact_scan",
@@ -197,14 +198,28 @@ def _skeleton(
 
 def read_store_attrs(location: Location) -> dict[str, Any] | None:
     """Group attributes of the Zarr store at ``location``, or None if it is not a Zarr group."""
-    group = _open_group(location)
+    group = open_store_group(location)
     return None if group is None else dict(group.attrs)
 
 
-def _open_group(location: Location) -> zarr.Group | None:
-    """The Zarr v3 group at ``location``, opened for reading (its attributes, and its arrays'
-    metadata where consolidated), or None if it is not a Zarr group.
+def open_store_group(location: Location) -> zarr.Group | None:
+    """The Zarr group of the store at ``location`` (a scan or strain store), opened for reading:
+    for a caller that needs more than its attributes (:func:`read_store_attrs`), such as its
+    arrays, without reading its metadata again.
 
+    Parameters
+    ----------
+    location
+        The store, local or on object storage.
+
+    Returns
+    -------
+    zarr.Group or None
+        The Zarr v3 group (attributes, and the arrays' metadata where consolidated), or None if
+        ``location`` holds no Zarr group.
+
+    Notes
+    -----
     Zarr is told the format: where ``zarr.json`` exists it reads that as the group in any case,
     and need not also look for Zarr v2 metadata (``.zgroup``, ``.zattrs``, ``.zmetadata``: on
     object storage two requests each).
@@ -257,7 +272,7 @@ def _missing_blocks(
     metadata), one that records only ``data_blocks`` those of ``data``, and one that records
     neither (written before stemflow recorded them) none, as it may lack blocks of the fill value
     that were never written. ``group`` is the store's group where the caller opened it already
-    (:func:`_open_group`); None opens it for those other arrays.
+    (:func:`open_store_group`); None opens it for those other arrays.
     """
     where = redact(location.url)
     if array is None:
@@ -340,7 +355,7 @@ def refuse_damaged(url: str | Location) -> None:
         One sentence naming the store, the array and its first missing object.
     """
     location = locate(url) if isinstance(url, str) else url
-    group = _open_group(location)
+    group = open_store_group(location)
     if group is not None:
         _refuse_damage(location, dict(group.attrs), _open_data(location), group)
 
@@ -642,7 +657,7 @@ def open_scan(url: str | Location) -> xr.DataArray:
     """
     location = locate(url) if isinstance(url, str) else url
     where = redact(location.url)
-    group = _open_group(location)  # read once: attributes here, arrays for the damage check
+    group = open_store_group(location)  # read once: attributes here, arrays for the damage check
     if group is None:
         if not location.exists():
             raise InputError(f"{where} does not exist; run `stemflow ingest SOURCE {where}` first.")
