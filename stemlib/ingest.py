@@ -106,10 +106,14 @@ class KeyedSource:
         Those companion files as :func:`~stemlib.io.readers.source_companions` listed them (path
         -> fsspec info), for :func:`~stemlib.io.readers.open_source` to copy without listing
         them again; None for a folder, which is not listed.
+    info
+        The source's own fsspec info (``type``, ``size`` in bytes, its stamp), for
+        :func:`~stemlib.io.readers.open_source` not to ask about the file again.
     """
 
     identity: dict[str, Any]
     companions: dict[str, dict[str, Any]] | None
+    info: dict[str, Any]
 
     @property
     def key(self) -> str:
@@ -138,14 +142,15 @@ def keyed_source(location: Location, options: IngestOptions) -> KeyedSource:
         "store_version": STORE_VERSION,
     }
     if info.get("type") == "directory":  # no scan file: the reader says what to pass instead
-        return KeyedSource(identity, None)
+        return KeyedSource(identity, None, info)
     folder = posixpath.dirname(location.path)
     listed = source_companions(location, format=options.format)
     companions = {
         posixpath.relpath(path, folder): [companion.get("size"), _stamp(companion)]
         for path, companion in listed.items()
     }
-    return KeyedSource({**identity, "companions": companions} if companions else identity, listed)
+    keyed = {**identity, "companions": companions} if companions else identity
+    return KeyedSource(keyed, listed, info)
 
 
 def source_key(location: Location, options: IngestOptions) -> str:
@@ -253,9 +258,14 @@ def ingest(source: str, dest: str, options: IngestOptions | None = None) -> Inge
     if done is not None:
         return IngestResult("skipped", out.url, key, done)
     # A vendor file on object storage is read from a local copy, removed when the block ends;
-    # the copy holds the companion files listed for the key, not listed again.
+    # the copy holds the companion files listed for the key, not listed again, and the source
+    # is not asked again whether it exists, is a folder, or how large it is.
     with open_source(
-        src.url, format=options.format, options=options.read_options(), companions=keyed.companions
+        src.url,
+        format=options.format,
+        options=options.read_options(),
+        companions=keyed.companions,
+        info=keyed.info,
     ) as scan:
         calibration = scan.calibration.merged(options.calibration)
         attrs = {

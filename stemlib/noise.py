@@ -428,7 +428,11 @@ def noise_store(
     if done is not None:
         return done
     with open_source(
-        src.url, format=options.format, options=options.read_options(), companions=keyed.companions
+        src.url,
+        format=options.format,
+        options=options.read_options(),
+        companions=keyed.companions,
+        info=keyed.info,
     ) as raw:
         return _write_noisy(_from_raw(raw, keyed.key, options), recipe, source, out, **params)
 

@@ -29,7 +29,7 @@ from stemlib.io.scan_store import open_scan
 from stemlib.io.storage import locate
 
 from . import vendor_files as vf
-from .conftest import folders_of_writers
+from .conftest import folders_of_writers, forget_s3_clients, logged_requests
 from .test_readers_vendor import CASES, SCAN
 
 pytestmark = pytest.mark.s3
@@ -244,6 +244,27 @@ def test_open_source_keeps_the_copy_until_closed(tmp_path, s3, own_tmpdir):
         assert len(os.listdir(own_tmpdir)) == 1
         np.testing.assert_array_equal(scan.data.compute(), SCAN)
         assert scan.source == f"{s3}/raw/a.mib"
+    assert os.listdir(own_tmpdir) == []
+
+
+def test_an_ingest_asks_s3_about_its_source_file_once(tmp_path, s3, own_tmpdir, caplog):
+    """An ingest asked S3 about a vendor file five times before copying it: a HEAD for its key
+    (keyed_source's info), a HEAD and a listing in open_source (whether it exists, whether it is
+    a folder) and a HEAD for the copy's size (LocalCopy). They take the key's info now; the one
+    HEAD left besides it is s3fs's own, when the copy opens the file."""
+    (tmp_path / "raw").mkdir()
+    vf.write_mib(tmp_path / "raw" / "a.mib", SCAN, frames_per_trigger=4)
+    upload(tmp_path / "raw", f"{s3}/raw")
+    forget_s3_clients()  # nothing kept from the upload
+    with caplog.at_level(logging.INFO, logger="werkzeug"):
+        caplog.clear()
+        result = ingest(f"{s3}/raw/a.mib", str(tmp_path / "a.zarr"))
+    key = f"/{s3.removeprefix('s3://')}/raw/a.mib"
+    asked = [r for r in logged_requests(caplog.records) if "raw/a.mib" in r and r != f"GET {key}"]
+    assert asked == [f"HEAD {key}", f"HEAD {key}"]
+    size = os.path.getsize(tmp_path / "raw" / "a.mib")
+    assert result.status == "written" and result.attrs["source_bytes"] == size
+    np.testing.assert_array_equal(open_scan(str(tmp_path / "a.zarr")).values, SCAN)
     assert os.listdir(own_tmpdir) == []
 
 

@@ -83,6 +83,9 @@ class LocalCopy:
         The companion files as :func:`companion_files` listed them with ``companions`` (path
         -> fsspec info with ``size`` in bytes), copied without listing them again; None lists
         them.
+    size
+        The size in bytes of the file at ``location`` where the caller knows it (from its
+        fsspec info), not asked again; None asks.
 
     Attributes
     ----------
@@ -108,12 +111,15 @@ class LocalCopy:
         companions: Callable[[Location], Sequence[str]],
         *,
         listed: Mapping[str, Mapping[str, Any]] | None = None,
+        size: int | None = None,
     ) -> None:
         self._stack = contextlib.ExitStack()
         self._folder = self._stack.enter_context(temporary_folder(SOURCE_PREFIX))
         try:
-            with storage_errors(location.url):
-                files = {location.path: int(location.fs.info(location.path)["size"])}
+            if size is None:
+                with storage_errors(location.url):
+                    size = location.fs.info(location.path)["size"]
+            files = {location.path: int(size)}
             if listed is None:
                 listed = companion_files(location, companions)
             for path, info in listed.items():

@@ -105,12 +105,18 @@ def _format(location: Location, format: str) -> Format:
     return _detect(location) if format == "auto" else format_named(format)
 
 
-def _source_file(url: str) -> Location:
-    """The location of the source file ``url``; raises if it is missing or a folder."""
+def _source_file(url: str, info: Mapping[str, Any] | None = None) -> Location:
+    """The location of the source file ``url``; raises if it is missing or a folder. ``info``
+    is its fsspec info where the caller has it: then it exists, and its ``type`` says whether it
+    is a folder, without asking the filesystem again."""
     location = locate(url)
-    if not location.exists():
-        raise InputError(f"{redact(location.url)} does not exist; check the path.")
-    if location.fs.isdir(location.path) and not location.name.endswith(".zarr"):
+    if info is None:
+        if not location.exists():
+            raise InputError(f"{redact(location.url)} does not exist; check the path.")
+        folder = location.fs.isdir(location.path)
+    else:
+        folder = info.get("type") == "directory"
+    if folder and not location.name.endswith(".zarr"):
         raise InputError(f"{redact(location.url)} is a folder; pass the scan file inside it.")
     return location
 
@@ -173,6 +179,7 @@ def open_source(
     format: str = "auto",
     options: ReadOptions | None = None,
     companions: Mapping[str, Mapping[str, Any]] | None = None,
+    info: Mapping[str, Any] | None = None,
 ) -> SourceScan:
     """Open a raw scan lazily.
 
@@ -188,6 +195,11 @@ def open_source(
         The companion files as :func:`source_companions` listed them for ``url`` and
         ``format`` (path -> fsspec info with ``size`` in bytes): a local copy holds those, not
         listed again (on object storage, requests per file). None lists them.
+    info
+        The fsspec info of the file at ``url`` (``type``, ``size`` in bytes) as the caller found
+        it (:func:`stemlib.ingest.keyed_source`): the file is not asked again whether it exists,
+        whether it is a folder, or its size for a local copy (on object storage, a request
+        each). None asks.
 
     Returns
     -------
@@ -212,11 +224,12 @@ def open_source(
     scan is closed: use ``with open_source(url) as scan:`` or call ``scan.close()``.
     """
     options = options or ReadOptions()
-    location = _source_file(url)
+    location = _source_file(url, info)
     fmt = _format(location, format)
     if fmt.companions is None or location.is_local:
         return _read(fmt, location, options)
-    copy = LocalCopy(location, fmt.companions, listed=companions)
+    size = None if info is None else info.get("size")
+    copy = LocalCopy(location, fmt.companions, listed=companions, size=size)
     try:
         return dataclasses.replace(_read(fmt, copy.location, options), local_copy=copy)
     except BaseException:
