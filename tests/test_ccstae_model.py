@@ -224,3 +224,29 @@ def test_the_model_compiles_into_one_graph():
         cycle_loss(out, x, mask, config, center=model.center).total.backward()
         grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
+
+
+def test_models_of_different_centres_share_one_compiled_graph():
+    # A facility reprocess trains scan after scan, each with its own direct-beam centre
+    # (origin_px), in one long-lived worker. A centre held as Python floats was a constant of
+    # Dynamo's graph: every new centre recompiled, and from the 9th scan on (Dynamo's
+    # recompile limit, 8) the GPU training ran eager, silently. The centre is a buffer, an
+    # input of the one graph. aot_eager: Dynamo and AOT autograd as on the GPU, no codegen.
+    from torch._dynamo.utils import counters
+
+    torch.compiler.reset()
+    counters.clear()
+    config = CCSTAEConfig.preset("gpu", channels=8, num_bases=2)
+    shape = (32, 32)
+    x, theta0, shift0 = _input(2, shape), torch.full((2,), 0.3), torch.tensor([[0.5, -0.25]] * 2)
+    mask = torch.from_numpy(ring_mask(shape, inner=3, outer=12)).float()
+    for center in ((16.0, 16.0), (15.5, 16.25), (17.3, 14.9)):
+        torch.manual_seed(0)
+        model = build_model(config, pattern_shape=shape, center=center)
+        out = torch.compile(model, backend="aot_eager", fullgraph=True)(x, theta0, shift0)
+        cycle_loss(out, x, mask, config, center=model.center).total.backward()
+        # the one graph warps about each model's own centre, not the first one's
+        eager = model(x, theta0, shift0)
+        torch.testing.assert_close(out.transformed_input, eager.transformed_input)
+        torch.testing.assert_close(out.transformed_base, eager.transformed_base)
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])

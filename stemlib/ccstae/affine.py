@@ -85,7 +85,11 @@ def invert(A: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 
 
 def torch_theta(
-    A: torch.Tensor, t: torch.Tensor, *, shape: tuple[int, int], center: tuple[float, float]
+    A: torch.Tensor,
+    t: torch.Tensor,
+    *,
+    shape: tuple[int, int],
+    center: tuple[float, float] | torch.Tensor,
 ) -> torch.Tensor:
     """PyTorch's ``affine_grid`` theta for the warp ``u -> c + A (u - c) + t`` in the (qx, qy)
     frame.
@@ -99,7 +103,10 @@ def torch_theta(
     shape
         (H, W) of the images.
     center
-        (qx, qy) of the warp's centre in px.
+        (qx, qy) of the warp's centre in px: two floats, or a tensor of shape (2,) on any device
+        (the model's centre buffer, so that ``torch.compile`` takes it as an input instead of
+        baking it into the graph as a constant). Either way ``c - o`` is formed in float64 and
+        then rounded to ``A``'s dtype, so both give the same numbers.
 
     Returns
     -------
@@ -120,7 +127,8 @@ def torch_theta(
     a_xy = swap @ A @ swap
     t_xy = t.flip(-1)
     d = A.new_tensor([w / 2.0, h / 2.0])
-    c_minus_o = A.new_tensor([center[1] - (w - 1) / 2.0, center[0] - (h - 1) / 2.0])
+    c = torch.as_tensor(center, dtype=torch.float64, device=A.device)
+    c_minus_o = (c.flip(-1) - c.new_tensor([(w - 1) / 2.0, (h - 1) / 2.0])).to(A.dtype)
     eye = torch.eye(2, dtype=A.dtype, device=A.device)
     linear = a_xy * d.unsqueeze(0) / d.unsqueeze(1)  # D^-1 A' D
     shift = (((eye - a_xy) @ c_minus_o) + t_xy) / d
@@ -132,7 +140,7 @@ def warp(
     A: torch.Tensor,
     t: torch.Tensor,
     *,
-    center: tuple[float, float],
+    center: tuple[float, float] | torch.Tensor,
     mode: str = "bilinear",
 ) -> torch.Tensor:
     """Resample ``images`` at ``c + A (u - c) + t`` for every pixel ``u``; zero outside.
@@ -146,7 +154,8 @@ def warp(
     t
         Tensor of shape (B, 2), px.
     center
-        (qx, qy) of the centre in px.
+        (qx, qy) of the centre in px: two floats or a tensor of shape (2,) (see
+        :func:`torch_theta`).
     mode
         ``"bilinear"`` or ``"bicubic"`` interpolation.
 

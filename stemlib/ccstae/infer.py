@@ -128,8 +128,9 @@ def infer(
     gain = np.full(n, np.nan)
     objective = np.full(n, np.inf)
     bases = model.bases().float()
-    bg = radial_background(bases, center=model.center) if background else torch.zeros_like(bases)
-    found = dict(center=model.center, inner=inner, disk_radius=disk_radius)
+    center = model.center  # read once (on CUDA a read waits for the GPU)
+    bg = radial_background(bases, center=center) if background else torch.zeros_like(bases)
+    found = dict(center=center, inner=inner, disk_radius=disk_radius)
     disks = rigid_disk_model(bases - bg, **found) if rigid_disks else None
     regions = None
     if disk_gains:
@@ -146,7 +147,7 @@ def infer(
             A,
             t,
             mask,
-            center=model.center,
+            center=center,
             steps=refine_steps,
             poisson=poisson,
             background=bg[cls] if background else None,
@@ -168,9 +169,7 @@ def infer(
             # decides; the K-sparse code is its amortised guess).
             errors = torch.stack(
                 [
-                    masked_error(
-                        x.float(), b.expand(len(x), -1, -1, -1), A, t, mask, center=model.center
-                    )
+                    masked_error(x.float(), b.expand(len(x), -1, -1, -1), A, t, mask, center=center)
                     for b in bases
                 ],
                 1,
@@ -183,8 +182,8 @@ def infer(
             # Start each refinement from the network's warp or from the rotation stage's,
             # whichever fits better: an undertrained network must not make the start worse.
             A0, t0 = rotation(theta0.float()), shift0.float()
-            worse = masked_error(x.float(), base, A, t, mask, center=model.center) > masked_error(
-                x.float(), base, A0, t0, mask, center=model.center
+            worse = masked_error(x.float(), base, A, t, mask, center=center) > masked_error(
+                x.float(), base, A0, t0, mask, center=center
             )
             A = torch.where(worse[:, None, None], A0, A)
             t = torch.where(worse[:, None], t0, t)
@@ -193,7 +192,7 @@ def infer(
             objective[idx] = fit["objective"].cpu().numpy()
         else:
             err, g = (
-                masked_error(x.float(), base, A, t, mask, center=model.center),
+                masked_error(x.float(), base, A, t, mask, center=center),
                 torch.ones_like(cls, dtype=torch.float32),
             )
         matrix[idx] = A.cpu().numpy()

@@ -60,7 +60,7 @@ def cycle_loss(
     mask: torch.Tensor,
     config: CCSTAEConfig,
     *,
-    center: tuple[float, float],
+    center: tuple[float, float] | torch.Tensor,
 ) -> LossParts:
     """The training loss of one batch.
 
@@ -75,7 +75,8 @@ def cycle_loss(
     config
         Weights and limits.
     center
-        (qx, qy) px, the warps' centre (the model's ``center``).
+        (qx, qy) px, the warps' centre (the model's ``center``): two floats or a tensor of
+        shape (2,).
 
     Returns
     -------

@@ -406,7 +406,14 @@ class CCSTAE(nn.Module):
     encoder, sparse, head, decoder
         The parts (see :func:`build_model`).
     center
-        (qx, qy) px of the direct beam, the centre of every warp.
+        (qx, qy) px of the direct beam, the centre of every warp. Kept as a non-persistent
+        float64 buffer ``_center`` of shape (2,): ``.to(device)`` moves it, state dicts and
+        checkpoints do not hold it, and ``torch.compile`` takes it as an input, so models of
+        scans with different centres share one compiled graph (a Python float would be a
+        constant of the graph: one recompilation per centre, and eager running after
+        Dynamo's recompile limit). :attr:`center` reads it back as two floats. float64 keeps
+        the warps' numbers those of float centres; a cast of the whole model (``.float()``)
+        would round it.
     interpolation
         ``"bilinear"`` or ``"bicubic"``.
 
@@ -415,6 +422,8 @@ class CCSTAE(nn.Module):
     :class:`CCSTAEOutput`. The encoder sees the input turned by ``theta0`` and centred so that
     it only has to refine; the warps are applied once to the original input.
     """
+
+    _center: torch.Tensor
 
     def __init__(
         self,
@@ -428,8 +437,19 @@ class CCSTAE(nn.Module):
     ) -> None:
         super().__init__()
         self.encoder, self.sparse, self.head, self.decoder = encoder, sparse, head, decoder
-        self.center = (float(center[0]), float(center[1]))
+        self.register_buffer(
+            "_center",
+            torch.tensor([float(center[0]), float(center[1])], dtype=torch.float64),
+            persistent=False,
+        )
         self.interpolation = interpolation
+
+    @property
+    def center(self) -> tuple[float, float]:
+        """(qx, qy) px of the direct beam, as two floats (read from the buffer ``_center``,
+        which the forward pass uses; reading it on CUDA waits for the device)."""
+        qx, qy = self._center.tolist()
+        return (qx, qy)
 
     @property
     def num_bases(self) -> int:
@@ -461,7 +481,7 @@ class CCSTAE(nn.Module):
         theta0 = theta0.float()
         start = theta0.new_zeros(x.shape[0], 2) if shift0 is None else shift0.float()
         with torch.autocast(x.device.type, enabled=False):
-            turned = warp(x.float(), rotation(theta0), start, center=self.center)
+            turned = warp(x.float(), rotation(theta0), start, center=self._center)
         z = self.encoder(turned)
         code = self.sparse(z)
         return code, self.head(z, code, theta0, shift0)
@@ -480,9 +500,9 @@ class CCSTAE(nn.Module):
             x = x.float()
             base = torch.einsum("bk,kchw->bchw", code.float(), bases)
             A, t = affine.matrix().float(), affine.shift.float()
-            transformed_input = warp(x, A, t, center=self.center, mode=self.interpolation)
+            transformed_input = warp(x, A, t, center=self._center, mode=self.interpolation)
             transformed_base = warp(
-                base, *invert(A, t), center=self.center, mode=self.interpolation
+                base, *invert(A, t), center=self._center, mode=self.interpolation
             )
         return CCSTAEOutput(bases, code, base, affine, transformed_input, transformed_base)
 

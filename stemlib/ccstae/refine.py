@@ -326,12 +326,12 @@ def masked_error(
     t: torch.Tensor,
     mask: torch.Tensor,
     *,
-    center: tuple[float, float],
+    center: tuple[float, float] | torch.Tensor,
 ) -> torch.Tensor:
     """Mean squared difference between ``x`` and its base warped onto it, inside the moving mask.
 
-    Shapes: ``x``, ``base`` (B, 1, H, W); ``A`` (B, 2, 2); ``t`` (B, 2); ``mask`` (H, W). Returns
-    (B,).
+    Shapes: ``x``, ``base`` (B, 1, H, W); ``A`` (B, 2, 2); ``t`` (B, 2); ``mask`` (H, W);
+    ``center`` (qx, qy) px, two floats or a tensor of shape (2,). Returns (B,).
     """
     stack = torch.cat([base, mask.to(base).expand(base.shape[0], 1, -1, -1)], 1)
     sampled = warp(stack, *invert(A, t), center=center)

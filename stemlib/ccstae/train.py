@@ -232,6 +232,7 @@ def train(
         scheduler.load_state_dict(record.scheduler)
     forward = torch.compile(model) if config.compile and accelerated(device) else model
     shape = tuple(stream.data.shape[2:])
+    beam = model.center  # the loss's warp centre, read once (on CUDA a read waits for the GPU)
     running = record.running_loss
     for epoch in range(record.epoch, config.epochs):
         model.train()
@@ -248,7 +249,7 @@ def train(
             shift0 = batch["shift0"].to(device, non_blocking=True)
             with mixed_precision(device, config.amp):
                 out = forward(x, theta0, shift0)
-            parts = cycle_loss(out, x.float(), mask, config, center=model.center)
+            parts = cycle_loss(out, x.float(), mask, config, center=beam)
             loss = parts.total
             value = float(loss.detach())
             outlier = running is not None and value > config.outlier_factor * running
