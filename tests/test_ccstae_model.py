@@ -250,3 +250,23 @@ def test_models_of_different_centres_share_one_compiled_graph():
         torch.testing.assert_close(out.transformed_input, eager.transformed_input)
         torch.testing.assert_close(out.transformed_base, eager.transformed_base)
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+
+
+def test_compiled_training_steps_take_batches_of_any_size():
+    # Training meets batches of several sizes (each DataLoader worker's last one is short).
+    # Dynamo then makes the batch size symbolic, and PyTorch's affine_grid failed in its
+    # backward ("SymIntArrayRef expected to contain only concrete integers"): the gpu preset's
+    # first epoch would have ended in that error on a scan whose size is not a multiple of
+    # the batch. aot_eager: Dynamo and AOT autograd as on the GPU, no codegen.
+    torch.compiler.reset()
+    config = CCSTAEConfig.preset("gpu", channels=8, num_bases=2)
+    shape = (32, 32)
+    mask = torch.from_numpy(ring_mask(shape, inner=3, outer=12)).float()
+    torch.manual_seed(0)
+    model = build_model(config, pattern_shape=shape, center=(16.0, 16.0))
+    forward = torch.compile(model, backend="aot_eager")
+    for b in (8, 8, 3, 5):
+        x = _input(b, shape)
+        out = forward(x, torch.zeros(b), torch.zeros(b, 2))
+        cycle_loss(out, x, mask, config, center=model.center).total.backward()
+        torch.testing.assert_close(out.transformed_input, model(x).transformed_input)

@@ -35,6 +35,7 @@ __all__ = [
     "invert",
     "torch_theta",
     "warp",
+    "sampling_grid",
 ]
 
 
@@ -173,5 +174,36 @@ def warp(
     """
     h, w = images.shape[-2:]
     theta = torch_theta(A.to(images.dtype), t.to(images.dtype), shape=(h, w), center=center)
-    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
-    return F.grid_sample(images, grid, mode=mode, padding_mode="zeros", align_corners=False)
+    return F.grid_sample(
+        images, sampling_grid(theta, h, w), mode=mode, padding_mode="zeros", align_corners=False
+    )
+
+
+def sampling_grid(theta: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """``F.affine_grid(theta, (B, C, h, w), align_corners=False)``, the same numbers, built by
+    one batched matrix product of the pixels' normalised coordinates.
+
+    ``affine_grid``'s backward fails under ``torch.compile`` once the batch size varies
+    (Dynamo then makes it symbolic: "SymIntArrayRef expected to contain only concrete
+    integers"), and training meets batches of several sizes (each data worker's last one).
+
+    Parameters
+    ----------
+    theta
+        Tensor of shape (B, 2, 3), :func:`torch_theta`.
+    h, w
+        The images' rows and columns.
+
+    Returns
+    -------
+    Tensor of shape (B, h, w, 2): each pixel's (x, y) sampling position in [-1, 1].
+    """
+
+    def steps(n: int) -> torch.Tensor:  # pixel centres; as ATen forms them, to the last bit
+        if n <= 1:
+            return theta.new_zeros(n)
+        return torch.linspace(-1.0, 1.0, n, dtype=theta.dtype, device=theta.device) * (n - 1) / n
+
+    xs, ys = steps(w).expand(h, w), steps(h)[:, None].expand(h, w)
+    pixels = torch.stack([xs, ys, torch.ones_like(xs)], -1).view(1, h * w, 3)
+    return pixels.expand(theta.shape[0], -1, -1).bmm(theta.transpose(1, 2)).view(-1, h, w, 2)
