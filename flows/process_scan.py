@@ -30,9 +30,9 @@ from prefect.runtime import flow_run
 
 from stemlib.baseline_py4dstem import Py4DSTEMConfig
 from stemlib.ccstae import CCSTAEConfig
-from stemlib.ccstae.train import model_folder_name
+from stemlib.ccstae.train import model_folder
 from stemlib.ingest import IngestOptions
-from stemlib.io.storage import locate, redact, remove
+from stemlib.io.storage import locate, redact
 from stemlib.rerun import finished_step, run_key, scan_identity
 from stemlib.types import Device, Method, Symmetry
 from tasks._retry import STORAGE_RETRY
@@ -210,10 +210,9 @@ def process_scan(
             run_key=keys["py4dstem"],
         )
     if "ccstae" in methods and not finished("ccstae"):
-        name = model_folder_name(scan["content_sha256"], reference=reference, config=ccstae)
-        model_dir = work.child(name).url
-        if recompute:  # not resumed from, nor taken as trained
-            remove(work.child(name))
+        model_dir = model_folder(
+            work, scan["content_sha256"], reference=reference, config=ccstae, anew=recompute
+        )
         with gpu_resources():
             trained = upstream["ccstae"] = train_ccstae.submit(
                 scan["url"], model_dir, reference=reference, config=ccstae, device=device

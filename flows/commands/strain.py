@@ -25,7 +25,7 @@ from stemlib.config_file import read_mapping, validated
 from stemlib.errors import InputError
 from stemlib.io import open_scan
 from stemlib.io.scan_store import check_destination
-from stemlib.io.storage import local_workdir, locate, redact, remove, work_folder
+from stemlib.io.storage import local_workdir, locate, redact, work_folder
 from stemlib.plots import png_url, save_png, strain_figure
 from stemlib.reference import parse_reference
 from stemlib.rerun import finished_step, run_key
@@ -130,12 +130,18 @@ def _resolved_config(config: Any, method: str, device: Device) -> Any:
 
 def _model_folder(scan: xr.DataArray, args: argparse.Namespace, config: Any) -> str:
     """Where CC-ST-AE keeps this run's checkpoint: a folder per scan, reference and training
-    settings in ``--workdir`` (default ``.<DEST name>.work`` beside DEST)."""
+    settings in ``--workdir`` (default ``.<DEST name>.work`` beside DEST), emptied first on
+    ``--recompute``."""
     from stemlib.ccstae.data import data_fingerprint
-    from stemlib.ccstae.train import model_folder_name
+    from stemlib.ccstae.train import model_folder
 
-    name = model_folder_name(data_fingerprint(scan), reference=args.reference, config=config)
-    return work_folder(args.dest, args.workdir).child(name).url
+    return model_folder(
+        work_folder(args.dest, args.workdir),
+        data_fingerprint(scan),
+        reference=args.reference,
+        config=config,
+        anew=args.recompute,
+    )
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -166,8 +172,6 @@ def _run(args: argparse.Namespace) -> int:
             "workdir": _model_folder(scan, args, config),
             "bases_png": png_url(args.dest, "ccstae-bases"),
         }
-        if args.recompute:  # not resumed from, nor taken as trained
-            remove(locate(files["workdir"]))
     ds = run_method(
         scan,
         args.method,

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from ..errors import InputError
-from ..io.storage import staged_file
+from ..io.storage import Location, remove, staged_file
 from ..masks import MaskSchedule
 from ..provenance import fingerprint, software_versions, utc_now
 from .config import CCSTAEConfig
@@ -34,7 +34,14 @@ from .data import PatternStream, loader
 from .loss import cycle_loss
 from .model import CCSTAE, accelerated, mixed_precision
 
-__all__ = ["Checkpoint", "train", "seeded", "model_folder_name", "INFERENCE_ONLY_FIELDS"]
+__all__ = [
+    "Checkpoint",
+    "train",
+    "seeded",
+    "model_folder",
+    "model_folder_name",
+    "INFERENCE_ONLY_FIELDS",
+]
 
 log = logging.getLogger("stemlib.ccstae")
 
@@ -79,6 +86,38 @@ def model_folder_name(scan_fingerprint: str, *, reference: str, config: CCSTAECo
         {"scan": scan_fingerprint, "reference": reference, "config": _training_fields(config)}
     )
     return f"ccstae-model-{key[:12]}"
+
+
+def model_folder(
+    work: Location,
+    scan_fingerprint: str,
+    *,
+    reference: str,
+    config: CCSTAEConfig,
+    anew: bool = False,
+) -> str:
+    """URL of the folder in a run's work folder that holds the model trained on a scan.
+
+    Parameters
+    ----------
+    work
+        The run's work folder (:func:`stemlib.io.storage.work_folder`): local or on object
+        storage.
+    scan_fingerprint, reference, config
+        As :func:`model_folder_name`, which names the folder.
+    anew
+        Remove the folder first (a recompute): training starts anew, neither resuming from a
+        checkpoint found there nor taking it as trained.
+
+    Returns
+    -------
+    str
+        The folder's URL (a path when local).
+    """
+    folder = work.child(model_folder_name(scan_fingerprint, reference=reference, config=config))
+    if anew:
+        remove(folder)
+    return folder.url
 
 
 @dataclass
