@@ -360,6 +360,7 @@ class _Trained:
     data: Any
     center: tuple[float, float]
     reference_mask: np.ndarray | None
+    reference_name: str
     fingerprint: str
     setup: dict[str, Any]
     schedule: MaskSchedule
@@ -390,6 +391,7 @@ def _train_stages(
     rx, ry, h, w = (int(n) for n in data.shape)
     check_config(config, pattern_shape=(h, w))
     reference_mask = parse_reference(reference, (rx, ry))
+    named = reference_name(reference)  # a mask in memory is hashed: once
     attrs = dict(getattr(scan, "attrs", {}) or {})
     origin = attrs.get("origin_px")
     center = (
@@ -444,15 +446,15 @@ def _train_stages(
             "noise_model": "poisson" if poisson else "gaussian",
             "angular_order": order,
             "mask": json.loads(schedule.model_dump_json()),
-            "reference": reference_name(reference),
+            "reference": named,
         }
     else:
         setup = record.setup
-        if setup.get("reference") != reference_name(reference):
+        if setup.get("reference") != named:
             raise InputError(
                 f"{folder} holds a checkpoint whose bases started from reference "
                 f"{setup.get('reference')!r}, "
-                f"not {reference_name(reference)!r}; pass that reference or an empty workdir."
+                f"not {named!r}; pass that reference or an empty workdir."
             )
         schedule = MaskSchedule.model_validate(setup["mask"])
     poisson = setup["noise_model"] == "poisson"
@@ -527,6 +529,7 @@ def _train_stages(
         data=data,
         center=center,
         reference_mask=reference_mask,
+        reference_name=named,
         fingerprint=fingerprint,
         setup=setup,
         schedule=schedule,
@@ -745,7 +748,7 @@ def ccstae_strain(
     if bases_png is not None:
         save_bases_png(bases, bases_png, mask=ring_last)
     coords = {d: scan.coords[d] for d in SCAN_DIMS if d in scan.coords}
-    described = describe_reference(reference_name(reference), reference_mask)
+    described = describe_reference(t.reference_name, reference_mask)
     warnings = reference_warnings(strain, valid, reference=described)
     return strain_dataset(
         "ccstae",
