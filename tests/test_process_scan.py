@@ -295,18 +295,34 @@ def test_a_worker_killed_mid_run_changes_nothing(prefect_harness, raw, tmp_path)
 @pytest.mark.slow
 def test_recompute_trains_and_maps_again_what_a_rerun_would_skip(prefect_harness, raw, tmp_path):
     """After an upgrade of stemflow, a facility computes its results again with the same
-    settings: recompute runs the steps that a rerun skips (test above) again, and CC-ST-AE
-    trains anew rather than resuming its finished model; the scan store is kept."""
+    settings: recompute runs the steps that a rerun skips (the rerun at the end of
+    test_process_scan_publishes_both_methods_to_s3) again, and CC-ST-AE trains anew rather than
+    resuming its finished model; the scan store is kept."""
+    from prefect_dask import DaskTaskRunner
+
     dest = tmp_path / "strain.zarr"
     # The rotation stage and the starting bases alone (a checkpoint all the same): seconds.
     quick = TINY.model_copy(
         update={"epochs": 0, "refine_steps": 0, "template_rounds": 0, "search_angles": 72}
     )
+    # What recompute changes is the flow's own logic, whatever runs its tasks: an in-process
+    # cluster spares each run the start of worker processes, their imports (stemlib, torch:
+    # seconds each) and their stop. The worker processes are tested above.
+    in_process = DaskTaskRunner(
+        cluster_class="distributed.LocalCluster",
+        cluster_kwargs={
+            "n_workers": 1,
+            "threads_per_worker": 1,
+            "processes": False,
+            "dashboard_address": None,
+        },
+    )
+    flow = process_scan.with_options(task_runner=in_process)
     run = dict(source=raw, dest=str(dest), methods=["ccstae"], ccstae=quick, device="cpu")
-    process_scan(**run)
+    flow(**run)
     [model] = (dest.parent / ".strain.zarr.work").glob("ccstae-model-*")
     (model / "sentinel").write_text("the first run's model folder")
-    again = process_scan(**run, recompute=True)
+    again = flow(**run, recompute=True)
     assert again["steps"] == {"ingest": "skipped", "ccstae": "done"}
     assert not (model / "sentinel").exists() and (model / "checkpoint.pt").is_file()
 
