@@ -55,6 +55,7 @@ from .config import CCSTAEConfig, check_config, resolve_device
 from .data import PatternStream, Preprocess, as_dask, data_fingerprint, sample_patterns
 from .figures import save_bases_png
 from .infer import Inference, infer
+from .memory import gpu_memory_explained
 from .model import build_model
 from .progress import Counter, Progress, Report, reporter
 from .rotation import (
@@ -470,20 +471,23 @@ def _train_stages(
                 data, n=config.search_patterns, seed=config.seed, include=include
             )
         sample = preprocess(sample)  # not beside the raw copy: 0.5 GB each at 256 px
-        search = _rotation_stage(
-            data,
-            preprocess,
-            config=config,
-            center=center,
-            radii=schedule.radii(0),
-            device=dev,
-            sample=sample,
-            pick=pick,
-            start=None if include is None else np.isin(pick, include),
-            poisson=poisson,
-            beam=setup["beam_radius_px"],
-            report=report,
-        )
+        with gpu_memory_explained(
+            "rotation search", setting="infer_batch_size", value=config.infer_batch_size, device=dev
+        ):
+            search = _rotation_stage(
+                data,
+                preprocess,
+                config=config,
+                center=center,
+                radii=schedule.radii(0),
+                device=dev,
+                sample=sample,
+                pick=pick,
+                start=None if include is None else np.isin(pick, include),
+                poisson=poisson,
+                beam=setup["beam_radius_px"],
+                report=report,
+            )
         _save_rotation(rotation_file, search)
     del sample
     timings["rotation_search_s"] = time.perf_counter() - start
@@ -509,16 +513,19 @@ def _train_stages(
         shift0=search["shift0"],
     )
     start = time.perf_counter()
-    record = train(
-        model,
-        stream,
-        config=config,
-        schedule=schedule,
-        device=dev,
-        record=record,
-        workdir=folder,
-        progress=partial(_report_epoch, epochs=config.epochs, to=report) if report else None,
-    )
+    with gpu_memory_explained(
+        "training", setting="batch_size", value=config.batch_size, device=dev
+    ):
+        record = train(
+            model,
+            stream,
+            config=config,
+            schedule=schedule,
+            device=dev,
+            record=record,
+            workdir=folder,
+            progress=partial(_report_epoch, epochs=config.epochs, to=report) if report else None,
+        )
     timings["training_s"] = time.perf_counter() - start
     if config.epochs == 0:
         record.model = {k: v.detach().cpu() for k, v in model.state_dict().items()}
@@ -688,29 +695,32 @@ def ccstae_strain(
         start = time.perf_counter()
         h, w = setup["pattern_shape"]
         last_mask = torch.from_numpy(schedule.mask((h, w), max(config.epochs - 1, 0))).float()
-        result = infer(
-            t.model,
-            PatternStream(
-                t.data,
-                t.preprocess,
-                batch_size=config.infer_batch_size,
-                theta0=t.search["theta0"],
-                shift0=t.search["shift0"],
-            ),
-            mask=last_mask,
-            device=t.device,
-            refine_steps=config.refine_steps,
-            poisson=setup["noise_model"] == "poisson",
-            background=config.background,
-            disk_gains=config.disk_gains,
-            rigid_disks=config.rigid_disks,
-            neighbour_starts=config.neighbour_starts,
-            inner=schedule.radii(0)[0],
-            disk_radius=setup["beam_radius_px"],
-            num_workers=config.num_workers,
-            amp=config.amp,
-            report=reporter(progress),
-        )
+        with gpu_memory_explained(
+            "inference", setting="infer_batch_size", value=config.infer_batch_size, device=t.device
+        ):
+            result = infer(
+                t.model,
+                PatternStream(
+                    t.data,
+                    t.preprocess,
+                    batch_size=config.infer_batch_size,
+                    theta0=t.search["theta0"],
+                    shift0=t.search["shift0"],
+                ),
+                mask=last_mask,
+                device=t.device,
+                refine_steps=config.refine_steps,
+                poisson=setup["noise_model"] == "poisson",
+                background=config.background,
+                disk_gains=config.disk_gains,
+                rigid_disks=config.rigid_disks,
+                neighbour_starts=config.neighbour_starts,
+                inner=schedule.radii(0)[0],
+                disk_radius=setup["beam_radius_px"],
+                num_workers=config.num_workers,
+                amp=config.amp,
+                report=reporter(progress),
+            )
         t.timings["inference_s"] = time.perf_counter() - start
         with torch.no_grad():
             bases = t.model.bases()[:, 0].float().cpu().numpy()
