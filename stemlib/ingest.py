@@ -121,19 +121,23 @@ class KeyedSource:
         return fingerprint(self.identity)
 
 
-def keyed_source(location: Location, options: IngestOptions) -> KeyedSource:
-    """The source at ``location`` read with ``options``, as its key (:func:`source_key`) sees it.
+def keyed_source(
+    location: Location, options: IngestOptions, *, info: dict[str, Any] | None = None
+) -> KeyedSource:
+    """The source at ``location`` read with ``options``, as its key (:func:`source_key`) sees it;
+    ``info`` is its fsspec info where the caller asked for it already (else asked here).
 
     Raises
     ------
     InputError
         The source does not exist.
     """
-    try:
-        with storage_errors(location.url):
-            info = location.fs.info(location.path)
-    except FileNotFoundError:  # ingest, and process-scan keying a request before its ingest
-        raise InputError(f"{redact(location.url)} does not exist; check the path.") from None
+    if info is None:
+        try:
+            with storage_errors(location.url):
+                info = location.fs.info(location.path)
+        except FileNotFoundError:  # ingest, and process-scan keying a request before its ingest
+            raise InputError(f"{redact(location.url)} does not exist; check the path.") from None
     identity = {
         "source": redact(location.url),
         "size": info.get("size"),

@@ -406,15 +406,18 @@ def noise_store(
     src, out = locate(source), locate(dest)
     if src.fs.protocol == out.fs.protocol and src.path.rstrip("/") == out.path.rstrip("/"):
         raise InputError(f"DEST {redact(dest)} is the SOURCE; choose another destination.")
-    with storage_errors(src.url):
-        found, raw_file = src.fs.exists(src.path), src.fs.isfile(src.path)
-    if not found:
+    try:
+        with storage_errors(src.url):
+            info = src.fs.info(src.path)  # one request: whether it exists, is a file, its key
+    except FileNotFoundError:
+        info = None
+    if info is None:
         raise InputError(
             f"{redact(src.url)} does not exist; check the path (a scan store, or a raw scan in "
             "any supported format)."
         )
     params = {"background": background, "counts": counts, "seed": seed, "model": model}
-    if not raw_file:  # a scan store, or a folder that open_scan explains
+    if info.get("type") != "file":  # a scan store, or a folder that open_scan explains
         scan = open_scan(src)
         recipe = noise_recipe(scan.attrs.get("content_sha256"), **params)
         done = finished_scan(out, recipe)
@@ -422,7 +425,7 @@ def noise_store(
             return done
         return _write_noisy(_from_store(src, scan), recipe, source, out, **params)
     options = read or IngestOptions()
-    keyed = keyed_source(src, options)  # the companion files listed once, for key and copy
+    keyed = keyed_source(src, options, info=info)  # companions listed once, for key and copy
     recipe = noise_recipe(None, source_key=keyed.key, **params)
     done = finished_scan(out, recipe)  # before a vendor file on object storage is copied
     if done is not None:

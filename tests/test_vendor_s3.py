@@ -27,6 +27,7 @@ from stemlib.io.readers import needs_local_copy, open_source
 from stemlib.io.readers.vendor.mib import mib_companions
 from stemlib.io.scan_store import open_scan
 from stemlib.io.storage import locate
+from stemlib.noise import noise_store
 
 from . import vendor_files as vf
 from .conftest import folders_of_writers, forget_s3_clients, logged_requests
@@ -247,24 +248,34 @@ def test_open_source_keeps_the_copy_until_closed(tmp_path, s3, own_tmpdir):
     assert os.listdir(own_tmpdir) == []
 
 
-def test_an_ingest_asks_s3_about_its_source_file_once(tmp_path, s3, own_tmpdir, caplog):
+def _ingest(source: str, dest: Path) -> None:
+    result = ingest(source, str(dest))
+    assert result.status == "written" and result.attrs["source_bytes"] == SCAN.nbytes + 12 * 384
+    np.testing.assert_array_equal(open_scan(str(dest)).values, SCAN)
+
+
+def _noise(source: str, dest: Path) -> None:
+    noise_store(source, str(dest), background=0.5)
+    assert open_scan(str(dest)).shape == SCAN.shape
+
+
+@pytest.mark.parametrize("command", [_ingest, _noise])
+def test_an_ingest_asks_s3_about_its_source_file_once(tmp_path, s3, own_tmpdir, caplog, command):
     """An ingest asked S3 about a vendor file five times before copying it: a HEAD for its key
     (keyed_source's info), a HEAD and a listing in open_source (whether it exists, whether it is
-    a folder) and a HEAD for the copy's size (LocalCopy). They take the key's info now; the one
-    HEAD left besides it is s3fs's own, when the copy opens the file."""
+    a folder) and a HEAD for the copy's size (LocalCopy); stemflow noise asked twice more first
+    (whether it exists, whether it is a file). They take the first info now; the one HEAD left
+    besides it is s3fs's own, when the copy opens the file."""
     (tmp_path / "raw").mkdir()
     vf.write_mib(tmp_path / "raw" / "a.mib", SCAN, frames_per_trigger=4)
     upload(tmp_path / "raw", f"{s3}/raw")
     forget_s3_clients()  # nothing kept from the upload
     with caplog.at_level(logging.INFO, logger="werkzeug"):
         caplog.clear()
-        result = ingest(f"{s3}/raw/a.mib", str(tmp_path / "a.zarr"))
+        command(f"{s3}/raw/a.mib", tmp_path / "a.zarr")
     key = f"/{s3.removeprefix('s3://')}/raw/a.mib"
     asked = [r for r in logged_requests(caplog.records) if "raw/a.mib" in r and r != f"GET {key}"]
     assert asked == [f"HEAD {key}", f"HEAD {key}"]
-    size = os.path.getsize(tmp_path / "raw" / "a.mib")
-    assert result.status == "written" and result.attrs["source_bytes"] == size
-    np.testing.assert_array_equal(open_scan(str(tmp_path / "a.zarr")).values, SCAN)
     assert os.listdir(own_tmpdir) == []
 
 
