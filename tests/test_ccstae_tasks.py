@@ -125,6 +125,29 @@ def test_gpu_tasks_on_one_host_take_turns(gpus):
         assert overlap > 1.0 and {first[2], second[2]} == {0, 1}
 
 
+def _held_gpu() -> tuple[str, int]:
+    import torch
+
+    from tasks.ccstae import gpu_turn
+
+    with gpu_turn("cuda") as device:
+        return str(device), torch.cuda.current_device()
+
+
+def test_on_cuda_gpu_turn_in_a_dask_worker_yields_the_gpu_it_holds():
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA")
+    from distributed import Client
+
+    from flows.runners import local_cluster
+
+    with local_cluster(n_workers=1) as cluster, Client(cluster) as client:
+        device, current = client.submit(_held_gpu, pure=False).result()
+    assert device.startswith("cuda:") and device == f"cuda:{current}"
+
+
 def test_hold_one_outside_a_dask_worker_holds_nothing():
     import torch
 
