@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from .calibration import Calibration
 from .errors import InputError
 from .io.readers import FORMATS, ReadOptions, open_source, source_companions
-from .io.scan_store import intact_scan, read_store_attrs, write_scan
+from .io.scan_store import intact_scan, open_store_group, write_scan
 from .io.storage import Location, interrupted_publication, locate, redact, storage_errors
 from .provenance import fingerprint, software_versions, utc_now
 
@@ -205,7 +205,8 @@ def _existing(dest: Location, identity: dict[str, Any], overwrite: bool) -> dict
     """
     if not dest.exists() or interrupted_publication(dest):
         return None
-    attrs = read_store_attrs(dest)
+    group = open_store_group(dest)  # its attributes, and its arrays for the damage check
+    attrs = None if group is None else dict(group.attrs)
     where = redact(dest.url)
     if attrs is None or "source_key" not in attrs:
         raise InputError(
@@ -213,7 +214,7 @@ def _existing(dest: Location, identity: dict[str, Any], overwrite: bool) -> dict
             "or remove it."
         )
     if attrs.get("source_key") == fingerprint(identity) and attrs.get("complete"):
-        return attrs if intact_scan(dest, attrs) else None
+        return attrs if intact_scan(dest, attrs, group) else None
     if overwrite or _keyed_without_companions(attrs, identity):
         return None
     raise InputError(

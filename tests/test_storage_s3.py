@@ -19,6 +19,7 @@ from stemlib.errors import InputError, StorageError
 from stemlib.ingest import ingest
 from stemlib.io.scan_store import open_scan
 from stemlib.io.storage import WORK_PREFIX, local_workdir
+from stemlib.noise import noise_store
 from stemlib.rerun import finished_step
 from stemlib.results import open_strain, strain_dataset, write_strain
 
@@ -267,6 +268,32 @@ def test_open_scan_reads_the_group_metadata_once_besides_xarray(tmp_path, s3, ca
     assert not [r for r in requests if re.search(r"\.z(group|attrs|metadata|array)", r)]
     assert len([r for r in requests if "list-type=2" in r and "delimiter=&" in r]) == 1  # blocks
     np.testing.assert_array_equal(opened.values, scan())
+
+
+@pytest.mark.parametrize("step", ["ingest", "noise"])
+def test_rerun_reads_scan_metadata_once(tmp_path, s3, caplog, step):
+    """A rerun of an ingest (or of stemflow noise) read the finished store's zarr.json for its
+    key, then opened the group again to check its arrays for lost blocks: two reads, and Zarr v2
+    lookups beside the second. The group read for the key is handed to the check. (A short
+    name: the test's bucket is named by its first 40 characters, the step's among them.)"""
+    np.save(tmp_path / "s.npy", scan())
+    url = f"{s3}/scans/s.zarr"
+    ingest(str(tmp_path / "s.npy"), url)
+    if step == "ingest":
+        rerun = lambda: ingest(str(tmp_path / "s.npy"), url).status  # noqa: E731
+    else:
+        noise_store(url, f"{s3}/scans/noisy.zarr", background=0.5)
+        url = f"{s3}/scans/noisy.zarr"
+        rerun = lambda: noise_store(f"{s3}/scans/s.zarr", url, background=0.5).status  # noqa: E731
+    forget_s3_clients()
+    with caplog.at_level(logging.INFO, logger="werkzeug"):
+        caplog.clear()
+        assert rerun() == "skipped"
+    requests = logged_requests(caplog.records)
+    prefix = f"GET /{s3.removeprefix('s3://')}/scans/{url.rsplit('/', 1)[1]}/"
+    reads = Counter(r.removeprefix(prefix) for r in requests if r.startswith(prefix))
+    assert reads["zarr.json"] == 1, requests
+    assert not [r for r in requests if re.search(r"\.z(group|attrs|metadata|array)", r)]
 
 
 def strain_store_requests(s3, caplog, read) -> tuple[object, Counter, list[str]]:

@@ -360,18 +360,21 @@ def refuse_damaged(url: str | Location) -> None:
         _refuse_damage(location, dict(group.attrs), _open_data(location), group)
 
 
-def intact_scan(location: Location, attrs: dict[str, Any]) -> bool:
+def intact_scan(location: Location, attrs: dict[str, Any], group: zarr.Group | None = None) -> bool:
     """Whether a rerun may skip the finished scan store at ``location`` (its group attributes
-    ``attrs``): False where it lacks its data array's metadata or blocks its writer stored,
-    which is logged as a warning (the rerun writes it again)."""
-    return _intact_data(location, attrs) is not None
+    ``attrs``; ``group``, where the caller opened it, :func:`open_store_group`): False where it
+    lacks its data array's metadata or blocks its writer stored, which is logged as a warning
+    (the rerun writes it again)."""
+    return _intact_data(location, attrs, group) is not None
 
 
-def _intact_data(location: Location, attrs: dict[str, Any]) -> zarr.Array | None:
+def _intact_data(
+    location: Location, attrs: dict[str, Any], group: zarr.Group | None = None
+) -> zarr.Array | None:
     """The data array of the scan store at ``location``, as :func:`intact_scan` sees it: None
     (and a warning) where it lacks its metadata or blocks its writer stored."""
     array = _open_data(location)
-    damage = _missing_blocks(location, attrs, array)
+    damage = _missing_blocks(location, attrs, array, group)
     if damage is not None:
         log.warning("%s; writing it again.", damage)
         return None
@@ -612,10 +615,11 @@ def finished_scan(dest: str | Location, recipe: dict[str, Any]) -> WriteResult |
     dest = locate(dest) if isinstance(dest, str) else dest
     if not dest.exists() or interrupted_publication(dest):
         return None
-    attrs = read_store_attrs(dest) or {}
+    group = open_store_group(dest)  # its attributes, and its arrays for the damage check
+    attrs = {} if group is None else dict(group.attrs)
     if not attrs.get("complete") or attrs.get("recipe_sha256") != fingerprint(recipe):
         return None
-    stored = _intact_data(dest, attrs)
+    stored = _intact_data(dest, attrs, group)
     if stored is None:
         return None
     with storage_errors(dest.url):
