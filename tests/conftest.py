@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -125,10 +126,10 @@ def s3(
     """
     import boto3
 
-    bucket = (
-        "stemflow-"
-        + request.node.name.lower().replace("_", "-").replace("[", "-").replace("]", "")[:40]
-    )
+    # Readable, and unique: a long name's first 40 characters may be its parametrizations' too
+    readable = request.node.name.lower().replace("_", "-").replace("[", "-").replace("]", "")
+    unique = hashlib.sha256(request.node.nodeid.encode()).hexdigest()[:8]
+    bucket = f"stemflow-{readable[:40].strip('-.')}-{unique}"
     for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.endpoint)
