@@ -274,8 +274,7 @@ def test_open_scan_reads_the_group_metadata_once_besides_xarray(tmp_path, s3, ca
 def test_rerun_reads_scan_metadata_once(tmp_path, s3, caplog, step):
     """A rerun of an ingest (or of stemflow noise) read the finished store's zarr.json for its
     key, then opened the group again to check its arrays for lost blocks: two reads, and Zarr v2
-    lookups beside the second. The group read for the key is handed to the check. (A short
-    name: the test's bucket is named by its first 40 characters, the step's among them.)"""
+    lookups beside the second. The group read for the key is handed to the check."""
     np.save(tmp_path / "s.npy", scan())
     url = f"{s3}/scans/s.zarr"
     ingest(str(tmp_path / "s.npy"), url)
