@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .calibration import Calibration
 from .errors import InputError
-from .io.readers import FORMATS, ReadOptions, open_source, source_companions
+from .io.readers import FORMATS, ReadOptions, SourceScan, open_source, source_companions
 from .io.scan_store import intact_scan, open_store_group, write_scan
 from .io.storage import Location, interrupted_publication, locate, redact, storage_errors
 from .provenance import fingerprint, software_versions, utc_now
@@ -109,16 +109,34 @@ class KeyedSource:
     info
         The source's own fsspec info (``type``, ``size`` in bytes, its stamp), for
         :func:`~stemlib.io.readers.open_source` not to ask about the file again.
+    location, options
+        Where the source is and the reading options, as keyed.
     """
 
     identity: dict[str, Any]
     companions: dict[str, dict[str, Any]] | None
     info: dict[str, Any]
+    location: Location
+    options: IngestOptions
 
     @property
     def key(self) -> str:
         """:func:`source_key`."""
         return fingerprint(self.identity)
+
+    def open(self) -> SourceScan:
+        """The source opened lazily with the options it was keyed with
+        (:func:`~stemlib.io.readers.open_source`; close it, or use ``with``). A vendor file on
+        object storage is read from a local copy, removed when the scan is closed; the copy
+        holds the companion files listed for the key, not listed again, and the source is not
+        asked again whether it exists, is a folder, or how large it is."""
+        return open_source(
+            self.location.url,
+            format=self.options.format,
+            options=self.options.read_options(),
+            companions=self.companions,
+            info=self.info,
+        )
 
 
 def keyed_source(
@@ -146,7 +164,7 @@ def keyed_source(
         "store_version": STORE_VERSION,
     }
     if info.get("type") == "directory":  # no scan file: the reader says what to pass instead
-        return KeyedSource(identity, None, info)
+        return KeyedSource(identity, None, info, location, options)
     folder = posixpath.dirname(location.path)
     listed = source_companions(location, format=options.format)
     companions = {
@@ -154,7 +172,7 @@ def keyed_source(
         for path, companion in listed.items()
     }
     keyed = {**identity, "companions": companions} if companions else identity
-    return KeyedSource(keyed, listed, info)
+    return KeyedSource(keyed, listed, info, location, options)
 
 
 def source_key(location: Location, options: IngestOptions) -> str:
@@ -262,16 +280,7 @@ def ingest(source: str, dest: str, options: IngestOptions | None = None) -> Inge
     done = _existing(out, identity, options.overwrite)
     if done is not None:
         return IngestResult("skipped", out.url, key, done)
-    # A vendor file on object storage is read from a local copy, removed when the block ends;
-    # the copy holds the companion files listed for the key, not listed again, and the source
-    # is not asked again whether it exists, is a folder, or how large it is.
-    with open_source(
-        src.url,
-        format=options.format,
-        options=options.read_options(),
-        companions=keyed.companions,
-        info=keyed.info,
-    ) as scan:
+    with keyed.open() as scan:  # a vendor file on object storage: a local copy, for the block
         calibration = scan.calibration.merged(options.calibration)
         attrs = {
             "source": scan.source,

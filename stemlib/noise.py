@@ -36,7 +36,7 @@ from dask.base import tokenize
 from .calibration import Calibration
 from .errors import InputError
 from .ingest import IngestOptions, keyed_source
-from .io.readers import SourceScan, open_source
+from .io.readers import SourceScan
 from .io.scan_store import WriteResult, finished_scan, open_scan, write_scan
 from .io.storage import Location, locate, redact, storage_errors
 from .provenance import software_versions, utc_now
@@ -430,13 +430,7 @@ def noise_store(
     done = finished_scan(out, recipe)  # before a vendor file on object storage is copied
     if done is not None:
         return done
-    with open_source(
-        src.url,
-        format=options.format,
-        options=options.read_options(),
-        companions=keyed.companions,
-        info=keyed.info,
-    ) as raw:
+    with keyed.open() as raw:
         return _write_noisy(_from_raw(raw, keyed.key, options), recipe, source, out, **params)
 
 
