@@ -50,6 +50,8 @@ with more memory.
     try:
         yield
     except torch.OutOfMemoryError:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # what the failed step held, for the next task on this GPU
         smaller = max(value // 2, 1)
         raise ResourceError(
             f"CC-ST-AE's {step} ran out of memory on {_card(device)} with {setting} {value}; "
@@ -63,7 +65,6 @@ def _card(device: torch.device) -> str:
     if device.type != "cuda":
         return f"the {device.type}"
     try:
-        torch.cuda.empty_cache()  # what the failed step held, for the next task on this GPU
         total = torch.cuda.get_device_properties(device).total_memory
         return f"{device} ({torch.cuda.get_device_name(device)}, {total / 2**30:.0f} GiB)"
     except Exception:  # noqa: BLE001 - a GPU in trouble still gets its sentence
