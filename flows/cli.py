@@ -21,7 +21,7 @@ from collections.abc import Iterator, Sequence
 
 from pydantic import ValidationError
 
-from flows.log_filters import no_tracebacks_for_mistakes
+from flows.log_filters import no_tracebacks_for_mistakes, quiet_cluster_close
 from stemlib.config_file import validation_sentence
 from stemlib.errors import StemflowError
 from stemlib.provenance import software_versions
@@ -135,6 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _show_warnings(args.command)
     no_tracebacks_for_mistakes()
+    quiet_cluster_close()
     try:
         with _sigterm_raises():
             status = int(args.run(args) or 0)

@@ -1,15 +1,20 @@
 """Logging filters for the command's terminal: one keeps Prefect's traceback off a run that a
 user's mistake ended, in the command's process and in the local cluster's Dask workers
-(:mod:`flows.dask_preload`), whose task-run logs reach the same terminal; one keeps a closing
-worker's report of the tasks it cancelled off it. It imports nothing but :mod:`logging`: a
-worker imports it as it starts."""
+(:mod:`flows.dask_preload`), whose task-run logs reach the same terminal; two keep a local
+cluster's closing off it: a worker's report of the tasks it cancelled, and its Nanny's report of
+a worker it killed. It imports nothing but :mod:`logging`: a worker imports it as it starts."""
 
 from __future__ import annotations
 
 import logging
 import sys
 
-__all__ = ["SentenceOnly", "no_tracebacks_for_mistakes", "quiet_worker_close"]
+__all__ = [
+    "SentenceOnly",
+    "no_tracebacks_for_mistakes",
+    "quiet_cluster_close",
+    "quiet_worker_close",
+]
 
 
 def _is_mistake(exc: BaseException | None) -> bool:
@@ -57,3 +62,22 @@ def quiet_worker_close() -> None:
     logger = logging.getLogger("distributed.worker.state_machine")
     if not any(isinstance(f, _NotCancelledOnClose) for f in logger.filters):
         logger.addFilter(_NotCancelledOnClose())
+
+
+class _NotKilledOnClose(logging.Filter):
+    """Drops distributed's "Worker process still alive after 4.0 seconds, killing": a Nanny
+    gives its closing worker 4 s to exit, then kills it. A worker that held torch and py4DSTEM
+    takes about that long to tear down on a busy machine, so a good run could end with one
+    such warning per worker, and a run stopped by Ctrl-C always did; by then its results are
+    published or discarded, and nothing is left to act on."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Worker process still alive after")
+
+
+def quiet_cluster_close() -> None:
+    """Filter the Nanny logger of the command's process, where a local cluster's Nannies run,
+    with :class:`_NotKilledOnClose`."""
+    logger = logging.getLogger("distributed.nanny")
+    if not any(isinstance(f, _NotKilledOnClose) for f in logger.filters):
+        logger.addFilter(_NotKilledOnClose())

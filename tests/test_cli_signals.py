@@ -9,7 +9,9 @@ temporary API server and a local Dask cluster; it is stopped while the py4DSTEM 
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import logging
 import os
 import re
 import signal
@@ -208,7 +210,6 @@ def test_a_closing_worker_does_not_report_each_task_it_cancelled(caplog):
     """Ctrl-C printed a Dask worker's "Async instruction for <Task cancelled name=...> ended
     with CancelledError" among the command's lines; the local cluster's workers filter it
     (flows.dask_preload), and nothing else of that logger."""
-    import logging
 
     from flows.log_filters import quiet_worker_close
 
@@ -226,3 +227,44 @@ def test_a_closing_worker_does_not_report_each_task_it_cancelled(caplog):
         assert caplog.messages == ["Unhandled exception in async instruction for <Task>"]
     finally:
         logger.filters[:] = before
+
+
+class _Kept(logging.Handler):
+    """The records a logger passed on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+def test_a_local_cluster_closes_without_reporting_the_workers_it_killed():
+    """A good run on a busy machine ended with distributed's "Worker process still alive after
+    4.0 seconds, killing" once per worker, and a run stopped by Ctrl-C always did: a Nanny kills
+    a worker that takes over 4 s to exit. The command's process filters that line (flows.cli),
+    and nothing else of the Nanny's logger. A real local cluster, whose worker takes 6 s to
+    exit."""
+    from distributed import Client
+
+    from flows.log_filters import quiet_cluster_close
+    from flows.runners import local_cluster
+
+    logger = logging.getLogger("distributed.nanny")
+    before, kept = list(logger.filters), _Kept()
+    logger.addHandler(kept)
+    try:
+        quiet_cluster_close()
+        quiet_cluster_close()  # once is enough
+        assert len(logger.filters) == len(before) + 1
+        with local_cluster(n_workers=1) as cluster, Client(cluster) as client:
+            (pid,) = client.run(os.getpid).values()
+            client.run(atexit.register, time.sleep, 6)  # the worker's exit takes 6 s
+        logger.warning("Nanny failed to start process")
+    finally:
+        logger.removeHandler(kept)
+        logger.filters[:] = before
+    assert not psutil.pid_exists(pid)  # killed
+    warnings = [r.getMessage() for r in kept.records if r.levelno >= logging.WARNING]
+    assert warnings == ["Nanny failed to start process"]
