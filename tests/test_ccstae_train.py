@@ -69,10 +69,13 @@ def test_stream_covers_every_pattern_once_and_shuffles_by_epoch(data):
 
 def test_stream_batches_hold_the_right_patterns(data):
     raw = data.compute()
+    checked = []
     for batch in PatternStream(data, Preprocess("linear", 2.0), batch_size=7):
         for pattern, index in zip(batch["pattern"], batch["index"].numpy(), strict=True):
             expected = raw[index // 5, index % 5] / raw[index // 5, index % 5].mean() / 2.0
             np.testing.assert_allclose(pattern[0].numpy(), expected, rtol=1e-5, atol=1e-6)
+            checked.append(int(index))
+    assert sorted(checked) == list(range(30))  # every pattern was compared, none twice
 
 
 def test_sample_includes_requested_positions(data):
