@@ -58,12 +58,20 @@ def _containers(doc: dict) -> list[dict]:
 
 
 def test_secrets_come_from_kubernetes_secrets_only():
+    checked = []
     for doc in manifests():
         assert doc["kind"] != "Secret", "no Secret manifests in git: create them with kubectl"
         for container in _containers(doc):
             for env in container.get("env", []):
                 if any(word in env["name"] for word in SECRET_WORDS):
                     assert "value" not in env and "secretKeyRef" in env["valueFrom"], env["name"]
+                    checked.append(env["name"])
+    # the server's auth string and database URL, the worker's auth string: none went unseen
+    assert {
+        "PREFECT_API_AUTH_STRING",
+        "PREFECT_API_DATABASE_CONNECTION_URL",
+        "PREFECT_SERVER_API_AUTH_STRING",
+    } <= set(checked), checked
 
 
 def test_nothing_is_exposed_outside_the_cluster():
