@@ -51,9 +51,11 @@ def test_py4dstem_takes_an_array_in_memory(simulated, kind):
     ds = py4dstem_strain(scan, reference="0:8,4:8")
     assert ds["exx"].dims == ("method", "rx", "ry") and ds["exx"].attrs["units"] == "1"
     errors = strain_errors(ds, _truth(simulated), symmetry=4)
-    # Known answer, every sign: grain 1 has exx 7e-4, eyy 9e-3, exy 8e-3, theta -0.74 rad.
+    # Known answer, every sign: grain 1 (23 of 64 positions) has exx 7e-4, eyy 9e-3, exy 8e-3,
+    # theta -0.74 rad. Measured MAE 0.09/0.08/0.007e-3 and 8e-6 rad; exx with its sign
+    # flipped scores 0.5e-3, which the tolerance (1e-3 before) must refuse.
     assert errors["coverage"] == 1.0
-    assert max(errors[c] for c in ("exx", "eyy", "exy", "theta")) < 1e-3
+    assert max(errors[c] for c in ("exx", "eyy", "exy", "theta")) < 2.5e-4, errors
 
 
 def test_ccstae_takes_a_numpy_array(simulated):
@@ -144,7 +146,7 @@ def test_the_reference_region_can_be_a_mask_in_memory(simulated, kind):
     ds = py4dstem_strain(simulated["data"], reference=mask.values if kind == "numpy" else mask)
     np.testing.assert_array_equal(ds["reference_region"][0].values, mask.values)
     assert ds.attrs["reference"].startswith("mask sha256:")
-    assert strain_errors(ds, _truth(simulated), symmetry=4)["exx"] < 1e-3
+    assert strain_errors(ds, _truth(simulated), symmetry=4)["exx"] < 2.5e-4  # as above
     with pytest.raises(InputError, match=r"the reference mask has shape \(4, 4\); it must have"):
         ccstae_strain(simulated["data"], reference=np.ones((4, 4), bool), config=TINY)
 
