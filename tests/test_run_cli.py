@@ -28,7 +28,7 @@ def _error(capsys) -> str:
     ("extra", "message"),
     [
         (["--reference", "20:30,0:4"], "lies outside the scan of 12 x 12 positions"),
-        (["--dataset", "/nothing/here"], "/nothing/here"),
+        (["--dataset", "/nothing/here"], "has no dataset /nothing/here; pass --dataset with one"),
     ],
 )
 def test_bad_options_are_refused_before_any_work(raw, tmp_path, capsys, extra, message):
