@@ -194,8 +194,9 @@ def test_train_then_infer_in_a_flow(tmp_path):
         trained["epochs"] == 1
         and written["model_checkpoint_sha256"] == trained["checkpoint_sha256"]
     )
-    # each epoch's seconds (the speed benchmark reports the last: on CUDA the first compiles)
-    assert len(trained["epoch_s"]) == 1 and 0 < trained["epoch_s"][0] < 300
+    # each epoch's seconds (the speed benchmark reports the last, and judges it: on CUDA the
+    # first compiles); no bound on them here
+    assert len(trained["epoch_s"]) == 1 and trained["epoch_s"][0] > 0
     # the progress of each stage, which an operator follows in the UI while it runs
     logs, _ = _run_logs_and_artifacts(state.state_details.flow_run_id)
     assert re.search(r"^ccstae: epoch 1/1  loss [0-9.e-]+  \d+ patterns/s", logs, re.MULTILINE)
