@@ -167,7 +167,9 @@ def test_result_dataset_follows_conventions(square):
 def test_rerun_resumes_from_the_workdir(square, capsys):
     folder, truth, ds = square
     again = _strain_of(folder, progress=True)
-    assert "epoch" not in capsys.readouterr().err  # no epoch trained again
+    err = capsys.readouterr().err
+    assert "ccstae: inference 64/64 patterns (" in err  # the progress is shown...
+    assert "epoch" not in err  # ...and no epoch was trained again
     assert again.attrs["model_checkpoint_sha256"] == ds.attrs["model_checkpoint_sha256"]
     np.testing.assert_allclose(again["exx"].values, ds["exx"].values, atol=1e-9)
     # an inference-only change (the network's warps, unrefined) reuses the checkpoint too
