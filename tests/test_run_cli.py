@@ -130,4 +130,5 @@ def test_a_mistake_found_in_a_dask_worker_prints_no_traceback(tmp_path, capfd):
         in err
     )
     assert err.strip().splitlines()[-1] == f"stemflow run: error: {sentence}"
-    assert not dest.exists()
+    # nothing published, and nothing half-written: no scan store, no temporary one, no folder
+    assert os.listdir(tmp_path) == ["nan.npy"]
