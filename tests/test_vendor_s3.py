@@ -143,7 +143,7 @@ def test_a_missing_companion_on_s3_is_named_in_one_sentence(tmp_path, s3, own_tm
     url = f"{s3}/raw/{path.name}"
     with pytest.raises(InputError, match=message):
         ingest(url, str(tmp_path / "out.zarr"), IngestOptions(**case.options))
-    assert not (tmp_path / "out.zarr").exists()
+    assert os.listdir(tmp_path) == ["raw"]  # no store, no temporary sibling
     assert os.listdir(own_tmpdir) == []  # removed on error too
 
 
@@ -170,6 +170,7 @@ def test_cli_ingests_a_mib_from_s3_and_reports_a_missing_raw_in_one_line(
     assert "e.xml refers to the raw data file scan_x4_y3.raw, which is missing" in err
     assert s3_server.secret_key not in err and s3_server.access_key not in err
     assert str(own_tmpdir) not in err
+    assert sorted(os.listdir(tmp_path)) == ["a.zarr", "raw"]  # nothing of e.zarr
     assert os.listdir(own_tmpdir) == []
 
 
