@@ -336,6 +336,7 @@ def test_a_destination_that_cannot_be_written_is_named_as_given(tmp_path, capsys
         "write there.\n"
     )
     assert (tmp_path / "notes.txt").read_text() == "precious"
+    assert sorted(os.listdir(tmp_path)) == ["notes.txt", "s.npy"]  # nothing half-written
 
 
 def test_a_failed_write_leaves_no_folder_it_created(tmp_path):
@@ -620,16 +621,6 @@ def test_a_store_that_lost_its_array_metadata_is_one_sentence_and_written_again(
         "writing it again.\n"
     )
     np.testing.assert_array_equal(open_scan(str(store)).values, scan())
-
-
-def test_a_destination_under_a_file_is_one_sentence(tmp_path, capsys):
-    np.save(tmp_path / "s.npy", scan())
-    dest = tmp_path / "s.npy" / "s.zarr"
-    assert main(["ingest", str(tmp_path / "s.npy"), str(dest), "--quiet"]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("stemflow ingest: error: ") and "Traceback" not in err
-    assert "Not a directory; check the path and that you can write there." in err
-    assert len(err.strip().splitlines()) == 1 and os.listdir(tmp_path) == ["s.npy"]
 
 
 def test_a_reader_that_leaves_the_pipe_gets_no_traceback():
