@@ -1,0 +1,43 @@
+"""stemlib.strain's known answers that no method's test reaches: the reference lattice is the
+median over its region (CONVENTIONS.md section 2), and a strain re-expressed in turned axes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from stemlib.strain import reference_lattice, rotate_strain, strain_from_lattice
+
+SQUARE = np.array([[20.0, 0.0], [0.0, 20.0]])
+
+
+def test_the_reference_lattice_is_the_median_so_one_misfit_position_does_not_move_it():
+    lattices = np.broadcast_to(SQUARE, (3, 4, 2, 2)).copy()
+    lattices[0, 0] = [[22.0, 3.0], [-1.0, 18.0]]  # one misindexed pattern inside the region
+    lattices[0, 1] = np.nan  # no answer inside the region: left out
+    lattices[2, 3] = SQUARE * 1.25  # outside the region: disks 25 % further out
+    region = np.zeros((3, 4), bool)
+    region[:2, :3] = True  # 6 positions: 4 on the lattice, 1 misfit, 1 without an answer
+    g_ref = reference_lattice(lattices, region)
+    np.testing.assert_array_equal(g_ref, SQUARE)  # a mean would be 2 % off in g1
+    strain = strain_from_lattice(lattices, g_ref, symmetry=4)
+    for key in ("exx", "eyy", "exy", "theta"):
+        assert strain[key][1, 2] == pytest.approx(0.0, abs=1e-15), key
+    # disks 25 % further out: compressive, 1 / 1.25 - 1 = -0.2 along both axes
+    assert strain["exx"][2, 3] == pytest.approx(-0.2) and strain["eyy"][2, 3] == pytest.approx(-0.2)
+
+
+@pytest.mark.parametrize(
+    ("strain", "degrees", "expected"),
+    [
+        # 1 % tensile along qx, seen in axes turned by +30 deg (x' = (cos, sin) in (qx, qy)):
+        # exx' = 0.01 cos^2, eyy' = 0.01 sin^2, exy' = -0.01 sin cos.
+        ((0.01, 0.0, 0.0), 30.0, (0.0075, 0.0025, -0.01 * np.sin(np.pi / 6) * np.cos(np.pi / 6))),
+        # a pure tensor shear is tension along the +45 deg diagonal, compression across it
+        ((0.0, 0.0, 0.01), 45.0, (0.01, -0.01, 0.0)),
+        ((0.0, 0.0, 0.01), -45.0, (-0.01, 0.01, 0.0)),
+    ],
+)
+def test_strain_in_axes_turned_from_qx_towards_qy(strain, degrees, expected):
+    got = rotate_strain(*strain, np.radians(degrees))
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-15)
