@@ -149,6 +149,56 @@ def test_reference_without_valid_answer_is_an_input_error():
         strain_from_affine(A, reference=np.ones((2, 2), bool), symmetry=4)
 
 
+def _deformation(exx: float, eyy: float, exy: float, degrees: float) -> np.ndarray:
+    """F = V R with V = I + e (CONVENTIONS.md): the truth written out."""
+    return (np.eye(2) + np.array([[exx, exy], [exy, eyy]])) @ rotation_matrix(np.radians(degrees))
+
+
+def test_the_reference_is_the_median_so_one_misfit_warp_in_it_moves_nothing():
+    """CONVENTIONS.md: the reference is the median over its region. One of the region's six
+    positions has a warp 5 % off (a misfit of the network): the others stay at zero strain and
+    a strained, turned position keeps its known strain, sign by sign (a mean moves them by 8e-3)."""
+    F = np.broadcast_to(np.eye(2), (3, 3, 2, 2)).copy()
+    F[0, 0] = _deformation(0.05, -0.03, 0.02, 0.0)  # the misfit, inside the region
+    F[2, 1] = _deformation(0.012, -0.007, 0.004, 10.0)
+    reference = np.zeros((3, 3), bool)
+    reference[:2] = True
+    A = np.linalg.inv(F).swapaxes(-1, -2)  # base disks at g sit at F^-T g
+    strain, _ = strain_from_affine(A, reference=reference, symmetry=4)
+    on_lattice = reference.copy()
+    on_lattice[0, 0] = False
+    for key in ("exx", "eyy", "exy", "theta"):
+        assert np.abs(strain[key][on_lattice]).max() < 1e-12, key
+    got = [strain[key][2, 1] for key in ("exx", "eyy", "exy", "theta")]
+    np.testing.assert_allclose(got, [0.012, -0.007, 0.004, np.radians(10.0)], rtol=0, atol=1e-12)
+
+
+def test_a_reference_grain_on_the_branch_boundary_is_folded_about_its_own_rotation():
+    """A square reference grain turned by 45 deg sits on the boundary of (-45, 45]: its
+    positions' rotations, 44.6 to 45.4 deg, fold to both ends. Folded about the region's mean
+    rotation (the module's promise) they stay one lattice: the region has zero strain and a
+    grain turned 10 deg further keeps its known strain; folded about 0, their median is a
+    lattice 0.17 % off, and that is on every position."""
+    turns = [44.6, 44.8, 45.0, 45.2, 45.4]
+    F = np.stack(
+        [
+            [_deformation(0.0, 0.0, 0.0, d) for d in turns],
+            [_deformation(0.012, -0.007, 0.004, 55.0)] * 5,
+        ]
+    )
+    reference = np.zeros((2, 5), bool)
+    reference[0] = True
+    strain, _ = strain_from_affine(
+        np.linalg.inv(F).swapaxes(-1, -2), reference=reference, symmetry=4
+    )
+    for key in ("exx", "eyy", "exy"):
+        assert np.abs(strain[key][0]).max() < 1e-12, key
+    np.testing.assert_allclose(np.degrees(strain["theta"][0]), np.subtract(turns, 45.0), atol=1e-9)
+    expected = {"exx": 0.012, "eyy": -0.007, "exy": 0.004, "theta": np.radians(10.0)}
+    for key, value in expected.items():
+        np.testing.assert_allclose(strain[key][1], value, rtol=0, atol=1e-12, err_msg=key)
+
+
 @pytest.mark.parametrize("lattice, expected", [("square", 4), ("hexagonal", 6), ("rectangular", 2)])
 def test_symmetry_is_detected_from_a_base(lattice, expected):
     from stemlib.ccstae.pipeline import _base_symmetry
