@@ -30,7 +30,9 @@ def data() -> da.Array:
     ].data
 
 
-def _run(data: da.Array, workdir, stop_after: int | None = None) -> Checkpoint:
+def _run(
+    data: da.Array, workdir, stop_after: int | None = None, schedule: MaskSchedule = SCHEDULE
+) -> Checkpoint:
     seeded(CONFIG.seed)
     model = build_model(CONFIG, pattern_shape=(32, 32), center=(16.0, 16.0))
     record = Checkpoint.load(workdir) or Checkpoint(
@@ -48,7 +50,7 @@ def _run(data: da.Array, workdir, stop_after: int | None = None) -> Checkpoint:
         model,
         stream,
         config=CONFIG,
-        schedule=SCHEDULE,
+        schedule=schedule,
         device=torch.device("cpu"),
         record=record,
         workdir=workdir,
@@ -102,6 +104,30 @@ def test_checkpoint_resumes_to_the_same_state(data, tmp_path):
     assert (
         saved.data_fingerprint == "scan-a" and "torch" in saved.versions and len(saved.history) == 3
     )
+
+
+def test_each_epoch_trains_under_the_ring_the_schedule_gives_that_epoch(data, tmp_path):
+    """Epoch e's loss masks with ``SCHEDULE.radii(e)``: three epochs under the narrowing schedule
+    are, to the bit, one epoch under each of its rings held constant in turn (resumed from the
+    checkpoint between them), and not three under its first ring."""
+    straight = _run(data, tmp_path / "straight")
+    for epoch in range(3):
+        ring = SCHEDULE.radii(epoch)
+        held = MaskSchedule(kind="constant", start=ring, end=ring, epochs=3)
+        if epoch < 2:
+            with pytest.raises(KeyboardInterrupt):
+                _run(data, tmp_path / "held", stop_after=epoch + 1, schedule=held)
+        else:
+            in_turn = _run(data, tmp_path / "held", schedule=held)
+    first = MaskSchedule(kind="constant", start=SCHEDULE.start, end=SCHEDULE.start, epochs=3)
+    unchanged = _run(data, tmp_path / "first", schedule=first)
+    assert [h["mask_radii"] for h in straight.history] == [[3.0, 15.0], [3.0, 14.0], [3.0, 13.0]]
+    assert [h["mask_radii"] for h in in_turn.history] == [h["mask_radii"] for h in straight.history]
+    for key, value in straight.model.items():
+        torch.testing.assert_close(in_turn.model[key], value, rtol=0, atol=0, msg=key)
+    losses = [h["loss"] for h in straight.history]
+    assert [h["loss"] for h in in_turn.history] == pytest.approx(losses)
+    assert [h["loss"] for h in unchanged.history][1:] != losses[1:]  # the ring does matter
 
 
 def test_a_finished_checkpoint_is_not_trained_again(data, tmp_path):
