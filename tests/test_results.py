@@ -18,6 +18,8 @@ from stemlib.io.scan_store import write_scan
 from stemlib.rerun import finished_step
 from stemlib.results import netcdf_ready, open_strain, strain_dataset, write_strain
 
+COMPONENTS = ("exx", "eyy", "exy", "theta")
+
 
 def no_answer_here() -> xr.Dataset:
     """A 3 x 4 result whose last row has no answer, and a class map of NaN only (zarr's fill
@@ -127,3 +129,19 @@ def test_coordinates_of_a_result_from_plain_arrays_are_labelled(tmp_path):
         "probe position ry [px]",
         "probe position rx [px]",
     )
+
+
+def test_a_position_without_an_answer_is_nan_in_every_component_and_not_valid():
+    """CONVENTIONS.md: no answer is NaN with ``valid = False``, never a number. A position the
+    method marks invalid loses its finite values; one with a NaN component is invalid whatever
+    the method says; coverage counts what is left."""
+    maps = {k: np.arange(1.0, 5.0).reshape(2, 2) * 1e-3 * (i + 1) for i, k in enumerate(COMPONENTS)}
+    maps["exx"][1, 1] = np.nan  # a NaN component at a position said to be valid
+    said = np.array([[True, False], [True, True]])  # (0, 1) invalid, its values finite
+    result = strain_dataset("py4dstem", **maps, valid=said).sel({"method": "py4dstem"})
+    valid = np.array([[True, False], [True, False]])
+    np.testing.assert_array_equal(result["valid"].values, valid)
+    for name in COMPONENTS:
+        assert np.isnan(result[name].values[~valid]).all(), name
+        np.testing.assert_array_equal(result[name].values[valid], maps[name][valid])
+    assert result.attrs["methods"]["py4dstem"]["coverage"] == 0.5
