@@ -78,6 +78,26 @@ def test_rotation_differences_wrap_by_the_symmetry():
     assert "mae" not in stats
 
 
+@pytest.mark.parametrize(
+    ("symmetry", "estimate", "truth", "error"),
+    [(4, 44.0, -45.0, 1.0), (4, -44.5, 45.0, 0.5), (6, 29.0, -30.0, 1.0), (2, -89.0, 90.0, 1.0)],
+)
+def test_rotation_errors_against_the_truth_wrap_by_the_symmetry(symmetry, estimate, truth, error):
+    """Rotations are defined modulo the lattice's symmetry: an estimate of 44 deg against a
+    truth of -45 deg on a 4-fold lattice is 1 deg off, not 89."""
+    zero = np.zeros((2, 3))
+    parts = {"exx": zero, "eyy": zero, "exy": zero}
+    result = strain_dataset("ccstae", **parts, theta=np.full((2, 3), np.radians(estimate)))
+    truth_maps = truth_dataset(**parts, theta=np.full((2, 3), np.radians(truth)))
+    errors = strain_errors(
+        result.sel({"method": "ccstae"}),
+        truth_maps.rename({f"truth_{k}": k for k in ("exx", "eyy", "exy", "theta")}),
+        symmetry=symmetry,
+    )
+    assert np.degrees(errors["theta"]) == pytest.approx(error)
+    assert errors["exx"] == 0.0 and errors["coverage"] == 1.0
+
+
 def test_the_simulated_dataset_is_a_truth_as_it_comes():
     """Regression: scoring against ``simulate(...)`` itself (its truth named ``truth_exx``, ...)
     was a KeyError 'No variable named exx' in strain_errors and compare_methods."""
