@@ -204,6 +204,15 @@ CASES: dict[str, Case] = {
         "rsciio:EMD",
         {"probe_step_nm": 0.9, "q_pixel_size": 0.003, "q_pixel_units": "1/A"},
     ),
+    # The same calibration written in Å and 1/Å (9 Å, 0.003 1/Å) reads the same.
+    "emd-berkeley-angstrom": Case(
+        lambda t: vf.write_emd_berkeley(
+            t / "b.emd", SCAN, step_nm=0.9, q_per_nm=0.03, angstrom=True
+        ),
+        SCAN,
+        "rsciio:EMD",
+        {"probe_step_nm": 0.9, "q_pixel_size": 0.003, "q_pixel_units": "1/A"},
+    ),
 }
 
 

@@ -568,41 +568,48 @@ def write_velox(
 # --- Berkeley EMD (NCEM, .emd), written by rosettasciio -------------------------------------------
 
 
-def write_emd_berkeley(path: Path, scan: np.ndarray, *, step_nm: float, q_per_nm: float) -> Path:
-    """A Berkeley (NCEM) EMD 0.2 file written by rosettasciio's EMD writer."""
+def write_emd_berkeley(
+    path: Path, scan: np.ndarray, *, step_nm: float, q_per_nm: float, angstrom: bool = False
+) -> Path:
+    """A Berkeley (NCEM) EMD 0.2 file written by rosettasciio's EMD writer; with ``angstrom``
+    the same calibration is written in Å and 1/Å."""
     from rsciio.emd import file_writer
+
+    length, step, q_units, q_step = (
+        ("Å", step_nm * 10, "1/Å", q_per_nm / 10) if angstrom else ("nm", step_nm, "1/nm", q_per_nm)
+    )
 
     axes = [
         {
             "name": "y",
             "size": scan.shape[0],
-            "scale": step_nm,
+            "scale": step,
             "offset": 0.0,
-            "units": "nm",
+            "units": length,
             "navigate": True,
         },
         {
             "name": "x",
             "size": scan.shape[1],
-            "scale": step_nm,
+            "scale": step,
             "offset": 0.0,
-            "units": "nm",
+            "units": length,
             "navigate": True,
         },
         {
             "name": "ky",
             "size": scan.shape[2],
-            "scale": q_per_nm,
+            "scale": q_step,
             "offset": 0.0,
-            "units": "1/nm",
+            "units": q_units,
             "navigate": False,
         },
         {
             "name": "kx",
             "size": scan.shape[3],
-            "scale": q_per_nm,
+            "scale": q_step,
             "offset": 0.0,
-            "units": "1/nm",
+            "units": q_units,
             "navigate": False,
         },
     ]
