@@ -39,6 +39,18 @@ def test_npy_dtypes_round_trip(tmp_path, dtype):
     assert out.dtype == np.dtype(dtype)
 
 
+def test_npy_in_fortran_order_is_refused(tmp_path):
+    """A Fortran-order .npy (``np.save`` of a transposed array) holds its bytes with rx running
+    fastest: read by byte ranges as C order, every pattern would be a scramble of many."""
+    np.save(tmp_path / "f.npy", np.asfortranarray(scan()))
+    with pytest.raises(
+        InputError,
+        match=r"f\.npy is stored in Fortran order; re-save it with "
+        r"np\.save\(path, np\.ascontiguousarray\(a\)\)\.$",
+    ):
+        open_source(str(tmp_path / "f.npy"))
+
+
 def test_npy_frames_with_scan_shape(tmp_path):
     data = scan()
     np.save(tmp_path / "f.npy", data.reshape(12, 16, 12))
