@@ -802,3 +802,46 @@ def test_multislice_dev_scan_ingests_with_its_truth(tmp_path):
     back = open_truth(str(tmp_path / "si.zarr"))
     np.testing.assert_allclose(back["theta"].values, expected.truth["truth_theta"].values)
     np.testing.assert_allclose(back["eyy"].values, expected.truth["truth_eyy"].values)
+
+
+def test_a_dev_scan_is_stored_in_stemflow_s_units_with_its_detector_frame_truth(tmp_path):
+    """The abtem-dev layout (shared/data/abtem-dev/README.md) written out small: its scan step,
+    in Å there, is stored in nm; its rotation, in degrees there, in rad; and its truth is the
+    detector-frame ``*_lab`` strain, not the crystal frame's."""
+    import h5py
+
+    from stemlib.devdata import write_abtem_dev
+    from stemlib.truth import open_truth
+
+    rng = np.random.default_rng(0)
+    lab = {k: rng.uniform(-0.02, 0.02, (2, 3)) for k in ("exx", "eyy", "exy")}
+    path = tmp_path / "dev_si001_2x3_16px_seed0_dose1000.h5"
+    with h5py.File(path, "w") as f:
+        f.attrs.update(
+            material="si001",
+            energy_keV=300.0,
+            semiangle_mrad=2.0,
+            nominal_scan_step_A=5.0,
+            invA_per_px=0.0167619,
+            centre_px=8,
+        )
+        f["datacube"] = rng.poisson(5.0, (2, 3, 16, 16)).astype(np.uint16)
+        truth = f.create_group("truth")
+        for name, value in lab.items():
+            truth[f"{name}_lab"] = value
+            truth[name] = -value  # the crystal frame's U - I, which CONVENTIONS.md does not report
+        truth["theta_deg"] = np.full((2, 3), 30.0)
+        truth["grain_id"] = np.zeros((2, 3), np.int32)
+        truth["reference_mask"] = np.ones((2, 3), bool)
+    write_abtem_dev(path, str(tmp_path / "dev.zarr"))
+    scan = open_scan(str(tmp_path / "dev.zarr"))
+    assert scan.attrs["probe_step_nm"] == 0.5  # 5 Å
+    assert scan["ry"].attrs["units"] == "nm" and scan["ry"].values.tolist() == [0.0, 0.5, 1.0]
+    assert (scan.attrs["q_pixel_size"], scan.attrs["q_pixel_units"]) == (0.0167619, "1/A")
+    assert scan.attrs["origin_px"] == [8.0, 8.0] and scan.attrs["beam_energy_keV"] == 300.0
+    assert scan.attrs["convergence_semiangle_mrad"] == 2.0
+    stored = open_truth(str(tmp_path / "dev.zarr"))
+    for name, value in lab.items():
+        np.testing.assert_array_equal(stored[name].values, value)
+    np.testing.assert_allclose(stored["theta"].values, np.pi / 6)
+    assert stored.attrs["symmetry"] == 4
