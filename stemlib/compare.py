@@ -15,9 +15,31 @@ from .metrics import rotation_difference, strain_errors
 from .truth import as_truth
 from .types import SCAN_DIMS
 
-__all__ = ["COMPONENTS", "compare_methods", "statistics_table"]
+__all__ = ["COMPONENTS", "compare_methods", "lattice_symmetry", "statistics_table"]
 
 COMPONENTS = ("exx", "eyy", "exy", "theta")
+
+
+def lattice_symmetry(ds: xr.Dataset, truth: xr.Dataset | None = None) -> int:
+    """The n-fold symmetry by which the rotations of a strain dataset are compared: the one
+    ``truth`` records (its attribute ``symmetry``, or ``truth_symmetry`` as a simulated scan
+    has it), else the largest one that the methods of ``ds`` record
+    (``methods.<name>.symmetry``), else 1.
+
+    >>> from stemlib.results import strain_dataset
+    >>> z = np.zeros((2, 2))
+    >>> ds = strain_dataset("py4dstem", exx=z, eyy=z, exy=z, theta=z, attrs={"symmetry": 4})
+    >>> lattice_symmetry(ds), lattice_symmetry(ds, xr.Dataset(attrs={"symmetry": 6}))
+    (4, 6)
+    """
+    recorded = (
+        None if truth is None else truth.attrs.get("symmetry") or truth.attrs.get("truth_symmetry")
+    )
+    if recorded:
+        return int(recorded)
+    fallback = ds.attrs.get("symmetry") or 1
+    records = (ds.attrs.get("methods") or {}).values()
+    return max((int(r.get("symmetry") or fallback) for r in records), default=int(fallback))
 
 
 def compare_methods(
@@ -34,7 +56,8 @@ def compare_methods(
         :func:`stemlib.truth.open_truth`), or with ``truth_exx, ...`` (the dataset
         :func:`stemlib.simulate.simulate` returns), or None.
     symmetry
-        The lattice's n-fold symmetry, for rotation differences (1 if None).
+        The lattice's n-fold symmetry, for rotation differences and errors; None takes
+        :func:`lattice_symmetry` (the truth's, else the methods').
 
     Returns
     -------
@@ -63,7 +86,8 @@ def compare_methods(
     >>> float(out["diff_exx"].mean()), stats["agreement"]["exx"]["mean_abs_difference"]
     (0.001, 0.001)
     """
-    n = int(symmetry or 1)
+    truth = None if truth is None else as_truth(truth)
+    n = int(symmetry or lattice_symmetry(ds, truth))
     methods = [str(m) for m in ds["method"].values]
     out = ds.copy()
     stats: dict[str, Any] = {
@@ -105,7 +129,6 @@ def compare_methods(
             }
         stats["agreement"] = agreement
     if truth is not None:
-        truth = as_truth(truth)
         for c in COMPONENTS:
             out[f"truth_{c}"] = (
                 SCAN_DIMS,

@@ -11,7 +11,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
-from stemlib.compare import compare_methods, statistics_table
+from stemlib.compare import compare_methods, lattice_symmetry, statistics_table
 from stemlib.io.scan_store import read_store_attrs
 from stemlib.io.storage import locate, redact
 from stemlib.plots import comparison_figure, png_url, save_png, strain_figure
@@ -66,16 +66,7 @@ def publish_strain(
     per_method = [open_strain(results[m]) for m in results]
     combined = combine_methods(per_method)
     truth = open_truth(scan)
-    symmetries = {
-        int(ds.attrs["methods"][m].get("symmetry") or ds.attrs.get("symmetry") or 1)
-        for ds in per_method
-        for m in ds.attrs["methods"]
-    }
-    symmetry = (
-        int(truth.attrs["symmetry"])
-        if truth is not None and truth.attrs.get("symmetry")
-        else max(symmetries)
-    )
+    symmetry = lattice_symmetry(combined, truth)
     compared, stats = compare_methods(combined, truth=truth, symmetry=symmetry)
     scan_attrs = read_store_attrs(locate(scan)) or {}
     compared.attrs = {

@@ -78,6 +78,28 @@ def test_rotation_differences_wrap_by_the_symmetry():
     assert "mae" not in stats
 
 
+def test_without_a_symmetry_rotations_are_compared_by_the_one_recorded():
+    """compare_methods(ds, truth=t) without ``symmetry`` compared rotations as if the lattice
+    had none: 44 deg against a truth of -45 deg on a 4-fold lattice scored 89 deg, where
+    strain_errors (which takes the truth's) said 1. It takes the truth's, else the methods'."""
+    zero, four = np.zeros((2, 2)), {"symmetry": 4}
+    parts = {"exx": zero, "eyy": zero, "exy": zero}
+    ds = combine_methods(
+        [
+            strain_dataset(m, **parts, theta=np.full((2, 2), np.radians(d)), method_attrs=four)
+            for m, d in (("ccstae", 44.0), ("py4dstem", -44.5))
+        ]
+    )
+    truth = truth_dataset(**parts, theta=np.full((2, 2), np.radians(-45.0)), symmetry=4)
+    _, stats = compare_methods(ds, truth=truth)  # as a simulated scan carries it
+    mae = {m: np.degrees(stats["mae"][m]["theta"]) for m in ("ccstae", "py4dstem")}
+    assert mae == {"ccstae": pytest.approx(1.0), "py4dstem": pytest.approx(0.5)}
+    out, _ = compare_methods(ds)  # no truth: the symmetry the methods record
+    np.testing.assert_allclose(np.degrees(out["diff_theta"].values), -1.5)
+    out, _ = compare_methods(ds, symmetry=1)  # given, it decides
+    np.testing.assert_allclose(np.degrees(out["diff_theta"].values), 88.5)
+
+
 @pytest.mark.parametrize(
     ("symmetry", "estimate", "truth", "error"),
     [(4, 44.0, -45.0, 1.0), (4, -44.5, 45.0, 0.5), (6, 29.0, -30.0, 1.0), (2, -89.0, 90.0, 1.0)],
