@@ -22,10 +22,12 @@ import numpy as np
 import xarray as xr
 import zarr
 
+from .calibration import Calibration
 from .errors import InputError
 from .io.blocks import block_keys, missing_blocks
 from .io.scan_store import check_destination, open_store_group
 from .io.storage import Location, locate, redact, staged, storage_errors
+from .strain import strain_in_scan_frame
 from .types import SCAN_DIMS
 
 __all__ = [
@@ -53,6 +55,13 @@ STRAIN_VARIABLES: dict[str, tuple[str, str]] = {
     "theta": ("rad", "lattice rotation from +qx towards +qy"),
     "valid": ("1", "position has an answer"),
 }
+#: The same components in the scan's axes, where the scan-to-detector rotation is calibrated.
+SCAN_FRAME_VARIABLES: dict[str, tuple[str, str]] = {
+    "exx_scan": ("1", "normal strain along rx (V - I)"),
+    "eyy_scan": ("1", "normal strain along ry (V - I)"),
+    "exy_scan": ("1", "tensor shear strain in the scan frame (engineering shear is 2 exy_scan)"),
+    "theta_scan": ("rad", "lattice rotation from +rx towards +ry"),
+}
 
 
 def strain_dataset(
@@ -67,6 +76,7 @@ def strain_dataset(
     extras: Mapping[str, tuple[np.ndarray, dict[str, str]]] | None = None,
     attrs: Mapping[str, Any] | None = None,
     method_attrs: Mapping[str, Any] | None = None,
+    calibration: Calibration | None = None,
 ) -> xr.Dataset:
     """Build the strain dataset of one method.
 
@@ -89,12 +99,33 @@ def strain_dataset(
         Dataset attributes: ``frame``, ``reference``, provenance (input fingerprint, versions).
     method_attrs
         This method's parameters and diagnostics, stored under ``attrs["methods"][method]``.
+    calibration
+        The scan's calibration. Where it knows the scan-to-detector rotation
+        (``qr_rotation_deg``, and ``qr_flip``), the dataset also holds the strain in the scan's
+        axes, ``exx_scan, eyy_scan, exy_scan, theta_scan``
+        (:func:`stemlib.strain.strain_in_scan_frame`, the rotation wrapped by the
+        ``symmetry`` of ``method_attrs``), and the attribute ``scan_frame`` says by which.
 
     Returns
     -------
     xarray.Dataset
         Variables of dims (method, rx, ry) with ``units`` and ``long_name``; ``convention``
-        ``"stemflow-1"``; ``coverage`` (fraction valid) in the method's attributes.
+        ``"stemflow-1"``; ``frame`` ``"detector"`` (that of ``exx``, ...); ``coverage``
+        (fraction valid) in the method's attributes.
+
+    Examples
+    --------
+    A detector turned by 30 deg against the scan: 1 % tension along qx is, along the scan's
+    axes, 0.75 % along rx, 0.25 % along ry and a shear of 0.43 %:
+
+    >>> one = np.ones((2, 3))
+    >>> turned = Calibration(qr_rotation_deg=30.0)
+    >>> ds = strain_dataset("a", exx=0.01 * one, eyy=0 * one, exy=0 * one, theta=0 * one,
+    ...                     calibration=turned)
+    >>> [round(float(ds[f"{c}_scan"][0, 0, 0]), 5) for c in ("exx", "eyy", "exy")]
+    [0.0075, 0.0025, 0.00433]
+    >>> ds.attrs["frame"], ds.attrs["scan_frame"]
+    ('detector', {'qr_rotation_deg': 30.0, 'qr_flip': False})
     """
     maps = {"exx": exx, "eyy": eyy, "exy": exy, "theta": theta}
     shape = np.shape(exx)
@@ -110,6 +141,18 @@ def strain_dataset(
         for name, v in maps.items()
     }
     data_vars["valid"] = (("method",) + SCAN_DIMS, valid[None])
+    rotation = None if calibration is None else calibration.qr_rotation_deg
+    if rotation is not None:
+        symmetry = int((method_attrs or {}).get("symmetry") or 1)
+        flip = bool(calibration.qr_flip)
+        turned = strain_in_scan_frame(
+            *(data_vars[c][1][0] for c in maps),
+            qr_rotation_deg=rotation,
+            qr_flip=flip,
+            symmetry=symmetry,
+        )
+        for name, value in turned.items():
+            data_vars[f"{name}_scan"] = (("method",) + SCAN_DIMS, value[None])
     for name, (value, _) in (extras or {}).items():
         if np.shape(value) != shape:
             raise InputError(f"extra map {name} has shape {np.shape(value)}; expected {shape}.")
@@ -126,13 +169,19 @@ def strain_dataset(
     # Variable-length strings: Zarr v3 has a specification for them, not for fixed-width ones.
     method_label = ("method", np.array([method], dtype=object), {"long_name": "strain method"})
     ds = xr.Dataset(data_vars, coords={"method": method_label, **dict(coords)})
-    for name, (units, long_name) in STRAIN_VARIABLES.items():
-        ds[name].attrs = {"units": units, "long_name": long_name}
+    for name, (units, long_name) in {**STRAIN_VARIABLES, **SCAN_FRAME_VARIABLES}.items():
+        if name in ds:
+            ds[name].attrs = {"units": units, "long_name": long_name}
     for name, (_, var_attrs) in (extras or {}).items():
         ds[name].attrs = dict(var_attrs)
     ds.attrs = {
         "convention": CONVENTION,
         "frame": "detector",
+        **(
+            {"scan_frame": {"qr_rotation_deg": float(rotation), "qr_flip": flip}}
+            if rotation is not None
+            else {}
+        ),
         **dict(attrs or {}),
         "methods": {method: {"coverage": float(valid.mean()), **dict(method_attrs or {})}},
     }

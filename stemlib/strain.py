@@ -39,6 +39,7 @@ __all__ = [
     "reference_lattice",
     "strain_from_lattice",
     "rotate_strain",
+    "strain_in_scan_frame",
 ]
 
 
@@ -308,3 +309,63 @@ def rotate_strain(
     Q = rotation_matrix(angle)
     r = np.swapaxes(Q, -1, -2) @ e @ Q
     return r[..., 0, 0], r[..., 1, 1], r[..., 0, 1]
+
+
+def strain_in_scan_frame(
+    exx: np.ndarray,
+    eyy: np.ndarray,
+    exy: np.ndarray,
+    theta: np.ndarray,
+    *,
+    qr_rotation_deg: float,
+    qr_flip: bool = False,
+    symmetry: int = 1,
+) -> dict[str, np.ndarray]:
+    """Strain and rotation of the detector frame expressed in the scan's axes ``(rx, ry)``: the
+    ``*_scan`` fields of CONVENTIONS.md section 2.
+
+    A direction ``v = (qx, qy)`` of the detector lies along ``T v`` in the scan's axes, with
+    ``T = R P``: ``P`` swaps qx and qy where ``qr_flip``, and ``R`` turns by ``qr_rotation_deg``
+    from the first axis towards the second. These are py4DSTEM's ``QR_rotation_degrees`` and
+    ``QR_flip`` as its calibrated Bragg vectors apply them. The strain tensor becomes
+    ``T e T^T``; the lattice rotation keeps its angle, or changes its sign where the flip
+    reverses the handedness (then wrapped again by ``symmetry``, :func:`fold_rotation`).
+
+    Parameters
+    ----------
+    exx, eyy, exy, theta
+        Arrays of one shape: strain ("1", tensor shear) and rotation (rad) in the detector
+        frame; NaN stays NaN.
+    qr_rotation_deg, qr_flip
+        The scan-to-detector rotation (deg) and flip (:class:`stemlib.calibration.Calibration`).
+    symmetry
+        The lattice's n-fold symmetry.
+
+    Returns
+    -------
+    dict
+        ``exx, eyy, exy`` along ``rx`` and ``ry``, ``theta`` from ``+rx`` towards ``+ry``.
+
+    Examples
+    --------
+    1 % tension along qx, on a detector turned by 90 deg against the scan, is tension along ry;
+    with the flip as well, along rx, and the rotation changes sign:
+
+    >>> def scan_frame(**kwargs):
+    ...     out = strain_in_scan_frame(0.01, 0.0, 0.0, 0.1, qr_rotation_deg=90.0, **kwargs)
+    ...     return [round(float(out[k]), 12) + 0.0 for k in ("exx", "eyy", "exy", "theta")]
+    >>> scan_frame(), scan_frame(qr_flip=True)
+    ([0.0, 0.01, 0.0, 0.1], [0.01, 0.0, 0.0, -0.1])
+    """
+    T = rotation_matrix(np.radians(qr_rotation_deg))
+    if qr_flip:
+        T = T[:, ::-1]  # R P: R's columns swapped
+    e = np.stack([np.stack([exx, exy], -1), np.stack([exy, eyy], -1)], -2)
+    turned = T @ e @ T.T
+    theta = np.asarray(theta, dtype=np.float64)
+    return {
+        "exx": turned[..., 0, 0],
+        "eyy": turned[..., 1, 1],
+        "exy": turned[..., 0, 1],
+        "theta": fold_rotation(-theta, symmetry) if qr_flip else theta,
+    }

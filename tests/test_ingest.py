@@ -103,6 +103,21 @@ def test_pattern_axes_are_zero_at_the_beam_when_only_its_position_is_known(tmp_p
     assert ds["qx"].values[0] == -8.0 and ds["qy"].values[-1] == ds.sizes["qy"] - 7.0
 
 
+def test_the_scan_to_detector_rotation_and_flip_are_stored_from_the_command_line(tmp_path):
+    """`--qr-rotation-deg` and `--qr-flip` (py4DSTEM's QR_rotation_degrees and QR_flip): the
+    calibration that gives strain results their scan-frame fields."""
+    np.save(tmp_path / "s.npy", scan())
+    source = str(tmp_path / "s.npy")
+    assert (
+        main(["ingest", source, str(tmp_path / "s.zarr"), "--qr-rotation-deg=-12.5", "--qr-flip"])
+        == 0
+    )
+    attrs = xr.open_zarr(tmp_path / "s.zarr").attrs
+    assert (attrs["qr_rotation_deg"], attrs["qr_flip"]) == (-12.5, True)
+    assert main(["ingest", source, str(tmp_path / "t.zarr"), "--qr-rotation-deg", "3"]) == 0
+    assert "qr_flip" not in xr.open_zarr(tmp_path / "t.zarr").attrs  # unknown, not False
+
+
 def test_content_hash_does_not_depend_on_chunking(tmp_path):
     from stemlib.io.readers import open_source
     from stemlib.io.scan_store import StoreLayout, write_scan

@@ -72,6 +72,38 @@ def _strain(method: str, scan) -> xr.Dataset:
     return ccstae_strain(scan, config=TINY, device="cpu", progress=False)
 
 
+def _turned(simulated, degrees: float) -> xr.DataArray:
+    """The simulated scan as a DataArray whose attrs give the scan-to-detector rotation, as a
+    scan store's calibration does."""
+    dims = ("rx", "ry", "qx", "qy")
+    return xr.DataArray(simulated["data"].values, dims=dims, attrs={"qr_rotation_deg": degrees})
+
+
+def test_a_scan_turned_by_90_degrees_gives_the_strain_along_its_axes(simulated):
+    """Where the scan-to-detector rotation is known, the result also holds the strain along rx
+    and ry. At 90 deg, rx runs along qy: exx_scan is eyy, eyy_scan is exx, the shear changes
+    sign and the rotation does not."""
+    ds = py4dstem_strain(_turned(simulated, 90.0)).sel({"method": "py4dstem"})
+    assert ds.attrs["scan_frame"] == {"qr_rotation_deg": 90.0, "qr_flip": False}
+    for scan_name, expected in (("exx", "eyy"), ("eyy", "exx"), ("theta", "theta")):
+        np.testing.assert_allclose(ds[f"{scan_name}_scan"], ds[expected], rtol=0, atol=1e-15)
+    np.testing.assert_allclose(ds["exy_scan"], -ds["exy"], rtol=0, atol=1e-15)
+    assert float(np.abs(ds["exx"] - ds["eyy"]).max()) > 1e-3  # the grains are strained
+
+
+def test_ccstae_gives_the_strain_along_the_scan_axes_too(simulated):
+    from stemlib.strain import strain_in_scan_frame
+
+    ds = ccstae_strain(_turned(simulated, 30.0), config=TINY, device="cpu", progress=False)
+    assert ds.attrs["scan_frame"] == {"qr_rotation_deg": 30.0, "qr_flip": False}
+    one = ds.sel({"method": "ccstae"})
+    turned = strain_in_scan_frame(
+        *(one[c].values for c in ("exx", "eyy", "exy", "theta")), qr_rotation_deg=30.0
+    )
+    for name, value in turned.items():
+        np.testing.assert_array_equal(one[f"{name}_scan"].values, value)
+
+
 @pytest.mark.parametrize(
     ("scan", "match"),
     [

@@ -6,7 +6,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from stemlib.strain import reference_lattice, rotate_strain, strain_from_lattice
+from stemlib.strain import (
+    reference_lattice,
+    rotate_strain,
+    rotation_matrix,
+    strain_from_lattice,
+    strain_in_scan_frame,
+)
 
 SQUARE = np.array([[20.0, 0.0], [0.0, 20.0]])
 
@@ -40,4 +46,40 @@ def test_the_reference_lattice_is_the_median_so_one_misfit_position_does_not_mov
 )
 def test_strain_in_axes_turned_from_qx_towards_qy(strain, degrees, expected):
     got = rotate_strain(*strain, np.radians(degrees))
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-15)
+
+
+@pytest.mark.parametrize("flip", [False, True])
+@pytest.mark.parametrize("degrees", [30.0, -75.0])
+def test_the_scan_frame_strain_is_that_of_the_lattice_seen_in_the_scan_frame(degrees, flip):
+    """Turning the strain tensor into the scan's axes (strain_in_scan_frame) gives what the
+    lattice itself gives once its disks are put in the scan's axes as py4DSTEM's calibrated
+    Bragg vectors are: R (qx, qy), or R (qy, qx) with the flip."""
+    rng = np.random.default_rng(4)
+    g_ref = np.array([[21.0, -3.0], [2.0, 19.0]])
+    F = (np.eye(2) + rng.uniform(-0.03, 0.03, (5, 2, 2))) @ rotation_matrix(
+        rng.uniform(-0.5, 0.5, 5)
+    )
+    g_local = np.linalg.inv(F).swapaxes(-1, -2) @ g_ref  # disks at F^-T g
+    R = rotation_matrix(np.radians(degrees))
+    to_scan = R @ np.array([[0.0, 1.0], [1.0, 0.0]]) if flip else R
+    seen = strain_from_lattice(to_scan @ g_local, to_scan @ g_ref, symmetry=1)
+    detector = strain_from_lattice(g_local, g_ref, symmetry=1)
+    turned = strain_in_scan_frame(**detector, qr_rotation_deg=degrees, qr_flip=flip)
+    for key in ("exx", "eyy", "exy", "theta"):
+        np.testing.assert_allclose(turned[key], seen[key], rtol=0, atol=1e-12, err_msg=key)
+    assert np.abs(turned["exy"] - detector["exy"]).max() > 1e-3  # the axes did turn
+
+
+def test_the_scan_frame_follows_py4dstems_qr_rotation():
+    """Tension along a direction of the detector is tension along the direction py4DSTEM's
+    get_Rvector_from_Qvector gives for it in real space, at its QR rotation."""
+    from py4DSTEM.process.calibration.rotation import get_Rvector_from_Qvector
+
+    along = np.array([np.cos(0.3), np.sin(0.3)])  # (qx, qy)
+    e = 0.01 * np.outer(along, along)
+    turned = strain_in_scan_frame(e[0, 0], e[1, 1], e[0, 1], 0.0, qr_rotation_deg=25.0)
+    vx_r, vy_r, _, _ = get_Rvector_from_Qvector(along[0], along[1], 25.0)
+    expected = 0.01 * np.outer([vx_r, vy_r], [vx_r, vy_r])
+    got = [[turned["exx"], turned["exy"]], [turned["exy"], turned["eyy"]]]
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-15)

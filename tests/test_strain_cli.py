@@ -450,3 +450,36 @@ def test_prefect_task_publishes_the_baseline(prefect_harness, scan, tmp_path):
     )
     assert record["input_content_sha256"] == open_strain(dest).attrs["input_content_sha256"]
     assert os.path.exists(record["png"])
+
+
+def test_a_calibrated_scan_rotation_gives_the_strain_in_the_scan_frame_too(scan, tmp_path):
+    """A scan whose calibration knows the scan-to-detector rotation (`stemflow ingest
+    --qr-rotation-deg`, or a py4DSTEM file's QR_rotation_degrees and QR_flip): its result also
+    holds the strain along the scan's axes (CONVENTIONS.md section 2), where the truth turned
+    into those axes comes back, the rotation's sign reversed by the flip."""
+    from stemlib.strain import strain_in_scan_frame
+
+    stored = open_scan(scan)
+    turned = str(tmp_path / "turned.zarr")
+    calibration = Calibration.from_attrs(stored.attrs).merged(
+        Calibration(qr_rotation_deg=30.0, qr_flip=True)
+    )
+    write_scan(stored.data, turned, calibration=calibration)
+    dest = str(tmp_path / "strain.zarr")
+    assert main(["strain", turned, dest, "--method", "py4dstem"]) == 0
+    ds = open_strain(dest).sel({"method": "py4dstem"}).load()
+    assert ds.attrs["frame"] == "detector"
+    assert ds.attrs["scan_frame"] == {"qr_rotation_deg": 30.0, "qr_flip": True}
+    assert ds["exx_scan"].attrs == {"units": "1", "long_name": "normal strain along rx (V - I)"}
+    assert ds["theta_scan"].attrs["units"] == "rad"
+    truth = open_truth(scan)
+    expected = strain_in_scan_frame(
+        *(truth[c].values for c in ("exx", "eyy", "exy", "theta")),
+        qr_rotation_deg=30.0,
+        qr_flip=True,
+        symmetry=4,
+    )
+    for c in ("exx", "eyy", "exy"):  # within 1.5e-3, where the unturned truth is not
+        error = np.nanmean(np.abs(ds[f"{c}_scan"].values - expected[c]))
+        assert error < 1.5e-3 < np.nanmean(np.abs(expected[c] - truth[c].values)), (c, error)
+    np.testing.assert_allclose(ds["theta_scan"].values, -ds["theta"].values, atol=1e-12)

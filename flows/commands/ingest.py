@@ -50,7 +50,18 @@ def add_source_arguments(parser: argparse.ArgumentParser, *, nonfinite: bool = T
     cal.add_argument(
         "--origin", type=float_pair, metavar="QX,QY", help="direct-beam pixel (qx, qy)"
     )
-    cal.add_argument("--qr-rotation-deg", type=float, help="scan-to-detector rotation (deg)")
+    cal.add_argument(
+        "--qr-rotation-deg",
+        type=float,
+        help="scan-to-detector rotation (deg), as py4DSTEM's QR_rotation_degrees: strain results "
+        "then also give the strain along the scan's axes (exx_scan, ...)",
+    )
+    cal.add_argument(
+        "--qr-flip",
+        action="store_const",
+        const=True,
+        help="the detector is flipped against the scan (py4DSTEM's QR_flip)",
+    )
     if not nonfinite:
         return
     parser.add_argument(
@@ -92,6 +103,7 @@ def _options(args: argparse.Namespace) -> IngestOptions:
         convergence_semiangle_mrad=args.convergence_mrad,
         origin_px=args.origin,
         qr_rotation_deg=args.qr_rotation_deg,
+        qr_flip=args.qr_flip,
     )
     return IngestOptions(
         format=args.format,

@@ -34,6 +34,7 @@ import xarray as xr
 from scipy import ndimage
 
 from ..angular import angular_order
+from ..calibration import Calibration
 from ..errors import InputError
 from ..io.scan_store import scan_label
 from ..io.storage import WORK_PREFIX, staged_file, temporary_folder
@@ -785,6 +786,7 @@ def ccstae_strain(
         **strain,
         valid=valid,
         coords=coords or None,
+        calibration=Calibration.from_attrs(scan.attrs),
         extras={
             "class_map": (
                 result.class_map.astype(np.int32),

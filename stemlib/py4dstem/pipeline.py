@@ -10,6 +10,7 @@ import numpy as np
 import xarray as xr
 from dask.base import tokenize
 
+from ..calibration import Calibration
 from ..ellipse import detector_distortion, undistort_lattice
 from ..errors import InputError
 from ..io.scan_store import finite_counts, scan_label
@@ -328,4 +329,5 @@ def py4dstem_strain(
         extras=extras,
         attrs=attrs,
         method_attrs=method_attrs,
+        calibration=Calibration.from_attrs(scan.attrs),
     )
