@@ -1,10 +1,10 @@
 """What a rerun skips: fingerprints of a strain run, recorded in the store it writes and read back
 before the next run starts.
 
-A strain store records ``run_keys``: per method, the fingerprint of the scan's content and of
-every parameter that shapes the maps (:func:`run_key`). A run whose key a store already holds
-is finished (:func:`finished_step`). Scan stores made by stemflow carry their own recipe
-(:func:`stemlib.io.scan_store.finished_scan`).
+A strain store records ``run_keys``: per method, the fingerprint of the scan's content and
+calibration and of every parameter that shapes the maps (:func:`run_key`). A run whose key a
+store already holds is finished (:func:`finished_step`). Scan stores made by stemflow carry
+their own recipe (:func:`stemlib.io.scan_store.finished_scan`).
 """
 
 from __future__ import annotations
@@ -15,25 +15,35 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from .calibration import Calibration
 from .io.scan_store import open_store_group, read_store_attrs
 from .io.storage import locate
 from .provenance import fingerprint
 from .results import damaged_strain
 
-__all__ = ["scan_identity", "run_key", "finished_step"]
+__all__ = ["scan_identity", "store_identity", "run_key", "finished_step"]
 
 log = logging.getLogger("stemlib.rerun")
 
 
 def scan_identity(url: str) -> dict[str, Any] | None:
-    """``content_sha256``, ``shape`` and ``source`` of the scan store at ``url``, or None when
-    ``url`` is not a finished scan store (e.g. a raw file)."""
+    """:func:`store_identity` of the scan store at ``url``, or None when ``url`` is not a
+    finished scan store (e.g. a raw file)."""
     location = locate(url)
     attrs = read_store_attrs(location) if location.fs.isdir(location.path) else None
     if not attrs or not attrs.get("complete") or "content_sha256" not in attrs:
         return None
+    return store_identity(attrs)
+
+
+def store_identity(attrs: dict[str, Any]) -> dict[str, Any]:
+    """What a rerun knows a scan store by, from its attributes: ``content_sha256`` (its
+    patterns), ``calibration`` (:meth:`~stemlib.calibration.Calibration.to_attrs`: a store
+    written again with another beam centre or scan rotation is another input), ``shape`` and
+    ``source``."""
     return {
         "content_sha256": attrs["content_sha256"],
+        "calibration": Calibration.from_attrs(attrs).to_attrs(),
         "shape": attrs.get("shape"),
         "source": attrs.get("source"),
     }
@@ -62,11 +72,12 @@ def run_key(
     config: BaseModel | None = None,
 ) -> str:
     """Fingerprint of one method's run on a scan (:func:`scan_identity`): the scan's content
-    hash, the method, the reference region (a mask file by its content), the symmetry and the
-    method's whole configuration (resolved: pass the preset, not None)."""
+    hash and calibration, the method, the reference region (a mask file by its content), the
+    symmetry and the method's whole configuration (resolved: pass the preset, not None)."""
     return fingerprint(
         {
             "scan": scan["content_sha256"],
+            "calibration": scan["calibration"],
             "method": method,
             "parameters": {
                 "reference": _reference_identity(reference),

@@ -27,13 +27,18 @@ __all__ = ["request_key", "published_request", "publish_strain"]
 
 def request_key(source: str, **parameters: Any) -> str:
     """Fingerprint of a whole request, computable before any work: the source's identity (a
-    scan store's content hash, else the raw file's name, size and modification stamp) and the
-    run's parameters. A published dataset records it, so a facility rerun can skip it."""
+    scan store's content hash and calibration, else the raw file's name, size and modification
+    stamp with the reading and calibration options) and the run's parameters. A published
+    dataset records it, so a facility rerun can skip it."""
     from stemlib.ingest import IngestOptions, source_key
 
     identity = scan_identity(source)
     ingest = parameters.get("ingest") or IngestOptions()
-    stamp = identity["content_sha256"] if identity else source_key(locate(source), ingest)
+    stamp = (
+        {k: identity[k] for k in ("content_sha256", "calibration")}
+        if identity
+        else source_key(locate(source), ingest)
+    )
     plain = {
         k: (v.model_dump(mode="json") if isinstance(v, BaseModel) else v)
         for k, v in parameters.items()

@@ -216,6 +216,27 @@ def test_an_edited_companion_file_is_a_new_request(tmp_path):
     assert request_key(str(tmp_path / "a.mib"), **parameters) != before
 
 
+def test_a_scan_store_written_again_with_another_calibration_is_a_new_request(tmp_path):
+    """A scan store as the source: the same patterns written again with another beam centre
+    (ingest --overwrite --origin) are another input, not the request already published."""
+    import dask.array as da
+    import numpy as np
+
+    from flows.process_scan import resolved_parameters
+    from stemlib.calibration import Calibration
+    from stemlib.io.scan_store import write_scan
+    from tasks.publish import request_key
+
+    parameters = resolved_parameters(methods=["py4dstem"])
+    keys = []
+    for origin in ((6.0, 6.0), (6.0, 6.0), (6.5, 6.0)):
+        store = str(tmp_path / f"s{len(keys)}.zarr")
+        patterns = da.ones((2, 2, 12, 12), dtype=np.uint16)
+        write_scan(patterns, store, calibration=Calibration(origin_px=origin))
+        keys.append(request_key(store, **parameters))
+    assert keys[0] == keys[1] != keys[2]
+
+
 def test_a_root_that_is_not_a_folder_is_one_sentence(prefect_harness, tmp_path, capsys):
     """From the command and from the flow (the nightly deployment): the flow's run found no
     scan there and completed, night after night, with "0 processed, 0 skipped, 0 failed"."""

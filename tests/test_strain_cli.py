@@ -78,8 +78,8 @@ def test_cli_writes_the_strain_store_and_the_maps(scan, tmp_path, capsys):
 
 def test_a_rerun_of_a_finished_run_skips_it_and_a_changed_one_runs(scan, tmp_path, capsys):
     """DEST records the run's fingerprint: the same scan content and settings skip (nothing is
-    written), unless DEST lost a block since; another reference, or the same mask file with
-    other contents, run again."""
+    written), unless DEST lost a block since; another reference, the same mask file with
+    other contents, or the scan written again with another calibration, run again."""
     dest, mask = str(tmp_path / "strain.zarr"), tmp_path / "reference.npy"
     region = np.zeros((12, 12), bool)
     region[:4, :4] = True
@@ -91,8 +91,8 @@ def test_a_rerun_of_a_finished_run_skips_it_and_a_changed_one_runs(scan, tmp_pat
     stamp = metadata.stat().st_mtime_ns
     assert main(args) == 0
     assert capsys.readouterr().out.startswith(
-        f"{dest} already holds this result (same scan content, method, reference, symmetry "
-        "and configuration): skipped."
+        f"{dest} already holds this result (same scan content and calibration, method, "
+        "reference, symmetry and configuration): skipped."
     )
     assert metadata.stat().st_mtime_ns == stamp
     assert main([*args, "--recompute"]) == 0  # after an upgrade, say: computed again
@@ -116,6 +116,25 @@ def test_a_rerun_of_a_finished_run_skips_it_and_a_changed_one_runs(scan, tmp_pat
     assert capsys.readouterr().out.startswith(f"wrote {dest}: py4dstem strain")
     stored = open_strain(dest)["reference_region"].sel({"method": "py4dstem"})
     assert stored.values.astype(bool).tolist() == region.tolist()
+
+    # The same patterns written again once the scan rotation was calibrated (ingest
+    # --overwrite --qr-rotation-deg): another input, whose result has the scan-frame maps.
+    stored = open_scan(scan)
+    rotated = str(tmp_path / "rotated.zarr")
+    calibration = Calibration.from_attrs(stored.attrs).merged(Calibration(qr_rotation_deg=20.0))
+    write_scan(stored.data, rotated, calibration=calibration)
+    assert open_scan(rotated).attrs["content_sha256"] == stored.attrs["content_sha256"]
+    rotated_dest = str(tmp_path / "rotated-strain.zarr")
+    assert (
+        main(["strain", scan, rotated_dest, "--method", "py4dstem", "--reference", str(mask)]) == 0
+    )
+    capsys.readouterr()
+    assert (
+        main(["strain", rotated, rotated_dest, "--method", "py4dstem", "--reference", str(mask)])
+        == 0
+    )
+    assert capsys.readouterr().out.startswith(f"wrote {rotated_dest}: py4dstem strain")
+    assert open_strain(rotated_dest).attrs["scan_frame"]["qr_rotation_deg"] == 20.0
 
 
 def test_a_strained_reference_region_is_warned_about(scan, tmp_path, capsys):

@@ -28,7 +28,7 @@ from stemlib.io.scan_store import check_destination
 from stemlib.io.storage import local_workdir, locate, redact, work_folder
 from stemlib.plots import png_url, save_png, strain_figure
 from stemlib.reference import parse_reference
-from stemlib.rerun import finished_step, run_key
+from stemlib.rerun import finished_step, run_key, store_identity
 from stemlib.results import write_strain
 from stemlib.types import Device
 
@@ -152,7 +152,7 @@ def _run(args: argparse.Namespace) -> int:
         read_config(args.config, args.method, device=args.device), args.method, args.device
     )
     key = run_key(
-        {"content_sha256": scan.attrs["content_sha256"]},
+        store_identity(scan.attrs),
         args.method,
         reference=args.reference,
         symmetry=args.symmetry,
@@ -161,8 +161,9 @@ def _run(args: argparse.Namespace) -> int:
     if not args.recompute and finished_step(args.dest, key):
         url = redact(locate(args.dest).url)
         print(
-            f"{url} already holds this result (same scan content, method, reference, symmetry "
-            f"and configuration): skipped.\n  open it with:  xr.open_zarr({url!r})"
+            f"{url} already holds this result (same scan content and calibration, method, "
+            "reference, symmetry and configuration): skipped.\n  open it with:  "
+            f"xr.open_zarr({url!r})"
         )
         return 0
     check_destination(args.dest, "strain", methods=[args.method])
