@@ -465,8 +465,12 @@ def test_bad_configurations_are_one_sentence(tmp_path, config, message):
 
 
 def test_suggested_pattern_size_works():
-    SimulationConfig(scan=(4, 4), pattern=29)  # the size the error above suggests
-    simulate(SimulationConfig(scan=(4, 4), pattern=29))
+    # 29 px, the size the error above suggests, is the smallest that holds the lattice.
+    with pytest.raises(InputError, match=r"pattern=28 px is too small .* use --pattern >= 29\.$"):
+        simulate(SimulationConfig(scan=(4, 4), pattern=28))
+    data = simulate(SimulationConfig(scan=(4, 4), pattern=29))["data"].values
+    assert data.shape == (4, 4, 29, 29)
+    np.testing.assert_allclose(data.sum(axis=(2, 3)), 1.0, rtol=1e-5)  # rendered
 
 
 def test_field_constraints():
