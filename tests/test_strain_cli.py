@@ -192,7 +192,8 @@ def test_cli_trains_ccstae_draws_its_bases_and_a_rerun_only_infers(scan, tmp_pat
     )
     assert main(args) == 0
     again = capsys.readouterr()
-    assert "epoch" not in again.err  # nothing trained again
+    assert "ccstae: inference 144/144 patterns (" in again.err  # the progress is shown...
+    assert "epoch" not in again.err  # ...and nothing trained again
     assert open_strain(dest).attrs["methods"]["ccstae"]["model_checkpoint_sha256"] == sha
     assert list((tmp_path / ".strain.zarr.work").glob("ccstae-model-*")) == [models[0].parent]
 
