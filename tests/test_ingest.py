@@ -13,12 +13,10 @@ import textwrap
 import time
 
 import dask.array as da
-import fsspec
 import numpy as np
 import pytest
 import xarray as xr
 import zarr
-from fsspec.implementations.memory import MemoryFileSystem
 
 from flows.cli import main
 from stemlib.calibration import Calibration
@@ -32,7 +30,6 @@ from stemlib.io.scan_store import (
     write_scan,
 )
 from stemlib.io.storage import locate
-from stemlib.noise import noise_store
 from stemlib.provenance import fingerprint
 
 from . import vendor_files as vf
@@ -234,45 +231,6 @@ def test_the_source_key_follows_each_companion_file(tmp_path, name):
     assert len({first, restamped, resized, removed}) == 4
     shutil.copy2(tmp_path / "kept", companion)  # the same file back: the same key
     assert key() == first
-
-
-@pytest.mark.parametrize("name", list(COMPANION))
-def test_an_ingest_from_object_storage_lists_the_companion_files_once(
-    tmp_path, own_tmpdir, monkeypatch, name
-):
-    """A vendor file on object storage had its companion files listed for the source key, then
-    again for the local copy its reader opens: on S3, two HEAD requests more per named file (a
-    .hdr), a LIST more per wildcard (.ser series, TVIPS parts), an EMPAD .xml read again. The
-    copy now holds what the key's listing found, in stemflow noise's reading too. fsspec's
-    memory:// stands in for S3 here; a listing is a call of its filesystem's glob."""
-    case = CASES[name]
-    (tmp_path / "raw").mkdir()
-    path = case.write(tmp_path / "raw")
-    fs, folder = fsspec.filesystem("memory"), f"/{tmp_path.name}/raw"
-    for file in (tmp_path / "raw").iterdir():
-        fs.pipe(f"{folder}/{file.name}", file.read_bytes())
-    globs, list_files = [], MemoryFileSystem.glob
-
-    def glob(self, pattern, **kwargs):
-        globs.append(pattern)
-        return list_files(self, pattern, **kwargs)
-
-    monkeypatch.setattr(MemoryFileSystem, "glob", glob)
-    url, options = f"memory:/{folder}/{path.name}", IngestOptions(**case.options)
-    try:
-        key = source_key(locate(url), options)
-        listing = list(globs)
-        globs.clear()
-        result = ingest(url, str(tmp_path / "a.zarr"), options)
-        ingest_globs = list(globs)
-        globs.clear()  # stemflow noise reads a raw source as ingest does
-        noise_store(url, str(tmp_path / "n.zarr"), background=0.5, read=options)
-    finally:
-        fs.rm(f"/{tmp_path.name}", recursive=True)
-    assert listing and ingest_globs == listing and globs == listing  # one listing, for the key
-    assert result.source_key == key and result.status == "written"
-    np.testing.assert_array_equal(open_scan(str(tmp_path / "a.zarr")).values, case.data)
-    assert os.listdir(own_tmpdir) == []
 
 
 def key_before_companion_files(path, options: IngestOptions) -> str:

@@ -31,6 +31,7 @@ from stemlib.noise import noise_store
 
 from . import vendor_files as vf
 from .conftest import folders_of_writers, forget_s3_clients, logged_requests
+from .test_ingest import COMPANION
 from .test_readers_vendor import CASES, SCAN
 
 pytestmark = pytest.mark.s3
@@ -277,6 +278,44 @@ def test_an_ingest_asks_s3_about_its_source_file_once(tmp_path, s3, own_tmpdir, 
     key = f"/{s3.removeprefix('s3://')}/raw/a.mib"
     asked = [r for r in logged_requests(caplog.records) if "raw/a.mib" in r and r != f"GET {key}"]
     assert asked == [f"HEAD {key}", f"HEAD {key}"]
+    assert os.listdir(own_tmpdir) == []
+
+
+@pytest.mark.parametrize("name", list(COMPANION))
+def test_an_ingest_from_object_storage_lists_the_companion_files_once(
+    tmp_path, s3, own_tmpdir, caplog, name
+):
+    """A vendor file on object storage had its companion files listed for the source key, then
+    again for the local copy its reader opens: two HEAD requests more per named file (a .hdr),
+    a LIST more per wildcard (.ser series, TVIPS parts), an EMPAD .xml read again. The copy now
+    holds what the key's listing found, in stemflow noise's reading too: after the requests of
+    that listing come only those of the copy, a HEAD and a GET of each file it reads."""
+    case = CASES[name]
+    (tmp_path / "raw").mkdir()
+    path = case.write(tmp_path / "raw")
+    upload(tmp_path / "raw", f"{s3}/raw")
+    url, options = f"{s3}/raw/{path.name}", IngestOptions(**case.options)
+
+    def requests(call):
+        forget_s3_clients()  # s3fs's listings cache from a call before: each one asks anew
+        with caplog.at_level(logging.INFO, logger="werkzeug"):
+            caplog.clear()
+            value = call()
+        return value, logged_requests(caplog.records)
+
+    key, listing = requests(lambda: source_key(locate(url), options))
+    result, ingested = requests(lambda: ingest(url, str(tmp_path / "a.zarr"), options))
+    _, noised = requests(
+        lambda: noise_store(url, str(tmp_path / "n.zarr"), background=0.5, read=options)
+    )
+    folder = f"/{s3.removeprefix('s3://')}/raw/"
+    for sent in (ingested, noised):
+        assert sent[: len(listing)] == listing, sent  # the listing for the key, once...
+        heads, gets = sent[len(listing) :: 2], sent[len(listing) + 1 :: 2]
+        assert [h.replace("HEAD ", "GET ", 1) for h in heads] == gets, sent  # ...then reads
+        assert {g.removeprefix(f"GET {folder}") for g in gets} == set(os.listdir(tmp_path / "raw"))
+    assert result.source_key == key and result.status == "written"
+    np.testing.assert_array_equal(open_scan(str(tmp_path / "a.zarr")).values, case.data)
     assert os.listdir(own_tmpdir) == []
 
 
