@@ -85,44 +85,64 @@ def test_loader_workers_inside_a_dask_worker(daemon):
             assert client.submit(_patterns_read_with_two_loader_workers).result() == 36
 
 
-def _turn(gpus: int) -> tuple[float, float, int]:
+def _turn(gpus: int, log: str) -> None:
+    """Append to ``log`` when this task is ready, when it holds a GPU lock, and when it lets go.
+
+    Both tasks try for a lock once both are ready. With two GPUs, each holds its own until the
+    other holds one too (which it never does if they take turns: then it gives up after 30 s);
+    with one GPU, the holder holds half a second more, while the other waits."""
+    import os
     import time
 
     from tasks.ccstae import hold_one
 
+    def note(event: str) -> None:
+        with open(log, "a") as file:  # O_APPEND: the two processes' lines never mix
+            file.write(f"{event} {os.getpid()}\n")
+
+    def wait_for(count: int, event: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with open(log) as file:
+                if sum(line.startswith(f"{event} ") for line in file) >= count:
+                    return
+            time.sleep(0.01)
+
+    note("ready")
+    wait_for(2, "ready", timeout=60.0)
     with hold_one([f"test-gpu-{i}" for i in range(gpus)]) as index:
-        start = time.monotonic()
-        time.sleep(2.0)
-        return start, time.monotonic(), index
-
-
-def _import_tasks() -> None:
-    import tasks.ccstae  # noqa: F401
+        note(f"holds {index}")
+        wait_for(2, "holds", timeout=30.0 if gpus == 2 else 0.5)
+        note(f"releases {index}")
 
 
 @pytest.mark.parametrize("gpus", [1, 2])
-def test_gpu_tasks_on_one_host_take_turns(gpus):
+def test_gpu_tasks_on_one_host_take_turns(gpus, tmp_path):
     """Two CC-ST-AE tasks on a host with one GPU run one after the other on it; with two GPUs,
     side by side, each on its own: the locks that gpu_turn holds on CUDA (one per GPU), run
-    here on the CPU."""
+    here on the CPU. Judged by the order of the tasks' events, not by the clock."""
     from distributed import Client
 
     from flows.runners import local_cluster
 
+    log = tmp_path / "events.log"
+    log.touch()
     with local_cluster(n_workers=2) as cluster, Client(cluster) as client:
         client.wait_for_workers(2)
-        # Imported first: on a loaded machine one worker's import can take a second longer, and
-        # its task then starts that much later (the 2-GPU case failed so in a fresh clone).
-        client.run(_import_tasks)
         # one task per worker: the scheduler may give both to one worker, which runs them in turn
         workers = list(client.scheduler_info()["workers"])
-        tasks = [client.submit(_turn, gpus, pure=False, workers=[w]) for w in workers]
-        first, second = sorted(client.gather(tasks))
-    overlap = first[1] - second[0]
-    if gpus == 1:
-        assert overlap < 0.05 and first[2] == second[2] == 0
-    else:
-        assert overlap > 1.0 and {first[2], second[2]} == {0, 1}
+        client.gather(
+            [client.submit(_turn, gpus, str(log), pure=False, workers=[w]) for w in workers]
+        )
+    events = [line.split() for line in log.read_text().splitlines() if not line.startswith("ready")]
+    order = [(event, index) for event, index, _ in events]
+    tasks = [pid for _, _, pid in events]
+    if gpus == 1:  # the one lock, held by one task and then by the other
+        assert order == [("holds", "0"), ("releases", "0")] * 2, events
+        assert tasks[0] == tasks[1] != tasks[2] == tasks[3], events
+    else:  # each holds its own lock while the other holds the other
+        assert [e for e, _ in order] == ["holds", "holds", "releases", "releases"], events
+        assert {index for _, index in order[:2]} == {"0", "1"} and len(set(tasks)) == 2, events
 
 
 def _held_gpu() -> tuple[str, int]:
