@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import dask.array as da
@@ -614,24 +615,45 @@ def test_interrupted_write_publishes_nothing(tmp_path, monkeypatch):
     """A failure while blocks stream leaves neither the destination nor a temporary store, also
     while other threads are still writing their blocks (the temporary store is removed after
     them, not under them)."""
+    import dask
+
     import stemlib.io.scan_store as store
 
     np.save(tmp_path / "s.npy", scan())
-    calls = {"n": 0}
+    lock, calls, running = threading.Lock(), {"started": 0, "finished": 0}, threading.Event()
+    raised, returned = threading.Event(), threading.Event()
     real = store._write_and_hash
 
     def failing(block, target, block_info=None):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise OSError("disk full")
-        time.sleep(0.3)  # the other blocks are still being written when the error is raised
-        return real(block, target, block_info)
+        with lock:
+            calls["started"] += 1
+            n = calls["started"]
+        try:
+            if n == 2:  # fails while another block is being written
+                assert running.wait(30), "no other block was written at the same time"
+                raised.set()
+                raise OSError("disk full")
+            running.set()
+            raised.wait(30)
+            # Held until the failed ingest returns, or half a second: an ingest that returned
+            # without waiting for this block would see it written into the store it removed.
+            returned.wait(0.5)
+            return real(block, target, block_info)
+        finally:
+            with lock:
+                calls["finished"] += 1
 
     monkeypatch.setattr(store, "_write_and_hash", failing)
     monkeypatch.setattr(store, "CHUNK_BYTES", 16 * 12 * 2 * 5)  # several blocks
-    with pytest.raises(OSError, match="disk full"):
+    with dask.config.set(num_workers=3), pytest.raises(OSError, match="disk full"):
         ingest(str(tmp_path / "s.npy"), str(tmp_path / "s.zarr"))
-    time.sleep(0.6)  # a block still being written would have written by now
+    with lock:
+        still_writing = calls["started"] - calls["finished"]
+    returned.set()
+    deadline = time.monotonic() + 30  # a block still being written (the defect) finishes now
+    while calls["started"] != calls["finished"] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert still_writing == 0 and calls["started"] >= 2
     assert leftovers(tmp_path) == []
 
 
