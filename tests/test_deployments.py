@@ -155,15 +155,14 @@ def prefect_server(tmp_path_factory):
     )
     url = f"http://127.0.0.1:{port}/api"
     deadline = time.time() + 120
-    while time.time() < deadline:
+    while time.time() < deadline and proc.poll() is None:
         try:
-            if (
-                httpx.get(f"{url}/health", auth=tuple(auth.split(":", 1)), timeout=2).status_code
-                == 200
-            ):
+            health = httpx.get(f"{url}/health", auth=tuple(auth.split(":", 1)), timeout=2)
+            if health.status_code == 200:
                 break
         except httpx.HTTPError:
-            time.sleep(1)
+            pass
+        time.sleep(0.5)  # not up yet, or not healthy yet: ask again in a moment
     else:
         proc.kill()
         pytest.fail("prefect server did not start: " + (proc.stdout.read() if proc.stdout else ""))
