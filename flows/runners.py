@@ -47,10 +47,11 @@ def local_cluster_kwargs(n_workers: int | None = None) -> dict[str, Any]:
     CUDA is visible, so that GPU tasks are placed where a GPU is. Workers ignore a terminal's
     Ctrl-C (:mod:`flows.dask_preload`): the command handles it and ends them.
 
-    Each worker's memory limit is the machine's, not an equal share of it (distributed's
-    default). The CC-ST-AE is one large task among many small ones: it peaked at 2.1 GB on the
-    demo scan with the cpu preset, above a share on, say, 16 cores and 32 GB, where the Nanny
-    would restart its worker again and again. Every step streams its data, so the workers
+    Each worker's memory limit is the machine's, not distributed's default share of it (the
+    machine's memory times the worker's threads over the cores). The CC-ST-AE is one large
+    task among many small ones: it peaked at 2.1 GB on the demo scan with the cpu preset, above
+    a share on, say, 16 cores and 32 GB, where the Nanny would restart its worker again and
+    again. Every step streams its data, so the workers
     together stay within the machine."""
     from distributed.system import MEMORY_LIMIT
 
