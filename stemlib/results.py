@@ -136,23 +136,21 @@ def strain_dataset(
             )
     finite = np.logical_and.reduce([np.isfinite(v) for v in maps.values()])
     valid = finite if valid is None else (np.asarray(valid, bool) & finite)
-    data_vars: dict[str, Any] = {
-        name: (("method",) + SCAN_DIMS, np.where(valid, np.asarray(v, np.float64), np.nan)[None])
-        for name, v in maps.items()
-    }
-    data_vars["valid"] = (("method",) + SCAN_DIMS, valid[None])
+    masked = {name: np.where(valid, np.asarray(v, np.float64), np.nan) for name, v in maps.items()}
     rotation = None if calibration is None else calibration.qr_rotation_deg
     if rotation is not None:
-        symmetry = int((method_attrs or {}).get("symmetry") or 1)
         flip = bool(calibration.qr_flip)
         turned = strain_in_scan_frame(
-            *(data_vars[c][1][0] for c in maps),
+            **masked,
             qr_rotation_deg=rotation,
             qr_flip=flip,
-            symmetry=symmetry,
+            symmetry=int((method_attrs or {}).get("symmetry") or 1),
         )
-        for name, value in turned.items():
-            data_vars[f"{name}_scan"] = (("method",) + SCAN_DIMS, value[None])
+        masked.update({f"{name}_scan": value for name, value in turned.items()})
+    data_vars: dict[str, Any] = {
+        name: (("method",) + SCAN_DIMS, value[None]) for name, value in masked.items()
+    }
+    data_vars["valid"] = (("method",) + SCAN_DIMS, valid[None])
     for name, (value, _) in (extras or {}).items():
         if np.shape(value) != shape:
             raise InputError(f"extra map {name} has shape {np.shape(value)}; expected {shape}.")
