@@ -135,24 +135,28 @@ def prefect_server(tmp_path_factory):
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_SERVER_UI_ENABLED": "false",
     }
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "prefect",
-            "server",
-            "start",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--no-services",
-        ],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    # Its output goes to a file: a pipe that nobody reads while the tests run would block the
+    # server once it filled (64 KB of log).
+    log = home / "server.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "prefect",
+                "server",
+                "start",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--no-services",
+            ],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
     url = f"http://127.0.0.1:{port}/api"
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
@@ -165,7 +169,7 @@ def prefect_server(tmp_path_factory):
         time.sleep(0.5)  # not up yet, or not healthy yet: ask again in a moment
     else:
         proc.kill()
-        pytest.fail("prefect server did not start: " + (proc.stdout.read() if proc.stdout else ""))
+        pytest.fail("prefect server did not start: " + log.read_text())
     yield {"url": url, "auth": auth, "home": home}
     proc.terminate()
     proc.wait(30)
