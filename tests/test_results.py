@@ -15,7 +15,8 @@ import zarr
 from stemlib.calibration import Calibration
 from stemlib.errors import InputError
 from stemlib.io.scan_store import write_scan
-from stemlib.rerun import finished_step
+from stemlib.py4dstem.config import Py4DSTEMConfig
+from stemlib.rerun import finished_step, run_key, store_identity
 from stemlib.results import netcdf_ready, open_strain, strain_dataset, write_strain
 
 COMPONENTS = ("exx", "eyy", "exy", "theta")
@@ -78,6 +79,40 @@ def test_a_result_written_before_blocks_were_counted_opens_unchecked(tmp_path):
     (store / "class_map/c/0/0/0").unlink()  # as an earlier writer left it
     assert np.isnan(open_strain(str(store))["class_map"]).all()
     assert finished_step(str(store), "k1")
+
+
+def test_a_finished_result_is_finished_only_for_the_run_key_it_records(tmp_path):
+    """A rerun with another parameter (another key) must write the store again: a check that
+    took any recorded key for this run's would keep maps of the old parameters."""
+    store = tmp_path / "strain.zarr"
+    write_strain(no_answer_here(), str(store))  # records run_keys {"ccstae": "k1"}
+    assert finished_step(str(store), "k1")
+    assert not finished_step(str(store), "k2")
+    assert not finished_step(str(tmp_path / "absent.zarr"), "k1")
+
+
+def test_the_run_key_sees_the_reference_mask_by_its_bytes_and_the_whole_config(tmp_path):
+    """An edited mask saved at the same path, or another configuration, is another run: a key
+    that missed either would have the rerun skip it and keep the old maps. The same mask bytes
+    at another path are the same run."""
+    scan = store_identity({"content_sha256": "ab" * 32, "origin_px": [8.0, 8.0]})
+    mask = np.zeros((4, 5), bool)
+    mask[1:3, 1:4] = True
+    here, there = tmp_path / "ref.npy", tmp_path / "copy" / "ref.npy"
+    there.parent.mkdir()
+    np.save(here, mask)
+    np.save(there, mask)
+
+    def key(reference, config=Py4DSTEMConfig()):
+        return run_key(scan, "py4dstem", reference=str(reference), config=config)
+
+    before = key(here)
+    assert key(there) == before  # the mask by its content, not its path
+    assert key(here, Py4DSTEMConfig(corr_power=0.3)) != before
+    assert key(here, Py4DSTEMConfig(corr_power=0.3)) == key(here, Py4DSTEMConfig(corr_power=0.3))
+    mask[0, 0] = True
+    np.save(here, mask)  # edited in place: same path, same size
+    assert key(here) != before
 
 
 def test_a_result_and_a_scan_go_to_netcdf_through_netcdf_ready(tmp_path):
