@@ -103,7 +103,8 @@ def test_the_run_key_sees_the_reference_mask_by_its_bytes_and_the_whole_config(t
     np.save(here, mask)
     np.save(there, mask)
 
-    def key(reference, config=Py4DSTEMConfig()):
+    def key(reference, config=None):
+        config = config or Py4DSTEMConfig()
         return run_key(scan, "py4dstem", reference=str(reference), config=config)
 
     before = key(here)
