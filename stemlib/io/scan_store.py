@@ -468,7 +468,9 @@ def write_scan(
     Parameters
     ----------
     data
-        Lazy array of shape (RX, RY, QX, QY) (``qx`` = pattern rows, axis 2), any dtype.
+        Lazy array of shape (RX, RY, QX, QY) (``qx`` = pattern rows, axis 2), any dtype; a
+        big-endian one (a ``>u2`` .npy or raw file) is stored in this machine's byte order,
+        the same values.
     dest
         Local path or fsspec URL of the store. An existing scan store there is replaced only
         once the new one is complete and verified; anything else there is refused
@@ -518,6 +520,8 @@ def write_scan(
             f"{shape[3]} px patterns of the scan for {redact(dest.url)}; pass --origin QX,QY "
             "within them."
         )
+    if not data.dtype.isnative:  # Zarr reads it back native: the check would see another dtype
+        data = data.astype(data.dtype.newbyteorder("="))
     layout = layout or choose_layout(shape, data.dtype)  # type: ignore[arg-type]
     block = layout.write_block
     data = data.rechunk(block)
