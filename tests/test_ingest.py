@@ -184,6 +184,20 @@ def test_rerun_skips_and_changed_source_is_refused(tmp_path, capsys):
     np.testing.assert_array_equal(open_scan(str(tmp_path / "s.zarr")).values, scan(seed=1))
 
 
+def test_another_file_with_the_same_stamp_is_a_changed_source(tmp_path, capsys):
+    """A different file copied over the source with its time kept (`cp -p`, an rsync of another
+    day's scan): the stamp alone would say "the same source" and skip it; its size says no."""
+    source, dest = tmp_path / "s.npy", str(tmp_path / "s.zarr")
+    np.save(source, scan())
+    stamp = os.stat(source).st_mtime_ns
+    assert main(["ingest", str(source), dest, "--quiet"]) == 0
+    np.save(source, scan()[:, :4])  # another scan, fewer positions: a smaller file
+    os.utime(source, ns=(stamp, stamp))
+    capsys.readouterr()
+    assert main(["ingest", str(source), dest, "--quiet"]) == 2
+    assert "s.zarr already holds a different scan" in capsys.readouterr().err
+
+
 def restamp(path, seconds: float = 10) -> None:
     """Move the modification time of ``path`` by ``seconds``, as a later copy of it would."""
     stat = os.stat(path)
