@@ -357,15 +357,14 @@ def strain_in_scan_frame(
     >>> scan_frame(), scan_frame(qr_flip=True)
     ([0.0, 0.01, 0.0, 0.1], [0.01, 0.0, 0.0, -0.1])
     """
-    T = rotation_matrix(np.radians(qr_rotation_deg))
-    if qr_flip:
-        T = T[:, ::-1]  # R P: R's columns swapped
-    e = np.stack([np.stack([exx, exy], -1), np.stack([exy, eyy], -1)], -2)
-    turned = T @ e @ T.T
+    if qr_flip:  # P e P: the axes swapped
+        exx, eyy = eyy, exx
+    # R e R^T is e in axes turned the other way (rotate_strain's Q^T e Q with Q = R^T)
+    exx, eyy, exy = rotate_strain(exx, eyy, exy, -np.radians(qr_rotation_deg))
     theta = np.asarray(theta, dtype=np.float64)
     return {
-        "exx": turned[..., 0, 0],
-        "eyy": turned[..., 1, 1],
-        "exy": turned[..., 0, 1],
+        "exx": exx,
+        "eyy": eyy,
+        "exy": exy,
         "theta": fold_rotation(-theta, symmetry) if qr_flip else theta,
     }
