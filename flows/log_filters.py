@@ -57,11 +57,16 @@ class _NotCancelledOnClose(logging.Filter):
         return not (message.startswith("Async instruction") and "CancelledError" in message)
 
 
+def _filter_once(name: str, kind: type[logging.Filter]) -> None:
+    """Add a ``kind`` filter to the logger ``name`` unless it has one."""
+    logger = logging.getLogger(name)
+    if not any(isinstance(f, kind) for f in logger.filters):
+        logger.addFilter(kind())
+
+
 def quiet_worker_close() -> None:
     """Filter a Dask worker's state-machine logger with :class:`_NotCancelledOnClose`."""
-    logger = logging.getLogger("distributed.worker.state_machine")
-    if not any(isinstance(f, _NotCancelledOnClose) for f in logger.filters):
-        logger.addFilter(_NotCancelledOnClose())
+    _filter_once("distributed.worker.state_machine", _NotCancelledOnClose)
 
 
 class _NotKilledOnClose(logging.Filter):
@@ -78,6 +83,4 @@ class _NotKilledOnClose(logging.Filter):
 def quiet_cluster_close() -> None:
     """Filter the Nanny logger of the command's process, where a local cluster's Nannies run,
     with :class:`_NotKilledOnClose`."""
-    logger = logging.getLogger("distributed.nanny")
-    if not any(isinstance(f, _NotKilledOnClose) for f in logger.filters):
-        logger.addFilter(_NotKilledOnClose())
+    _filter_once("distributed.nanny", _NotKilledOnClose)
