@@ -217,9 +217,10 @@ def _existing(dest: Location, identity: dict[str, Any], overwrite: bool) -> dict
     """The attrs of a finished store of the source of ``identity`` (:attr:`KeyedSource.identity`)
     at ``dest`` (skip), None to write; raises if ``dest`` holds something else.
 
-    A store of this source that lacks blocks (:func:`~stemlib.io.scan_store.intact_scan`) is
-    rewritten, and so is one of this source file that an older stemflow wrote, whose key did
-    not cover the companion files: nothing tells whether they changed since.
+    A store of this source that is not marked ``complete`` (a partial copy of one) or lacks
+    blocks (:func:`~stemlib.io.scan_store.intact_scan`) is rewritten, and so is one of this
+    source file that an older stemflow wrote, whose key did not cover the companion files:
+    nothing tells whether they changed since.
     """
     if not dest.exists() or interrupted_publication(dest):
         return None
@@ -231,8 +232,8 @@ def _existing(dest: Location, identity: dict[str, Any], overwrite: bool) -> dict
             f"{where} already exists and is not a stemflow scan store; choose another destination "
             "or remove it."
         )
-    if attrs.get("source_key") == fingerprint(identity) and attrs.get("complete"):
-        return attrs if intact_scan(dest, attrs, group) else None
+    if attrs.get("source_key") == fingerprint(identity):
+        return attrs if attrs.get("complete") and intact_scan(dest, attrs, group) else None
     if overwrite or _keyed_without_companions(attrs, identity):
         return None
     raise InputError(

@@ -184,6 +184,23 @@ def test_rerun_skips_and_changed_source_is_refused(tmp_path, capsys):
     np.testing.assert_array_equal(open_scan(str(tmp_path / "s.zarr")).values, scan(seed=1))
 
 
+def test_an_unfinished_store_of_the_same_source_is_written_again(tmp_path, capsys):
+    """A store of this very source that is not marked complete (a partial copy of one) was
+    refused as "a different scan", with advice to --overwrite; it is rewritten."""
+    source, dest = tmp_path / "s.npy", tmp_path / "s.zarr"
+    np.save(source, scan())
+    assert main(["ingest", str(source), str(dest), "--quiet"]) == 0
+    meta = json.loads((dest / "zarr.json").read_text())
+    del meta["attributes"]["complete"]
+    (dest / "zarr.json").write_text(json.dumps(meta))
+    capsys.readouterr()
+    assert main(["ingest", str(source), str(dest)]) == 0
+    out, err = capsys.readouterr()
+    assert "skipped" not in out and err == ""
+    assert json.loads((dest / "zarr.json").read_text())["attributes"]["complete"] is True
+    np.testing.assert_array_equal(open_scan(str(dest)).values, scan())
+
+
 def test_another_file_with_the_same_stamp_is_a_changed_source(tmp_path, capsys):
     """A different file copied over the source with its time kept (`cp -p`, an rsync of another
     day's scan): the stamp alone would say "the same source" and skip it; its size says no."""
