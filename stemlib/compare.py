@@ -15,7 +15,13 @@ from .metrics import rotation_difference, strain_errors
 from .truth import as_truth
 from .types import SCAN_DIMS
 
-__all__ = ["COMPONENTS", "compare_methods", "lattice_symmetry", "statistics_table"]
+__all__ = [
+    "COMPONENTS",
+    "compare_methods",
+    "lattice_symmetry",
+    "reference_disagreement",
+    "statistics_table",
+]
 
 COMPONENTS = ("exx", "eyy", "exy", "theta")
 
@@ -42,6 +48,45 @@ def lattice_symmetry(ds: xr.Dataset, truth: xr.Dataset | None = None) -> int:
     return max((int(r.get("symmetry") or fallback) for r in records), default=int(fallback))
 
 
+def reference_disagreement(ds: xr.Dataset) -> str | None:
+    """A warning sentence when the first two methods of a strain dataset measured their strain
+    against reference regions that share less than half of the smaller one; None otherwise
+    (also where a method records no ``reference_region``).
+
+    Each method finds ``--reference auto`` on its own lattice maps: on noisy patterns they can
+    settle on different grains. Their maps then differ by the strain between the two
+    references, and neither the difference maps nor the agreement statistics compare the
+    methods.
+
+    Examples
+    --------
+    >>> from stemlib.results import combine_methods, strain_dataset
+    >>> z = np.zeros((4, 4))
+    >>> def method(name, rows):
+    ...     region = np.zeros((4, 4), bool)
+    ...     region[rows] = True
+    ...     extras = {"reference_region": (region, {"units": "1", "long_name": "reference"})}
+    ...     return strain_dataset(name, exx=z, eyy=z, exy=z, theta=z, extras=extras)
+    >>> reference_disagreement(combine_methods([method("a", slice(0, 2)), method("b", 0)]))
+    >>> reference_disagreement(combine_methods([method("a", slice(0, 2)), method("b", 3)]))[:88]
+    'the two methods measured their strain against different reference regions (a 8 positions'
+    """
+    methods = [str(m) for m in ds["method"].values][:2]
+    if len(methods) < 2 or "reference_region" not in ds:
+        return None
+    a, b = (np.asarray(ds["reference_region"].sel({"method": m}).values, bool) for m in methods)
+    shared, smaller = int((a & b).sum()), int(min(a.sum(), b.sum()))
+    if smaller == 0 or shared >= smaller / 2:
+        return None
+    return (
+        "the two methods measured their strain against different reference regions "
+        f"({methods[0]} {int(a.sum())} positions, {methods[1]} {int(b.sum())}, "
+        f"{shared} in common), so their maps differ by the strain between those regions and "
+        "cannot be compared; pass one --reference region known to be unstrained (each "
+        "method's is the result's reference_region)."
+    )
+
+
 def compare_methods(
     ds: xr.Dataset, *, truth: xr.Dataset | None = None, symmetry: int | None = None
 ) -> tuple[xr.Dataset, dict[str, Any]]:
@@ -66,9 +111,10 @@ def compare_methods(
         dims (rx, ry) for each component (rotation wrapped by the symmetry), and the truth as
         ``truth_<c>`` when given.
     statistics : dict
-        ``coverage`` per method; ``agreement`` per component (mean absolute difference,
-        Pearson correlation, positions compared); ``mae`` per method per component against the
-        truth (strain "1", theta rad), when a truth is given.
+        ``coverage`` per method; for two methods, ``agreement`` per component (mean absolute
+        difference, Pearson correlation, positions compared) and ``warnings`` (a sentence where
+        their reference regions differ, :func:`reference_disagreement`); ``mae`` per method per
+        component against the truth (strain "1", theta rad), when a truth is given.
 
     Examples
     --------
@@ -128,6 +174,8 @@ def compare_methods(
                 "positions": int(both.sum()),
             }
         stats["agreement"] = agreement
+        disagreement = reference_disagreement(ds)
+        stats["warnings"] = [] if disagreement is None else [disagreement]
     if truth is not None:
         for c in COMPONENTS:
             out[f"truth_{c}"] = (

@@ -66,7 +66,10 @@ def publish_strain(
     request: str | None = None,
 ) -> dict[str, Any]:
     """Combine each method's strain store, compare them (and with the scan's truth), write the
-    one strain dataset to ``dest`` atomically with PNG maps beside it."""
+    one strain dataset to ``dest`` atomically with PNG maps beside it.
+
+    Returns the URL, the statistics and their table, the PNGs, and the warnings by method
+    (``"ccstae and py4dstem"`` for those of the comparison: different reference regions)."""
     logger = get_run_logger()
     per_method = [open_strain(results[m]) for m in results]
     combined = combine_methods(per_method)
@@ -94,10 +97,15 @@ def publish_strain(
         pngs["comparison"] = save_png(comparison_figure(compared), png_url(dest, "comparison"))
     table = statistics_table(stats)
     logger.info("published %s\n%s", redact(url), table)
+    warnings = {m: r.get("warnings", []) for m, r in compared.attrs["methods"].items()}
+    if stats.get("warnings"):  # the methods' references differ: their comparison is void
+        warnings[" and ".join(results)] = stats["warnings"]
+        for sentence in stats["warnings"]:
+            logger.warning(sentence)
     return {
         "url": redact(url),
         "table": table,
-        "warnings": {m: r.get("warnings", []) for m, r in compared.attrs["methods"].items()},
+        "warnings": warnings,
         "statistics": _jsonable(stats),
         "pngs": {k: redact(v) for k, v in pngs.items()},
     }

@@ -138,3 +138,72 @@ def test_the_simulated_dataset_is_a_truth_as_it_comes():
         strain_errors(off, sim[["data"]], symmetry=4)
     with pytest.raises(InputError, match=r"records no lattice symmetry; pass symmetry=n"):
         strain_errors(off, truth_dataset(**parts))
+
+
+def method_with_reference(name: str, rows: slice) -> object:
+    """A zero strain result of ``name`` whose reference region is ``rows`` of a 6 x 7 scan."""
+    region = np.zeros((6, 7), bool)
+    region[rows] = True
+    zero = np.zeros((6, 7))
+    extras = {"reference_region": (region, {"units": "1", "long_name": "reference region"})}
+    return strain_dataset(name, exx=zero, eyy=zero, exy=zero, theta=zero, extras=extras)
+
+
+@pytest.mark.parametrize(
+    ("py4dstem_rows", "warned"),
+    [(slice(0, 2), False), (slice(1, 3), False), (slice(2, 6), True), (slice(4, 6), True)],
+)
+def test_methods_measured_against_different_references_are_not_comparable(py4dstem_rows, warned):
+    """Each method finds --reference auto on its own maps; where their regions share less than
+    half of the smaller one, the comparison says so (multislice Si at 1,000 electrons: CC-ST-AE
+    took 135 positions of one grain, py4DSTEM 20 of another, and they differed by 2-3e-2)."""
+    ds = combine_methods(
+        [
+            method_with_reference("ccstae", slice(0, 2)),
+            method_with_reference("py4dstem", py4dstem_rows),
+        ]
+    )
+    _, stats = compare_methods(ds)
+    if not warned:
+        assert stats["warnings"] == []
+        return
+    (sentence,) = stats["warnings"]
+    shared = 0 if py4dstem_rows.start >= 2 else 7
+    assert sentence.startswith(
+        "the two methods measured their strain against different reference regions "
+        f"(ccstae 14 positions, py4dstem {7 * (py4dstem_rows.stop - py4dstem_rows.start)}, "
+        f"{shared} in common)"
+    )
+    assert "pass one --reference region known to be unstrained" in sentence
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_the_published_result_and_the_run_carry_the_comparisons_warning(tmp_path):
+    """publish-strain returns the comparison's warning under both methods' names (which
+    `stemflow run` prints and the flow's artifact lists) and stores it in the statistics."""
+    import dask.array as da
+    from prefect import flow
+
+    from stemlib.calibration import Calibration
+    from stemlib.io.scan_store import write_scan
+    from tasks.publish import publish_strain
+
+    scan = str(tmp_path / "scan.zarr")
+    write_scan(da.zeros((6, 7, 8, 8), dtype="u2"), scan, calibration=Calibration())
+    stores = {
+        "ccstae": write_strain(method_with_reference("ccstae", slice(0, 2)), str(tmp_path / "a")),
+        "py4dstem": write_strain(
+            method_with_reference("py4dstem", slice(4, 6)), str(tmp_path / "b")
+        ),
+    }
+
+    @flow
+    def publish() -> dict:
+        return publish_strain(scan, stores, str(tmp_path / "strain.zarr"), run_keys={})
+
+    published = publish()
+    (sentence,) = published["warnings"]["ccstae and py4dstem"]
+    assert "different reference regions (ccstae 14 positions, py4dstem 14, 0 in common)" in sentence
+    assert published["warnings"]["ccstae"] == published["warnings"]["py4dstem"] == []
+    stored = open_strain(str(tmp_path / "strain.zarr"))
+    assert stored.attrs["statistics"]["warnings"] == [sentence]
