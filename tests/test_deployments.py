@@ -122,6 +122,52 @@ def test_image_keeps_secrets_out_and_runs_unprivileged():
     assert {".env", ".venv", ".git"} <= set(ignored)
 
 
+def _image_instructions() -> tuple[list[str], list[str]]:
+    """The Dockerfile's instructions (continuation lines joined): those of its last stage (the
+    image), and all."""
+    text = (DEPLOY / "Dockerfile").read_text().replace("\\\n", " ")
+    lines = [line for line in text.splitlines() if line and not line.startswith("#")]
+    last = max(i for i, line in enumerate(lines) if line.startswith("FROM "))
+    return lines[last:], lines
+
+
+def test_containers_given_args_alone_run_them_as_their_command():
+    """A container with ``args`` and no ``command`` runs the image's ENTRYPOINT with those args:
+    the Dask workers (``dask worker ...``) and each flow run's Job (Prefect's Kubernetes worker
+    fills its args with ``prefect flow-run execute``). With ENTRYPOINT ["stemflow"] they ran
+    ``stemflow dask worker ...`` and exited on argparse's error; the image has no ENTRYPOINT."""
+    image, _ = _image_instructions()
+    assert not [line for line in image if line.startswith("ENTRYPOINT")]
+    template = json.loads((K8S / "work-pool-template.json").read_text())
+    documents = [*manifests(), template["job_configuration"]["job_manifest"]]
+    ours = [c for d in documents for c in _containers(d) if "prefecthq/" not in c["image"]]
+    given_args = {c["name"] for c in ours if "command" not in c}
+    assert given_args == {"worker", "prefect-job"}, given_args
+
+
+def test_the_image_can_start_the_kubernetes_worker():
+    """prefect-worker.yaml starts ``prefect worker start --type kubernetes`` in the image: that
+    needs prefect-kubernetes, which a pod (no terminal to confirm an install) does not fetch."""
+    deployments = [d for d in manifests() if d["kind"] == "Deployment"]
+    worker = next(d for d in deployments if d["metadata"]["name"] == "prefect-worker")
+    command = _containers(worker)[0]["command"]
+    assert command[command.index("--type") + 1] == "kubernetes"
+    _, build = _image_instructions()
+    installs = [line for line in build if line.startswith("RUN") and "pip install" in line]
+    assert any("prefect-kubernetes" in line for line in installs), installs
+
+
+def test_the_files_the_deployment_files_name_exist():
+    """Every ``deployments/...`` path that a deployment file names (in a command or a comment)
+    is in the repository: the Dockerfile sent readers to a deployments/README.md that never
+    was."""
+    import re
+
+    for path in sorted(p for p in DEPLOY.rglob("*") if p.is_file()):
+        for name in re.findall(r"deployments/[\w./-]*\w", path.read_text()):
+            assert (DEPLOY.parent / name).exists(), f"{path.relative_to(DEPLOY)} names {name}"
+
+
 @pytest.fixture(scope="module")
 def prefect_server(tmp_path_factory):
     """A real `prefect server start` on a free local port, requiring an auth string."""
