@@ -12,9 +12,10 @@ can be scored. The clean scan lives at `dest`, the copies beside it:
 
     out/sim.zarr  out/sim-noise00.zarr  out/sim-noise05.zarr  ...  out/sim-noise70.zarr
 
-Run it from the command line with `stemflow simulate DEST --levels paper`, or as a flow:
+Run it from the command line with `stemflow simulate DEST --levels paper`, or as a flow
+(the same command: without `--levels`, both write the clean scan alone and run no flow):
 
-    python -m flows.simulate_benchmark out/sim.zarr
+    python -m flows.simulate_benchmark out/sim.zarr --levels paper
 """
 
 from __future__ import annotations
