@@ -289,7 +289,8 @@ def reprocess_facility(
         ingest: How to read every raw scan (an HDF5 dataset, a calibration the files lack, ...),
             for a facility whose files share them; each file says for itself by default.
         dask_address: Scheduler of an existing Dask cluster; a local one when empty.
-        dry_run: Only list the scans a run would process ("to process"), skip or fail on.
+        dry_run: Only list the scans a run would process ("to process") or skip, reading no
+            patterns (a file its reader refuses is listed to process, and fails in a run).
         recompute: Process every scan again, also those processed with the same settings
             (after an upgrade of stemflow, say): both methods computed anew.
 

@@ -122,6 +122,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     where.add_argument(
         "--dry-run",
         action="store_true",
-        help="only list the scans a run would process, skip or fail to read; run nothing",
+        help="only list the scans a run would process or skip; run nothing (no patterns are "
+        "read: a file its reader refuses is listed to process, and fails in the run)",
     )
     parser.set_defaults(run=_run)
