@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -161,8 +162,6 @@ def test_the_files_the_deployment_files_name_exist():
     """Every ``deployments/...`` path that a deployment file names (in a command or a comment)
     is in the repository: the Dockerfile sent readers to a deployments/README.md that never
     was."""
-    import re
-
     for path in sorted(p for p in DEPLOY.rglob("*") if p.is_file()):
         for name in re.findall(r"deployments/[\w./-]*\w", path.read_text()):
             assert (DEPLOY.parent / name).exists(), f"{path.relative_to(DEPLOY)} names {name}"
