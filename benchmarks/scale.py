@@ -14,7 +14,8 @@ Usage::
     python benchmarks/scale.py --sizes 32x128,64x256 --epochs 1
     python benchmarks/scale.py --sizes 256x256 --epochs 0 --refine-steps 0   # the full size
 
-Results go to ``benchmarks/results/scale-<sizes>-<device>.{json,md}``.
+Results go to ``benchmarks/results/scale-<sizes>-<device>.{json,md}``, with the commands
+appended to the name where ``--commands`` names only some.
 """
 
 from __future__ import annotations
@@ -132,6 +133,8 @@ def main() -> None:
         ccstae["refine_steps"] = args.refine_steps
     rows = [measure(scan, pattern, commands, ccstae, args.device) for scan, pattern in sizes]
     name = f"scale-{args.sizes.replace(',', '-')}-{args.device}"
+    if commands != list(COMMANDS):  # a part of the run: beside a whole one of the same size
+        name += "-" + "-".join(commands)
     settings = ", ".join(f"{key} {value}" for key, value in ccstae.items())
     text = (
         f"# Peak memory against scan size ({args.device}; CC-ST-AE {settings})\n\n"
