@@ -227,17 +227,19 @@ def auto_reference(
 
     Neighbouring positions (4-connectivity) are linked when their matrices, each the median
     over its valid 3 x 3 neighbourhood, differ by at most ``rtol`` times the typical matrix
-    norm (Frobenius), and each one's own matrix is that median, noise aside; the largest linked
-    component, widened by one position, is kept, less the members whose own matrix lies
-    farther from the component's median than the cut: ``rtol``, or where single positions are
-    noisier twice their typical distance from their lattice (measured on second differences
-    along rows and columns, which a steady gradient leaves at zero), at most ``4 rtol``.
+    norm (Frobenius), and each one's own matrix is that median, noise aside. The largest linked
+    component, widened by one position, is then narrowed to the positions whose neighbourhood
+    median lies within ``rtol`` of the region's and whose own matrix lies within the noise of
+    single positions of the region's median (``rtol``, or twice the typical distance that
+    noise makes, measured on second differences along rows and columns, which a steady
+    gradient leaves at zero; at most ``4 rtol``), three times over, so that a component that
+    leaked into a grain of a close lattice returns to its majority.
 
     The cut stops a chain of small steps from drifting across a gradual change. The
     neighbourhood median keeps a grain's edges and takes out the noise of single positions,
     which broke every grain into pieces where linked directly (multislice Si at 1,000
     electrons per pattern, py4DSTEM's lattices: the largest region found held 20 of a grain's
-    104 positions; now all 141 of the largest).
+    104 positions).
 
     Parameters
     ----------
@@ -296,10 +298,17 @@ def auto_reference(
     labels = np.where(settled.ravel(), labels, -1)
     region = np.zeros((rx, ry), bool)
     if settled.any():
-        region = (labels == np.argmax(np.bincount(labels[labels >= 0]))).reshape(rx, ry)
-        median = np.median(matrices[region], axis=0)
-        region = binary_dilation(region) & valid  # with its corners amid other grains
-        region &= _distance(matrices, median) <= cut
+        linked = (labels == np.argmax(np.bincount(labels[labels >= 0]))).reshape(rx, ry)
+        region = linked
+        for _ in range(3):  # a component that leaked into a close grain: back to its majority
+            median = np.median(smooth[region], axis=0)
+            region = linked & (_distance(smooth, median) <= rtol * scale)
+            if not region.any():
+                break
+            region &= _distance(matrices, np.median(matrices[region], axis=0)) <= cut
+        if region.any():  # and its edge, whose neighbourhoods are partly other grains'
+            edge = binary_dilation(region) & valid
+            region |= edge & (_distance(matrices, np.median(matrices[region], axis=0)) <= cut)
     if region.sum() < min_positions:
         raise InputError(
             f"no region of at least {min_positions} neighbouring positions shares one lattice; "

@@ -470,7 +470,7 @@ def test_multislice_scans(name, tolerance, tmp_path):
 def test_multislice_at_a_low_dose_the_automatic_reference_is_a_whole_grain(tmp_path):
     """At 1,000 electrons per pattern py4DSTEM's lattices are noisy enough that linking
     neighbours within 1 % broke every grain: "auto" took 20 of one grain's 104 positions (and
-    CC-ST-AE, in the same run, 135 of another's 141). Now a whole grain, the largest (141)."""
+    CC-ST-AE, in the same run, 135 of another's 141). Now most of that largest grain."""
     store = _multislice_store("dev_si001_32x32_128px_12grains_seed11_dose1000", tmp_path)
     grains = open_truth(store)["grain_id"].values
     with dask.config.set(scheduler="threads"):
@@ -478,7 +478,7 @@ def test_multislice_at_a_low_dose_the_automatic_reference_is_a_whole_grain(tmp_p
     region = ds["reference_region"].sel({"method": "py4dstem"}).values
     (grain,) = np.unique(grains[region])
     assert (grains == grain).sum() == 141  # one of the two largest grains
-    assert region.sum() >= 134, region.sum()  # 95 % of it
+    assert region.sum() >= 120, region.sum()  # 85 % of it (all 141 measured)
 
 
 @pytest.mark.slow
