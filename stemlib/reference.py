@@ -228,12 +228,13 @@ def auto_reference(
     Neighbouring positions (4-connectivity) are linked when their matrices, each the median
     over its valid 3 x 3 neighbourhood, differ by at most ``rtol`` times the typical matrix
     norm (Frobenius), and each one's own matrix is that median, noise aside. The largest linked
-    component, widened by one position, is then narrowed to the positions whose neighbourhood
-    median lies within ``rtol`` of the region's and whose own matrix lies within the noise of
-    single positions of the region's median (``rtol``, or twice the typical distance that
-    noise makes, measured on second differences along rows and columns, which a steady
-    gradient leaves at zero; at most ``4 rtol``), three times over, so that a component that
-    leaked into a grain of a close lattice returns to its majority.
+    component is narrowed to the positions whose neighbourhood median lies within ``rtol`` of
+    the region's and whose own matrix lies within the noise of single positions of the
+    region's median (``rtol``, or twice the typical distance that noise makes, measured on
+    second differences along rows and columns, which a steady gradient leaves at zero; at most
+    ``4 rtol``), three times over, so that a component that leaked into a grain of a close
+    lattice returns to its majority; then the positions next to it whose own matrix lies
+    within that noise join it (its edge, where neighbourhoods are partly other grains').
 
     The cut stops a chain of small steps from drifting across a gradual change. The
     neighbourhood median keeps a grain's edges and takes out the noise of single positions,
