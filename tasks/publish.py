@@ -69,7 +69,8 @@ def publish_strain(
     one strain dataset to ``dest`` atomically with PNG maps beside it.
 
     Returns the URL, the statistics and their table, the PNGs, and the warnings by method
-    (``"ccstae and py4dstem"`` for those of the comparison: different reference regions)."""
+    (``"ccstae and py4dstem"`` for those of the comparison: different reference regions or
+    symmetries, :func:`stemlib.compare.compare_methods`)."""
     logger = get_run_logger()
     per_method = [open_strain(results[m]) for m in results]
     combined = combine_methods(per_method)
@@ -98,7 +99,7 @@ def publish_strain(
     table = statistics_table(stats)
     logger.info("published %s\n%s", redact(url), table)
     warnings = {m: r.get("warnings", []) for m, r in compared.attrs["methods"].items()}
-    if stats.get("warnings"):  # the methods' references differ: their comparison is void
+    if stats.get("warnings"):  # the methods' references or symmetries differ: no comparison
         warnings[" and ".join(results)] = stats["warnings"]
         for sentence in stats["warnings"]:
             logger.warning(sentence)
