@@ -1,6 +1,6 @@
 """Preload of the local cluster's Dask workers (``preload=["flows.dask_preload"]``): they
 ignore SIGINT, log a task run that a user's mistake ended without its traceback, and do not
-report each task they cancel as they close.
+report each task they cancel, nor the scheduler they lose, as they close.
 
 A terminal's Ctrl-C reaches every process of the command; the command records the interrupted
 run and closes the cluster, whose Nannies end the workers. Without this, each worker would also

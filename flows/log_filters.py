@@ -1,8 +1,9 @@
 """Logging filters for the command's terminal: one keeps Prefect's traceback off a run that a
 user's mistake ended, in the command's process and in the local cluster's Dask workers
-(:mod:`flows.dask_preload`), whose task-run logs reach the same terminal; two keep a local
-cluster's closing off it: a worker's report of the tasks it cancelled, and its Nanny's report of
-a worker it killed. It imports nothing but :mod:`logging`: a worker imports it as it starts."""
+(:mod:`flows.dask_preload`), whose task-run logs reach the same terminal; three keep a local
+cluster's closing off it: a worker's report of the tasks it cancelled, a worker's traceback of
+the scheduler it lost, and its Nanny's report of a worker it killed. It imports nothing but
+:mod:`logging`: a worker imports it as it starts."""
 
 from __future__ import annotations
 
@@ -64,9 +65,22 @@ def _filter_once(name: str, kind: type[logging.Filter]) -> None:
         logger.addFilter(kind())
 
 
+class _NotLostOnClose(logging.Filter):
+    """Drops distributed's "Failed to communicate with scheduler during heartbeat." and its
+    traceback of 40 lines. A local cluster's scheduler runs in the command's process and stops
+    listening as the command closes the cluster (Ctrl-C, the end of a run): a worker whose
+    heartbeat falls between the two logs it, then closes with the cluster. The traceback came
+    before the command's own last sentence, and read as a crash."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Failed to communicate with scheduler")
+
+
 def quiet_worker_close() -> None:
-    """Filter a Dask worker's state-machine logger with :class:`_NotCancelledOnClose`."""
+    """Filter a Dask worker's state-machine logger with :class:`_NotCancelledOnClose`, and its
+    worker logger with :class:`_NotLostOnClose`."""
     _filter_once("distributed.worker.state_machine", _NotCancelledOnClose)
+    _filter_once("distributed.worker", _NotLostOnClose)
 
 
 class _NotKilledOnClose(logging.Filter):

@@ -229,6 +229,44 @@ def test_a_closing_worker_does_not_report_each_task_it_cancelled(caplog):
         logger.filters[:] = before
 
 
+#: A local cluster whose scheduler stops listening before the cluster closes, as the command's
+#: does on Ctrl-C: a worker's heartbeat meanwhile cannot reach it.
+_LOST = (
+    "import time\n"
+    "from distributed import LocalCluster\n"
+    "from flows.runners import local_cluster_kwargs\n"
+    "if __name__ == '__main__':\n"
+    "    kwargs = {{**local_cluster_kwargs(1), 'preload': {preload}}}\n"
+    "    with LocalCluster(**kwargs) as cluster:\n"
+    "        for listener in cluster.scheduler.listeners:\n"
+    "            cluster.loop.add_callback(listener.stop)\n"
+    "        time.sleep(2)  # heartbeats every 0.5 s\n"
+)
+
+
+@pytest.mark.parametrize("preload", [[], ["flows.dask_preload"]])
+def test_a_closing_worker_does_not_report_the_scheduler_it_lost(preload, tmp_path):
+    """Ctrl-C once printed a Dask worker's "Failed to communicate with scheduler during
+    heartbeat." and 40 lines of traceback before the command's last sentence: the local
+    cluster's scheduler, in the command's process, had stopped listening first. The cluster's
+    workers filter it (flows.dask_preload); without the preload, the same cluster shows it."""
+    script = tmp_path / "lost.py"  # run as a file: workers import their parent's main module
+    script.write_text(_LOST.format(preload=preload))
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run(
+        [sys.executable, str(script)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    reported = "Failed to communicate with scheduler during heartbeat" in done.stderr
+    assert reported is not bool(preload), done.stderr
+    assert ("Traceback" in done.stderr) is not bool(preload), done.stderr
+
+
 class _Kept(logging.Handler):
     """The records a logger passed on."""
 
