@@ -248,6 +248,14 @@ def _check_strain(ds: xr.Dataset, where: str) -> None:
             f"(missing {', '.join(missing) or 'the method dimension'}); "
             "pass a store written by `stemflow strain`."
         )
+    found = ds.attrs.get("convention")
+    if found != CONVENTION:
+        held = "records no convention" if found is None else f"is in convention {found!r}"
+        raise InputError(
+            f"{where} {held}, not {CONVENTION!r} (docs/CONVENTIONS.md), so the signs and frame "
+            "of its strain are unknown to this stemflow; pass a store written by `stemflow "
+            "strain`, or make its maps with stemlib.strain_dataset."
+        )
 
 
 def write_strain(ds: xr.Dataset, dest: str | Location) -> str:
@@ -290,8 +298,8 @@ def open_strain(url: str | Location) -> xr.Dataset:
     Raises
     ------
     InputError
-        If ``url`` does not exist, is not a strain dataset, or lost blocks of its maps since it
-        was written (:func:`damaged_strain`).
+        If ``url`` does not exist, is not a strain dataset of convention ``stemflow-1``, or
+        lost blocks of its maps since it was written (:func:`damaged_strain`).
 
     Examples
     --------

@@ -81,6 +81,32 @@ def test_a_result_written_before_blocks_were_counted_opens_unchecked(tmp_path):
     assert finished_step(str(store), "k1")
 
 
+@pytest.mark.parametrize("convention", ["stemflow-0", None])
+def test_a_result_of_another_convention_is_one_sentence(tmp_path, convention):
+    """A store with our variables but another convention (or none: not ours) would be read
+    with the wrong signs or frame; it is refused, and a writer refuses it too."""
+    store = tmp_path / "strain.zarr"
+    write_strain(no_answer_here(), str(store))
+    group = zarr.open_group(store, mode="r+")
+    if convention is None:
+        del group.attrs["convention"]
+    else:
+        group.attrs["convention"] = convention
+    zarr.consolidate_metadata(group.store)
+    held = "records no convention" if convention is None else f"is in convention {convention!r}"
+    sentence = (
+        f"{store} {held}, not 'stemflow-1' (docs/CONVENTIONS.md), so the signs and frame of its "
+        "strain are unknown to this stemflow; pass a store written by `stemflow strain`, or "
+        "make its maps with stemlib.strain_dataset."
+    )
+    with pytest.raises(InputError) as error:
+        open_strain(str(store))
+    assert str(error.value) == sentence
+    foreign = no_answer_here().assign_attrs(convention=convention)
+    with pytest.raises(InputError, match="so the signs and frame"):
+        write_strain(foreign, str(tmp_path / "other.zarr"))
+
+
 def test_a_finished_result_is_finished_only_for_the_run_key_it_records(tmp_path):
     """A rerun with another parameter (another key) must write the store again: a check that
     took any recorded key for this run's would keep maps of the old parameters."""
