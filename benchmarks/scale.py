@@ -13,9 +13,12 @@ Usage::
     python benchmarks/scale.py                                  # 32, 64, 128 positions of 128 px
     python benchmarks/scale.py --sizes 32x128,64x256 --epochs 1
     python benchmarks/scale.py --sizes 256x256 --epochs 0 --refine-steps 0   # the full size
+    python benchmarks/scale.py --sizes 64x256 --commands simulate,noise,ccstae --preset gpu \
+        --epochs 0   # the gpu preset's blocks of 2,048 patterns, run on a CPU
 
-Results go to ``benchmarks/results/scale-<sizes>-<device>.{json,md}``, with the commands
-appended to the name where ``--commands`` names only some.
+Results go to ``benchmarks/results/scale-<sizes>-<device>.{json,md}``, with ``-<preset>-preset``
+appended where ``--preset`` is not the device's, and the commands where ``--commands`` names
+only some.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ def _stemflow(*args: str) -> list[str]:
 
 
 def command_lines(
-    folder: Path, scan: int, pattern: int, ccstae: dict[str, int], device: str
+    folder: Path, scan: int, pattern: int, ccstae: dict[str, Any], device: str
 ) -> dict:
     """The four command lines for one scan size (each step reads the one before); ``ccstae``:
     settings that change the device's CC-ST-AE preset."""
@@ -71,7 +74,7 @@ def command_lines(
 
 
 def measure(
-    scan: int, pattern: int, commands: list[str], ccstae: dict[str, int], device: str
+    scan: int, pattern: int, commands: list[str], ccstae: dict[str, Any], device: str
 ) -> dict[str, Any]:
     """Peak RSS (bytes) and seconds of ``commands`` on a ``scan`` x ``scan`` scan."""
     repo = Path(__file__).resolve().parent.parent
@@ -125,14 +128,24 @@ def main() -> None:
         "--refine-steps", type=int, help="CC-ST-AE refinement steps (default: the preset's)"
     )
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument(
+        "--preset",
+        choices=["cpu", "gpu"],
+        help="CC-ST-AE preset (default: the device's); gpu on a CPU gives the gpu preset's "
+        "memory, a proxy for what it needs on a GPU",
+    )
     args = parser.parse_args()
     sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")]
     commands = args.commands.split(",")
-    ccstae = {"epochs": args.epochs}
+    ccstae: dict[str, Any] = {"epochs": args.epochs}
+    if args.preset:
+        ccstae = {"preset": args.preset, **ccstae}
     if args.refine_steps is not None:
         ccstae["refine_steps"] = args.refine_steps
     rows = [measure(scan, pattern, commands, ccstae, args.device) for scan, pattern in sizes]
     name = f"scale-{args.sizes.replace(',', '-')}-{args.device}"
+    if args.preset and args.preset != {"cpu": "cpu", "cuda": "gpu"}[args.device]:
+        name += f"-{args.preset}-preset"
     if commands != list(COMMANDS):  # a part of the run: beside a whole one of the same size
         name += "-" + "-".join(commands)
     settings = ", ".join(f"{key} {value}" for key, value in ccstae.items())
