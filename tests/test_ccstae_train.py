@@ -217,6 +217,24 @@ def test_fingerprint_is_the_stored_hash_or_a_content_hash(data):
     assert data_fingerprint(data) == data_fingerprint(data) != other
 
 
+def test_loader_starts_no_more_workers_than_cores(data, monkeypatch):
+    """The gpu preset's 4 DataLoader workers on a 2-core machine made PyTorch warn, twice per
+    pass, that they may run slowly or freeze; the loader starts one per usable core."""
+    import warnings
+
+    import stemlib.ccstae.data as module
+
+    monkeypatch.setattr(module, "usable_cores", lambda: 2)
+    stream = PatternStream(data, Preprocess("linear"), batch_size=4, shuffle=True, seed=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # PyTorch's warning would fail the test
+        monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1}, raising=False)
+        batches = module.loader(stream, num_workers=4, device=torch.device("cpu"))
+        assert batches.num_workers == 2
+        seen = [b["index"].numpy() for b in batches]
+    assert sorted(np.concatenate(seen).tolist()) == list(range(30))
+
+
 def test_loader_workers_share_the_blocks(data):
     from stemlib.ccstae.data import loader
 

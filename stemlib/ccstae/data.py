@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..errors import InputError
 from ..io.scan_store import finite_counts
+from ..resources import usable_cores
 
 __all__ = [
     "Preprocess",
@@ -263,9 +264,13 @@ def _worker_context() -> multiprocessing.context.BaseContext:
 def loader(stream: PatternStream, *, num_workers: int, device: torch.device) -> DataLoader:
     """A DataLoader over ``stream`` (batches already formed) with pinned memory on CUDA.
 
-    A daemonic process may not start worker processes (a Dask worker under
-    ``distributed.worker.daemon: true``, distributed's default, which stemflow's own clusters
-    turn off): there the patterns are read in the process itself, with a warning."""
+    At most one worker process per core this process may use
+    (:func:`stemlib.resources.usable_cores`): the gpu preset's 4 on a 2-core machine made
+    PyTorch warn twice per pass that they may run slowly or freeze. A daemonic process may not
+    start worker processes (a Dask worker under ``distributed.worker.daemon: true``,
+    distributed's default, which stemflow's own clusters turn off): there the patterns are read
+    in the process itself, with a warning."""
+    num_workers = min(num_workers, usable_cores())
     if num_workers and multiprocessing.current_process().daemon:
         log.warning(
             "reading patterns without DataLoader workers: this process is daemonic (a Dask "
