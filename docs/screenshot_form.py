@@ -2,10 +2,15 @@
 
 Starts a local ``prefect server start`` (temporary PREFECT_HOME, a free port, the UI on),
 registers the deployments of ``deployments/prefect.yaml`` on a process work pool exactly as that
-file's header says, and captures the deployment's custom-run form with headless Chromium to
-``docs/process-scan-form.png``::
+file's header says, and captures the deployment's custom-run form with headless Chromium (over
+the DevTools protocol) to ``docs/process-scan-form.png``::
 
-    .venv/bin/python docs/screenshot_form.py [--out docs/process-scan-form.png]
+    .venv/bin/python docs/screenshot_form.py [--chromium PATH] [--out docs/process-scan-form.png]
+
+Any Chromium or Chrome build serves. Where none is installed, the npm registry has one: the
+headless build in the package ``@sparticuz/chromium`` (``npm pack @sparticuz/chromium``; its
+``bin/chromium.br`` is the executable, brotli-compressed; ``bin/al2023.tar.br`` holds the NSS
+libraries for a system without them).
 
 The server is stopped at the end. Nothing leaves 127.0.0.1.
 """
@@ -13,7 +18,8 @@ The server is stopped at the end. Nothing leaves 127.0.0.1.
 from __future__ import annotations
 
 import argparse
-import html
+import base64
+import json
 import os
 import shutil
 import socket
@@ -24,6 +30,7 @@ import time
 from pathlib import Path
 
 import httpx
+from websockets.sync.client import connect
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOYMENT = "process-scan/process-scan"  # flow name / deployment name
@@ -71,25 +78,78 @@ def start_server(port: int, env: dict[str, str], log: Path) -> subprocess.Popen:
     return server
 
 
-def chromium(
-    url: str, action: str, *, executable: str, size: str, budget_ms: int, profile: Path
-) -> str:
-    """Run headless Chromium once on ``url``; ``action`` is ``--dump-dom`` or ``--screenshot=PATH``.
+class Chromium:
+    """Headless Chromium driven over the DevTools protocol on 127.0.0.1: the npm build hangs on
+    the one-shot ``--dump-dom`` and ``--screenshot`` flags, every build answers the protocol."""
 
-    The virtual-time budget lets the single-page app fetch the deployment and render its form
-    before the page is dumped or captured.
-    """
-    command = [
-        executable, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-        "--no-first-run", "--disable-background-networking", "--disable-component-update",
-        "--disable-sync", f"--user-data-dir={profile}", "--hide-scrollbars",
-        "--force-device-scale-factor=1", f"--window-size={size}",
-        f"--virtual-time-budget={budget_ms}", action, url,
-    ]  # fmt: skip
-    done = subprocess.run(command, capture_output=True, text=True, timeout=180)
-    if done.returncode:
-        sys.exit(f"chromium {action} failed ({done.returncode}):\n{done.stderr[-4000:]}")
-    return done.stdout
+    def __init__(self, executable: str, profile: Path, width: int, height: int) -> None:
+        command = [
+            executable, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+            "--no-first-run", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", f"--user-data-dir={profile}", "--hide-scrollbars",
+            "--remote-debugging-address=127.0.0.1", "--remote-debugging-port=0", "about:blank",
+        ]  # fmt: skip
+        log = profile.with_suffix(".log")
+        with log.open("w") as out:  # the child keeps its own copy of the file descriptor
+            self.process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+        port_file, deadline = profile / "DevToolsActivePort", time.time() + 60
+        while not port_file.is_file() or len(port_file.read_text().splitlines()) < 2:
+            if self.process.poll() is not None or time.time() > deadline:
+                self.process.kill()
+                sys.exit(f"{executable} did not start:\n{log.read_text()[-4000:]}")
+            time.sleep(0.2)
+        port, path = port_file.read_text().splitlines()[:2]
+        self.socket = connect(f"ws://127.0.0.1:{port}{path}", max_size=None)
+        self.calls = 0
+        target = self.call("Target.createTarget", url="about:blank")["targetId"]
+        self.session = self.call("Target.attachToTarget", targetId=target, flatten=True)[
+            "sessionId"
+        ]
+        self.call("Emulation.setDeviceMetricsOverride", page=True, width=width, height=height,
+                  deviceScaleFactor=1, mobile=False)  # fmt: skip
+
+    def call(self, method: str, page: bool = False, **params) -> dict:
+        """Send one protocol command (to the page when ``page``) and return its result."""
+        self.calls += 1
+        message = {"id": self.calls, "method": method, "params": params}
+        if page:
+            message["sessionId"] = self.session
+        self.socket.send(json.dumps(message))
+        while True:  # events arrive in between: skip them
+            answer = json.loads(self.socket.recv(timeout=60))
+            if answer.get("id") == self.calls:
+                if "error" in answer:
+                    sys.exit(f"chromium {method} failed: {answer['error']}")
+                return answer["result"]
+
+    def text(self) -> str:
+        """The page's visible text."""
+        script = "document.body ? document.body.innerText : ''"
+        result = self.call("Runtime.evaluate", page=True, expression=script, returnByValue=True)
+        return result["result"]["value"]
+
+    def close(self) -> None:
+        self.socket.close()
+        self.process.terminate()
+        try:
+            self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+def capture_form(url: str, descriptions: list[str], browser: Chromium, timeout_s: float) -> bytes:
+    """Open ``url``, wait until every parameter's description is on the page (the single-page
+    app has fetched the deployment and rendered its form, not a loading or error page), and
+    return a PNG of the window."""
+    browser.call("Page.navigate", page=True, url=url)
+    deadline = time.time() + timeout_s
+    while missing := [d for d in descriptions if " ".join(d.split()) not in browser.text()]:
+        if time.time() > deadline:
+            sys.exit(f"the form at {url} did not render within {timeout_s} s (missing "
+                     f"descriptions {missing}): raise --timeout")  # fmt: skip
+        time.sleep(0.5)
+    time.sleep(1)  # fonts and layout settle after the text is there
+    return base64.b64decode(browser.call("Page.captureScreenshot", page=True)["data"])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -97,10 +157,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "process-scan-form.png")
     parser.add_argument("--chromium", default=shutil.which("chromium") or "/usr/bin/chromium")
     parser.add_argument("--size", default="1400,1800", help="window WIDTH,HEIGHT in px")
-    parser.add_argument(
-        "--budget", type=int, default=15000, help="virtual-time budget for the page, ms"
-    )
+    parser.add_argument("--timeout", type=float, default=60, help="seconds for the form to render")
     args = parser.parse_args(argv)
+    if shutil.which(args.chromium) is None:
+        sys.exit(f"no Chromium at {args.chromium}: pass --chromium PATH (see {__file__})")
 
     with tempfile.TemporaryDirectory(prefix="stemflow-screenshot-") as tmp:
         tmp = Path(tmp)
@@ -127,26 +187,15 @@ def main(argv: list[str] | None = None) -> None:
             )
             # The V2 UI is Prefect 3.8's default; its custom-run form of a deployment.
             url = f"http://127.0.0.1:{port}/v2/deployments/deployment/{deployment['id']}/run"
-            browser = dict(executable=args.chromium, size=args.size, budget_ms=args.budget)
-            # First check that the form renders within the budget: every parameter's description
-            # is on the page (not a loading or error page), then capture it.
-            dom = chromium(url, "--dump-dom", profile=tmp / "chromium-dom", **browser)
-            fields = deployment["parameter_openapi_schema"]["properties"]
-            missing = [
-                name
-                for name, field in fields.items()
-                if html.escape(field["description"], quote=False) not in dom
-            ]
-            if missing:
-                sys.exit(
-                    f"the form at {url} did not render within {args.budget} ms (missing fields "
-                    f"{missing}): raise --budget"
-                )
+            fields = deployment["parameter_openapi_schema"]["properties"].values()
+            width, height = (int(n) for n in args.size.split(","))
+            browser = Chromium(args.chromium, tmp / "chromium", width, height)
+            try:
+                png = capture_form(url, [f["description"] for f in fields], browser, args.timeout)
+            finally:
+                browser.close()
             args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.unlink(missing_ok=True)
-            chromium(url, f"--screenshot={args.out}", profile=tmp / "chromium", **browser)
-            if not args.out.is_file():
-                sys.exit(f"chromium wrote no screenshot to {args.out}")
+            args.out.write_bytes(png)
         finally:
             server.terminate()
             try:
