@@ -31,6 +31,7 @@ from prefect.runtime import flow_run
 from stemlib.baseline_py4dstem import Py4DSTEMConfig
 from stemlib.ccstae import CCSTAEConfig
 from stemlib.ccstae.train import model_folder
+from stemlib.compare import statistics_caption
 from stemlib.ingest import IngestOptions
 from stemlib.io.storage import locate, redact
 from stemlib.rerun import finished_step, run_key, scan_identity
@@ -263,7 +264,7 @@ def process_scan(
                 f"Open with `xr.open_zarr({published['url']!r})`",
             ]
         ),
-        description="Coverage, agreement of the methods, and error against the truth",
+        description=statistics_caption(published["statistics"]),
     )
     # The maps and the dataset are this run's (its Artifacts tab), not keyed histories.
     for map_name, png in published["pngs"].items():

@@ -178,8 +178,10 @@ def survey(
 
 
 def _row(source: str, status: str, dest: str = "", reason: str = "") -> dict[str, Any]:
-    """One scan's line of the summary (URLs without credentials)."""
-    return {"scan": redact(source), "status": status, "result": redact(dest), "reason": reason}
+    """One scan's line of the summary (URLs without credentials). The reason comes before the
+    result: the artifact's table (its columns in this order) shows why a scan failed without
+    scrolling past the results' URLs."""
+    return {"scan": redact(source), "status": status, "reason": reason, "result": redact(dest)}
 
 
 def pending(todo: list[tuple[str, str]]) -> list[dict[str, Any]]:

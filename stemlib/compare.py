@@ -20,6 +20,7 @@ __all__ = [
     "compare_methods",
     "lattice_symmetry",
     "reference_disagreement",
+    "statistics_caption",
     "statistics_table",
     "symmetry_disagreement",
 ]
@@ -217,6 +218,26 @@ def compare_methods(
             )
         stats["mae"] = {m: strain_errors(ds.sel({"method": m}), truth, symmetry=n) for m in methods}
     return out, stats
+
+
+def statistics_caption(stats: dict[str, Any]) -> str:
+    """What :func:`statistics_table` shows of :func:`compare_methods` statistics, in words.
+
+    >>> statistics_caption({"methods": ["py4dstem"]})
+    'Coverage of py4dstem'
+    >>> statistics_caption({"methods": ["ccstae"], "mae": {}})
+    'Coverage of ccstae and its error against the truth'
+    >>> statistics_caption({"methods": ["ccstae", "py4dstem"], "agreement": {}, "mae": {}})
+    'Coverage of ccstae and py4dstem, their agreement, and their error against the truth'
+    """
+    held = [f"Coverage of {' and '.join(stats['methods'])}"]
+    if "agreement" in stats:
+        held.append("their agreement")
+    if "mae" in stats:
+        held.append(f"{'their' if len(stats['methods']) > 1 else 'its'} error against the truth")
+    if len(held) == 1:
+        return held[0]
+    return ", ".join(held[:-1]) + ("," if len(held) > 2 else "") + " and " + held[-1]
 
 
 def statistics_table(stats: dict[str, Any]) -> str:

@@ -143,6 +143,8 @@ def test_process_scan_publishes_both_methods_to_s3(prefect_harness, raw, s3, s3_
 
     logs, artifacts = _run_logs_and_artifacts(state.state_details.flow_run_id)
     assert "| MAE exx vs truth (1e-3) |" in artifacts and dest in artifacts
+    caption = "Coverage of ccstae and py4dstem, their agreement, and their error against the truth"
+    assert caption in artifacts
     # The statistics are keyed by the scan (its own history in the Artifacts page); the maps
     # and the dataset link are this run's.
     keys = [a["key"] for a in json.loads(artifacts)]

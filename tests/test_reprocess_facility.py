@@ -4,6 +4,7 @@ one failing scan never stops the others, and each outcome is reported with its r
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 
 import pytest
@@ -64,8 +65,8 @@ def _flow_run_names(states: list) -> list[str]:
     return asyncio.run(read())
 
 
-def _latest_markdown(key: str) -> str:
-    """The text of the latest version of artifact ``key``."""
+def _latest(key: str):
+    """The latest version of artifact ``key`` (its ``data``, ``description``, ...)."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import (
         ArtifactCollectionFilter,
@@ -81,7 +82,7 @@ def _latest_markdown(key: str) -> str:
             )
 
     [latest] = asyncio.run(read())
-    return latest.data
+    return latest
 
 
 @pytest.mark.slow
@@ -119,6 +120,16 @@ def test_good_done_and_broken_scans(prefect_harness, one_scan, tmp_path, capsys)
         f"processed  {root}/day1/new.h5 -> {result_url(str(results), 'day1/new')}",
     ]
     assert lines[-1] == "1 processed, 1 skipped, 1 failed"
+    # The night's table artifact: the same rows, the reason before the results' long URLs.
+    night = _latest("reprocess-summary")
+    assert night.description == "1 processed, 1 skipped, 1 failed"
+    rows = json.loads(night.data)
+    assert [list(row) for row in rows] == [["scan", "status", "reason", "result"]] * 3
+    assert [(row["status"], row["reason"]) for row in rows] == [
+        ("failed", reason),
+        ("skipped", "already processed"),
+        ("processed", ""),
+    ]
 
     # A dry run lists what the next night would do (try the broken file again: a dry run reads
     # no scan), and does nothing.
@@ -143,8 +154,10 @@ def test_good_done_and_broken_scans(prefect_harness, one_scan, tmp_path, capsys)
     xr.testing.assert_equal(new["exx"].load(), done["exx"].load())  # the same scan, the same answer
     assert not (results / "broken").exists()  # a failed scan publishes nothing
     # Each scan's statistics are an artifact keyed by its path below the root.
-    assert _latest_markdown("strain-day1-new").startswith("## day1/new\n")
-    assert _latest_markdown("strain-day1-done").startswith("## day1/done\n")
+    for name in ("new", "done"):
+        scan = _latest(f"strain-day1-{name}")
+        assert scan.data.startswith(f"## day1/{name}\n")
+        assert scan.description == "Coverage of py4dstem and its error against the truth"
 
     # Other parameters are another request, which the nightly run would not skip.
     from flows.process_scan import resolved_parameters
