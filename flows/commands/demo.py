@@ -80,11 +80,30 @@ def _run(args: argparse.Namespace) -> int:
     )
     for name, png in published["pngs"].items():
         print(f"  {name}: {_shown(png)}")
-    print(
-        "\nSee it in the Prefect UI:  prefect server start   (then http://127.0.0.1:4200; run the "
+    print(f"\n{prefect_ui_hint()}")
+    return 0
+
+
+def prefect_ui_hint() -> str:
+    """Where to see the run in the Prefect UI: the server ``PREFECT_API_URL`` names recorded it;
+    without one, the run went to a temporary server, now stopped.
+
+    >>> from prefect.settings import PREFECT_API_URL, temporary_settings
+    >>> with temporary_settings({PREFECT_API_URL: "http://10.0.0.7:4200/api"}):
+    ...     prefect_ui_hint()
+    'See it in the Prefect UI: http://10.0.0.7:4200/runs'
+    >>> with temporary_settings(restore_defaults={PREFECT_API_URL}):
+    ...     prefect_ui_hint()[:48]
+    'See it in the Prefect UI:  prefect server start '
+    """
+    from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL
+
+    if PREFECT_API_URL.value() and PREFECT_UI_URL.value():
+        return f"See it in the Prefect UI: {PREFECT_UI_URL.value()}/runs"
+    return (
+        "See it in the Prefect UI:  prefect server start   (then http://127.0.0.1:4200; run the "
         "demo again with PREFECT_API_URL=http://127.0.0.1:4200/api to record it there)"
     )
-    return 0
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
