@@ -14,7 +14,7 @@ Usage::
     python benchmarks/scale.py --sizes 32x128,64x256 --epochs 1
     python benchmarks/scale.py --sizes 256x256 --epochs 0 --refine-steps 0   # the full size
     python benchmarks/scale.py --sizes 46x256 --commands simulate,noise,ccstae --preset gpu \
-        --epochs 0   # one block of the gpu preset (2,048 patterns), run on a CPU
+        --epochs 0   # the gpu preset's starting bases and inference, run on a CPU
 
 Results go to ``benchmarks/results/scale-<sizes>-<device>.{json,md}``, with ``-<preset>-preset``
 appended where ``--preset`` is not the device's, and the commands where ``--commands`` names

@@ -1,9 +1,10 @@
 """A GPU that runs out of memory, said in one sentence that names the setting to lower.
 
-The gpu preset fills a large card: 256 patterns per training step, 2,048 per inference step
-(the refinement's Jacobian alone about 5 GB for patterns of 256 px). On a smaller card, or with
-larger patterns, PyTorch's allocation fails with a long message about its allocator; what a user
-can change is the batch in the CC-ST-AE's settings.
+The gpu preset fills a large card: 256 patterns per training step, up to 2,048 per inference
+step (one chunk of the scan store at most; its 128-channel encoder holds about 66 MB per
+pattern of 256 px in bfloat16, the refinement's Jacobian about 2.5 MB). On a smaller card, or
+with larger patterns, PyTorch's allocation fails with a long message about its allocator; what
+a user can change is the batch in the CC-ST-AE's settings.
 """
 
 from __future__ import annotations
