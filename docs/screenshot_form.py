@@ -142,8 +142,12 @@ def capture_form(url: str, descriptions: list[str], browser: Chromium, timeout_s
     app has fetched the deployment and rendered its form, not a loading or error page), and
     return a PNG of the window."""
     browser.call("Page.navigate", page=True, url=url)
+    wanted = [" ".join(d.split()) for d in descriptions]
     deadline = time.time() + timeout_s
-    while missing := [d for d in descriptions if " ".join(d.split()) not in browser.text()]:
+    while True:
+        text = browser.text()  # once per look: one protocol call
+        if not (missing := [d for d in wanted if d not in text]):
+            break
         if time.time() > deadline:
             sys.exit(f"the form at {url} did not render within {timeout_s} s (missing "
                      f"descriptions {missing}): raise --timeout")  # fmt: skip
