@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from stemlib.ccstae import CCSTAEConfig, ccstae_strain
+from stemlib.ccstae import CCSTAEConfig, build_model, ccstae_strain
+from stemlib.ccstae.memory import inference_bytes
 from stemlib.ccstae.pipeline import _grain_of_one_turn, _read_rotation, _save_rotation
 from stemlib.errors import InputError
 from stemlib.io import open_scan
@@ -176,6 +177,24 @@ def test_rerun_resumes_from_the_workdir(square, capsys):
     network = _strain_of(folder, config=CONFIG.model_copy(update={"refine_steps": 0}))
     assert network.attrs["model_checkpoint_sha256"] == ds.attrs["model_checkpoint_sha256"]
     assert strain_errors(network.isel(method=0), truth, symmetry=4)["coverage"] == 1.0
+
+
+def test_an_inference_too_large_for_the_memory_runs_in_smaller_steps(square, monkeypatch, capsys):
+    """Free memory for 10 patterns' inference, not the config's 256: the run infers in steps of
+    10, says so in its progress and its attributes, and maps the same."""
+    import stemlib.ccstae.memory as memory
+
+    folder, _, ds = square
+    model = build_model(CONFIG, pattern_shape=(80, 80), center=(40.0, 40.0))
+    free = int(10.5 * inference_bytes(model, (80, 80)) / memory.SHARE["cpu"])
+    monkeypatch.setattr(memory, "free_memory", lambda device: free)
+    small = _strain_of(folder, progress=True)  # trained: it only infers again
+    err = capsys.readouterr().err
+    assert "ccstae: inference in steps of 10 patterns: infer_batch_size 256 would hold " in err
+    assert small.attrs["methods"]["ccstae"]["inference_batch"] == 10
+    assert ds.attrs["methods"]["ccstae"]["inference_batch"] == 256
+    for key in ("exx", "eyy", "exy", "theta"):  # float32 sums over other batches: 4e-8 seen
+        np.testing.assert_allclose(small[key].values, ds[key].values, atol=1e-6)
 
 
 def test_another_reference_needs_another_workdir(square):

@@ -161,7 +161,12 @@ class CCSTAEConfig(BaseModel):
     amp: bool = Field(True, description="bf16 autocast on CUDA (ignored on CPU).")
     compile: bool = Field(False, description="torch.compile the model on CUDA.")
     # Inference and per-pattern refinement.
-    infer_batch_size: int = Field(256, ge=1, description="Patterns per inference step.")
+    infer_batch_size: int = Field(
+        256,
+        ge=1,
+        description="Patterns per inference step, at most: fewer where they would not fit in "
+        "the device's free memory (half a GPU's, a quarter of a CPU's).",
+    )
     neighbour_starts: bool = Field(
         True,
         description="Refine each pattern a second time from the median warp of its eight "

@@ -1,22 +1,45 @@
-"""A GPU that runs out of memory, said in one sentence that names the setting to lower.
+"""Memory: inference batches sized to the device, and a GPU that runs out said in one sentence.
 
 The gpu preset fills a large card: 256 patterns per training step, up to 2,048 per inference
 step (one chunk of the scan store at most; its 128-channel encoder holds about 66 MB per
-pattern of 256 px in bfloat16, the refinement's Jacobian about 2.5 MB). On a smaller card, or
-with larger patterns, PyTorch's allocation fails with a long message about its allocator; what
-a user can change is the batch in the CC-ST-AE's settings.
+pattern of 256 px in bfloat16). :func:`inference_batch` takes fewer patterns per inference step
+where that many would not fit in a share of the device's free memory, so the preset infers on
+a smaller card, or on a CPU, without a setting changed. Training's batch is the recipe's (it
+sets the steps' statistics; a training step holds about 82 MB per pattern of 128 px and 282 MB
+at 256 px in a CPU's float32, measured); when a step does not fit,
+:func:`gpu_memory_explained` turns PyTorch's long message about its allocator into the
+setting a user can lower.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
+from pathlib import Path
 
+import psutil
 import torch
 
 from ..errors import ResourceError
+from .model import CCSTAE
 
-__all__ = ["gpu_memory_explained"]
+__all__ = ["gpu_memory_explained", "inference_batch", "inference_bytes", "free_memory"]
+
+#: What one pattern's inference holds, in float32 copies of the encoder's largest feature map
+#: (its first stage: channels x the encoder's input size) ...
+ENCODER_MAPS = 4.5
+#: ... and in float32 values per pixel of the pattern (the refinement's warps, residuals and
+#: Jacobian). Measured on a CPU (peak RSS over batch sizes, under no_grad): the encoder alone
+#: 3.9-4.3 maps for both presets at 64-256 px, in float32 and in bfloat16 maps (a GPU's
+#: autocast keeps the norms in float32, so float32 is counted); the whole inference 36 MB per
+#: pattern of 128 px with the gpu preset (4.5 maps: 38 MB) and 1.8 MB with the cpu preset
+#: (2.6 MB here).
+REFINE_VALUES_PER_PIXEL = 32
+#: The share of a device's free memory one inference step may fill: a GPU is this run's (its
+#: cached blocks count as free), a host's memory is shared with the run's other tasks (the
+#: py4DSTEM baseline, the scan's chunks) and smaller steps cost a CPU nothing.
+SHARE = {"cuda": 0.5, "cpu": 0.25}
 
 
 @contextlib.contextmanager
@@ -70,3 +93,107 @@ def _card(device: torch.device) -> str:
         return f"{device} ({torch.cuda.get_device_name(device)}, {total / 2**30:.0f} GiB)"
     except Exception:  # noqa: BLE001 - a GPU in trouble still gets its sentence
         return str(device)
+
+
+def inference_bytes(model: CCSTAE, pattern_shape: tuple[int, int]) -> int:
+    """Bytes that inferring one pattern of ``pattern_shape`` (H, W) holds at its peak, by
+    :data:`ENCODER_MAPS` and :data:`REFINE_VALUES_PER_PIXEL`.
+
+    Examples
+    --------
+    >>> from stemlib.ccstae import CCSTAEConfig
+    >>> from stemlib.ccstae.model import build_model
+    >>> gpu = build_model(CCSTAEConfig.preset("gpu"), pattern_shape=(128, 128), center=(64, 64))
+    >>> round(inference_bytes(gpu, (128, 128)) / 1e6, 1)  # MB; 36 measured
+    39.8
+    """
+    channels, h, w = model.encoder.feature_map
+    return int(
+        4 * (ENCODER_MAPS * channels * h * w + REFINE_VALUES_PER_PIXEL * math.prod(pattern_shape))
+    )
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes free for this process on ``device``: a CUDA card's free memory plus what PyTorch
+    holds cached there; else the host's available memory, no more than its cgroup (a
+    container's limit) leaves (:func:`host_available`)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return host_available()
+
+
+def host_available(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
+    """Bytes of host memory available: psutil's ``available``, or less where the cgroup v2 at
+    ``cgroup`` sets a ``memory.max`` (a container's or a Kubernetes pod's limit) that leaves
+    less beyond its ``memory.current``."""
+    available = psutil.virtual_memory().available
+    try:
+        limit = (cgroup / "memory.max").read_text().strip()
+        used = int((cgroup / "memory.current").read_text())
+    except (OSError, ValueError):
+        return available
+    if limit == "max":
+        return available
+    return max(min(available, int(limit) - used), 0)
+
+
+def inference_batch(
+    model: CCSTAE,
+    pattern_shape: tuple[int, int],
+    *,
+    requested: int,
+    device: torch.device,
+    free: int | None = None,
+) -> tuple[int, str | None]:
+    """Patterns per inference step: ``requested``, or as many as fit in :data:`SHARE` of the
+    device's free memory when fewer (one at least), and the sentence that says so.
+
+    Parameters
+    ----------
+    model
+        The model that infers (:func:`inference_bytes`).
+    pattern_shape
+        (H, W) px.
+    requested
+        The config's ``infer_batch_size``.
+    device
+        Where it infers.
+    free
+        Bytes free there; None reads them (:func:`free_memory`).
+
+    Returns
+    -------
+    (int, str or None)
+        The batch, and None when it is ``requested``, else a line for the run's progress.
+
+    Examples
+    --------
+    >>> from stemlib.ccstae import CCSTAEConfig
+    >>> from stemlib.ccstae.model import build_model
+    >>> gpu = build_model(CCSTAEConfig.preset("gpu"), pattern_shape=(128, 128), center=(64, 64))
+    >>> cpu = torch.device("cpu")
+    >>> inference_batch(gpu, (128, 128), requested=2048, device=cpu, free=2**40)
+    (2048, None)
+    >>> batch, line = inference_batch(gpu, (128, 128), requested=2048, device=cpu, free=20 * 2**30)
+    >>> batch
+    134
+    >>> print(line)
+    ccstae: inference in steps of 134 patterns: infer_batch_size 2,048 would hold about 82 GB, \
+and a quarter of the 21 GB free on the cpu is 5.4 GB
+    """
+    per_pattern = inference_bytes(model, pattern_shape)
+    free = free_memory(device) if free is None else free
+    share = SHARE.get(device.type, SHARE["cpu"])
+    fits = max(int(share * free // per_pattern), 1)
+    if fits >= requested:
+        return requested, None
+    return fits, (
+        f"ccstae: inference in steps of {fits:,} patterns: infer_batch_size {requested:,} would "
+        f"hold about {requested * per_pattern / 1e9:.0f} GB, and "
+        f"{_SHARE_WORDS[share]} of the {free / 1e9:.0f} GB free on {_card(device)} is "
+        f"{share * free / 1e9:.1f} GB"
+    )
+
+
+_SHARE_WORDS = {0.5: "half", 0.25: "a quarter"}

@@ -142,6 +142,11 @@ class Encoder(nn.Module):
         Callable ``channels -> nn.Module``.
 
     Input (B, 1, H, W); output (B, L).
+
+    Attributes
+    ----------
+    feature_map : tuple of int
+        (channels, h, w) of its largest feature map, the first stage's, per pattern.
     """
 
     def __init__(
@@ -158,6 +163,7 @@ class Encoder(nn.Module):
         layers: list[nn.Module] = [nn.AvgPool2d(downsample)] if downsample > 1 else []
         layers.append(ConvNormBlock(1, channels, norm_layer=norm_layer))
         h, w = size[0] // downsample, size[1] // downsample
+        self.feature_map = (channels, h, w)
         for p in pools:
             layers += [
                 ResidualBlock(channels, norm_layer=norm_layer),

@@ -56,7 +56,7 @@ from .config import CCSTAEConfig, check_config, resolve_device
 from .data import PatternStream, Preprocess, as_dask, data_fingerprint, sample_patterns
 from .figures import save_bases_png
 from .infer import Inference, infer
-from .memory import gpu_memory_explained
+from .memory import gpu_memory_explained, inference_batch
 from .model import build_model
 from .progress import Counter, Progress, Report, reporter
 from .rotation import (
@@ -716,15 +716,21 @@ def ccstae_strain(
         start = time.perf_counter()
         h, w = setup["pattern_shape"]
         last_mask = torch.from_numpy(schedule.mask((h, w), max(config.epochs - 1, 0))).float()
+        report = reporter(progress)
+        batch, smaller = inference_batch(
+            t.model, (h, w), requested=config.infer_batch_size, device=t.device
+        )
+        if smaller and report:
+            report(smaller)
         with gpu_memory_explained(
-            "inference", setting="infer_batch_size", value=config.infer_batch_size, device=t.device
+            "inference", setting="infer_batch_size", value=batch, device=t.device
         ):
             result = infer(
                 t.model,
                 PatternStream(
                     t.data,
                     t.preprocess,
-                    batch_size=config.infer_batch_size,
+                    batch_size=batch,
                     theta0=t.search["theta0"],
                     shift0=t.search["shift0"],
                 ),
@@ -740,7 +746,7 @@ def ccstae_strain(
                 disk_radius=setup["beam_radius_px"],
                 num_workers=config.num_workers,
                 amp=config.amp,
-                report=reporter(progress),
+                report=report,
             )
         t.timings["inference_s"] = time.perf_counter() - start
         with torch.no_grad():
@@ -817,6 +823,7 @@ def ccstae_strain(
             "setup": setup,
             "training": t.record.history,
             "timings_s": t.timings,
+            "inference_batch": batch,
             "rotation_search_peak_median": float(np.median(t.search["peak"])),
             "model_checkpoint_sha256": t.checkpoint_sha256,
             "warnings": warnings,
