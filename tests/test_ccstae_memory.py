@@ -1,7 +1,7 @@
-"""CC-ST-AE inference sized to the device's memory (issue 6): the estimate of what one pattern
-holds against a measured peak, the host's memory within a container's limit, and a run whose
-inference is cut into smaller steps giving the same maps (tests/test_ccstae_pipeline.py holds
-that scan)."""
+"""CC-ST-AE steps sized to the device's memory (issue 6): the estimates of what one pattern
+holds against measured peaks, the host's memory within a container's limit, and the batch that
+fits. A run whose steps are cut, with the same maps, is in tests/test_ccstae_pipeline.py; the
+training steps passed in slices, in tests/test_ccstae_train.py."""
 
 from __future__ import annotations
 
@@ -14,38 +14,50 @@ import pytest
 import torch
 
 from stemlib.ccstae import CCSTAEConfig, build_model
-from stemlib.ccstae.memory import ENCODER_MAPS, host_available, inference_batch
+from stemlib.ccstae.memory import ENCODER_MAPS, host_available, inference_batch, training_bytes
 
-#: Peak RSS growth per pattern of the gpu preset's encoder on patterns of 64 px, measured in a
-#: fresh interpreter by the kernel's high-water mark of its memory (VmHWM: reset by exec, unlike
-#: getrusage's ru_maxrss, which a child inherits from the test process it was forked from).
-ENCODER_PEAK = """
+#: Peak memory per pattern of the gpu preset's encoder (inference) and of its training step, on
+#: patterns of 64 px, measured in a fresh interpreter by the kernel's high-water mark of its
+#: memory (VmHWM, reset to the present size before each step by writing 5 to clear_refs;
+#: getrusage's ru_maxrss would be inherited from the test process that forks the child).
+PEAKS = """
 import json, torch
 from stemlib.ccstae import CCSTAEConfig, build_model
+from stemlib.ccstae.loss import cycle_loss
 
-def peak():
-    status = open("/proc/self/status").read().split("VmHWM:")[1]
-    return int(status.split()[0]) * 1024
+def growth(step):
+    step(1)
+    open("/proc/self/clear_refs", "w").write("5")
+    before = int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0])
+    step(16)
+    after = int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0])
+    return (after - before) * 1024 / 16
 
 torch.set_num_threads(1)
-model = build_model(CCSTAEConfig.preset("gpu"), pattern_shape=(64, 64), center=(32.0, 32.0))
-x = torch.rand(64, 1, 64, 64)
-with torch.no_grad():
-    model.encode(x[:1])
-    before = peak()
-    model.encode(x)
-print(json.dumps({"per_pattern": (peak() - before) / 64, "map": model.encoder.feature_map}))
+config = CCSTAEConfig.preset("gpu")
+model = build_model(config, pattern_shape=(64, 64), center=(32.0, 32.0))
+x, mask = torch.rand(16, 1, 64, 64), torch.ones(64, 64)
+
+def infer(n):
+    with torch.no_grad():
+        model.encode(x[:n])
+
+def train(n):
+    cycle_loss(model(x[:n]), x[:n], mask, config, center=model.center).total.backward()
+
+print(json.dumps({"encoder": growth(infer), "training": growth(train)}))
 """
 
 
-def test_the_encoders_measured_peak_is_within_the_estimate():
-    out = subprocess.run(
-        [sys.executable, "-c", ENCODER_PEAK], capture_output=True, text=True, check=True
-    )
+def test_the_measured_peaks_are_within_the_estimates():
+    out = subprocess.run([sys.executable, "-c", PEAKS], capture_output=True, text=True, check=True)
     measured = json.loads(out.stdout)
-    channels, h, w = measured["map"]
-    maps = measured["per_pattern"] / (4 * channels * h * w)  # float32 copies of the largest map
+    model = build_model(CCSTAEConfig.preset("gpu"), pattern_shape=(64, 64), center=(32.0, 32.0))
+    channels, h, w = model.encoder.feature_map
+    maps = measured["encoder"] / (4 * channels * h * w)  # float32 copies of the largest map
     assert 2.5 < maps < ENCODER_MAPS, maps  # measured 3.9-4.3 (memory.py)
+    training = measured["training"] / training_bytes(model, (64, 64))
+    assert 0.5 < training < 1.0, measured
 
 
 def test_the_hosts_memory_is_capped_by_its_cgroup(tmp_path):

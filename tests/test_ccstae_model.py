@@ -152,6 +152,47 @@ def test_derive_pools_follows_the_pattern_size():
     assert derive_pools(30) == (5,)
 
 
+def test_the_loss_of_slices_sums_to_the_batchs_with_an_outlier_among_them():
+    """A batch of 8 with two broken patterns (their losses log-compressed by the robust mean),
+    passed in slices of 3 with the batch's size and threshold: the slices' losses and
+    gradients sum to the whole batch's. The slice that holds both has its median among them:
+    with its own threshold it would not compress them."""
+    config = CCSTAEConfig.preset("cpu", num_bases=2, channels=8, outlier_factor=3.0)
+    model = _model(config)
+    with torch.no_grad():
+        model.head.linear.weight.normal_(0, 0.1)
+    x = _input(8)
+    x[3:5] *= 40.0  # their cycle errors are far above the others'
+    mask = torch.from_numpy(ring_mask((48, 48), inner=4, outer=20)).float()
+
+    def grads() -> list[torch.Tensor]:
+        found = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+        model.zero_grad()
+        return found
+
+    whole = cycle_loss(model(x), x, mask, config, center=model.center)
+    whole.total.backward()
+    expected = grads()
+    tau = config.outlier_factor * whole.per_pattern.median()
+    assert (whole.per_pattern > tau).sum() == 2  # the compression is in play
+    parts = [slice(0, 3), slice(3, 6), slice(6, 8)]
+    total = 0.0
+    for part in parts:
+        piece = cycle_loss(
+            model(x[part]), x[part], mask, config, center=model.center, batch=8, tau=tau
+        )
+        piece.total.backward()
+        total += float(piece.total.detach())
+    assert total == pytest.approx(float(whole.total.detach()), rel=1e-5)
+    torch.testing.assert_close(grads(), expected, rtol=1e-4, atol=1e-7)
+    with torch.no_grad():
+        own = sum(
+            float(cycle_loss(model(x[p]), x[p], mask, config, center=model.center, batch=8).total)
+            for p in parts
+        )
+    assert own != pytest.approx(float(whole.total.detach()), rel=1e-3)  # each slice's own threshold
+
+
 def test_robust_mean_limits_outliers():
     losses = torch.tensor([1.0] * 7 + [1e6])
     assert float(robust_mean(losses, 5.0)) < 10.0  # the plain mean is 125,000

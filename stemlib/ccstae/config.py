@@ -143,7 +143,12 @@ class CCSTAEConfig(BaseModel):
     )
     # Training.
     epochs: int = Field(20, ge=0, description="Training epochs (0 uses the rotation search alone).")
-    batch_size: int = Field(32, ge=1, description="Patterns per training step.")
+    batch_size: int = Field(
+        32,
+        ge=1,
+        description="Patterns per training step (passed in slices whose gradients are summed "
+        "where the step would not fit in the device's free memory).",
+    )
     lr: float = Field(1e-3, gt=0, description="Adam learning rate (cosine decay to lr / 20).")
     base_lr_factor: float = Field(
         0.0,

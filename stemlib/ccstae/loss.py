@@ -39,19 +39,34 @@ class LossParts:
     hinge: torch.Tensor
 
 
-def robust_mean(losses: torch.Tensor, factor: float) -> torch.Tensor:
+def robust_mean(
+    losses: torch.Tensor,
+    factor: float,
+    *,
+    tau: torch.Tensor | None = None,
+    count: int | None = None,
+) -> torch.Tensor:
     """Mean of ``losses`` (B,) with values above ``factor`` x their median log-compressed.
+
+    For a slice of a batch: ``tau`` is the whole batch's threshold (``factor`` x its median)
+    and ``count`` its size, so that the slices' results sum to the batch's.
 
     Examples
     --------
-    >>> round(float(robust_mean(torch.tensor([1.0, 1.0, 1.0, 1000.0]), 5.0)), 3)
+    >>> losses = torch.tensor([1.0, 1.0, 1.0, 1000.0])
+    >>> round(float(robust_mean(losses, 5.0)), 3)
+    8.623
+    >>> tau = 5.0 * losses.median()
+    >>> halves = [robust_mean(part, 5.0, tau=tau, count=4) for part in losses.split(2)]
+    >>> round(float(sum(halves)), 3)
     8.623
     """
-    tau = factor * losses.detach().median().clamp_min(1e-12)
+    if tau is None:
+        tau = factor * losses.detach().median().clamp_min(1e-12)
     compressed = torch.where(
         losses > tau, tau * (1 + torch.log(losses.clamp_min(1e-30) / tau)), losses
     )
-    return compressed.mean()
+    return compressed.mean() if count is None else compressed.sum() / count
 
 
 def cycle_loss(
@@ -61,8 +76,10 @@ def cycle_loss(
     config: CCSTAEConfig,
     *,
     center: tuple[float, float] | torch.Tensor,
+    batch: int | None = None,
+    tau: torch.Tensor | None = None,
 ) -> LossParts:
-    """The training loss of one batch.
+    """The training loss of one batch, or of a slice of one.
 
     Parameters
     ----------
@@ -77,6 +94,10 @@ def cycle_loss(
     center
         (qx, qy) px, the warps' centre (the model's ``center``): two floats or a tensor of
         shape (2,).
+    batch, tau
+        For ``x`` a slice of a batch: the batch's size and its :func:`robust_mean` threshold
+        (``outlier_factor`` x the median of its ``per_pattern``). The slices' totals then sum to
+        the batch's (so do their gradients). None: ``x`` is the batch.
 
     Returns
     -------
@@ -94,7 +115,8 @@ def cycle_loss(
     ).clamp_min(1.0)
     per_pattern = 0.5 * (base_frame + input_frame)
     a = out.affine
-    hinge = (
+    share = 1.0 if batch is None else b / batch
+    hinge = share * (
         config.scale_penalty
         * (
             torch.relu((a.scale_x - 1).abs() - config.scale_hinge)
@@ -102,8 +124,8 @@ def cycle_loss(
         ).mean()
         + config.shear_penalty * torch.relu(a.shear.abs() - config.shear_hinge).mean()
     )
-    l1 = config.l1_base * out.bases.abs().mean()
-    total = robust_mean(per_pattern, config.outlier_factor) + l1 + hinge
+    l1 = share * config.l1_base * out.bases.abs().mean()
+    total = robust_mean(per_pattern, config.outlier_factor, tau=tau, count=batch) + l1 + hinge
     return LossParts(
         total,
         per_pattern.detach(),

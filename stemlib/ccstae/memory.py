@@ -1,12 +1,12 @@
-"""Memory: inference batches sized to the device, and a GPU that runs out said in one sentence.
+"""Memory: steps sized to the device, and a GPU that runs out said in one sentence.
 
 The gpu preset fills a large card: 256 patterns per training step, up to 2,048 per inference
-step (one chunk of the scan store at most; its 128-channel encoder holds about 66 MB per
-pattern of 256 px in bfloat16). :func:`inference_batch` takes fewer patterns per inference step
-where that many would not fit in a share of the device's free memory, so the preset infers on
-a smaller card, or on a CPU, without a setting changed. Training's batch is the recipe's (it
-sets the steps' statistics; a training step holds about 82 MB per pattern of 128 px and 282 MB
-at 256 px in a CPU's float32, measured); when a step does not fit,
+step (one chunk of the scan store at most); its 128-channel encoder holds about 66 MB per
+pattern of 256 px in bfloat16 when it infers, more when it trains. Where a step would not fit
+in a share of the device's free memory, :func:`inference_batch` takes fewer patterns per
+inference step and :func:`training_batch` cuts each training step into slices whose gradients
+are summed (the same step), so the preset runs on a smaller card, or on a CPU, without a
+setting changed. The estimates are measured, not exact: where a step still runs out,
 :func:`gpu_memory_explained` turns PyTorch's long message about its allocator into the
 setting a user can lower.
 """
@@ -24,7 +24,14 @@ import torch
 from ..errors import ResourceError
 from .model import CCSTAE
 
-__all__ = ["gpu_memory_explained", "inference_batch", "inference_bytes", "free_memory"]
+__all__ = [
+    "gpu_memory_explained",
+    "inference_batch",
+    "inference_bytes",
+    "training_batch",
+    "training_bytes",
+    "free_memory",
+]
 
 #: What one pattern's inference holds, in float32 copies of the encoder's largest feature map
 #: (its first stage: channels x the encoder's input size) ...
@@ -33,12 +40,18 @@ ENCODER_MAPS = 4.5
 #: Jacobian). Measured on a CPU (peak RSS over batch sizes, under no_grad): the encoder alone
 #: 3.9-4.3 maps for both presets at 64-256 px, in float32 and in bfloat16 maps (a GPU's
 #: autocast keeps the norms in float32, so float32 is counted); the whole inference 36 MB per
-#: pattern of 128 px with the gpu preset (4.5 maps: 38 MB) and 1.8 MB with the cpu preset
-#: (2.6 MB here).
+#: pattern of 128 px with the gpu preset (estimated 39.8 MB) and 1.8 MB with the cpu preset
+#: (3.3 MB).
 REFINE_VALUES_PER_PIXEL = 32
-#: The share of a device's free memory one inference step may fill: a GPU is this run's (its
-#: cached blocks count as free), a host's memory is shared with the run's other tasks (the
-#: py4DSTEM baseline, the scan's chunks) and smaller steps cost a CPU nothing.
+#: What one pattern's training step holds (forward and backward), the same way. Measured on a
+#: CPU (peak RSS, float32): 23.5 MB per pattern of 64 px, 82 MB at 128 px and 282 MB at 256 px
+#: with the gpu preset (estimated 25.8, 103 and 413 MB), 3.8 MB at 128 px with the cpu preset
+#: (5.8 MB).
+TRAINING_MAPS = 12
+TRAINING_VALUES_PER_PIXEL = 40
+#: The share of a device's free memory that one step may fill: a GPU is this run's (its cached
+#: blocks count as free); a host's memory is shared with the run's other tasks (the py4DSTEM
+#: baseline, the scan's chunks), and smaller steps cost a CPU nothing.
 SHARE = {"cuda": 0.5, "cpu": 0.25}
 
 
@@ -113,6 +126,24 @@ def inference_bytes(model: CCSTAE, pattern_shape: tuple[int, int]) -> int:
     )
 
 
+def training_bytes(model: CCSTAE, pattern_shape: tuple[int, int]) -> int:
+    """Bytes that a training step holds per pattern of ``pattern_shape`` (H, W), its forward
+    pass's saved activations and the backward pass, by :data:`TRAINING_MAPS` and
+    :data:`TRAINING_VALUES_PER_PIXEL`.
+
+    Examples
+    --------
+    >>> from stemlib.ccstae import CCSTAEConfig
+    >>> from stemlib.ccstae.model import build_model
+    >>> gpu = build_model(CCSTAEConfig.preset("gpu"), pattern_shape=(128, 128), center=(64, 64))
+    >>> round(training_bytes(gpu, (128, 128)) / 1e6, 1)  # MB; 82 measured
+    103.3
+    """
+    channels, h, w = model.encoder.feature_map
+    per_pixel = TRAINING_VALUES_PER_PIXEL * math.prod(pattern_shape)
+    return int(4 * (TRAINING_MAPS * channels * h * w + per_pixel))
+
+
 def free_memory(device: torch.device) -> int:
     """Bytes free for this process on ``device``: a CUDA card's free memory plus what PyTorch
     holds cached there; else the host's available memory, no more than its cgroup (a
@@ -183,17 +214,62 @@ def inference_batch(
 and a quarter of the 21 GB free on the cpu is 5.4 GB
     """
     per_pattern = inference_bytes(model, pattern_shape)
-    free = free_memory(device) if free is None else free
-    share = SHARE.get(device.type, SHARE["cpu"])
-    fits = max(int(share * free // per_pattern), 1)
+    fits, room = _fitting(per_pattern, device, free)
     if fits >= requested:
         return requested, None
     return fits, (
         f"ccstae: inference in steps of {fits:,} patterns: infer_batch_size {requested:,} would "
-        f"hold about {requested * per_pattern / 1e9:.0f} GB, and "
-        f"{_SHARE_WORDS[share]} of the {free / 1e9:.0f} GB free on {_card(device)} is "
-        f"{share * free / 1e9:.1f} GB"
+        f"hold about {requested * per_pattern / 1e9:.0f} GB, and {room}"
     )
+
+
+def training_batch(
+    model: CCSTAE,
+    pattern_shape: tuple[int, int],
+    *,
+    requested: int,
+    device: torch.device,
+    free: int | None = None,
+) -> tuple[int, str | None]:
+    """Patterns per forward and backward pass of a training step of ``requested`` patterns:
+    all of them, or as many as fit in :data:`SHARE` of the device's free memory when fewer (one
+    at least; :func:`stemlib.ccstae.train.train` accumulates the step's gradient over its
+    slices), and the sentence that says so. Parameters and returns as :func:`inference_batch`,
+    with ``requested`` the config's ``batch_size`` and :func:`training_bytes` per pattern.
+
+    Examples
+    --------
+    >>> from stemlib.ccstae import CCSTAEConfig
+    >>> from stemlib.ccstae.model import build_model
+    >>> gpu = build_model(CCSTAEConfig.preset("gpu"), pattern_shape=(256, 256), center=(128, 128))
+    >>> batch, line = training_batch(
+    ...     gpu, (256, 256), requested=256, device=torch.device("cpu"), free=20 * 2**30
+    ... )
+    >>> print(line)
+    ccstae: training steps of 256 patterns in slices of 12, their gradients summed: batch_size \
+256 would hold about 106 GB, and a quarter of the 21 GB free on the cpu is 5.4 GB
+    """
+    per_pattern = training_bytes(model, pattern_shape)
+    fits, room = _fitting(per_pattern, device, free)
+    if fits >= requested:
+        return requested, None
+    return fits, (
+        f"ccstae: training steps of {requested:,} patterns in slices of {fits:,}, their gradients "
+        f"summed: batch_size {requested:,} would hold about {requested * per_pattern / 1e9:.0f} "
+        f"GB, and {room}"
+    )
+
+
+def _fitting(per_pattern: int, device: torch.device, free: int | None) -> tuple[int, str]:
+    """How many patterns of ``per_pattern`` bytes fit in :data:`SHARE` of ``free`` bytes on
+    ``device`` (None: :func:`free_memory`), one at least, and that share in words."""
+    free = free_memory(device) if free is None else free
+    share = SHARE.get(device.type, SHARE["cpu"])
+    words = _SHARE_WORDS[share]
+    room = (
+        f"{words} of the {free / 1e9:.0f} GB free on {_card(device)} is {share * free / 1e9:.1f} GB"
+    )
+    return max(int(share * free // per_pattern), 1), room
 
 
 _SHARE_WORDS = {0.5: "half", 0.25: "a quarter"}

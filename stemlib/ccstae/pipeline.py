@@ -56,7 +56,7 @@ from .config import CCSTAEConfig, check_config, resolve_device
 from .data import PatternStream, Preprocess, as_dask, data_fingerprint, sample_patterns
 from .figures import save_bases_png
 from .infer import Inference, infer
-from .memory import gpu_memory_explained, inference_batch
+from .memory import gpu_memory_explained, inference_batch, training_batch
 from .model import build_model
 from .progress import Counter, Progress, Report, reporter
 from .rotation import (
@@ -513,10 +513,11 @@ def _train_stages(
         theta0=search["theta0"],
         shift0=search["shift0"],
     )
+    slice_size, sliced = training_batch(model, (h, w), requested=config.batch_size, device=dev)
+    if sliced and report and record.epoch < config.epochs:
+        report(sliced)
     start = time.perf_counter()
-    with gpu_memory_explained(
-        "training", setting="batch_size", value=config.batch_size, device=dev
-    ):
+    with gpu_memory_explained("training", setting="batch_size", value=slice_size, device=dev):
         record = train(
             model,
             stream,
@@ -526,6 +527,7 @@ def _train_stages(
             record=record,
             workdir=folder,
             progress=partial(_report_epoch, epochs=config.epochs, to=report) if report else None,
+            slice_size=slice_size,
         )
     timings["training_s"] = time.perf_counter() - start
     if config.epochs == 0:

@@ -6,9 +6,10 @@ The learning rate decays by a cosine from ``lr`` to ``lr / 20``. On CUDA the for
 under bf16 autocast (the bases, the warps and the loss in float32) and optionally ``torch.compile``.
 
 A batch whose loss is not finite, or above ``outlier_factor`` x the running loss, is skipped
-and counted. After every epoch a checkpoint (:class:`Checkpoint`) is written atomically; a run
-started with the same scan and config continues from it and reaches the same weights as an
-uninterrupted run.
+and counted. A batch too large for the device's memory is passed in slices whose gradients are
+summed: the same step (``slice_size``). After every epoch a checkpoint (:class:`Checkpoint`)
+is written atomically; a run started with the same scan and config continues from it and
+reaches the same weights as an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from ..masks import MaskSchedule
 from ..provenance import fingerprint, software_versions, utc_now
 from .config import CCSTAEConfig
 from .data import PatternStream, loader
-from .loss import cycle_loss
+from .loss import cycle_loss, robust_mean
 from .model import CCSTAE, accelerated, mixed_precision
 
 __all__ = [
@@ -224,6 +225,7 @@ def train(
     record: Checkpoint,
     workdir: str | Path | None,
     progress: Callable[[dict[str, Any]], None] | None = None,
+    slice_size: int | None = None,
 ) -> Checkpoint:
     """Train ``model`` for ``config.epochs`` epochs from ``record.epoch``.
 
@@ -245,6 +247,12 @@ def train(
         Where checkpoints are written after each epoch (None: not written).
     progress
         Called after each epoch with that epoch's metrics (also logged on ``stemlib.ccstae``).
+    slice_size
+        Patterns per forward and backward pass: a larger batch is passed in slices whose
+        gradients are summed, the same step as one pass but in a slice's memory
+        (:func:`stemlib.ccstae.memory.training_batch`), at the cost of one more forward pass
+        without gradients (the batch's loss, which decides an outlier batch and the robust
+        mean's threshold). None: the whole batch at once.
 
     Returns
     -------
@@ -286,19 +294,16 @@ def train(
             x = batch["pattern"].to(device, non_blocking=True)
             theta0 = batch["theta0"].to(device, non_blocking=True)
             shift0 = batch["shift0"].to(device, non_blocking=True)
-            with mixed_precision(device, config.amp):
-                out = forward(x, theta0, shift0)
-            parts = cycle_loss(out, x.float(), mask, config, center=beam)
-            loss = parts.total
-            value = float(loss.detach())
+            value, backward = _step_loss(
+                forward, x, theta0, shift0, mask, config, center=beam, slice_size=slice_size
+            )
             outlier = running is not None and value > config.outlier_factor * running
+            optimizer.zero_grad(set_to_none=True)
             if not math.isfinite(value) or outlier:
                 skipped += 1
-                optimizer.zero_grad(set_to_none=True)
                 scheduler.step()
                 continue
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
             optimizer.step()
             scheduler.step()
@@ -334,6 +339,51 @@ def train(
         if progress is not None:
             progress(metrics)
     return record
+
+
+def _step_loss(
+    forward: Callable[..., Any],
+    x: torch.Tensor,
+    theta0: torch.Tensor,
+    shift0: torch.Tensor,
+    mask: torch.Tensor,
+    config: CCSTAEConfig,
+    *,
+    center: tuple[float, float],
+    slice_size: int | None,
+) -> tuple[float, Callable[[], None]]:
+    """A training step's loss value and the function that puts its gradient in the model's
+    ``.grad``: one forward pass with gradients when the batch ``x`` (B, 1, H, W) is no larger
+    than ``slice_size``, else a forward pass without them for the value and the robust mean's
+    threshold, then a forward and backward pass per slice (:func:`cycle_loss` of each slice
+    sums to the batch's)."""
+    n = len(x)
+    if slice_size is None or n <= slice_size:
+        with mixed_precision(x.device, config.amp):
+            out = forward(x, theta0, shift0)
+        loss = cycle_loss(out, x.float(), mask, config, center=center).total
+        return float(loss.detach()), loss.backward
+    parts = [slice(start, start + slice_size) for start in range(0, n, slice_size)]
+    with torch.no_grad():
+        pieces = []
+        for part in parts:
+            with mixed_precision(x.device, config.amp):
+                out = forward(x[part], theta0[part], shift0[part])
+            pieces.append(cycle_loss(out, x[part].float(), mask, config, center=center, batch=n))
+    per_pattern = torch.cat([piece.per_pattern for piece in pieces])
+    tau = config.outlier_factor * per_pattern.median().clamp_min(1e-12)
+    value = robust_mean(per_pattern, config.outlier_factor, tau=tau) + sum(
+        piece.l1 + piece.hinge for piece in pieces
+    )
+
+    def backward() -> None:
+        for part in parts:
+            with mixed_precision(x.device, config.amp):
+                out = forward(x[part], theta0[part], shift0[part])
+            xs = x[part].float()
+            cycle_loss(out, xs, mask, config, center=center, batch=n, tau=tau).total.backward()
+
+    return float(value), backward
 
 
 def seeded(seed: int) -> None:
