@@ -8,13 +8,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from functools import partial
 
 import psutil
 import pytest
 import torch
 
 from stemlib.ccstae import CCSTAEConfig, build_model
-from stemlib.ccstae.memory import ENCODER_MAPS, host_available, inference_batch, training_bytes
+from stemlib.ccstae.memory import ENCODER_MAPS, batch_that_fits, host_available, pattern_bytes
 
 #: Peak memory per pattern of the gpu preset's encoder (inference) and of its training step, on
 #: patterns of 64 px, measured in a fresh interpreter by the kernel's high-water mark of its
@@ -56,7 +57,7 @@ def test_the_measured_peaks_are_within_the_estimates():
     channels, h, w = model.encoder.feature_map
     maps = measured["encoder"] / (4 * channels * h * w)  # float32 copies of the largest map
     assert 2.5 < maps < ENCODER_MAPS, maps  # measured 3.9-4.3 (memory.py)
-    training = measured["training"] / training_bytes(model, (64, 64))
+    training = measured["training"] / pattern_bytes(model, (64, 64), training=True)
     assert 0.5 < training < 1.0, measured
 
 
@@ -80,7 +81,7 @@ def test_the_hosts_memory_is_capped_by_its_cgroup(tmp_path):
 )
 def test_the_inference_batch_fits_its_share_of_free_memory(device, free, expected):
     model = build_model(CCSTAEConfig.preset("gpu"), pattern_shape=(128, 128), center=(64, 64))
-    batch, line = inference_batch(
+    batch, line = batch_that_fits(
         model, (128, 128), requested=2048, device=torch.device(device), free=free
     )
     assert batch == expected  # 39.8 MB each: a quarter of a host's free memory, half a GPU's
@@ -90,3 +91,16 @@ def test_the_inference_batch_fits_its_share_of_free_memory(device, free, expecte
         share = "a quarter" if device == "cpu" else "half"
         assert line.startswith(f"ccstae: inference in steps of {batch} patterns: infer_batch_size ")
         assert f"{share} of the {free / 1e9:.0f} GB free on" in line
+
+
+def test_a_training_step_is_sliced_to_its_share_of_free_memory():
+    model = build_model(CCSTAEConfig.preset("gpu"), pattern_shape=(128, 128), center=(64, 64))
+    cpu = torch.device("cpu")
+    fits = partial(batch_that_fits, model, (128, 128), requested=256, device=cpu, training=True)
+    assert fits(free=2**40) == (256, None)
+    batch, line = fits(free=4 * 2**30)
+    assert batch == 10  # 103.3 MB each, in a quarter of 4.3 GB
+    assert line.startswith(
+        "ccstae: training steps of 256 patterns in slices of 10, their gradients summed: "
+        "batch_size 256 would hold about 26 GB, and a quarter of the 4 GB free on the cpu is "
+    )

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from stemlib.ccstae import CCSTAEConfig, build_model, ccstae_strain
-from stemlib.ccstae.memory import inference_bytes, training_bytes
+from stemlib.ccstae.memory import pattern_bytes
 from stemlib.ccstae.pipeline import _grain_of_one_turn, _read_rotation, _save_rotation
 from stemlib.errors import InputError
 from stemlib.io import open_scan
@@ -188,8 +188,8 @@ def test_steps_too_large_for_the_memory_run_in_slices(square, monkeypatch, capsy
 
     folder, truth, ds = square
     model = build_model(CONFIG, pattern_shape=(80, 80), center=(40.0, 40.0))
-    free = int(10.5 * training_bytes(model, (80, 80)) / memory.SHARE["cpu"])
-    infer = int(memory.SHARE["cpu"] * free // inference_bytes(model, (80, 80)))
+    free = int(10.5 * pattern_bytes(model, (80, 80), training=True) / memory.SHARE["cpu"])
+    infer = int(memory.SHARE["cpu"] * free // pattern_bytes(model, (80, 80)))
     assert infer == 16
     monkeypatch.setattr(memory, "free_memory", lambda device: free)
     small = _strain_of(folder, workdir=None, progress=True)

@@ -3,12 +3,11 @@
 The gpu preset fills a large card: 256 patterns per training step, up to 2,048 per inference
 step (one chunk of the scan store at most); its 128-channel encoder holds about 66 MB per
 pattern of 256 px in bfloat16 when it infers, more when it trains. Where a step would not fit
-in a share of the device's free memory, :func:`inference_batch` takes fewer patterns per
-inference step and :func:`training_batch` cuts each training step into slices whose gradients
-are summed (the same step), so the preset runs on a smaller card, or on a CPU, without a
-setting changed. The estimates are measured, not exact: where a step still runs out,
-:func:`gpu_memory_explained` turns PyTorch's long message about its allocator into the
-setting a user can lower.
+in a share of the device's free memory, :func:`batch_that_fits` takes fewer patterns per
+inference step, and cuts each training step into slices whose gradients are summed (the same
+step), so the preset runs on a smaller card, or on a CPU, without a setting changed. The
+estimates are measured, not exact: where a step still runs out, :func:`gpu_memory_explained`
+turns PyTorch's long message about its allocator into the setting a user can lower.
 """
 
 from __future__ import annotations
@@ -24,14 +23,7 @@ import torch
 from ..errors import ResourceError
 from .model import CCSTAE
 
-__all__ = [
-    "gpu_memory_explained",
-    "inference_batch",
-    "inference_bytes",
-    "training_batch",
-    "training_bytes",
-    "free_memory",
-]
+__all__ = ["gpu_memory_explained", "batch_that_fits", "pattern_bytes", "free_memory"]
 
 #: What one pattern's inference holds, in float32 copies of the encoder's largest feature map
 #: (its first stage: channels x the encoder's input size) ...
@@ -108,40 +100,29 @@ def _card(device: torch.device) -> str:
         return str(device)
 
 
-def inference_bytes(model: CCSTAE, pattern_shape: tuple[int, int]) -> int:
-    """Bytes that inferring one pattern of ``pattern_shape`` (H, W) holds at its peak, by
-    :data:`ENCODER_MAPS` and :data:`REFINE_VALUES_PER_PIXEL`.
+def pattern_bytes(model: CCSTAE, pattern_shape: tuple[int, int], *, training: bool = False) -> int:
+    """Bytes that one pattern of ``pattern_shape`` (H, W) holds at the peak of an inference
+    step (:data:`ENCODER_MAPS`, :data:`REFINE_VALUES_PER_PIXEL`) or of a training step, its
+    forward pass's saved activations and the backward pass (:data:`TRAINING_MAPS`,
+    :data:`TRAINING_VALUES_PER_PIXEL`).
 
     Examples
     --------
     >>> from stemlib.ccstae import CCSTAEConfig
     >>> from stemlib.ccstae.model import build_model
     >>> gpu = build_model(CCSTAEConfig.preset("gpu"), pattern_shape=(128, 128), center=(64, 64))
-    >>> round(inference_bytes(gpu, (128, 128)) / 1e6, 1)  # MB; 36 measured
-    39.8
+    >>> [round(pattern_bytes(gpu, (128, 128), training=t) / 1e6, 1) for t in (False, True)]
+    [39.8, 103.3]
+
+    (MB; measured 36 and 82.)
     """
-    channels, h, w = model.encoder.feature_map
-    return int(
-        4 * (ENCODER_MAPS * channels * h * w + REFINE_VALUES_PER_PIXEL * math.prod(pattern_shape))
+    maps, per_pixel = (
+        (TRAINING_MAPS, TRAINING_VALUES_PER_PIXEL)
+        if training
+        else (ENCODER_MAPS, REFINE_VALUES_PER_PIXEL)
     )
-
-
-def training_bytes(model: CCSTAE, pattern_shape: tuple[int, int]) -> int:
-    """Bytes that a training step holds per pattern of ``pattern_shape`` (H, W), its forward
-    pass's saved activations and the backward pass, by :data:`TRAINING_MAPS` and
-    :data:`TRAINING_VALUES_PER_PIXEL`.
-
-    Examples
-    --------
-    >>> from stemlib.ccstae import CCSTAEConfig
-    >>> from stemlib.ccstae.model import build_model
-    >>> gpu = build_model(CCSTAEConfig.preset("gpu"), pattern_shape=(128, 128), center=(64, 64))
-    >>> round(training_bytes(gpu, (128, 128)) / 1e6, 1)  # MB; 82 measured
-    103.3
-    """
     channels, h, w = model.encoder.feature_map
-    per_pixel = TRAINING_VALUES_PER_PIXEL * math.prod(pattern_shape)
-    return int(4 * (TRAINING_MAPS * channels * h * w + per_pixel))
+    return int(4 * (maps * channels * h * w + per_pixel * math.prod(pattern_shape)))
 
 
 def free_memory(device: torch.device) -> int:
@@ -169,27 +150,32 @@ def host_available(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
     return max(min(available, int(limit) - used), 0)
 
 
-def inference_batch(
+def batch_that_fits(
     model: CCSTAE,
     pattern_shape: tuple[int, int],
     *,
     requested: int,
     device: torch.device,
+    training: bool = False,
     free: int | None = None,
 ) -> tuple[int, str | None]:
-    """Patterns per inference step: ``requested``, or as many as fit in :data:`SHARE` of the
-    device's free memory when fewer (one at least), and the sentence that says so.
+    """Patterns per inference step, or per forward and backward pass of a training step
+    (``training``; :func:`stemlib.ccstae.train.train` sums the gradients of a step's slices):
+    ``requested``, or as many as fit in :data:`SHARE` of the device's free memory when fewer
+    (one at least), and the sentence that says so.
 
     Parameters
     ----------
     model
-        The model that infers (:func:`inference_bytes`).
+        The model (:func:`pattern_bytes`).
     pattern_shape
         (H, W) px.
     requested
-        The config's ``infer_batch_size``.
+        The config's ``infer_batch_size``, or its ``batch_size`` (``training``).
     device
-        Where it infers.
+        Where it runs.
+    training
+        A training step's patterns, else an inference step's.
     free
         Bytes free there; None reads them (:func:`free_memory`).
 
@@ -204,72 +190,41 @@ def inference_batch(
     >>> from stemlib.ccstae.model import build_model
     >>> gpu = build_model(CCSTAEConfig.preset("gpu"), pattern_shape=(128, 128), center=(64, 64))
     >>> cpu = torch.device("cpu")
-    >>> inference_batch(gpu, (128, 128), requested=2048, device=cpu, free=2**40)
+    >>> batch_that_fits(gpu, (128, 128), requested=2048, device=cpu, free=2**40)
     (2048, None)
-    >>> batch, line = inference_batch(gpu, (128, 128), requested=2048, device=cpu, free=20 * 2**30)
+    >>> batch, line = batch_that_fits(gpu, (128, 128), requested=2048, device=cpu, free=20 * 2**30)
     >>> batch
     134
     >>> print(line)
     ccstae: inference in steps of 134 patterns: infer_batch_size 2,048 would hold about 82 GB, \
 and a quarter of the 21 GB free on the cpu is 5.4 GB
-    """
-    per_pattern = inference_bytes(model, pattern_shape)
-    fits, room = _fitting(per_pattern, device, free)
-    if fits >= requested:
-        return requested, None
-    return fits, (
-        f"ccstae: inference in steps of {fits:,} patterns: infer_batch_size {requested:,} would "
-        f"hold about {requested * per_pattern / 1e9:.0f} GB, and {room}"
-    )
-
-
-def training_batch(
-    model: CCSTAE,
-    pattern_shape: tuple[int, int],
-    *,
-    requested: int,
-    device: torch.device,
-    free: int | None = None,
-) -> tuple[int, str | None]:
-    """Patterns per forward and backward pass of a training step of ``requested`` patterns:
-    all of them, or as many as fit in :data:`SHARE` of the device's free memory when fewer (one
-    at least; :func:`stemlib.ccstae.train.train` accumulates the step's gradient over its
-    slices), and the sentence that says so. Parameters and returns as :func:`inference_batch`,
-    with ``requested`` the config's ``batch_size`` and :func:`training_bytes` per pattern.
-
-    Examples
-    --------
-    >>> from stemlib.ccstae import CCSTAEConfig
-    >>> from stemlib.ccstae.model import build_model
-    >>> gpu = build_model(CCSTAEConfig.preset("gpu"), pattern_shape=(256, 256), center=(128, 128))
-    >>> batch, line = training_batch(
-    ...     gpu, (256, 256), requested=256, device=torch.device("cpu"), free=20 * 2**30
+    >>> batch, line = batch_that_fits(
+    ...     gpu, (128, 128), requested=256, device=cpu, training=True, free=20 * 2**30
     ... )
     >>> print(line)
-    ccstae: training steps of 256 patterns in slices of 12, their gradients summed: batch_size \
-256 would hold about 106 GB, and a quarter of the 21 GB free on the cpu is 5.4 GB
+    ccstae: training steps of 256 patterns in slices of 51, their gradients summed: batch_size \
+256 would hold about 26 GB, and a quarter of the 21 GB free on the cpu is 5.4 GB
     """
-    per_pattern = training_bytes(model, pattern_shape)
-    fits, room = _fitting(per_pattern, device, free)
-    if fits >= requested:
-        return requested, None
-    return fits, (
-        f"ccstae: training steps of {requested:,} patterns in slices of {fits:,}, their gradients "
-        f"summed: batch_size {requested:,} would hold about {requested * per_pattern / 1e9:.0f} "
-        f"GB, and {room}"
-    )
-
-
-def _fitting(per_pattern: int, device: torch.device, free: int | None) -> tuple[int, str]:
-    """How many patterns of ``per_pattern`` bytes fit in :data:`SHARE` of ``free`` bytes on
-    ``device`` (None: :func:`free_memory`), one at least, and that share in words."""
+    per_pattern = pattern_bytes(model, pattern_shape, training=training)
     free = free_memory(device) if free is None else free
     share = SHARE.get(device.type, SHARE["cpu"])
-    words = _SHARE_WORDS[share]
-    room = (
-        f"{words} of the {free / 1e9:.0f} GB free on {_card(device)} is {share * free / 1e9:.1f} GB"
+    fits = max(int(share * free // per_pattern), 1)
+    if fits >= requested:
+        return requested, None
+    step, setting = (
+        (
+            f"training steps of {requested:,} patterns in slices of {fits:,}, their gradients "
+            "summed",
+            "batch_size",
+        )
+        if training
+        else (f"inference in steps of {fits:,} patterns", "infer_batch_size")
     )
-    return max(int(share * free // per_pattern), 1), room
+    return fits, (
+        f"ccstae: {step}: {setting} {requested:,} would hold about "
+        f"{requested * per_pattern / 1e9:.0f} GB, and {_SHARE_WORDS[share]} of the "
+        f"{free / 1e9:.0f} GB free on {_card(device)} is {share * free / 1e9:.1f} GB"
+    )
 
 
 _SHARE_WORDS = {0.5: "half", 0.25: "a quarter"}

@@ -56,7 +56,7 @@ from .config import CCSTAEConfig, check_config, resolve_device
 from .data import PatternStream, Preprocess, as_dask, data_fingerprint, sample_patterns
 from .figures import save_bases_png
 from .infer import Inference, infer
-from .memory import gpu_memory_explained, inference_batch, training_batch
+from .memory import batch_that_fits, gpu_memory_explained
 from .model import build_model
 from .progress import Counter, Progress, Report, reporter
 from .rotation import (
@@ -513,7 +513,9 @@ def _train_stages(
         theta0=search["theta0"],
         shift0=search["shift0"],
     )
-    slice_size, sliced = training_batch(model, (h, w), requested=config.batch_size, device=dev)
+    slice_size, sliced = batch_that_fits(
+        model, (h, w), requested=config.batch_size, device=dev, training=True
+    )
     if sliced and report and record.epoch < config.epochs:
         report(sliced)
     start = time.perf_counter()
@@ -719,7 +721,7 @@ def ccstae_strain(
         h, w = setup["pattern_shape"]
         last_mask = torch.from_numpy(schedule.mask((h, w), max(config.epochs - 1, 0))).float()
         report = reporter(progress)
-        batch, smaller = inference_batch(
+        batch, smaller = batch_that_fits(
             t.model, (h, w), requested=config.infer_batch_size, device=t.device
         )
         if smaller and report:

@@ -250,7 +250,7 @@ def train(
     slice_size
         Patterns per forward and backward pass: a larger batch is passed in slices whose
         gradients are summed, the same step as one pass but in a slice's memory
-        (:func:`stemlib.ccstae.memory.training_batch`), at the cost of one more forward pass
+        (:func:`stemlib.ccstae.memory.batch_that_fits`), at the cost of one more forward pass
         without gradients (the batch's loss, which decides an outlier batch and the robust
         mean's threshold). None: the whole batch at once.
 
