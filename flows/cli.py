@@ -78,6 +78,19 @@ def _terminations() -> tuple[type[BaseException], ...]:
     return (Terminated, prefect_exceptions.TerminationSignal)
 
 
+def _stopped_by(exc: BaseException) -> BaseException | None:
+    """The Ctrl-C or SIGTERM that ``exc`` was raised while handling, or None: a clean-up that
+    failed as the command stopped is the stop (on a loaded machine a Dask worker can take longer
+    to exit than its nanny waits, whose ``TimeoutError`` then replaced the ``KeyboardInterrupt``
+    and printed a traceback)."""
+    seen = exc.__context__
+    while seen is not None:
+        if isinstance(seen, (KeyboardInterrupt, *_terminations())):
+            return seen
+        seen = seen.__context__
+    return None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="stemflow",
@@ -137,10 +150,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     no_tracebacks_for_mistakes()
     quiet_cluster_close()
     try:
-        with _sigterm_raises():
-            status = int(args.run(args) or 0)
-        sys.stdout.flush()  # a reader that left (| head) shows here, not at exit
-        return status
+        try:
+            with _sigterm_raises():
+                status = int(args.run(args) or 0)
+            sys.stdout.flush()  # a reader that left (| head) shows here, not at exit
+            return status
+        except Exception as exc:
+            stop = _stopped_by(exc)
+            if stop is None:
+                raise
+            raise stop from None
     except StemflowError as exc:
         print(f"stemflow {args.command}: error: {exc}", file=sys.stderr)
         return 2
