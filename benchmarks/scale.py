@@ -13,8 +13,8 @@ Usage::
     python benchmarks/scale.py                                  # 32, 64, 128 positions of 128 px
     python benchmarks/scale.py --sizes 32x128,64x256 --epochs 1
     python benchmarks/scale.py --sizes 256x256 --epochs 0 --refine-steps 0   # the full size
-    python benchmarks/scale.py --sizes 46x256 --commands simulate,noise,ccstae --preset gpu \
-        --epochs 0   # the gpu preset's starting bases and inference, run on a CPU
+    python benchmarks/scale.py --sizes 16x256 --commands simulate,noise,ccstae --preset gpu \
+        --epochs 1   # the gpu preset on a CPU: its steps sized to this machine's memory
 
 Results go to ``benchmarks/results/scale-<sizes>-<device>.{json,md}``, with ``-<preset>-preset``
 appended where ``--preset`` is not the device's, and the commands where ``--commands`` names
