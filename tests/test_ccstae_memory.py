@@ -15,16 +15,28 @@ import pytest
 import torch
 
 from stemlib.ccstae import CCSTAEConfig, build_model
-from stemlib.ccstae.memory import ENCODER_MAPS, batch_that_fits, host_available, pattern_bytes
+from stemlib.ccstae.memory import (
+    ENCODER_MAPS,
+    batch_that_fits,
+    host_available,
+    pattern_bytes,
+    search_block,
+    search_bytes,
+)
 
-#: Peak memory per pattern of the gpu preset's encoder (inference) and of its training step, on
-#: patterns of 64 px, measured in a fresh interpreter by the kernel's high-water mark of its
-#: memory (VmHWM, reset to the present size before each step by writing 5 to clear_refs;
-#: getrusage's ru_maxrss would be inherited from the test process that forks the child).
-PEAKS = """
+#: Peak memory per pattern of the gpu preset's encoder (inference), of its training step and of
+#: the rotation search (its ring and angles: ``SEARCH``), on patterns of 64 px, measured in a
+#: fresh interpreter by the kernel's high-water mark of its memory (VmHWM, reset to the present
+#: size before each step by writing 5 to clear_refs; getrusage's ru_maxrss would be inherited
+#: from the test process that forks the child).
+SEARCH = {"radius": 10.0, "radii": (5.0, 28.0), "n_angles": 720}
+PEAKS = (
+    f"SEARCH = {SEARCH!r}\n"
+    + """
 import json, torch
 from stemlib.ccstae import CCSTAEConfig, build_model
 from stemlib.ccstae.loss import cycle_loss
+from stemlib.ccstae.rotation import centred_features
 
 def growth(step):
     step(1)
@@ -46,8 +58,12 @@ def infer(n):
 def train(n):
     cycle_loss(model(x[:n]), x[:n], mask, config, center=model.center).total.backward()
 
-print(json.dumps({"encoder": growth(infer), "training": growth(train)}))
+def search(n):
+    centred_features(x[:n], center=(32.0, 32.0), block=n, **SEARCH)
+
+print(json.dumps({"search": growth(search), "encoder": growth(infer), "training": growth(train)}))
 """
+)
 
 
 def test_the_measured_peaks_are_within_the_estimates():
@@ -59,6 +75,8 @@ def test_the_measured_peaks_are_within_the_estimates():
     assert 2.5 < maps < ENCODER_MAPS, maps  # measured 3.9-4.3 (memory.py)
     training = measured["training"] / pattern_bytes(model, (64, 64), training=True)
     assert 0.5 < training < 1.0, measured
+    search = measured["search"] / search_bytes((64, 64), radii=SEARCH["radii"], n_angles=720)
+    assert 0.3 < search < 1.0, measured  # measured 0.5-0.6 of the estimate (memory.py)
 
 
 def test_the_hosts_memory_is_capped_by_its_cgroup(tmp_path):
@@ -103,4 +121,15 @@ def test_a_training_step_is_sliced_to_its_share_of_free_memory():
     assert line.startswith(
         "ccstae: training steps of 256 patterns in slices of 10, their gradients summed: "
         "batch_size 256 would hold about 26 GB, and a quarter of the 4 GB free on the cpu is "
+    )
+
+
+def test_the_rotation_search_takes_blocks_that_fit():
+    blocks = partial(search_block, (256, 256), radii=(20.0, 112.0), n_angles=720, requested=2048)
+    assert blocks(device=torch.device("cuda"), free=80 * 2**30) == (2048, None)  # 11 GB of 43
+    block, line = blocks(device=torch.device("cpu"), free=8 * 2**30)
+    assert block == 404  # 5.3 MB each, in a quarter of 8.6 GB
+    assert line.startswith(
+        "ccstae: rotation search in blocks of 404 patterns: infer_batch_size 2,048 would hold "
+        "about 11 GB, and a quarter of the 9 GB free on the cpu is "
     )

@@ -169,8 +169,9 @@ class CCSTAEConfig(BaseModel):
     infer_batch_size: int = Field(
         256,
         ge=1,
-        description="Patterns per inference step, at most: fewer where they would not fit in "
-        "the device's free memory (half a GPU's, a quarter of a CPU's).",
+        description="Patterns per inference step (and per block of the rotation search), at "
+        "most: fewer where they would not fit in the device's free memory (half a GPU's, a "
+        "quarter of a CPU's).",
     )
     neighbour_starts: bool = Field(
         True,

@@ -5,7 +5,8 @@ step (one chunk of the scan store at most); its 128-channel encoder holds about 
 pattern of 256 px in bfloat16 when it infers, more when it trains. Where a step would not fit
 in a share of the device's free memory, :func:`batch_that_fits` takes fewer patterns per
 inference step, and cuts each training step into slices whose gradients are summed (the same
-step), so the preset runs on a smaller card, or on a CPU, without a setting changed. The
+step), so the preset runs on a smaller card, or on a CPU, without a setting changed;
+:func:`search_block` does the same for the rotation search that precedes the network. The
 estimates are measured, not exact: where a step still runs out, :func:`gpu_memory_explained`
 turns PyTorch's long message about its allocator into the setting a user can lower.
 """
@@ -23,7 +24,14 @@ import torch
 from ..errors import ResourceError
 from .model import CCSTAE
 
-__all__ = ["gpu_memory_explained", "batch_that_fits", "pattern_bytes", "free_memory"]
+__all__ = [
+    "gpu_memory_explained",
+    "batch_that_fits",
+    "pattern_bytes",
+    "search_block",
+    "search_bytes",
+    "free_memory",
+]
 
 #: What one pattern's inference holds, in float32 copies of the encoder's largest feature map
 #: (its first stage: channels x the encoder's input size) ...
@@ -41,6 +49,13 @@ REFINE_VALUES_PER_PIXEL = 32
 #: (5.8 MB).
 TRAINING_MAPS = 12
 TRAINING_VALUES_PER_PIXEL = 40
+#: What one pattern of the rotation search holds (:func:`search_bytes`), in float32 values per
+#: pixel of the pattern and per polar sample of its ring. Measured on a CPU (peak RSS over
+#: blocks of 32 and 128 patterns, 720 angles, a ring of 8-44 % of the pattern's size): 0.5-0.6
+#: MB per pattern of 64 px, 1.3-1.9 MB at 128 px and 1.6-2.9 MB at 256 px (estimated 1.0, 2.1
+#: and 5.3 MB).
+SEARCH_VALUES_PER_PIXEL = 8
+SEARCH_VALUES_PER_SAMPLE = 12
 #: The share of a device's free memory that one step may fill: a GPU is this run's (its cached
 #: blocks count as free); a host's memory is shared with the run's other tasks (the py4DSTEM
 #: baseline, the scan's chunks), and smaller steps cost a CPU nothing.
@@ -206,25 +221,84 @@ and a quarter of the 21 GB free on the cpu is 5.4 GB
 256 would hold about 26 GB, and a quarter of the 21 GB free on the cpu is 5.4 GB
     """
     per_pattern = pattern_bytes(model, pattern_shape, training=training)
+    if training:
+        step = (
+            f"training steps of {requested:,} patterns in slices of {{fits:,}}, their gradients "
+            "summed"
+        )
+        return _fitted(per_pattern, requested, device, free, step=step, setting="batch_size")
+    step = "inference in steps of {fits:,} patterns"
+    return _fitted(per_pattern, requested, device, free, step=step, setting="infer_batch_size")
+
+
+def search_bytes(
+    pattern_shape: tuple[int, int], *, radii: tuple[float, float], n_angles: int
+) -> int:
+    """Bytes that one pattern of ``pattern_shape`` (H, W) holds at the peak of the rotation
+    search (:func:`stemlib.ccstae.rotation.centred_features`): :data:`SEARCH_VALUES_PER_PIXEL`
+    float32 values per pixel (the beam's centre of mass) and :data:`SEARCH_VALUES_PER_SAMPLE`
+    per polar sample (one per px of the ring ``radii`` (inner, outer) px, times ``n_angles``).
+
+    Examples
+    --------
+    >>> round(search_bytes((256, 256), radii=(20.0, 112.0), n_angles=720) / 1e6, 1)
+    5.3
+
+    (MB; measured 1.6-2.9 MB with a ring of 20-113 px.)
+    """
+    pixels = math.prod(pattern_shape)
+    samples = (int(radii[1] - radii[0] + 0.5) + 1) * n_angles
+    return int(4 * (SEARCH_VALUES_PER_PIXEL * pixels + SEARCH_VALUES_PER_SAMPLE * samples))
+
+
+def search_block(
+    pattern_shape: tuple[int, int],
+    *,
+    radii: tuple[float, float],
+    n_angles: int,
+    requested: int,
+    device: torch.device,
+    free: int | None = None,
+) -> tuple[int, str | None]:
+    """Patterns per block of the rotation search (:func:`search_bytes`): ``requested`` (the
+    config's ``infer_batch_size``), or as many as fit in :data:`SHARE` of the device's free
+    memory when fewer, and the sentence that says so; as :func:`batch_that_fits`.
+
+    Examples
+    --------
+    >>> block, line = search_block(
+    ...     (256, 256), radii=(20.0, 112.0), n_angles=720, requested=2048,
+    ...     device=torch.device("cpu"), free=8 * 2**30,
+    ... )
+    >>> print(line)
+    ccstae: rotation search in blocks of 404 patterns: infer_batch_size 2,048 would hold about \
+11 GB, and a quarter of the 9 GB free on the cpu is 2.1 GB
+    """
+    per_pattern = search_bytes(pattern_shape, radii=radii, n_angles=n_angles)
+    step = "rotation search in blocks of {fits:,} patterns"
+    return _fitted(per_pattern, requested, device, free, step=step, setting="infer_batch_size")
+
+
+def _fitted(
+    per_pattern: int,
+    requested: int,
+    device: torch.device,
+    free: int | None,
+    *,
+    step: str,
+    setting: str,
+) -> tuple[int, str | None]:
+    """``requested``, or the patterns of ``per_pattern`` bytes that fit in :data:`SHARE` of
+    ``free`` (None: :func:`free_memory`) when fewer, one at least; and None, or the line that
+    says so: ``step`` (a format string of ``fits``) and the ``setting`` that asked for more."""
     free = free_memory(device) if free is None else free
     share = SHARE.get(device.type, SHARE["cpu"])
     fits = max(int(share * free // per_pattern), 1)
     if fits >= requested:
         return requested, None
-    step, setting = (
-        (
-            f"training steps of {requested:,} patterns in slices of {fits:,}, their gradients "
-            "summed",
-            "batch_size",
-        )
-        if training
-        else (f"inference in steps of {fits:,} patterns", "infer_batch_size")
-    )
+    words = {0.5: "half", 0.25: "a quarter"}.get(share, f"{share:.0%}")
     return fits, (
-        f"ccstae: {step}: {setting} {requested:,} would hold about "
-        f"{requested * per_pattern / 1e9:.0f} GB, and {_SHARE_WORDS[share]} of the "
+        f"ccstae: {step.format(fits=fits)}: {setting} {requested:,} would hold about "
+        f"{requested * per_pattern / 1e9:.0f} GB, and {words} of the "
         f"{free / 1e9:.0f} GB free on {_card(device)} is {share * free / 1e9:.1f} GB"
     )
-
-
-_SHARE_WORDS = {0.5: "half", 0.25: "a quarter"}

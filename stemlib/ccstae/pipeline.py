@@ -56,7 +56,7 @@ from .config import CCSTAEConfig, check_config, resolve_device
 from .data import PatternStream, Preprocess, as_dask, data_fingerprint, sample_patterns
 from .figures import save_bases_png
 from .infer import Inference, infer
-from .memory import batch_that_fits, gpu_memory_explained
+from .memory import batch_that_fits, gpu_memory_explained, search_block
 from .model import build_model
 from .progress import Counter, Progress, Report, reporter
 from .rotation import (
@@ -230,13 +230,22 @@ def _rotation_stage(
     h, w = data.shape[2:]
     search_radius = beam + 0.08 * min(h, w)  # the beam plus up to 8 % of the pattern of descan
     x = torch.from_numpy(sample)[:, None].to(device)
+    block, smaller = search_block(
+        (h, w),
+        radii=radii,
+        n_angles=config.search_angles,
+        requested=config.infer_batch_size,
+        device=device,
+    )
+    if smaller and report:
+        report(smaller)
     search = partial(
         centred_features,
         center=center,
         radius=search_radius,
         radii=radii,
         n_angles=config.search_angles,
-        block=config.infer_batch_size,
+        block=block,
     )
     beams, features = search(x)
     template = build_template(features)
@@ -248,7 +257,7 @@ def _rotation_stage(
     theta = np.zeros(rx * ry, np.float32)
     peak = np.zeros(rx * ry, np.float32)
     shift = np.zeros((rx * ry, 2), np.float32)
-    stream = PatternStream(data, preprocess, batch_size=config.infer_batch_size)
+    stream = PatternStream(data, preprocess, batch_size=block)
     counter = Counter(report, "rotation search", rx * ry)
     for batch in stream:
         found, f = search(batch["pattern"].to(device))

@@ -111,8 +111,8 @@ def centred_features(
     block: int = 256,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Each pattern's direct beam (:func:`beam_centers`) and its :func:`polar_features` about
-    that beam, ``block`` patterns at a time: their work arrays are several float32 copies of
-    the patterns they are given (5 GB for the 2,048 patterns of 256 px of CC-ST-AE's sample).
+    that beam, ``block`` patterns at a time: their work arrays hold a few MB per pattern
+    (:func:`stemlib.ccstae.memory.search_bytes`, which sizes the block to the device).
 
     Parameters
     ----------
