@@ -83,14 +83,29 @@ def test_the_hosts_memory_is_capped_by_its_cgroup(tmp_path):
     (tmp_path / "memory.max").write_text("1073741824\n")
     (tmp_path / "memory.current").write_text("268435456\n")
     assert host_available(tmp_path) == 805_306_368  # this machine has more than that free
+    (tmp_path / "memory.stat").write_text("anon 134217728\ninactive_file 134217728\n")
+    assert host_available(tmp_path) == 939_524_096  # the inactive cache is reclaimed first
     (tmp_path / "memory.max").write_text("max\n")
     unlimited = host_available(tmp_path)
-    assert unlimited > 805_306_368
+    assert unlimited > 939_524_096
     assert abs(unlimited - psutil.virtual_memory().available) < 2**30
-    assert host_available(tmp_path / "absent") > 805_306_368  # no cgroup v2: psutil's figure
+    assert host_available(tmp_path / "absent") > 939_524_096  # no cgroup: psutil's figure
     (tmp_path / "memory.current").write_text("2147483648\n")  # above the limit: nothing left
     (tmp_path / "memory.max").write_text("1073741824\n")
     assert host_available(tmp_path) == 0
+
+
+def test_the_hosts_memory_is_capped_by_its_cgroup_v1(tmp_path):
+    v1 = tmp_path / "memory"
+    v1.mkdir()
+    (v1 / "memory.limit_in_bytes").write_text("1073741824\n")
+    (v1 / "memory.usage_in_bytes").write_text("536870912\n")
+    (v1 / "memory.stat").write_text(
+        "cache 402653184\ninactive_file 1\ntotal_inactive_file 268435456\n"
+    )
+    assert host_available(tmp_path) == 805_306_368
+    (v1 / "memory.limit_in_bytes").write_text("9223372036854771712\n")  # v1's "no limit"
+    assert abs(host_available(tmp_path) - psutil.virtual_memory().available) < 2**30
 
 
 @pytest.mark.parametrize(

@@ -31,6 +31,7 @@ __all__ = [
     "search_block",
     "search_bytes",
     "free_memory",
+    "host_available",
 ]
 
 #: What one pattern's inference holds, in float32 copies of the encoder's largest feature map
@@ -142,7 +143,7 @@ def pattern_bytes(model: CCSTAE, pattern_shape: tuple[int, int], *, training: bo
 
 def free_memory(device: torch.device) -> int:
     """Bytes free for this process on ``device``: a CUDA card's free memory plus what PyTorch
-    holds cached there; else the host's available memory, no more than its cgroup (a
+    holds cached there; else the host's available memory, no more than its control group (a
     container's limit) leaves (:func:`host_available`)."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
@@ -151,18 +152,48 @@ def free_memory(device: torch.device) -> int:
 
 
 def host_available(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
-    """Bytes of host memory available: psutil's ``available``, or less where the cgroup v2 at
-    ``cgroup`` sets a ``memory.max`` (a container's or a Kubernetes pod's limit) that leaves
-    less beyond its ``memory.current``."""
+    """Bytes of host memory available: psutil's ``available``, or less where this process's
+    control group under ``cgroup`` (v2, or v1's ``memory`` controller: a container's or a
+    Kubernetes pod's limit) leaves less (:func:`_cgroup_left`)."""
     available = psutil.virtual_memory().available
-    try:
-        limit = (cgroup / "memory.max").read_text().strip()
-        used = int((cgroup / "memory.current").read_text())
-    except (OSError, ValueError):
-        return available
-    if limit == "max":
-        return available
-    return max(min(available, int(limit) - used), 0)
+    left = _cgroup_left(cgroup)
+    return available if left is None else max(min(available, left), 0)
+
+
+def _cgroup_left(cgroup: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """Bytes that the memory limit of the control group mounted at ``cgroup`` leaves: the limit
+    less the working set, which is the usage less the inactive file cache (the kernel reclaims
+    that cache before it runs out; a container that has read a large scan has its usage near its
+    limit by cache alone). The working set is the figure the kubelet evicts on.
+
+    cgroup v2: ``memory.max``, ``memory.current`` and ``inactive_file`` of ``memory.stat``; v1
+    (under ``memory/``): ``memory.limit_in_bytes``, ``memory.usage_in_bytes`` and
+    ``total_inactive_file``. None where neither sets a limit (v2's ``max``; v1's no limit is a
+    number beyond any memory, which the caller's minimum takes care of) or none can be read.
+    """
+    for folder, limit_file, usage_file, cache in (
+        (cgroup, "memory.max", "memory.current", "inactive_file"),
+        (
+            cgroup / "memory",
+            "memory.limit_in_bytes",
+            "memory.usage_in_bytes",
+            "total_inactive_file",
+        ),
+    ):
+        try:
+            limit = (folder / limit_file).read_text().strip()
+            usage = int((folder / usage_file).read_text())
+        except (OSError, ValueError):
+            continue
+        if limit == "max":
+            return None
+        try:
+            stat = dict(line.split() for line in (folder / "memory.stat").read_text().splitlines())
+            inactive = int(stat.get(cache, 0))
+        except (OSError, ValueError):
+            inactive = 0
+        return int(limit) - max(usage - inactive, 0)
+    return None
 
 
 def batch_that_fits(
