@@ -44,11 +44,12 @@ import torch
 from _results import save_results
 from scipy.ndimage import gaussian_filter
 
+from stemlib.beam import beam_radius
 from stemlib.bounds import strain_bound
 from stemlib.ccstae.affine import rotation
 from stemlib.ccstae.config import CCSTAEConfig
 from stemlib.ccstae.data import Preprocess
-from stemlib.ccstae.pipeline import _derived_schedule, beam_radius
+from stemlib.ccstae.pipeline import _derived_schedule
 from stemlib.ccstae.refine import masked_error, radial_background, refine_affine, rigid_disk_model
 from stemlib.devdata import abtem_dev_path, read_abtem_dev
 from stemlib.masks import ring_mask

@@ -22,6 +22,7 @@ from .results import combine_methods, open_strain, strain_dataset, write_strain
 from .scan import as_scan
 from .simulate import SimulationConfig, simulate, write_simulation
 from .truth import open_truth
+from .virtual import virtual_images
 
 #: The strain methods and the plots, imported on first use: they pull in py4DSTEM, PyTorch or
 #: matplotlib, which ``import stemlib`` alone does not need.
@@ -32,6 +33,7 @@ _ON_FIRST_USE = {
     "ccstae_strain": "ccstae",
     "strain_figure": "plots",
     "comparison_figure": "plots",
+    "virtual_figure": "plots",
 }
 
 __all__ = [
@@ -62,6 +64,8 @@ __all__ = [
     "strain_dataset",
     "strain_errors",
     "strain_figure",
+    "virtual_figure",
+    "virtual_images",
     "write_scan",
     "write_simulation",
     "write_strain",

@@ -1,4 +1,5 @@
-"""Figures of strain results: the four maps of one method, saved as PNG beside the store.
+"""Figures of strain results: the four maps of one method, every method beside the truth, and
+the scan's virtual images with each method's reference region; saved as PNG beside the store.
 
 Figures are built on :class:`matplotlib.figure.Figure` directly (no pyplot state, no window,
 whatever the backend); they render with Agg.
@@ -17,7 +18,7 @@ from matplotlib.figure import Figure
 from .errors import InputError
 from .io.storage import locate, redact, storage_errors
 
-__all__ = ["strain_figure", "comparison_figure", "save_png", "png_url"]
+__all__ = ["strain_figure", "comparison_figure", "virtual_figure", "save_png", "png_url"]
 
 #: Panels: variable, title, scale factor to the shown unit, shown unit.
 _PANELS = (
@@ -161,6 +162,92 @@ def comparison_figure(ds: xr.Dataset) -> Figure:
             ax.set_yticks([])
             fig.colorbar(image, ax=ax, label=unit, shrink=0.85)
     fig.suptitle("strain in the detector frame: rows rx, columns ry")
+    return fig
+
+
+#: Line styles of the methods' reference outlines: where two methods take the same region,
+#: both outlines stay visible.
+_OUTLINES = ("solid", "dashed", "dotted")
+
+
+def _pixel_edges(mask: np.ndarray, fine: int = 8) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``contour``'s (x, y, z) for a mask (RX, RY) drawn on a grid ``fine`` times finer, so
+    that its 0.5 level runs along the pixels' edges, not through their centres."""
+    z = np.kron(mask, np.ones((fine, fine)))
+    y, x = ((np.arange(n) + 0.5) / fine - 0.5 for n in z.shape)
+    return x, y, z
+
+
+def virtual_figure(ds: xr.Dataset) -> Figure:
+    """The scan's virtual bright-field and annular dark-field images, each method's reference
+    region outlined on them.
+
+    Parameters
+    ----------
+    ds
+        A strain dataset holding ``virtual_bf`` and ``virtual_adf`` (dims (rx, ry),
+        :func:`stemlib.virtual.virtual_images`) and, optionally, ``reference_region`` (dims
+        (method, rx, ry)).
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        Two grey panels, rows ``rx`` and columns ``ry`` as in the scan, each scaled from its 1st
+        to 99th percentile; a coloured outline and a legend entry per method's reference region.
+
+    Examples
+    --------
+    >>> from stemlib.results import strain_dataset
+    >>> from stemlib.virtual import virtual_images
+    >>> z = np.zeros((4, 5))
+    >>> ref = np.zeros((4, 5), bool)
+    >>> ref[:2, :2] = True
+    >>> ds = strain_dataset("py4dstem", exx=z, eyy=z, exy=z, theta=z,
+    ...                     extras={"reference_region": (ref, {"units": "1"})})
+    >>> ds = ds.assign(virtual_images(np.random.default_rng(0).random((4, 5, 16, 16))))
+    >>> fig = virtual_figure(ds)
+    >>> [ax.get_title() for ax in fig.axes[::2]]
+    ['virtual bright field', 'virtual annular dark field']
+    >>> fig.axes[0].get_legend_handles_labels()[1]
+    ['py4dstem reference']
+    """
+    missing = [name for name in ("virtual_bf", "virtual_adf") if name not in ds]
+    if missing:
+        raise InputError(
+            f"the strain dataset has no {' or '.join(missing)}; add "
+            "stemlib.virtual.virtual_images(scan) to it first."
+        )
+    methods = [str(m) for m in ds["method"].values] if "reference_region" in ds else []
+    fig = Figure(figsize=(10.0, 4.6), layout="constrained")
+    FigureCanvasAgg(fig)
+    colours = colormaps["tab10"].colors
+    for k, (name, title) in enumerate(
+        (("virtual_bf", "virtual bright field"), ("virtual_adf", "virtual annular dark field"))
+    ):
+        ax = fig.add_subplot(1, 2, k + 1)
+        values = np.asarray(ds[name].values, np.float64)
+        finite = values[np.isfinite(values)]
+        low, high = np.percentile(finite, [1, 99]) if finite.size else (0.0, 1.0)
+        image = ax.imshow(
+            values, cmap="gray", vmin=low, vmax=max(high, low + 1e-12), interpolation="nearest"
+        )
+        outlined = False
+        for i, method in enumerate(methods):
+            region = np.asarray(ds["reference_region"].sel({"method": method}).values, float)
+            if np.nanmax(region, initial=0) > 0:
+                style = {"colors": [colours[i]], "linestyles": _OUTLINES[i % len(_OUTLINES)]}
+                ax.contour(*_pixel_edges(np.nan_to_num(region)), levels=[0.5], **style)
+                ax.plot(
+                    [], [], color=colours[i], ls=style["linestyles"], label=f"{method} reference"
+                )
+                outlined = True
+        if outlined:
+            ax.legend(loc="lower right", fontsize="small")
+        ax.set_title(title)
+        ax.set_xlabel("ry (scan column)")
+        ax.set_ylabel("rx (scan row)")
+        fig.colorbar(image, ax=ax, label=ds[name].attrs.get("units", ""), shrink=0.85)
+    fig.suptitle("where the sample is: the scan's virtual images")
     return fig
 
 

@@ -12,13 +12,15 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
 from stemlib.compare import compare_methods, lattice_symmetry, statistics_table
+from stemlib.io import open_scan
 from stemlib.io.scan_store import read_store_attrs
 from stemlib.io.storage import locate, redact
-from stemlib.plots import comparison_figure, png_url, save_png, strain_figure
+from stemlib.plots import comparison_figure, png_url, save_png, strain_figure, virtual_figure
 from stemlib.provenance import fingerprint, software_versions, utc_now
 from stemlib.rerun import scan_identity
 from stemlib.results import combine_methods, open_strain, write_strain
 from stemlib.truth import open_truth
+from stemlib.virtual import with_virtual_images
 
 from ._retry import STORAGE_RETRY
 
@@ -65,8 +67,9 @@ def publish_strain(
     run_keys: dict[str, str],
     request: str | None = None,
 ) -> dict[str, Any]:
-    """Combine each method's strain store, compare them (and with the scan's truth), write the
-    one strain dataset to ``dest`` atomically with PNG maps beside it.
+    """Combine each method's strain store, compare them (and with the scan's truth), add the
+    scan's virtual images, write the one strain dataset to ``dest`` atomically with PNG maps
+    beside it.
 
     Returns the URL, the statistics and their table, the PNGs, and the warnings by method
     (``"ccstae and py4dstem"`` for those of the comparison: different reference regions or
@@ -77,6 +80,7 @@ def publish_strain(
     truth = open_truth(scan)
     symmetry = lattice_symmetry(combined, truth)
     compared, stats = compare_methods(combined, truth=truth, symmetry=symmetry)
+    compared = with_virtual_images(compared, open_scan(scan))
     scan_attrs = read_store_attrs(locate(scan)) or {}
     compared.attrs = {
         **combined.attrs,
@@ -96,6 +100,7 @@ def publish_strain(
     pngs = {m: save_png(strain_figure(compared, m), png_url(dest, m)) for m in results}
     if len(results) > 1 or truth is not None:
         pngs["comparison"] = save_png(comparison_figure(compared), png_url(dest, "comparison"))
+    pngs["virtual"] = save_png(virtual_figure(compared), png_url(dest, "virtual"))
     table = statistics_table(stats)
     logger.info("published %s\n%s", redact(url), table)
     warnings = {m: r.get("warnings", []) for m, r in compared.attrs["methods"].items()}

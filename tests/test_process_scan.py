@@ -108,7 +108,7 @@ def test_process_scan_publishes_both_methods_to_s3(prefect_harness, raw, s3, s3_
     ds = xr.open_zarr(fs.get_mapper(dest[len("s3://") :]), consolidated=False)
     assert [str(m) for m in ds["method"].values] == ["ccstae", "py4dstem"]
     assert dict(ds.sizes) == {"method": 2, "rx": 12, "ry": 12}
-    for name in ("exx", "eyy", "exy", "theta", "valid", "diff_exx", "truth_exx"):
+    for name in ("exx", "eyy", "exy", "theta", "valid", "diff_exx", "truth_exx", "virtual_bf"):
         assert name in ds, name
     assert set(ds.attrs["run_keys"]) == {"ccstae", "py4dstem"} and ds.attrs["request_key"]
     assert ds.attrs["input"]["content_sha256"]
@@ -138,7 +138,7 @@ def test_process_scan_publishes_both_methods_to_s3(prefect_harness, raw, s3, s3_
     # The CC-ST-AE's checkpoint is kept beside the result in the bucket (for resuming).
     work = fs.find(f"{s3[len('s3://') :]}/grains/.strain.zarr.work")
     assert any(p.endswith("/checkpoint.pt") for p in work)
-    for name in ("ccstae", "py4dstem", "comparison", "ccstae-bases"):
+    for name in ("ccstae", "py4dstem", "comparison", "virtual", "ccstae-bases"):
         assert fs.cat_file(published["pngs"][name][len("s3://") :])[:4] == b"\x89PNG"
 
     logs, artifacts = _run_logs_and_artifacts(state.state_details.flow_run_id)

@@ -19,6 +19,7 @@ from stemlib.metrics import strain_errors
 from stemlib.results import open_strain
 from stemlib.simulate import SimulationConfig, write_simulation
 from stemlib.truth import open_truth
+from stemlib.virtual import virtual_images
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +75,13 @@ def test_cli_writes_the_strain_store_and_the_maps(scan, tmp_path, capsys):
     errors = strain_errors(ds.sel({"method": "py4dstem"}), truth, symmetry=4)
     assert max(errors[c] for c in ("exx", "eyy", "exy")) < 1.5e-3
     assert (tmp_path / "strain-py4dstem.png").read_bytes()[:4] == b"\x89PNG"
+    # Where the sample is: the scan's virtual images, and their picture with the reference.
+    assert f"virtual images {tmp_path / 'strain-virtual.png'}" in out
+    assert (tmp_path / "strain-virtual.png").read_bytes()[:4] == b"\x89PNG"
+    images = virtual_images(open_scan(scan))
+    for name in ("virtual_bf", "virtual_adf"):
+        assert ds[name].dims == ("rx", "ry") and ds[name].attrs == images[name].attrs
+        assert ds[name].values.tobytes() == images[name].values.tobytes()
 
 
 def test_a_rerun_of_a_finished_run_skips_it_and_a_changed_one_runs(scan, tmp_path, capsys):
@@ -305,6 +313,7 @@ def test_non_finite_pixels_stored_on_purpose_read_as_no_counts(scan, tmp_path, c
     assert main(["strain", store, dest, "--method", method, "--device", "cpu", *config]) == 0
     ds = open_strain(dest).sel({"method": method})
     assert not ds["valid"][3, 4] and int(ds["valid"].sum()) == 143
+    assert float(ds["virtual_bf"][3, 4]) == 0 and np.isfinite(ds["virtual_adf"]).all()
     errors = strain_errors(ds, open_truth(scan), symmetry=4)
     assert max(errors[c] for c in ("exx", "eyy", "exy")) < 1e-3 and errors["theta"] < 1e-3
 

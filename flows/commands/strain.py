@@ -2,7 +2,8 @@
 
 The scan is opened lazily; the method writes nothing until its maps are complete. The strain
 dataset (CONVENTIONS.md section 4) is then published atomically at DEST (a path or an s3 URL),
-and the four maps beside it as ``<DEST stem>-<method>.png``. CC-ST-AE also draws its learned
+and the four maps beside it as ``<DEST stem>-<method>.png``, with the scan's virtual images
+(``<DEST stem>-virtual.png``, :mod:`stemlib.virtual`). CC-ST-AE also draws its learned
 bases (``<DEST stem>-ccstae-bases.png``) and keeps its checkpoints in a work folder (``--workdir``,
 by default ``.<DEST name>.work`` beside DEST): a rerun resumes an interrupted training, or only
 infers. DEST records a fingerprint of the scan's content and the settings, so a rerun of a
@@ -26,11 +27,12 @@ from stemlib.errors import InputError
 from stemlib.io import open_scan
 from stemlib.io.scan_store import check_destination
 from stemlib.io.storage import local_workdir, locate, redact, work_folder
-from stemlib.plots import png_url, save_png, strain_figure
+from stemlib.plots import png_url, save_png, strain_figure, virtual_figure
 from stemlib.reference import parse_reference
 from stemlib.rerun import finished_step, run_key, store_identity
 from stemlib.results import write_strain
 from stemlib.types import Device
+from stemlib.virtual import with_virtual_images
 
 from ._args import SYMMETRIES, add_recompute_argument, symmetry
 
@@ -182,9 +184,11 @@ def _run(args: argparse.Namespace) -> int:
         device=args.device,
         **files,
     )
+    ds = with_virtual_images(ds, scan)
     ds.attrs["run_keys"] = {args.method: key}
     url = write_strain(ds, args.dest)
     png = save_png(strain_figure(ds, args.method), png_url(args.dest, args.method))
+    virtual = save_png(virtual_figure(ds), png_url(args.dest, "virtual"))
     record = ds.attrs["methods"][args.method]
     lines = [
         f"wrote {redact(url)}: {args.method} strain of {ds.sizes['rx']} x {ds.sizes['ry']} "
@@ -192,6 +196,7 @@ def _run(args: argparse.Namespace) -> int:
         f"reference {ds.attrs.get('reference', args.reference)}, "
         f"symmetry {record.get('symmetry', ds.attrs.get('symmetry', args.symmetry))}",
         f"  maps {redact(png)}",
+        f"  virtual images {redact(virtual)}",
     ]
     if files:
         lines += [

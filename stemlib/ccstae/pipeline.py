@@ -34,6 +34,7 @@ import xarray as xr
 from scipy import ndimage
 
 from ..angular import angular_order
+from ..beam import beam_radius
 from ..calibration import Calibration
 from ..errors import InputError
 from ..io.scan_store import scan_label
@@ -71,26 +72,6 @@ from .template import learn_bases
 from .train import Checkpoint, seeded, train
 
 __all__ = ["ccstae_strain", "train_on_scan", "beam_radius", "base_lattice"]
-
-
-def beam_radius(mean_pattern: np.ndarray, *, center: tuple[float, float]) -> float:
-    """Radius (px) of the direct-beam disk in a mean pattern of shape (H, W).
-
-    The radius where the azimuthal mean falls most steeply (gradient x radius, so the sharp
-    centre of a Lorentzian background does not win), searched from 2 px to a quarter of the
-    pattern.
-    """
-    h, w = mean_pattern.shape
-    rows, cols = np.indices((h, w))
-    r = np.hypot(rows - center[0], cols - center[1])
-    bins = np.round(r).astype(int)
-    profile = np.bincount(bins.ravel(), mean_pattern.ravel()) / np.maximum(
-        np.bincount(bins.ravel()), 1
-    )
-    radii = np.arange(len(profile))
-    strength = -np.gradient(profile) * radii
-    lo, hi = 2, max(3, min(h, w) // 4)
-    return float(radii[lo:hi][np.argmax(strength[lo:hi])])
 
 
 def base_lattice(
