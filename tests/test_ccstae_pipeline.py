@@ -183,8 +183,8 @@ def test_rerun_resumes_from_the_workdir(square, capsys):
 def test_steps_too_large_for_the_memory_run_in_slices(square, monkeypatch, capsys):
     """Free memory for 10 patterns' training, and so for 16 patterns' inference, not the
     config's 16 and 256: training passes each step in slices and sums their gradients,
-    inference and the rotation search take fewer patterns per step; the progress and the
-    attributes say so, and the maps are the same as the run's that fitted."""
+    inference, the rotation search and the starting bases take fewer patterns per step; the
+    progress and the attributes say so, and the maps are the same as the run's that fitted."""
     import stemlib.ccstae.memory as memory
 
     folder, truth, ds = square
@@ -200,6 +200,7 @@ def test_steps_too_large_for_the_memory_run_in_slices(square, monkeypatch, capsy
     assert re.search(
         r"ccstae: rotation search in blocks of \d+ patterns: infer_batch_size 256 ", err
     )
+    assert re.search(r"ccstae: starting bases in blocks of \d+ patterns: blocks of 256 ", err)
     assert small.attrs["methods"]["ccstae"]["inference_batch"] == 16
     assert ds.attrs["methods"]["ccstae"]["inference_batch"] == 256
     _check_known_answer(small, truth)

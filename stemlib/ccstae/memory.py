@@ -6,7 +6,8 @@ pattern of 256 px in bfloat16 when it infers, more when it trains. Where a step 
 in a share of the device's free memory, :func:`batch_that_fits` takes fewer patterns per
 inference step, and cuts each training step into slices whose gradients are summed (the same
 step), so the preset runs on a smaller card, or on a CPU, without a setting changed;
-:func:`search_block` does the same for the rotation search that precedes the network. The
+:func:`search_block` and :func:`template_block` do the same for the rotation search and the
+starting bases that precede the network. The
 estimates are measured, not exact: where a step still runs out, :func:`gpu_memory_explained`
 turns PyTorch's long message about its allocator into the setting a user can lower.
 """
@@ -30,6 +31,7 @@ __all__ = [
     "pattern_bytes",
     "search_block",
     "search_bytes",
+    "template_block",
     "free_memory",
     "host_available",
 ]
@@ -57,6 +59,12 @@ TRAINING_VALUES_PER_PIXEL = 40
 #: and 5.3 MB).
 SEARCH_VALUES_PER_PIXEL = 8
 SEARCH_VALUES_PER_SAMPLE = 12
+#: What one pattern of a block of the starting bases' registration and solve holds
+#: (:func:`stemlib.ccstae.template.learn_bases`), in float32 values per pixel. Measured on a CPU
+#: (peak RSS, blocks of 64 to 256 patterns): 42-60 at 128 px, 47-56 at 256 px, 30 at 512 px.
+#: 256 simulated patterns of 512 px: 8.6 GB in blocks of 256, 3.5 GB in blocks of 89 (a quarter
+#: of this machine's 24 GB), in the same time (290 s), the same bases to 4e-7 of 0.044.
+TEMPLATE_VALUES_PER_PIXEL = 64
 #: The share of a device's free memory that one step may fill: a GPU is this run's (its cached
 #: blocks count as free); a host's memory is shared with the run's other tasks (the py4DSTEM
 #: baseline, the scan's chunks), and smaller steps cost a CPU nothing.
@@ -257,9 +265,9 @@ and a quarter of the 21 GB free on the cpu is 5.4 GB
             f"training steps of {requested:,} patterns in slices of {{fits:,}}, their gradients "
             "summed"
         )
-        return _fitted(per_pattern, requested, device, free, step=step, setting="batch_size")
+        return _fitted(per_pattern, requested, device, free, step=step, asked="batch_size")
     step = "inference in steps of {fits:,} patterns"
-    return _fitted(per_pattern, requested, device, free, step=step, setting="infer_batch_size")
+    return _fitted(per_pattern, requested, device, free, step=step, asked="infer_batch_size")
 
 
 def search_bytes(
@@ -303,11 +311,37 @@ def search_block(
     ... )
     >>> print(line)
     ccstae: rotation search in blocks of 404 patterns: infer_batch_size 2,048 would hold about \
-11 GB, and a quarter of the 9 GB free on the cpu is 2.1 GB
+11 GB, and a quarter of the 8.6 GB free on the cpu is 2.1 GB
     """
     per_pattern = search_bytes(pattern_shape, radii=radii, n_angles=n_angles)
     step = "rotation search in blocks of {fits:,} patterns"
-    return _fitted(per_pattern, requested, device, free, step=step, setting="infer_batch_size")
+    return _fitted(per_pattern, requested, device, free, step=step, asked="infer_batch_size")
+
+
+def template_block(
+    pattern_shape: tuple[int, int],
+    *,
+    requested: int,
+    device: torch.device,
+    free: int | None = None,
+) -> tuple[int, str | None]:
+    """Patterns per block of the starting bases' registration and solve
+    (:func:`stemlib.ccstae.template.learn_bases`, :data:`TEMPLATE_VALUES_PER_PIXEL`):
+    ``requested``, or as many as fit in :data:`SHARE` of the device's free memory when fewer,
+    and the sentence that says so; as :func:`batch_that_fits`.
+
+    Examples
+    --------
+    >>> block, line = template_block(
+    ...     (512, 512), requested=256, device=torch.device("cpu"), free=16 * 2**30
+    ... )
+    >>> print(line)
+    ccstae: starting bases in blocks of 64 patterns: blocks of 256 would hold about 17 GB, and \
+a quarter of the 17 GB free on the cpu is 4.3 GB
+    """
+    per_pattern = 4 * TEMPLATE_VALUES_PER_PIXEL * math.prod(pattern_shape)
+    step = "starting bases in blocks of {fits:,} patterns"
+    return _fitted(per_pattern, requested, device, free, step=step, asked="blocks of")
 
 
 def _fitted(
@@ -317,11 +351,12 @@ def _fitted(
     free: int | None,
     *,
     step: str,
-    setting: str,
+    asked: str,
 ) -> tuple[int, str | None]:
     """``requested``, or the patterns of ``per_pattern`` bytes that fit in :data:`SHARE` of
     ``free`` (None: :func:`free_memory`) when fewer, one at least; and None, or the line that
-    says so: ``step`` (a format string of ``fits``) and the ``setting`` that asked for more."""
+    says so: ``step`` (a format string of ``fits``), and what ``asked`` (the setting, or the
+    words, before the number asked for) would have held."""
     free = free_memory(device) if free is None else free
     share = SHARE.get(device.type, SHARE["cpu"])
     fits = max(int(share * free // per_pattern), 1)
@@ -329,7 +364,13 @@ def _fitted(
         return requested, None
     words = {0.5: "half", 0.25: "a quarter"}.get(share, f"{share:.0%}")
     return fits, (
-        f"ccstae: {step.format(fits=fits)}: {setting} {requested:,} would hold about "
-        f"{requested * per_pattern / 1e9:.0f} GB, and {words} of the "
-        f"{free / 1e9:.0f} GB free on {_card(device)} is {share * free / 1e9:.1f} GB"
+        f"ccstae: {step.format(fits=fits)}: {asked} {requested:,} would hold about "
+        f"{_gb(requested * per_pattern)} GB, and {words} of the "
+        f"{_gb(free)} GB free on {_card(device)} is {_gb(share * free)} GB"
     )
+
+
+def _gb(size: float) -> str:
+    """Bytes as GB to two figures (``"8.6"``, ``"0.42"``), whole from 10 GB (``"106"``)."""
+    gb = size / 1e9
+    return f"{gb:.0f}" if gb >= 10 else f"{gb:.2g}"

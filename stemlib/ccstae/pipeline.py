@@ -57,7 +57,7 @@ from .config import CCSTAEConfig, check_config, resolve_device
 from .data import PatternStream, Preprocess, as_dask, data_fingerprint, sample_patterns
 from .figures import save_bases_png
 from .infer import Inference, infer
-from .memory import batch_that_fits, gpu_memory_explained, search_block
+from .memory import batch_that_fits, gpu_memory_explained, search_block, template_block
 from .model import build_model
 from .progress import Counter, Progress, Report, reporter
 from .rotation import (
@@ -68,7 +68,7 @@ from .rotation import (
     polar_features,
 )
 from .strain import strain_from_warps
-from .template import learn_bases
+from .template import BLOCK, learn_bases
 from .train import Checkpoint, seeded, train
 
 __all__ = ["ccstae_strain", "train_on_scan", "beam_radius", "base_lattice"]
@@ -250,6 +250,9 @@ def _rotation_stage(
     symmetry = angular_symmetry(template.cpu())
     if start is None:
         start = _grain_of_one_turn(theta.reshape(rx, ry), symmetry).reshape(-1)[pick]
+    bases_block, smaller = template_block((h, w), requested=BLOCK, device=device)
+    if smaller and report:
+        report(smaller)
     learned = learn_bases(
         x,
         sample_theta,
@@ -265,6 +268,7 @@ def _rotation_stage(
         shift=beams - beams.new_tensor(center),
         disk_radius=beam if config.rigid_disks else None,
         inner=radii[0],
+        batch_size=bases_block,
         report=report,
     )
     return {

@@ -33,7 +33,11 @@ from .refine import (
     solve_bases,
 )
 
-__all__ = ["densest_mean", "kmeans_labels", "learn_bases"]
+__all__ = ["densest_mean", "kmeans_labels", "learn_bases", "BLOCK"]
+
+#: Patterns registered and solved at once by :func:`learn_bases`, where the device's memory holds
+#: them (:func:`stemlib.ccstae.memory.template_block`).
+BLOCK = 256
 
 
 def _features(aligned: torch.Tensor, ring: torch.Tensor) -> torch.Tensor:
@@ -90,7 +94,7 @@ def learn_bases(
     shift: torch.Tensor | None = None,
     rounds: int = 3,
     steps: int = 6,
-    batch_size: int = 256,
+    batch_size: int = BLOCK,
     seed: int = 0,
     poisson: bool = False,
     background: bool = False,
