@@ -38,20 +38,22 @@ __all__ = [
 
 #: What one pattern's inference holds, in float32 copies of the encoder's largest feature map
 #: (its first stage: channels x the encoder's input size) ...
-ENCODER_MAPS = 4.5
+ENCODER_MAPS = 5
 #: ... and in float32 values per pixel of the pattern (the refinement's warps, residuals and
 #: Jacobian). Measured on a CPU (peak RSS over batch sizes, under no_grad): the encoder alone
-#: 3.9-4.3 maps for both presets at 64-256 px, in float32 and in bfloat16 maps (a GPU's
-#: autocast keeps the norms in float32, so float32 is counted); the whole inference 36 MB per
-#: pattern of 128 px with the gpu preset (estimated 39.8 MB) and 1.8 MB with the cpu preset
-#: (3.3 MB).
-REFINE_VALUES_PER_PIXEL = 32
+#: 3.9-5.0 maps for both presets at 64-256 px, in float32 and in bfloat16 maps (a GPU's
+#: autocast keeps the norms in float32, so float32 is counted); the refinement alone 30-35
+#: values per pixel at 128-256 px; the whole inference 36 MB per pattern of 128 px with the gpu
+#: preset (estimated 45 MB); the cpu preset's encoder and refinement one after the other
+#: (``benchmarks/step_memory.py``) 0.96 / 3.8 / 12.3 MB at 64 / 128 / 256 px (estimated 1.1 /
+#: 4.5 / 17.8 MB).
+REFINE_VALUES_PER_PIXEL = 48
 #: What one pattern's training step holds (forward and backward), the same way. Measured on a
 #: CPU (peak RSS, float32): 23.5 MB per pattern of 64 px, 82 MB at 128 px and 282 MB at 256 px
-#: with the gpu preset (estimated 25.8, 103 and 413 MB), 3.8 MB at 128 px with the cpu preset
-#: (5.8 MB).
+#: with the gpu preset (estimated 26, 104 and 415 MB); with the cpu preset 1.2-1.4 / 3.8-5.9 /
+#: 15.6-16.3 MB at 64 / 128 / 256 px (estimated 1.6 / 6.3 / 25 MB).
 TRAINING_MAPS = 12
-TRAINING_VALUES_PER_PIXEL = 40
+TRAINING_VALUES_PER_PIXEL = 48
 #: What one pattern of the rotation search holds (:func:`search_bytes`), in float32 values per
 #: pixel of the pattern and per polar sample of its ring. Measured on a CPU (peak RSS over
 #: blocks of 32 and 128 patterns, 720 angles, a ring of 8-44 % of the pattern's size): 0.5-0.6
@@ -136,7 +138,7 @@ def pattern_bytes(model: CCSTAE, pattern_shape: tuple[int, int], *, training: bo
     >>> from stemlib.ccstae.model import build_model
     >>> gpu = build_model(CCSTAEConfig.preset("gpu"), pattern_shape=(128, 128), center=(64, 64))
     >>> [round(pattern_bytes(gpu, (128, 128), training=t) / 1e6, 1) for t in (False, True)]
-    [39.8, 103.3]
+    [45.1, 103.8]
 
     (MB; measured 36 and 82.)
     """
@@ -248,16 +250,16 @@ def batch_that_fits(
     (2048, None)
     >>> batch, line = batch_that_fits(gpu, (128, 128), requested=2048, device=cpu, free=20 * 2**30)
     >>> batch
-    134
+    119
     >>> print(line)
-    ccstae: inference in steps of 134 patterns: infer_batch_size 2,048 would hold about 82 GB, \
+    ccstae: inference in steps of 119 patterns: infer_batch_size 2,048 would hold about 92 GB, \
 and a quarter of the 21 GB free on the cpu is 5.4 GB
     >>> batch, line = batch_that_fits(
     ...     gpu, (128, 128), requested=256, device=cpu, training=True, free=20 * 2**30
     ... )
     >>> print(line)
     ccstae: training steps of 256 patterns in slices of 51, their gradients summed: batch_size \
-256 would hold about 26 GB, and a quarter of the 21 GB free on the cpu is 5.4 GB
+256 would hold about 27 GB, and a quarter of the 21 GB free on the cpu is 5.4 GB
     """
     per_pattern = pattern_bytes(model, pattern_shape, training=training)
     if training:
