@@ -71,7 +71,7 @@ from .strain import strain_from_warps
 from .template import BLOCK, learn_bases
 from .train import Checkpoint, seeded, train
 
-__all__ = ["ccstae_strain", "train_on_scan", "beam_radius", "base_lattice"]
+__all__ = ["ccstae_strain", "train_on_scan", "base_lattice"]
 
 
 def base_lattice(
