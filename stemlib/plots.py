@@ -235,11 +235,10 @@ def virtual_figure(ds: xr.Dataset) -> Figure:
         for i, method in enumerate(methods):
             region = np.asarray(ds["reference_region"].sel({"method": method}).values, float)
             if np.nanmax(region, initial=0) > 0:
-                style = {"colors": [colours[i]], "linestyles": _OUTLINES[i % len(_OUTLINES)]}
+                colour = colours[i % len(colours)]
+                style = {"colors": [colour], "linestyles": _OUTLINES[i % len(_OUTLINES)]}
                 ax.contour(*_pixel_edges(np.nan_to_num(region)), levels=[0.5], **style)
-                ax.plot(
-                    [], [], color=colours[i], ls=style["linestyles"], label=f"{method} reference"
-                )
+                ax.plot([], [], color=colour, ls=style["linestyles"], label=f"{method} reference")
                 outlined = True
         if outlined:
             ax.legend(loc="lower right", fontsize="small")
