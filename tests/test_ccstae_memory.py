@@ -148,8 +148,8 @@ def test_the_rotation_search_takes_blocks_that_fit():
     block, line = blocks(device=torch.device("cpu"), free=8 * 2**30)
     assert block == 404  # 5.3 MB each, in a quarter of 8.6 GB
     assert line == (
-        "ccstae: rotation search in blocks of 404 patterns: infer_batch_size 2,048 would hold "
-        "about 11 GB, and a quarter of the 8.6 GB free on the cpu is 2.1 GB"
+        "ccstae: rotation search in blocks of 404 patterns: blocks of 2,048 would hold about "
+        "11 GB, and a quarter of the 8.6 GB free on the cpu is 2.1 GB"
     )
 
 

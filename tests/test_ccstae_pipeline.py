@@ -197,10 +197,8 @@ def test_steps_too_large_for_the_memory_run_in_slices(square, monkeypatch, capsy
     err = capsys.readouterr().err
     assert "ccstae: training steps of 16 patterns in slices of 10, their gradients summed: " in err
     assert "ccstae: inference in steps of 13 patterns: infer_batch_size 256 would hold " in err
-    assert re.search(
-        r"ccstae: rotation search in blocks of \d+ patterns: infer_batch_size 256 ", err
-    )
-    assert re.search(r"ccstae: starting bases in blocks of \d+ patterns: blocks of 256 ", err)
+    assert re.search(r"ccstae: rotation search in blocks of \d+ patterns: blocks of 64 ", err)
+    assert re.search(r"ccstae: starting bases in blocks of \d+ patterns: blocks of 64 ", err)
     assert small.attrs["methods"]["ccstae"]["inference_batch"] == 13
     assert ds.attrs["methods"]["ccstae"]["inference_batch"] == 256
     _check_known_answer(small, truth)

@@ -302,8 +302,9 @@ def search_block(
     free: int | None = None,
 ) -> tuple[int, str | None]:
     """Patterns per block of the rotation search (:func:`search_bytes`): ``requested`` (the
-    config's ``infer_batch_size``), or as many as fit in :data:`SHARE` of the device's free
-    memory when fewer, and the sentence that says so; as :func:`batch_that_fits`.
+    config's ``infer_batch_size``, no more than the sample or a stored chunk holds), or as many
+    as fit in :data:`SHARE` of the device's free memory when fewer, and the sentence that says
+    so; as :func:`batch_that_fits`.
 
     Examples
     --------
@@ -312,12 +313,12 @@ def search_block(
     ...     device=torch.device("cpu"), free=8 * 2**30,
     ... )
     >>> print(line)
-    ccstae: rotation search in blocks of 404 patterns: infer_batch_size 2,048 would hold about \
-11 GB, and a quarter of the 8.6 GB free on the cpu is 2.1 GB
+    ccstae: rotation search in blocks of 404 patterns: blocks of 2,048 would hold about 11 GB, \
+and a quarter of the 8.6 GB free on the cpu is 2.1 GB
     """
     per_pattern = search_bytes(pattern_shape, radii=radii, n_angles=n_angles)
     step = "rotation search in blocks of {fits:,} patterns"
-    return _fitted(per_pattern, requested, device, free, step=step, asked="infer_batch_size")
+    return _fitted(per_pattern, requested, device, free, step=step, asked="blocks of")
 
 
 def template_block(

@@ -211,12 +211,10 @@ def _rotation_stage(
     h, w = data.shape[2:]
     search_radius = beam + 0.08 * min(h, w)  # the beam plus up to 8 % of the pattern of descan
     x = torch.from_numpy(sample)[:, None].to(device)
+    # The most patterns a block can hold: the sample, or one stored chunk of the scan.
+    most = min(config.infer_batch_size, max(len(x), int(np.prod(data.chunksize[:2]))))
     block, smaller = search_block(
-        (h, w),
-        radii=radii,
-        n_angles=config.search_angles,
-        requested=config.infer_batch_size,
-        device=device,
+        (h, w), radii=radii, n_angles=config.search_angles, requested=most, device=device
     )
     if smaller and report:
         report(smaller)
@@ -250,7 +248,7 @@ def _rotation_stage(
     symmetry = angular_symmetry(template.cpu())
     if start is None:
         start = _grain_of_one_turn(theta.reshape(rx, ry), symmetry).reshape(-1)[pick]
-    bases_block, smaller = template_block((h, w), requested=BLOCK, device=device)
+    bases_block, smaller = template_block((h, w), requested=min(BLOCK, len(x)), device=device)
     if smaller and report:
         report(smaller)
     learned = learn_bases(
