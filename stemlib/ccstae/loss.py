@@ -21,7 +21,7 @@ from .affine import invert, warp
 from .config import CCSTAEConfig
 from .model import CCSTAEOutput
 
-__all__ = ["LossParts", "cycle_loss", "robust_mean"]
+__all__ = ["LossParts", "cycle_loss", "outlier_threshold", "robust_mean"]
 
 
 @dataclass
@@ -39,6 +39,12 @@ class LossParts:
     hinge: torch.Tensor
 
 
+def outlier_threshold(losses: torch.Tensor, factor: float) -> torch.Tensor:
+    """``factor`` x the median of ``losses`` (B,), the level above which :func:`robust_mean`
+    compresses a loss (no gradient flows through it)."""
+    return factor * losses.detach().median().clamp_min(1e-12)
+
+
 def robust_mean(
     losses: torch.Tensor,
     factor: float,
@@ -48,7 +54,7 @@ def robust_mean(
 ) -> torch.Tensor:
     """Mean of ``losses`` (B,) with values above ``factor`` x their median log-compressed.
 
-    For a slice of a batch: ``tau`` is the whole batch's threshold (``factor`` x its median)
+    For a slice of a batch: ``tau`` is the whole batch's threshold (:func:`outlier_threshold`)
     and ``count`` its size, so that the slices' results sum to the batch's.
 
     Examples
@@ -62,7 +68,7 @@ def robust_mean(
     8.623
     """
     if tau is None:
-        tau = factor * losses.detach().median().clamp_min(1e-12)
+        tau = outlier_threshold(losses, factor)
     compressed = torch.where(
         losses > tau, tau * (1 + torch.log(losses.clamp_min(1e-30) / tau)), losses
     )

@@ -170,7 +170,7 @@ def host_available(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
     return available if left is None else max(min(available, left), 0)
 
 
-def _cgroup_left(cgroup: Path = Path("/sys/fs/cgroup")) -> int | None:
+def _cgroup_left(cgroup: Path) -> int | None:
     """Bytes that the memory limit of the control group mounted at ``cgroup`` leaves: the limit
     less the working set, which is the usage less the inactive file cache (the kernel reclaims
     that cache before it runs out; a container that has read a large scan has its usage near its

@@ -32,7 +32,7 @@ from ..masks import MaskSchedule
 from ..provenance import fingerprint, software_versions, utc_now
 from .config import CCSTAEConfig
 from .data import PatternStream, loader
-from .loss import cycle_loss, robust_mean
+from .loss import cycle_loss, outlier_threshold, robust_mean
 from .model import CCSTAE, accelerated, mixed_precision
 
 __all__ = [
@@ -371,7 +371,7 @@ def _step_loss(
                 out = forward(x[part], theta0[part], shift0[part])
             pieces.append(cycle_loss(out, x[part].float(), mask, config, center=center, batch=n))
     per_pattern = torch.cat([piece.per_pattern for piece in pieces])
-    tau = config.outlier_factor * per_pattern.median().clamp_min(1e-12)
+    tau = outlier_threshold(per_pattern, config.outlier_factor)
     value = robust_mean(per_pattern, config.outlier_factor, tau=tau) + sum(
         piece.l1 + piece.hinge for piece in pieces
     )
