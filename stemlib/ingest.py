@@ -10,19 +10,37 @@ then it is written again.
 from __future__ import annotations
 
 import posixpath
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    field_validator,
+    model_serializer,
+)
 
+from .binning import binned, binned_calibration, binned_truth, crop_scan, crop_truth
 from .calibration import Calibration
 from .errors import InputError
 from .io.readers import FORMATS, ReadOptions, SourceScan, open_source, source_companions
 from .io.scan_store import intact_scan, open_store_group, write_scan
 from .io.storage import Location, interrupted_publication, locate, redact, storage_errors
 from .provenance import fingerprint, software_versions, utc_now
+from .reference import REGION_PATTERN, check_rectangle, rectangle
 
-__all__ = ["IngestOptions", "IngestResult", "KeyedSource", "ingest", "keyed_source", "source_key"]
+__all__ = [
+    "IngestOptions",
+    "IngestResult",
+    "KeyedSource",
+    "ingest",
+    "keyed_source",
+    "refuse_shaping",
+    "shaped_source",
+    "source_key",
+]
 
 #: Bumped when the stored layout changes, so that old stores are not taken as finished work.
 STORE_VERSION = 1
@@ -30,6 +48,9 @@ STORE_VERSION = 1
 #: ``"auto"`` or a name of :data:`~stemlib.io.readers.FORMATS`: a fixed choice, so the Prefect
 #: form offers a dropdown and a misspelt format is refused before a run starts.
 SourceFormat = Literal[("auto", *FORMATS)]  # type: ignore[valid-type]
+
+#: The options that crop or bin the scan as it is read (:func:`shaped_source`).
+SHAPING = ("crop", "bin_scan", "bin_q")
 
 
 class IngestOptions(BaseModel):
@@ -55,9 +76,50 @@ class IngestOptions(BaseModel):
     allow_nonfinite: bool = Field(
         False, description="Store float data holding NaN/Inf (count recorded)."
     )
+    crop: str | None = Field(
+        None,
+        description="Probe positions to keep, 'RX0:RX1,RY0:RY1' (scan rows, columns; half-open), "
+        "before binning.",
+        pattern=REGION_PATTERN,
+    )
+    bin_scan: int = Field(
+        1,
+        ge=1,
+        description="Sum each N x N block of probe positions into one pattern (the probe step "
+        "grows N times): less noise per pattern, N times coarser maps.",
+    )
+    bin_q: int = Field(
+        1,
+        ge=1,
+        description="Sum each N x N block of detector pixels into one (the pixel size grows N "
+        "times): smaller patterns, faster strain mapping.",
+    )
     overwrite: bool = Field(
         False, description="Replace a different scan already stored at the destination."
     )
+
+    @field_validator("crop")
+    @classmethod
+    def _nonempty(cls, crop: str | None) -> str | None:
+        if crop is not None:
+            check_rectangle(crop, flag="--crop")
+        return crop
+
+    @model_serializer(mode="wrap")
+    def _without_unused_shaping(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """Cropping and binning are left out where unused: the options of a plain reading
+        serialise, and so fingerprint, as they did before they existed (no finished store or
+        result is taken for new work)."""
+        data = handler(self)
+        for name in SHAPING:
+            if getattr(self, name) == type(self).model_fields[name].default:
+                data.pop(name, None)
+        return data
+
+    @property
+    def shapes(self) -> bool:
+        """Whether the scan is cropped or binned as it is read."""
+        return self.crop is not None or self.bin_scan > 1 or self.bin_q > 1
 
     def read_options(self) -> ReadOptions:
         return ReadOptions(
@@ -126,17 +188,89 @@ class KeyedSource:
 
     def open(self) -> SourceScan:
         """The source opened lazily with the options it was keyed with
-        (:func:`~stemlib.io.readers.open_source`; close it, or use ``with``). A vendor file on
-        object storage is read from a local copy, removed when the scan is closed; the copy
-        holds the companion files listed for the key, not listed again, and the source is not
-        asked again whether it exists, is a folder, or how large it is."""
-        return open_source(
+        (:func:`~stemlib.io.readers.open_source`, then :func:`shaped_source`: calibrated,
+        cropped and binned; close it, or use ``with``). A vendor file on object storage is read
+        from a local copy, removed when the scan is closed; the copy holds the companion files
+        listed for the key, not listed again, and the source is not asked again whether it
+        exists, is a folder, or how large it is."""
+        scan = open_source(
             self.location.url,
             format=self.options.format,
             options=self.options.read_options(),
             companions=self.companions,
             info=self.info,
         )
+        try:
+            return shaped_source(scan, self.options)
+        except BaseException:
+            scan.close()
+            raise
+
+
+def refuse_shaping(url: str, options: IngestOptions | None) -> None:
+    """Refuse to crop or bin a scan store: ``options`` crop and bin a raw file as it is read,
+    and would be ignored for ``url``, a scan store already written.
+
+    Raises
+    ------
+    InputError
+        Where ``options`` crop or bin.
+    """
+    if options is not None and options.shapes:
+        raise InputError(
+            f"{redact(url)} is a scan store: --crop, --bin-scan and --bin-q apply as a raw file is "
+            "read; pass the raw file as SOURCE, or ingest it with them."
+        )
+
+
+def shaped_source(scan: SourceScan, options: IngestOptions) -> SourceScan:
+    """``scan`` as ``options`` ask to store it: their calibration overrides merged into the
+    file's, then its probe positions cropped to ``options.crop``, then binned by
+    ``options.bin_scan`` positions and ``options.bin_q`` detector pixels (:mod:`stemlib.binning`),
+    with its calibration and truth maps to match. Calibration overrides describe the file as
+    recorded (``--origin`` in its detector pixels): binning converts them.
+
+    Returns
+    -------
+    SourceScan
+        Its ``data`` lazy, of shape (RX', RY', QX', QY'); ``details`` add ``source_shape``, the
+        file's (RX, RY, QX, QY), where the scan was cropped or binned.
+
+    Raises
+    ------
+    InputError
+        For a crop outside the file's scan, or a bin larger than what it bins, naming the file.
+    """
+    calibration = scan.calibration.merged(options.calibration)
+    if not options.shapes:
+        return replace(scan, calibration=calibration)
+    data, truth = scan.data, scan.truth
+    where = redact(scan.source)
+    if options.crop is not None:
+        region = rectangle(options.crop, data.shape[:2], flag="--crop", where=f"{where}'s scan")
+        data = crop_scan(data, region)
+        truth = None if truth is None else crop_truth(truth, region)
+    for flag, factor, axes, what in (
+        ("--bin-scan", options.bin_scan, (0, 1), "scan of"),
+        ("--bin-q", options.bin_q, (2, 3), "patterns of"),
+    ):
+        shape = tuple(int(data.shape[a]) for a in axes)
+        if factor > min(shape):
+            raise InputError(
+                f"{flag} {factor} leaves nothing of {where}'s {what} {shape[0]} x {shape[1]}"
+                + (" (after --crop)" if flag == "--bin-scan" and options.crop else "")
+                + f"; give at most {min(shape)}."
+            )
+    data = binned(data, scan=options.bin_scan, q=options.bin_q)
+    if truth is not None:
+        truth = binned_truth(truth, options.bin_scan)
+    return replace(
+        scan,
+        data=data,
+        calibration=binned_calibration(calibration, scan=options.bin_scan, q=options.bin_q),
+        truth=truth,
+        details={**scan.details, "source_shape": [int(n) for n in scan.data.shape]},
+    )
 
 
 def keyed_source(
@@ -282,7 +416,7 @@ def ingest(source: str, dest: str, options: IngestOptions | None = None) -> Inge
     if done is not None:
         return IngestResult("skipped", out.url, key, done)
     with keyed.open() as scan:  # a vendor file on object storage: a local copy, for the block
-        calibration = scan.calibration.merged(options.calibration)
+        calibration = scan.calibration
         attrs = {
             "source": scan.source,
             "source_bytes": identity["size"],  # as the key's listing found it

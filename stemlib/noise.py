@@ -35,7 +35,7 @@ from dask.base import tokenize
 
 from .calibration import Calibration
 from .errors import InputError
-from .ingest import IngestOptions, keyed_source
+from .ingest import IngestOptions, keyed_source, refuse_shaping
 from .io.readers import SourceScan
 from .io.scan_store import WriteResult, finished_scan, open_scan, write_scan
 from .io.storage import Location, locate, redact, storage_errors
@@ -346,7 +346,7 @@ def _from_raw(raw: SourceScan, key: str, options: IngestOptions) -> _Clean:
     truth = raw.truth
     return _Clean(
         data=raw.data,
-        calibration=raw.calibration.merged(options.calibration),
+        calibration=raw.calibration,  # merged with the options' by KeyedSource.open
         extras=truth,
         attrs={
             **({"truth_symmetry": truth.attrs.get("truth_symmetry")} if truth is not None else {}),
@@ -419,6 +419,7 @@ def noise_store(
     params = {"background": background, "counts": counts, "seed": seed, "model": model}
     if info.get("type") != "file":  # a scan store, or a folder that open_scan explains
         scan = open_scan(src)
+        refuse_shaping(source, read)
         recipe = noise_recipe(scan.attrs.get("content_sha256"), **params)
         done = finished_scan(out, recipe)
         if done is not None:

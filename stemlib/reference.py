@@ -31,6 +31,9 @@ __all__ = [
     "parse_reference",
     "reference_name",
     "check_reference",
+    "rectangle",
+    "check_rectangle",
+    "REGION_PATTERN",
     "auto_reference",
     "describe_reference",
     "region_mean",
@@ -52,7 +55,9 @@ log = logging.getLogger("stemlib.reference")
 #: ``.npy`` path, or a boolean mask of shape (RX, RY) in memory.
 ReferenceLike: TypeAlias = "str | np.ndarray | xr.DataArray"
 
-_REGION = re.compile(r"^\s*(-?\d*)\s*:\s*(-?\d*)\s*,\s*(-?\d*)\s*:\s*(-?\d*)\s*$")
+#: A rectangle of scan indices, "RX0:RX1,RY0:RY1" (an empty bound: the scan's edge).
+REGION_PATTERN = r"^\s*(-?\d*)\s*:\s*(-?\d*)\s*,\s*(-?\d*)\s*:\s*(-?\d*)\s*$"
+_REGION = re.compile(REGION_PATTERN)
 
 
 def parse_reference(spec: ReferenceLike, scan_shape: tuple[int, int]) -> np.ndarray | None:
@@ -95,16 +100,8 @@ def parse_reference(spec: ReferenceLike, scan_shape: tuple[int, int]) -> np.ndar
     text = spec.strip()
     if text.lower() == "auto":
         return None
-    match = _REGION.match(text)
-    if match:
-        x0, x1, y0, y1 = _bounds(match, (rx, ry))
-        if min(x0, x1, y0, y1) < 0 or x1 > rx or y1 > ry:
-            raise InputError(
-                f"--reference {text} lies outside the scan of {rx} x {ry} positions; give "
-                f"RX0:RX1,RY0:RY1 with 0 <= RX0 < RX1 <= {rx} and 0 <= RY0 < RY1 <= {ry}."
-            )
-        if x0 >= x1 or y0 >= y1:
-            raise _empty(text)
+    if _REGION.match(text):
+        x0, x1, y0, y1 = rectangle(text, (rx, ry))
         mask = np.zeros((rx, ry), bool)
         mask[x0:x1, y0:y1] = True
         return mask
@@ -148,30 +145,64 @@ def check_reference(spec: str) -> None:
     text = str(spec).strip()
     if text.lower() == "auto":
         return
-    match = _REGION.match(text)
-    if match:
-        x0, x1, y0, y1 = _bounds(match, (sys.maxsize, sys.maxsize))
-        if x0 >= x1 or y0 >= y1:
-            raise _empty(text)
+    if _REGION.match(text):
+        check_rectangle(text)
     elif text.endswith(".npy"):
         _existing_mask(text)
     else:
         raise _not_understood(text)
 
 
-def _bounds(match: re.Match[str], scan_shape: tuple[int, int]) -> tuple[int, int, int, int]:
-    """X0, X1, Y0, Y1 of a matched rectangle, an empty bound at the scan's edge."""
+def rectangle(
+    text: str, scan_shape: tuple[int, int], *, flag: str = "--reference", where: str = "the scan"
+) -> tuple[int, int, int, int]:
+    """The rectangle ``"RX0:RX1,RY0:RY1"`` of scan indices (half-open; an empty bound means the
+    scan's edge) as (RX0, RX1, RY0, RY1).
+
+    Raises
+    ------
+    InputError
+        For text of another form, an empty rectangle, or one outside ``scan_shape``, in one
+        sentence naming ``flag`` and ``where`` (the scan).
+
+    Examples
+    --------
+    >>> rectangle("8:,0:16", (32, 24))
+    (8, 32, 0, 16)
+    """
+    rx, ry = (int(n) for n in scan_shape)
+    x0, x1, y0, y1 = check_rectangle(text, flag=flag, scan_shape=(rx, ry))
+    if min(x0, x1, y0, y1) < 0 or x1 > rx or y1 > ry:
+        raise InputError(
+            f"{flag} {text.strip()} lies outside {where} of {rx} x {ry} positions; give "
+            f"RX0:RX1,RY0:RY1 with 0 <= RX0 < RX1 <= {rx} and 0 <= RY0 < RY1 <= {ry}."
+        )
+    return x0, x1, y0, y1
+
+
+def check_rectangle(
+    text: str,
+    *,
+    flag: str = "--reference",
+    scan_shape: tuple[int, int] = (sys.maxsize, sys.maxsize),
+) -> tuple[int, int, int, int]:
+    """(RX0, RX1, RY0, RY1) of the rectangle ``text``, an empty bound at the edge of
+    ``scan_shape``; refuses text of another form or an empty rectangle in any scan, naming
+    ``flag``, before any scan is read."""
+    text = text.strip()
+    match = _REGION.match(text)
+    if not match:
+        raise InputError(f"{flag} {text!r} is not understood; give RX0:RX1,RY0:RY1 (e.g. 0:8,0:8).")
     edges = (0, scan_shape[0], 0, scan_shape[1])
-    return tuple(  # type: ignore[return-value]
+    x0, x1, y0, y1 = (
         int(v) if v not in ("", "-") else edge
         for v, edge in zip(match.groups(), edges, strict=True)
     )
-
-
-def _empty(text: str) -> InputError:
-    return InputError(
-        f"--reference {text} is an empty region; give RX0:RX1,RY0:RY1 with RX0 < RX1 and RY0 < RY1."
-    )
+    if x0 >= x1 or y0 >= y1:
+        raise InputError(
+            f"{flag} {text} is an empty region; give RX0:RX1,RY0:RY1 with RX0 < RX1 and RY0 < RY1."
+        )
+    return x0, x1, y0, y1
 
 
 def _not_understood(text: str) -> InputError:

@@ -12,6 +12,7 @@ __all__ = [
     "int_pair",
     "float_pair",
     "positive_int",
+    "region",
     "symmetry",
     "SYMMETRIES",
     "flag_error",
@@ -39,6 +40,20 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
     return value
+
+
+def region(text: str) -> str:
+    """Parse a rectangle of scan indices ``"RX0:RX1,RY0:RY1"`` (kept as text; the scan's size
+    is checked where it is read)."""
+    from stemlib.reference import check_rectangle
+
+    try:
+        check_rectangle(text, flag="")
+    except InputError:
+        raise argparse.ArgumentTypeError(
+            f"expected RX0:RX1,RY0:RY1 with RX0 < RX1 and RY0 < RY1 (e.g. 0:64,0:64), got {text!r}"
+        ) from None
+    return text.strip()
 
 
 def float_pair(text: str) -> tuple[float, float]:

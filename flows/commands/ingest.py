@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -11,15 +12,15 @@ from stemlib.ingest import IngestOptions, IngestResult, ingest
 from stemlib.io.readers import FORMATS, supported_formats
 from stemlib.io.storage import redact
 
-from ._args import flag_error, float_pair, int_pair
+from ._args import flag_error, float_pair, int_pair, positive_int, region
 
 __all__ = ["register", "options_from_args", "add_source_arguments", "describe"]
 
 
-def add_source_arguments(parser: argparse.ArgumentParser, *, nonfinite: bool = True) -> None:
-    """The options that say how to read a raw scan (shared by ``ingest``, ``run`` and
-    ``noise``); ``nonfinite``: also ``--allow-nonfinite``, for commands that store the patterns
-    as read."""
+def add_source_arguments(parser: argparse.ArgumentParser, *, stores: bool = True) -> None:
+    """The options that say how to read a raw scan (shared by ``ingest``, ``run``,
+    ``reprocess`` and ``noise``); ``stores``: also ``--allow-nonfinite`` and ``--overwrite``,
+    for commands that keep the patterns as read in a scan store."""
     read = parser.add_argument_group("reading the source")
     read.add_argument(
         "--format", default="auto", choices=["auto", *FORMATS], help="source format (default: auto)"
@@ -62,13 +63,44 @@ def add_source_arguments(parser: argparse.ArgumentParser, *, nonfinite: bool = T
         const=True,
         help="the detector is flipped against the scan (py4DSTEM's QR_flip)",
     )
-    if not nonfinite:
+    shape = parser.add_argument_group(
+        "cropping and binning (before the scan is stored; the calibration follows)"
+    )
+    shape.add_argument(
+        "--crop",
+        type=region,
+        metavar="RX0:RX1,RY0:RY1",
+        help="keep only these probe positions (scan rows, columns; half-open), e.g. 0:128,64:192",
+    )
+    shape.add_argument(
+        "--bin-scan",
+        type=positive_int,
+        default=1,
+        metavar="N",
+        help="sum each N x N block of probe positions into one pattern: about N times less "
+        "noise in each strain value, N times coarser maps (for a low dose)",
+    )
+    shape.add_argument(
+        "--bin-q",
+        type=positive_int,
+        default=1,
+        metavar="N",
+        help="sum each N x N block of detector pixels into one: patterns N^2 times smaller, "
+        "strain mapped faster (e.g. 2 for a 512 px detector)",
+    )
+    if not stores:
         return
     parser.add_argument(
         "--allow-nonfinite",
         action="store_true",
         help="store float data holding NaN/Inf (masked pixels); strain reads them as 0 counts, "
         "and a pattern that is all NaN gets no answer",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a different scan in the scan store: another file's, or this file's read "
+        "with other options (another --crop or binning, say)",
     )
 
 
@@ -116,6 +148,9 @@ def _options(args: argparse.Namespace) -> IngestOptions:
         frame_footer_bytes=args.frame_footer_bytes,
         calibration=calibration,
         allow_nonfinite=getattr(args, "allow_nonfinite", False),
+        crop=args.crop,
+        bin_scan=args.bin_scan,
+        bin_q=args.bin_q,
         overwrite=getattr(args, "overwrite", False),
     )
 
@@ -133,9 +168,23 @@ def describe(result: IngestResult) -> str:
             + (f", shards {tuple(a['shards'])}" if a.get("shards") else "")
             + f", {a['stored_bytes'] / 1e6:.1f} MB stored ({ratio:.1f}x compression)\n"
             f"  source {a['source']} read as {a['reader']}; "
-            f"content sha256 {a['content_sha256'][:16]}..."
+            f"content sha256 {a['content_sha256'][:16]}..." + _shaping(a)
         )
     return f"{head}\n  open it with:  xr.open_zarr({url!r})"
+
+
+def _shaping(attrs: dict[str, Any]) -> str:
+    """A line saying how the stored scan was cropped and binned from the file's, or nothing."""
+    shape = attrs.get("reader_details", {}).get("source_shape")
+    if shape is None:
+        return ""
+    options = attrs.get("ingest_options", {})
+    done = [f"cropped to {options['crop']}"] if options.get("crop") else []
+    for name, what in (("bin_scan", "positions"), ("bin_q", "pixels")):
+        n = options.get(name, 1)
+        if n > 1:
+            done.append(f"{what} binned {n} x {n}")
+    return f"\n  from the file's {tuple(shape)}: {', '.join(done)}"
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -167,9 +216,6 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     )
     parser.add_argument("dest", nargs="?", metavar="DEST", help="scan store to write: path or URL")
     add_source_arguments(parser)
-    parser.add_argument(
-        "--overwrite", action="store_true", help="replace a different scan stored at DEST"
-    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument(
         "--list-formats", action="store_true", help="list the supported formats and exit"

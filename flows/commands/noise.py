@@ -91,5 +91,5 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         help="background (the paper) or dose (shot noise only)",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    add_source_arguments(parser, nonfinite=False)  # for a raw SOURCE
+    add_source_arguments(parser, stores=False)  # for a raw SOURCE
     parser.set_defaults(run=_run)
