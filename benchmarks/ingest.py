@@ -13,6 +13,7 @@ Usage::
 
     python benchmarks/ingest.py               # 1 GB
     python benchmarks/ingest.py --size 8.6    # 256 x 256 x 256 x 256 uint16
+    python benchmarks/ingest.py --size 8.6 --bin 2   # binned 2 x 2 positions and pixels
 
 Goal (issue 3): stemflow >= 0.5 x cp with peak RSS < 1.5 GB at any size.
 """
@@ -42,11 +43,11 @@ STEP = textwrap.dedent(
     """
     import json, os, sys, time
     from stemlib.resources import peak_rss
-    kind, src, dst = sys.argv[1:4]
+    kind, src, dst, n = sys.argv[1:5]
     t0 = time.perf_counter()
     if kind == "stemflow":
-        from stemlib.ingest import ingest
-        ingest(src, dst)
+        from stemlib.ingest import IngestOptions, ingest
+        ingest(src, dst, IngestOptions(bin_scan=int(n), bin_q=int(n)))
     elif kind == "naive":
         import numpy as np, xarray as xr
         from stemlib.io.readers import open_source
@@ -112,9 +113,11 @@ def generate(workdir: Path, shape: tuple[int, int, int, int]) -> dict[str, Path]
     return {"npy": npy, "hdf5": h5}
 
 
-def run_step(kind: str, src: Path, dst: Path) -> dict[str, float]:
+def run_step(kind: str, src: Path, dst: Path, binning: int = 1) -> dict[str, float]:
     proc = subprocess.run(
-        [sys.executable, "-c", STEP, kind, str(src), str(dst)], capture_output=True, text=True
+        [sys.executable, "-c", STEP, kind, str(src), str(dst), str(binning)],
+        capture_output=True,
+        text=True,
     )
     if proc.returncode:
         raise RuntimeError(proc.stderr)
@@ -148,6 +151,12 @@ def main() -> None:
         "--workdir", type=Path, default=None, help="scratch folder (default: a temporary one)"
     )
     parser.add_argument("--formats", default="npy,hdf5")
+    parser.add_argument(
+        "--bin",
+        type=int,
+        default=1,
+        help="stemflow bins N x N positions and N x N pixels as it ingests (default 1: none)",
+    )
     args = parser.parse_args()
 
     workdir = Path(tempfile.mkdtemp(prefix="stemflow-bench-", dir=args.workdir))
@@ -168,7 +177,7 @@ def main() -> None:
             cp = run_cp(src, workdir / f"copy.{fmt}")
             (workdir / f"copy.{fmt}").unlink()
             drop_caches()
-            ours = run_step("stemflow", src, workdir / f"{fmt}.zarr")
+            ours = run_step("stemflow", src, workdir / f"{fmt}.zarr", args.bin)
             stored = du(workdir / f"{fmt}.zarr")
             shutil.rmtree(workdir / f"{fmt}.zarr")
             naive = None
@@ -208,14 +217,21 @@ def main() -> None:
         )
     machine = f"{platform.node()}: {os.cpu_count()} cores, {memory / GB:.0f} GB RAM"
     table = "\n".join(lines)
-    print(f"\nIngest benchmark, scan {shape} uint16, {machine}\n{table}")
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"ingest-{args.size:g}GB.md"
-    out.write_text(
-        f"# Ingest benchmark\n\nScan {shape} uint16; {machine}; {time.strftime('%Y-%m-%d')}\n\n"
-        f"{table}\n"
+    binned = (
+        f"; stemflow bins {args.bin} x {args.bin} positions and pixels (--bin-scan, --bin-q): "
+        "compression is the source's bytes over the binned store's"
+        if args.bin > 1
+        else ""
     )
-    (RESULTS / f"ingest-{args.size:g}GB.json").write_text(json.dumps(rows, indent=2))
+    print(f"\nIngest benchmark, scan {shape} uint16{binned}, {machine}\n{table}")
+    RESULTS.mkdir(exist_ok=True)
+    name = f"ingest-{args.size:g}GB" + (f"-bin{args.bin}" if args.bin > 1 else "")
+    out = RESULTS / f"{name}.md"
+    out.write_text(
+        f"# Ingest benchmark\n\nScan {shape} uint16{binned}; {machine}; "
+        f"{time.strftime('%Y-%m-%d')}\n\n{table}\n"
+    )
+    (RESULTS / f"{name}.json").write_text(json.dumps(rows, indent=2))
     print(f"wrote {out}")
 
 

@@ -381,8 +381,8 @@ def noise_store(
     background, counts, seed, model
         As :func:`add_noise`.
     read
-        How to read a raw ``source`` (format, HDF5 dataset, raw layout, calibration overrides);
-        ignored for a scan store.
+        How to read a raw ``source`` (format, HDF5 dataset, raw layout, calibration overrides,
+        cropping and binning); ignored for a scan store, which it may not crop or bin.
 
     Returns
     -------
@@ -400,7 +400,8 @@ def noise_store(
     ------
     InputError
         For bad parameters, a missing source, a store without the dims of CONVENTIONS.md, a raw
-        file its reader refuses, or ``dest`` equal to ``source``; nothing is published.
+        file its reader refuses, a scan store with ``read`` cropping or binning it, or ``dest``
+        equal to ``source``; nothing is published.
     """
     _check(background, counts, model, seed)
     src, out = locate(source), locate(dest)
