@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-from .metrics import rotation_difference, strain_errors
+from .metrics import reference_spread, rotation_difference, strain_errors
 from .truth import as_truth
 from .types import SCAN_DIMS
 
@@ -143,7 +143,10 @@ def compare_methods(
         dims (rx, ry) for each component (rotation wrapped by the symmetry), and the truth as
         ``truth_<c>`` when given.
     statistics : dict
-        ``coverage`` per method; for two methods, ``agreement`` per component (mean absolute
+        ``coverage`` per method; ``spread`` per method per component, its scatter in its
+        reference region (:func:`stemlib.metrics.reference_spread`: its precision, without a
+        truth), where ``ds`` holds ``reference_region``; for two methods, ``agreement`` per
+        component (mean absolute
         difference, Pearson correlation, positions compared) and ``warnings`` (sentences where
         their reference regions or symmetries differ, :func:`reference_disagreement`,
         :func:`symmetry_disagreement`); ``mae`` per method per
@@ -173,6 +176,8 @@ def compare_methods(
         "methods": methods,
         "coverage": {m: float(ds["valid"].sel({"method": m}).mean()) for m in methods},
     }
+    if "reference_region" in ds:
+        stats["spread"] = {m: reference_spread(ds.sel({"method": m})) for m in methods}
     if len(methods) >= 2:
         a, b = (ds.sel({"method": m}) for m in methods[:2])
         both = (a["valid"] & b["valid"]).values
@@ -229,8 +234,12 @@ def statistics_caption(stats: dict[str, Any]) -> str:
     'Coverage of ccstae and its error against the truth'
     >>> statistics_caption({"methods": ["ccstae", "py4dstem"], "agreement": {}, "mae": {}})
     'Coverage of ccstae and py4dstem, their agreement, and their error against the truth'
+    >>> statistics_caption({"methods": ["ccstae"], "spread": {}})
+    'Coverage of ccstae and its spread in the reference'
     """
     held = [f"Coverage of {' and '.join(stats['methods'])}"]
+    if "spread" in stats:
+        held.append(f"{'their' if len(stats['methods']) > 1 else 'its'} spread in the reference")
     if "agreement" in stats:
         held.append("their agreement")
     if "mae" in stats:
@@ -241,17 +250,19 @@ def statistics_caption(stats: dict[str, Any]) -> str:
 
 
 def statistics_table(stats: dict[str, Any]) -> str:
-    """A markdown table of :func:`compare_methods` statistics (strain x 1e-3, theta in deg)."""
+    """A markdown table of :func:`compare_methods` statistics (strain x 1e-3, theta in deg):
+    coverage, the error against the truth, the spread in the reference region (robust standard
+    deviation), and the two methods' agreement."""
     methods = stats["methods"]
     lines = ["| quantity | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
     lines.append(
         "| coverage | " + " | ".join(f"{stats['coverage'][m]:.1%}" for m in methods) + " |"
     )
-    for c in COMPONENTS:
-        if "mae" in stats:
+    for key, row in (("mae", "MAE {c} vs truth"), ("spread", "{c} spread in the reference")):
+        for c in COMPONENTS if key in stats else ():
             scale, unit = (np.degrees(1.0), "deg") if c == "theta" else (1e3, "1e-3")
-            values = " | ".join(f"{stats['mae'][m][c] * scale:.3f}" for m in methods)
-            lines.append(f"| MAE {c} vs truth ({unit}) | {values} |")
+            values = " | ".join(f"{stats[key][m][c] * scale:.3f}" for m in methods)
+            lines.append(f"| {row.format(c=c)} ({unit}) | {values} |")
     if "agreement" in stats:
         lines.append("")
         lines.append(

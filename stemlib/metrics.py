@@ -9,7 +9,10 @@ from .errors import InputError
 from .strain import fold_rotation
 from .truth import as_truth
 
-__all__ = ["rotation_difference", "strain_errors"]
+__all__ = ["rotation_difference", "strain_errors", "reference_spread", "SPREAD_MIN_POSITIONS"]
+
+#: Fewest valid positions of the reference region whose spread is reported (NaN below).
+SPREAD_MIN_POSITIONS = 5
 
 
 def rotation_difference(estimate: np.ndarray, truth: np.ndarray, symmetry: int) -> np.ndarray:
@@ -97,4 +100,56 @@ def strain_errors(
         rotation_difference(result["theta"].values, truth["theta"].values, int(symmetry))
     )[use]
     out["theta"] = float(dtheta.mean()) if dtheta.size else float("nan")
+    return out
+
+
+def reference_spread(result: xr.Dataset) -> dict[str, float]:
+    """How much one method's maps scatter inside its reference region: its precision, measured
+    on the scan itself, where no truth is known.
+
+    The reference region is the method's unstrained, unrotated lattice: every position there
+    should read zero, and what it reads instead is the method's random error at this dose (plus
+    any real strain the region holds). The spread is robust to the odd failed fit: 1.4826 times
+    the median absolute deviation from the median, a standard deviation for normal scatter. It
+    leaves out the error that is the same across a grain (a bias that differs from grain to
+    grain), so it is a floor of the error elsewhere: on simulated grains, py4DSTEM's spread was
+    1.34 / 1.33 / 1.04e-3 (exx, eyy, exy) against a root-mean-square error of 1.43 / 1.39 /
+    0.99e-3 in the other grains at 2e4 electrons per pattern, and 0.43-0.96 of it on 12 x 12
+    scans of both lattices at 50 % background.
+
+    Parameters
+    ----------
+    result
+        A strain dataset of one method (``exx, eyy, exy, theta, valid`` and
+        ``reference_region``, dims (rx, ry); select the method first).
+
+    Returns
+    -------
+    dict
+        ``exx, eyy, exy`` ("1"), ``theta`` (rad): the spread over the region's valid positions,
+        NaN with fewer than :data:`SPREAD_MIN_POSITIONS` of them; ``positions``, their number.
+
+    Examples
+    --------
+    >>> from stemlib.results import strain_dataset
+    >>> rng = np.random.default_rng(0)
+    >>> maps = {c: rng.normal(0, 1e-3, (40, 40)) for c in ("exx", "eyy", "exy", "theta")}
+    >>> region = np.zeros((40, 40), bool)
+    >>> region[:20] = True
+    >>> ds = strain_dataset("a", **maps, extras={"reference_region": (region, {"units": "1"})})
+    >>> spread = reference_spread(ds.isel({"method": 0}))
+    >>> round(spread["exx"] * 1e3, 1), spread["positions"]
+    (1.0, 800)
+    """
+    if "method" in result.dims:
+        result = result.isel({"method": 0})
+    region = np.asarray(result["reference_region"].values, float) > 0
+    use = region & np.asarray(result["valid"].values, bool)
+    out: dict[str, float] = {"positions": int(use.sum())}
+    for name in ("exx", "eyy", "exy", "theta"):
+        values = np.asarray(result[name].values, np.float64)[use]
+        if values.size < SPREAD_MIN_POSITIONS:
+            out[name] = float("nan")
+            continue
+        out[name] = float(1.4826 * np.median(np.abs(values - np.median(values))))
     return out

@@ -27,6 +27,7 @@ from .errors import InputError
 from .io.blocks import block_keys, missing_blocks
 from .io.scan_store import check_destination, open_store_group
 from .io.storage import Location, locate, redact, staged, storage_errors
+from .metrics import reference_spread
 from .strain import strain_in_scan_frame
 from .types import SCAN_DIMS
 
@@ -111,7 +112,9 @@ def strain_dataset(
     xarray.Dataset
         Variables of dims (method, rx, ry) with ``units`` and ``long_name``; ``convention``
         ``"stemflow-1"``; ``frame`` ``"detector"`` (that of ``exx``, ...); ``coverage``
-        (fraction valid) in the method's attributes.
+        (fraction valid) in the method's attributes, and ``reference_spread``
+        (:func:`stemlib.metrics.reference_spread`) where ``extras`` hold a
+        ``reference_region``.
 
     Examples
     --------
@@ -183,6 +186,8 @@ def strain_dataset(
         **dict(attrs or {}),
         "methods": {method: {"coverage": float(valid.mean()), **dict(method_attrs or {})}},
     }
+    if "reference_region" in ds:
+        ds.attrs["methods"][method]["reference_spread"] = reference_spread(ds)
     return ds
 
 

@@ -295,6 +295,12 @@ def test_known_strain_on_simulated_scans(simulated, lattice, rot, w):
     record = ds.attrs["methods"]["py4dstem"]
     assert record["coverage"] == pytest.approx(errors["coverage"])
     assert record["parameters"]["disk_radius_px"] == pytest.approx(1.6, abs=0.1)  # measured
+    # The precision in the reference grain: none to measure on identical clean patterns; the
+    # noise's, below the error bound, on noisy ones (measured 0.38-0.67e-3).
+    spread = record["reference_spread"]
+    assert spread["positions"] == int(truth["reference_mask"].values.sum())
+    for name in ("exx", "eyy", "exy"):
+        assert (spread[name] < 1e-6) if w == 0 else (2e-4 < spread[name] < tolerance), name
 
 
 @pytest.mark.parametrize(("lattice", "w"), [("square", 0.0), ("hexagonal", 0.5)])

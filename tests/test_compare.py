@@ -43,6 +43,40 @@ def test_differences_and_mae_against_a_known_truth():
     assert "| coverage | 100.0% | 83.3% |" in table
 
 
+def test_the_spread_in_the_reference_region_is_a_robust_standard_deviation():
+    """Known answer: normal scatter of 1e-3 over a 30 x 30 reference region, with 5 % failed
+    fits reading 5e-2 and positions without an answer; the spread is the 1e-3, the failed fits
+    do not move it by more than 10 %, and the other positions (strained by 1e-2) do not count."""
+    rng = np.random.default_rng(0)
+    region = np.zeros((40, 40), bool)
+    region[:30, :30] = True
+    scatter = {c: rng.normal(0, 1e-3, (40, 40)) for c in ("exx", "eyy", "exy", "theta")}
+    scatter = {c: np.where(region, v, v + 1e-2) for c, v in scatter.items()}
+    failed = rng.random((40, 40)) < 0.05
+    scatter["exx"] = np.where(failed, 5e-2, scatter["exx"])
+    valid = rng.random((40, 40)) > 0.1
+    extras = {"reference_region": (region, {"units": "1"})}
+    ds = strain_dataset("a", **scatter, valid=valid, extras=extras)
+    spread = ds.attrs["methods"]["a"]["reference_spread"]
+    assert spread["positions"] == int((region & valid).sum())
+    for name in ("exx", "eyy", "exy", "theta"):
+        assert spread[name] == pytest.approx(1e-3, rel=0.1), name
+    # A region with fewer than five answers gives no figure, and says how many it had.
+    few = np.zeros((40, 40), bool)
+    few[0, :4] = True
+    small = strain_dataset("b", **scatter, extras={"reference_region": (few, {"units": "1"})})
+    spread = small.attrs["methods"]["b"]["reference_spread"]
+    assert np.isnan(spread["exx"]) and spread["positions"] == 4
+    # Both in the statistics table, theta in degrees.
+    _, stats = compare_methods(combine_methods([ds, small]), symmetry=4)
+    table = statistics_table(stats)
+    assert (
+        f"| exx spread in the reference (1e-3) | {stats['spread']['a']['exx'] * 1e3:.3f} | nan |"
+        in table
+    )
+    assert "| theta spread in the reference (deg) | 0.05" in table
+
+
 def test_variables_of_one_method_are_nan_for_the_other_once_written(tmp_path):
     zero = np.zeros((2, 3))
     stored = []

@@ -143,8 +143,16 @@ def test_process_scan_publishes_both_methods_to_s3(prefect_harness, raw, s3, s3_
 
     logs, artifacts = _run_logs_and_artifacts(state.state_details.flow_run_id)
     assert "| MAE exx vs truth (1e-3) |" in artifacts and dest in artifacts
-    caption = "Coverage of ccstae and py4dstem, their agreement, and their error against the truth"
+    assert "| exx spread in the reference (1e-3) |" in artifacts
+    caption = (
+        "Coverage of ccstae and py4dstem, their spread in the reference, their agreement, and "
+        "their error against the truth"
+    )
     assert caption in artifacts
+    for method in ("ccstae", "py4dstem"):  # each method's precision, in its record and the table
+        spread = ds.attrs["methods"][method]["reference_spread"]
+        assert ds.attrs["statistics"]["spread"][method] == spread
+        assert 0 < spread["exx"] < 1.5e-3 and spread["positions"] > 10
     # The statistics are keyed by the scan (its own history in the Artifacts page); the maps
     # and the dataset link are this run's.
     keys = [a["key"] for a in json.loads(artifacts)]

@@ -75,6 +75,13 @@ def test_cli_writes_the_strain_store_and_the_maps(scan, tmp_path, capsys):
     errors = strain_errors(ds.sel({"method": "py4dstem"}), truth, symmetry=4)
     assert max(errors[c] for c in ("exx", "eyy", "exy")) < 1.5e-3
     assert (tmp_path / "strain-py4dstem.png").read_bytes()[:4] == b"\x89PNG"
+    # Its precision, printed as stored: the scatter of the maps in the reference region.
+    spread = record["reference_spread"]
+    strain = ", ".join(f"{c} {spread[c] * 1e3:.2f}" for c in ("exx", "eyy", "exy"))
+    assert (
+        f"  spread in the reference region ({spread['positions']} positions, robust std): "
+        f"{strain} (1e-3), theta {np.degrees(spread['theta']):.3f} deg"
+    ) in out
     # Where the sample is: the scan's virtual images, and their picture with the reference.
     assert f"virtual images {tmp_path / 'strain-virtual.png'}" in out
     assert (tmp_path / "strain-virtual.png").read_bytes()[:4] == b"\x89PNG"

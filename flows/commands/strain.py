@@ -20,6 +20,7 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import xarray as xr
 
 from stemlib.config_file import read_mapping, validated
@@ -195,6 +196,7 @@ def _run(args: argparse.Namespace) -> int:
         f"positions, coverage {100 * record['coverage']:.1f} %, "
         f"reference {ds.attrs.get('reference', args.reference)}, "
         f"symmetry {record.get('symmetry', ds.attrs.get('symmetry', args.symmetry))}",
+        *_spread(record.get("reference_spread")),
         f"  maps {redact(png)}",
         f"  virtual images {redact(virtual)}",
     ]
@@ -205,6 +207,18 @@ def _run(args: argparse.Namespace) -> int:
         ]
     print("\n".join([*lines, f"  open it with:  xr.open_zarr({redact(url)!r})"]))
     return 0
+
+
+def _spread(spread: dict[str, float] | None) -> list[str]:
+    """The line saying how much the maps scatter in the reference region (their precision), or
+    none where the region has too few valid positions."""
+    if not spread or not np.isfinite(spread["exx"]):
+        return []
+    strain = ", ".join(f"{c} {spread[c] * 1e3:.2f}" for c in ("exx", "eyy", "exy"))
+    return [
+        f"  spread in the reference region ({spread['positions']} positions, robust std): "
+        f"{strain} (1e-3), theta {np.degrees(spread['theta']):.3f} deg"
+    ]
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
