@@ -32,7 +32,7 @@ from stemlib.baseline_py4dstem import Py4DSTEMConfig
 from stemlib.ccstae import CCSTAEConfig
 from stemlib.ccstae.train import model_folder
 from stemlib.compare import statistics_caption
-from stemlib.ingest import IngestOptions, refuse_shaping
+from stemlib.ingest import IngestOptions, refuse_transforms
 from stemlib.io.storage import locate, redact
 from stemlib.rerun import finished_step, run_key, scan_identity
 from stemlib.types import Device, Method, Symmetry
@@ -110,7 +110,7 @@ def resolve_scan(source: str, scan_store: str, options: IngestOptions) -> dict[s
     ingesting (skipped when it already holds this source)."""
     identity = scan_identity(source)
     if identity is not None:
-        refuse_shaping(source, options)
+        refuse_transforms(source, options)
         return {"url": source, **identity, "status": "given"}
     record = ingest_scan.fn(source, scan_store, options)
     return {"url": scan_store, **scan_identity(scan_store), "status": record["status"]}

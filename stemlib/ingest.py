@@ -9,6 +9,7 @@ then it is written again.
 
 from __future__ import annotations
 
+import logging
 import posixpath
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
@@ -25,6 +26,7 @@ from pydantic import (
 from .binning import binned, binned_calibration, binned_truth, crop_scan, crop_truth
 from .calibration import Calibration
 from .errors import InputError
+from .hot_pixels import find_hot_pixels, repair_hot_pixels
 from .io.readers import FORMATS, ReadOptions, SourceScan, open_source, source_companions
 from .io.scan_store import intact_scan, open_store_group, write_scan
 from .io.storage import Location, interrupted_publication, locate, redact, storage_errors
@@ -37,8 +39,9 @@ __all__ = [
     "KeyedSource",
     "ingest",
     "keyed_source",
-    "refuse_shaping",
+    "refuse_transforms",
     "shaped_source",
+    "with_hot_pixels",
     "source_key",
 ]
 
@@ -49,8 +52,11 @@ STORE_VERSION = 1
 #: form offers a dropdown and a misspelt format is refused before a run starts.
 SourceFormat = Literal[("auto", *FORMATS)]  # type: ignore[valid-type]
 
-#: The options that crop or bin the scan as it is read (:func:`shaped_source`).
-SHAPING = ("crop", "bin_scan", "bin_q")
+log = logging.getLogger("stemlib.ingest")
+
+#: The options that change the patterns as they are read: crop and bin them
+#: (:func:`shaped_source`), repair hot pixels (:func:`with_hot_pixels`).
+TRANSFORMS = ("crop", "bin_scan", "bin_q", "hot_pixels")
 
 
 class IngestOptions(BaseModel):
@@ -94,6 +100,11 @@ class IngestOptions(BaseModel):
         description="Sum each N x N block of detector pixels into one (the pixel size grows N "
         "times): smaller patterns, faster strain mapping.",
     )
+    hot_pixels: bool = Field(
+        False,
+        description="Replace hot pixels (over five times their neighbours in the mean pattern) "
+        "in every pattern by the median of their neighbours.",
+    )
     overwrite: bool = Field(
         False, description="Replace a different scan already stored at the destination."
     )
@@ -106,12 +117,12 @@ class IngestOptions(BaseModel):
         return crop
 
     @model_serializer(mode="wrap")
-    def _without_unused_shaping(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        """Cropping and binning are left out where unused: the options of a plain reading
-        serialise, and so fingerprint, as they did before they existed (no finished store or
-        result is taken for new work)."""
+    def _without_unused_transforms(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """Cropping, binning and hot-pixel repair are left out where unused: the options of a
+        plain reading serialise, and so fingerprint, as they did before these existed (no
+        finished store or result is taken for new work)."""
         data = handler(self)
-        for name in SHAPING:
+        for name in TRANSFORMS:
             if getattr(self, name) == type(self).model_fields[name].default:
                 data.pop(name, None)
         return data
@@ -120,6 +131,11 @@ class IngestOptions(BaseModel):
     def shapes(self) -> bool:
         """Whether the scan is cropped or binned as it is read."""
         return self.crop is not None or self.bin_scan > 1 or self.bin_q > 1
+
+    @property
+    def transforms(self) -> bool:
+        """Whether the patterns are changed as they are read: cropped, binned or repaired."""
+        return self.shapes or self.hot_pixels
 
     def read_options(self) -> ReadOptions:
         return ReadOptions(
@@ -186,13 +202,14 @@ class KeyedSource:
         """:func:`source_key`."""
         return fingerprint(self.identity)
 
-    def open(self) -> SourceScan:
+    def open(self, *, hot_pixels: bool = True) -> SourceScan:
         """The source opened lazily with the options it was keyed with
         (:func:`~stemlib.io.readers.open_source`, then :func:`shaped_source`: calibrated,
         cropped and binned; close it, or use ``with``). A vendor file on object storage is read
         from a local copy, removed when the scan is closed; the copy holds the companion files
         listed for the key, not listed again, and the source is not asked again whether it
-        exists, is a folder, or how large it is."""
+        exists, is a folder, or how large it is. ``hot_pixels=False``: no sample of patterns is
+        read for hot pixels (for the stored shape alone)."""
         scan = open_source(
             self.location.url,
             format=self.options.format,
@@ -201,49 +218,86 @@ class KeyedSource:
             info=self.info,
         )
         try:
-            return shaped_source(scan, self.options)
+            return shaped_source(scan, self.options, hot_pixels=hot_pixels)
         except BaseException:
             scan.close()
             raise
 
 
-def refuse_shaping(url: str, options: IngestOptions | None) -> None:
-    """Refuse to crop or bin a scan store: ``options`` crop and bin a raw file as it is read,
-    and would be ignored for ``url``, a scan store already written.
+def refuse_transforms(url: str, options: IngestOptions | None) -> None:
+    """Refuse to change the patterns of a scan store: ``options`` crop, bin and repair a raw
+    file as it is read, and would be ignored for ``url``, a scan store already written.
 
     Raises
     ------
     InputError
-        Where ``options`` crop or bin.
+        Where ``options`` crop, bin or repair hot pixels.
     """
-    if options is not None and options.shapes:
+    if options is not None and options.transforms:
         raise InputError(
-            f"{redact(url)} is a scan store: --crop, --bin-scan and --bin-q apply as a raw file is "
-            "read; pass the raw file as SOURCE, or ingest it with them."
+            f"{redact(url)} is a scan store: --crop, --bin-scan, --bin-q and --hot-pixels apply "
+            "as a raw file is read; pass the raw file as SOURCE, or ingest it with them."
         )
 
 
-def shaped_source(scan: SourceScan, options: IngestOptions) -> SourceScan:
+def with_hot_pixels(scan: SourceScan, options: IngestOptions) -> SourceScan:
+    """``scan`` with its hot pixels (:func:`stemlib.hot_pixels.find_hot_pixels`, on a sample of
+    its patterns) replaced where ``options.hot_pixels`` asks; where it does not, a warning names
+    them and the option. ``details`` record them (``hot_pixels``: [[qx, qy], ...] in the
+    detector's pixels, before any binning; ``hot_pixels_repaired``)."""
+    hot = find_hot_pixels(scan.data)
+    if not len(hot):
+        return scan
+    listed = ", ".join(f"({qx}, {qy})" for qx, qy in hot[:5].tolist())
+    listed += ", ..." if len(hot) > 5 else ""
+    if not options.hot_pixels:
+        log.warning(
+            "%s: %d detector pixels read over five times their neighbours in the mean pattern "
+            "(hot pixels, at qx, qy %s); pass --hot-pixels to replace them by their "
+            "neighbours' median in every pattern.",
+            redact(scan.source),
+            len(hot),
+            listed,
+        )
+    details = {
+        **scan.details,
+        "hot_pixels": hot.tolist(),
+        "hot_pixels_repaired": options.hot_pixels,
+    }
+    data = repair_hot_pixels(scan.data, hot) if options.hot_pixels else scan.data
+    return replace(scan, data=data, details=details)
+
+
+def shaped_source(
+    scan: SourceScan, options: IngestOptions, *, hot_pixels: bool = True
+) -> SourceScan:
     """``scan`` as ``options`` ask to store it: their calibration overrides merged into the
-    file's, then its probe positions cropped to ``options.crop``, then binned by
-    ``options.bin_scan`` positions and ``options.bin_q`` detector pixels (:mod:`stemlib.binning`),
-    with its calibration and truth maps to match. Calibration overrides describe the file as
-    recorded (``--origin`` in its detector pixels): binning converts them.
+    file's, then its probe positions cropped to ``options.crop``, its hot pixels found (and
+    repaired, :func:`with_hot_pixels`), then binned by ``options.bin_scan`` positions and
+    ``options.bin_q`` detector pixels (:mod:`stemlib.binning`), with its calibration and truth
+    maps to match. Calibration overrides describe the file as recorded (``--origin`` in its
+    detector pixels): binning converts them. Hot pixels are looked for before binning, in the
+    detector's own pixels (binning sharpens a peaked direct beam against its neighbours).
+
+    Parameters
+    ----------
+    hot_pixels
+        False leaves hot pixels alone, unlooked for (no pattern is read: for a caller that
+        only needs the stored shape).
 
     Returns
     -------
     SourceScan
         Its ``data`` lazy, of shape (RX', RY', QX', QY'); ``details`` add ``source_shape``, the
-        file's (RX, RY, QX, QY), where the scan was cropped or binned.
+        file's (RX, RY, QX, QY), where the scan was cropped or binned, and the hot pixels
+        (:func:`with_hot_pixels`).
 
     Raises
     ------
     InputError
         For a crop outside the file's scan, or a bin larger than what it bins, naming the file.
     """
-    calibration = scan.calibration.merged(options.calibration)
-    if not options.shapes:
-        return replace(scan, calibration=calibration)
+    shaped = replace(scan, calibration=scan.calibration.merged(options.calibration))
     data, truth = scan.data, scan.truth
     where = redact(scan.source)
     if options.crop is not None:
@@ -261,15 +315,17 @@ def shaped_source(scan: SourceScan, options: IngestOptions) -> SourceScan:
                 + (" (after --crop)" if flag == "--bin-scan" and options.crop else "")
                 + f"; give at most {min(shape)}."
             )
-    data = binned(data, scan=options.bin_scan, q=options.bin_q)
-    if truth is not None:
-        truth = binned_truth(truth, options.bin_scan)
+    shaped = replace(shaped, data=data, truth=truth)
+    if hot_pixels:
+        shaped = with_hot_pixels(shaped, options)
+    if not options.shapes:
+        return shaped
     return replace(
-        scan,
-        data=data,
-        calibration=binned_calibration(calibration, scan=options.bin_scan, q=options.bin_q),
-        truth=truth,
-        details={**scan.details, "source_shape": [int(n) for n in scan.data.shape]},
+        shaped,
+        data=binned(shaped.data, scan=options.bin_scan, q=options.bin_q),
+        calibration=binned_calibration(shaped.calibration, scan=options.bin_scan, q=options.bin_q),
+        truth=None if truth is None else binned_truth(truth, options.bin_scan),
+        details={**shaped.details, "source_shape": [int(n) for n in scan.data.shape]},
     )
 
 

@@ -35,7 +35,7 @@ from dask.base import tokenize
 
 from .calibration import Calibration
 from .errors import InputError
-from .ingest import IngestOptions, keyed_source, refuse_shaping
+from .ingest import IngestOptions, keyed_source, refuse_transforms
 from .io.readers import SourceScan
 from .io.scan_store import WriteResult, finished_scan, open_scan, write_scan
 from .io.storage import Location, locate, redact, storage_errors
@@ -420,7 +420,7 @@ def noise_store(
     params = {"background": background, "counts": counts, "seed": seed, "model": model}
     if info.get("type") != "file":  # a scan store, or a folder that open_scan explains
         scan = open_scan(src)
-        refuse_shaping(source, read)
+        refuse_transforms(source, read)
         recipe = noise_recipe(scan.attrs.get("content_sha256"), **params)
         done = finished_scan(out, recipe)
         if done is not None:

@@ -157,7 +157,9 @@ def test_good_done_and_broken_scans(prefect_harness, one_scan, tmp_path, capsys)
     for name in ("new", "done"):
         scan = _latest(f"strain-day1-{name}")
         assert scan.data.startswith(f"## day1/{name}\n")
-        assert scan.description == "Coverage of py4dstem and its error against the truth"
+        assert scan.description == (
+            "Coverage of py4dstem, its spread in the reference, and its error against the truth"
+        )
 
     # Other parameters are another request, which the nightly run would not skip.
     from flows.process_scan import resolved_parameters

@@ -64,7 +64,7 @@ def add_source_arguments(parser: argparse.ArgumentParser, *, stores: bool = True
         help="the detector is flipped against the scan (py4DSTEM's QR_flip)",
     )
     shape = parser.add_argument_group(
-        "cropping and binning (before the scan is stored; the calibration follows)"
+        "cropping, binning and repairing (before the scan is stored; the calibration follows)"
     )
     shape.add_argument(
         "--crop",
@@ -87,6 +87,12 @@ def add_source_arguments(parser: argparse.ArgumentParser, *, stores: bool = True
         metavar="N",
         help="sum each N x N block of detector pixels into one: patterns N^2 times smaller, "
         "strain mapped faster (e.g. 2 for a 512 px detector)",
+    )
+    shape.add_argument(
+        "--hot-pixels",
+        action="store_true",
+        help="replace hot pixels (over five times their neighbours in the mean pattern; a "
+        "warning names them otherwise) by their neighbours' median in every pattern",
     )
     if not stores:
         return
@@ -151,6 +157,7 @@ def _options(args: argparse.Namespace) -> IngestOptions:
         crop=args.crop,
         bin_scan=args.bin_scan,
         bin_q=args.bin_q,
+        hot_pixels=args.hot_pixels,
         overwrite=getattr(args, "overwrite", False),
     )
 
@@ -174,17 +181,27 @@ def describe(result: IngestResult) -> str:
 
 
 def _shaping(attrs: dict[str, Any]) -> str:
-    """A line saying how the stored scan was cropped and binned from the file's, or nothing."""
-    shape = attrs.get("reader_details", {}).get("source_shape")
+    """Lines saying how the stored scan was cropped and binned from the file's and which hot
+    pixels were repaired, or nothing."""
+    details = attrs.get("reader_details", {})
+    repaired = details.get("hot_pixels") if details.get("hot_pixels_repaired") else None
+    fixed = (
+        f"\n  repaired {len(repaired)} hot pixels, at qx, qy "
+        + ", ".join(f"({qx}, {qy})" for qx, qy in repaired[:5])
+        + (", ..." if len(repaired) > 5 else "")
+        if repaired
+        else ""
+    )
+    shape = details.get("source_shape")
     if shape is None:
-        return ""
+        return fixed
     options = attrs.get("ingest_options", {})
     done = [f"cropped to {options['crop']}"] if options.get("crop") else []
     for name, what in (("bin_scan", "positions"), ("bin_q", "pixels")):
         n = options.get(name, 1)
         if n > 1:
             done.append(f"{what} binned {n} x {n}")
-    return f"\n  from the file's {tuple(shape)}: {', '.join(done)}"
+    return f"\n  from the file's {tuple(shape)}: {', '.join(done)}" + fixed
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -9,7 +9,7 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
-from stemlib.ingest import keyed_source, refuse_shaping
+from stemlib.ingest import keyed_source, refuse_transforms
 from stemlib.io import open_scan
 from stemlib.io.readers import needs_local_copy
 from stemlib.io.scan_store import check_destination
@@ -171,12 +171,12 @@ def _check(source: str, dest: str, options: dict[str, Any]) -> None:
     """
     ingest = options["ingest"]
     if _is_store(source):
-        refuse_shaping(source, ingest)
+        refuse_transforms(source, ingest)
         shape = open_scan(source).shape
     elif needs_local_copy(source, format=ingest.format):
         shape = None
     else:  # as it will be stored: cropped and binned
-        with keyed_source(locate(source), ingest).open() as scan:
+        with keyed_source(locate(source), ingest).open(hot_pixels=False) as scan:
             shape = scan.data.shape
     if shape is not None:
         parse_reference(options["reference"], (int(shape[0]), int(shape[1])))
