@@ -5,15 +5,16 @@ pattern: disk detection takes it for a Bragg disk and a registration pulls the l
 it. Three hot pixels of 500 counts in patterns of 2e4 electrons raised py4DSTEM's strain error
 fivefold and CC-ST-AE's eyy error from 0.9e-3 to 4.3e-3 (simulated grains, 64 px patterns).
 
-:func:`find_hot_pixels` looks for them in the mean of a sample of the scan's patterns (whole
-stored chunks spread over the scan): a hot pixel there reads more than five times the median of
-its 8 neighbours, by many times their noise. A Bragg disk is wider than one pixel: its centre is
-not five times its neighbours (the simulator's peaked direct beam reads 3.2 times). A disk of a
-single pixel would be taken for a hot pixel, which is why repairing them is a choice
-(``--hot-pixels``), not a default. The direct beam's peak is left alone. No pixel of the
-multislice development scans (clean, noisy and at 1,000 electrons per pattern) nor of noisy
-simulated ones is found; noiseless simulated scans of one grain at 48 px or less show a few of
-their sharp disk peaks as hot pixels.
+:func:`find_hot_pixels` looks for them in the mean and spread of a sample of the scan's
+patterns (whole stored chunks spread over the scan). A hot pixel there reads more than five
+times the median of its 8 neighbours, by many times their noise; above all of them but one (two
+side by side are found); steadily (its spread is under half its excess: a Bragg peak comes and
+goes with the grains); and alone (its neighbours read at most three times the pixels two away: a
+sharp disk lifts its flank). The direct beam's peak is not looked at. A Bragg disk is wider than
+one pixel, but one of a single pixel would be taken for a hot pixel: repairing them is a choice
+(``--hot-pixels``), not a default. No pixel of the multislice development scans (clean, noisy
+and at 1,000 electrons per pattern) nor of noisy simulated ones is found; noiseless simulated
+scans of one grain at 48 px or less show a few of their sharp disk peaks as hot pixels.
 :func:`repair_hot_pixels` replaces each in every pattern by the median of its other neighbours.
 """
 
