@@ -166,7 +166,7 @@ def test_a_stopped_run_leaves_no_process_behind(scan, vacuum, tmp_path):
     for how, (folder, _, tree) in runs.items():
         status, sentence = STOPS.get(how, (2, mistake))
         output = (folder / "output.txt").read_text(errors="replace")
-        assert ended[how] == status, how
+        assert ended[how] == status, (how, output[-3000:])  # what the run printed, if not
         # One server, by its port: a process it forks (to run lscpu) shows its command line
         # until it runs its own program, and is no second server.
         servers = {
