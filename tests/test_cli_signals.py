@@ -61,7 +61,15 @@ def _start(scan: str, tmp_path: Path, log: Path) -> subprocess.Popen[bytes]:
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            preexec_fn=_as_from_a_terminal,
         )
+
+
+def _as_from_a_terminal() -> None:
+    """Ctrl-C acts on the command as on one a terminal starts. A test run started as a
+    background job of a script (``make test &``) ignores SIGINT, and so would every process it
+    starts: the command's Ctrl-C run then finished its work and exited 0."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 class _Tree:
