@@ -221,6 +221,19 @@ def test_run_checks_the_reference_against_the_cropped_scan_and_refuses_to_bin_a_
     assert not (tmp_path / "n.zarr").exists() and not (tmp_path / "strain.zarr").exists()
 
 
+def test_the_form_refuses_an_empty_crop_in_one_sentence():
+    """The Prefect form's (and the API's) ``ingest.crop`` is checked as it is read, with the
+    sentence the command line gives."""
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError) as caught:
+        IngestOptions(crop="8:4,0:8")
+    assert (
+        "--crop 8:4,0:8 is an empty region; give RX0:RX1,RY0:RY1 with RX0 < RX1 and RY0 < RY1."
+        in caught.value.errors()[0]["msg"]
+    )
+
+
 @pytest.mark.parametrize("command", ["run", "reprocess"])
 def test_commands_that_keep_a_scan_store_can_replace_one_read_with_other_options(command):
     """A run binned by 2 and then by 4 into the same folder finds its scan store holding the
