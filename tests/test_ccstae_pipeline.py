@@ -319,6 +319,54 @@ def test_background_alone_is_refused_and_noisy_disks_keep_their_answer(
     assert max(errors[k] for k in ("exx", "eyy", "exy")) < 2e-3, errors
 
 
+def test_a_beam_off_the_detector_centre_and_off_its_record_is_found(tmp_path, caplog):
+    """A real detector's beam seldom sits at its centre, and a recorded beam centre can be
+    stale (a detector binned after it was recorded). Patterns cut from a larger simulation with
+    the beam 5 and 4 px off the centre, recorded at the centre: the masks centre on the beam
+    the patterns show, the maps keep their known answer, and the record is a warning (before,
+    the masks sat on the record and the scan was refused as holding no Bragg disks)."""
+    import xarray as xr
+
+    from stemlib.simulate import simulate
+    from stemlib.truth import as_truth
+
+    size = SIMULATION["pattern"]
+    sim = simulate(SimulationConfig(**{**SIMULATION, "pattern": size + 16}, seed=5))
+    window = sim["data"].isel(qx=slice(13, 13 + size), qy=slice(4, 4 + size))  # beam at 35, 44
+    scan = xr.DataArray(window.values, dims=window.dims, attrs={"origin_px": [40.0, 40.0]})
+    with caplog.at_level("WARNING", logger="stemlib.ccstae"):
+        ds = ccstae_strain(
+            scan,
+            reference=sim["reference_mask"].values,
+            config=CONFIG,
+            device="cpu",
+            workdir=str(tmp_path / "work"),
+            progress=False,
+        )
+    method = ds.attrs["methods"]["ccstae"]
+    assert method["setup"]["center"] == [35.0, 44.0]
+    _check_known_answer(ds, as_truth(sim))
+    warning = (
+        "the scan records its direct beam (origin_px) at (40, 40) px, 6.4 px from the beam in "
+        "its patterns, at (35.0, 44.0) px; the maps use the measured beam, but the scan's q "
+        "coordinates are off: ingest it again with --origin QX,QY (or --bin-q for a binned "
+        "detector)."
+    )
+    assert method["warnings"][0] == warning
+    assert warning in caplog.messages
+    # a record within a pixel of the beam is kept to the digit, and says nothing
+    scan.attrs["origin_px"] = [35.4, 43.7]
+    again = ccstae_strain(
+        scan,
+        reference=sim["reference_mask"].values,
+        config=CONFIG.model_copy(update={"epochs": 0}),
+        device="cpu",
+        progress=False,
+    )
+    assert again.attrs["methods"]["ccstae"]["setup"]["center"] == [35.4, 43.7]
+    assert not any("origin_px" in w for w in again.attrs["methods"]["ccstae"]["warnings"])
+
+
 @pytest.mark.slow
 def test_the_demo_scan_with_an_automatic_reference_matches_its_truth(tmp_path):
     """``make demo``'s scan and settings (the CPU preset, reference ``"auto"``): the reference

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import time
 import zipfile
 from contextlib import ExitStack
@@ -34,7 +35,7 @@ import xarray as xr
 from scipy import ndimage
 
 from ..angular import angular_order
-from ..beam import beam_radius
+from ..beam import beam_centre, beam_radius
 from ..calibration import Calibration
 from ..errors import InputError
 from ..io.scan_store import scan_label
@@ -70,6 +71,8 @@ from .rotation import (
 from .strain import strain_from_warps
 from .template import BLOCK, learn_bases
 from .train import Checkpoint, seeded, train
+
+log = logging.getLogger("stemlib.ccstae")
 
 __all__ = ["ccstae_strain", "train_on_scan", "base_lattice"]
 
@@ -325,6 +328,33 @@ def _grain_of_one_turn(theta: np.ndarray, symmetry: int) -> np.ndarray:
 MIN_ANGULAR_ORDER = 6.0
 
 
+def _recorded_centre(scan: Any) -> tuple[float, float]:
+    """The direct beam (qx, qy) px that ``scan`` records (``attrs["origin_px"]``), else the
+    detector's centre ``(QX // 2, QY // 2)``."""
+    origin = (getattr(scan, "attrs", None) or {}).get("origin_px")
+    if origin is not None:
+        return (float(origin[0]), float(origin[1]))
+    h, w = scan.shape[-2:]
+    return (float(h // 2), float(w // 2))
+
+
+def _origin_warnings(scan: Any, setup: dict[str, Any]) -> list[str]:
+    """A sentence where the scan's recorded direct beam lies outside the beam the training
+    measured in its patterns (a stale or wrong calibration), else none."""
+    origin = (getattr(scan, "attrs", None) or {}).get("origin_px")
+    (cx, cy), radius = setup["center"], setup["beam_radius_px"]
+    if origin is None or np.hypot(origin[0] - cx, origin[1] - cy) <= radius:
+        return []
+    warning = (
+        f"the scan records its direct beam (origin_px) at ({origin[0]:g}, {origin[1]:g}) px, "
+        f"{np.hypot(origin[0] - cx, origin[1] - cy):.1f} px from the beam in its patterns, at "
+        f"({cx:.1f}, {cy:.1f}) px; the maps use the measured beam, but the scan's q coordinates "
+        "are off: ingest it again with --origin QX,QY (or --bin-q for a binned detector)."
+    )
+    log.warning(warning)
+    return [warning]
+
+
 def _valid_positions(result: Inference, bases: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """Positions with an answer: finite warp, a crystalline base, and disks actually present.
 
@@ -386,13 +416,6 @@ def _train_stages(
     check_config(config, pattern_shape=(h, w))
     reference_mask = parse_reference(reference, (rx, ry))
     named = reference_name(reference)  # a mask in memory is hashed: once
-    attrs = dict(getattr(scan, "attrs", {}) or {})
-    origin = attrs.get("origin_px")
-    center = (
-        (float(origin[0]), float(origin[1]))
-        if origin is not None
-        else (float(h // 2), float(w // 2))
-    )
     timings: dict[str, float] = {}
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -416,6 +439,7 @@ def _train_stages(
             data, n=config.search_patterns, seed=config.seed, include=include
         )
         linear = Preprocess("linear", 1.0)(sample)
+        center = beam_centre(linear.mean(0), expected=_recorded_centre(scan))
         beam = beam_radius(linear.mean(0), center=center)
         schedule = config.mask or _derived_schedule(config, size=min(h, w), beam=beam)
         order = angular_order(linear, center=center, radii=schedule.radii(0))
@@ -451,6 +475,7 @@ def _train_stages(
                 f"not {named!r}; pass that reference or an empty workdir."
             )
         schedule = MaskSchedule.model_validate(setup["mask"])
+        center = (float(setup["center"][0]), float(setup["center"][1]))
     poisson = setup["noise_model"] == "poisson"
     preprocess = Preprocess("linear" if poisson else config.intensity, setup["intensity_scale"])
     timings["statistics_s"] = time.perf_counter() - start
@@ -623,7 +648,9 @@ def ccstae_strain(
         Lazy DataArray of shape (RX, RY, QX, QY) (``qx`` = pattern rows, axis 2), as
         :func:`stemlib.io.open_scan` returns, or a NumPy or dask array of that shape or a
         DataArray of those dims without attributes (:func:`stemlib.scan.as_scan`);
-        ``attrs["origin_px"]`` is the direct beam if known, else ``(QX // 2, QY // 2)``.
+        The masks centre on the direct beam measured in a sample of its patterns (where it
+        lies within 1 px of ``attrs["origin_px"]``, or without one of ``(QX // 2, QY // 2)``,
+        on that): a recorded beam outside the measured one is a warning.
     reference
         ``"auto"`` (the largest region of consistent lattice), ``"RX0:RX1,RY0:RY1"``, or a
         boolean mask of shape (RX, RY), in memory or the path of a ``.npy`` file
@@ -782,7 +809,9 @@ def ccstae_strain(
         save_bases_png(bases, bases_png, mask=ring_last)
     coords = {d: scan.coords[d] for d in SCAN_DIMS if d in scan.coords}
     described = describe_reference(t.reference_name, reference_mask)
-    warnings = reference_warnings(strain, valid, reference=described)
+    warnings = _origin_warnings(scan, setup) + reference_warnings(
+        strain, valid, reference=described
+    )
     return strain_dataset(
         "ccstae",
         **strain,

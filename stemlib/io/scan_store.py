@@ -706,12 +706,15 @@ def scan_label(scan: Any) -> str:
 
     >>> scan_label(xr.DataArray([0], name="data", attrs={"source": "/raw/scan.mib"}))
     '/raw/scan.mib'
+    >>> scan_label(xr.DataArray(da.zeros(3))), scan_label(xr.DataArray([0], name="tilt_series"))
+    ('the scan', 'tilt_series')
     """
     encoding = getattr(scan, "encoding", None) or {}
     attrs = getattr(scan, "attrs", None) or {}
-    return str(
-        encoding.get("source") or attrs.get("source") or getattr(scan, "name", None) or "the scan"
-    )
+    name = getattr(scan, "name", None)
+    if name is not None and name == getattr(getattr(scan, "data", None), "name", None):
+        name = None  # xarray names a DataArray after its dask array's key ("getitem-5c5d...")
+    return str(encoding.get("source") or attrs.get("source") or name or "the scan")
 
 
 @dataclass(frozen=True)
