@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
-from collections.abc import Mapping
 from importlib import metadata
 from typing import Any
 
@@ -52,13 +51,17 @@ def fingerprint(obj: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def input_provenance(scan_attrs: Mapping[str, Any]) -> dict[str, Any]:
+def input_provenance(scan: Any) -> dict[str, Any]:
     """What every strain result records of its making, whatever the method: the scan's
-    ``source`` and ``content_sha256`` (as ``input_content_sha256``; None for a scan that is no
-    store), the software versions and the time."""
+    ``source`` and content hash (``input_content_sha256``: its store's, for the store's patterns
+    as read, :func:`stemlib.scan.stored_content`; else None), the software versions and the
+    time."""
+    from .scan import stored_content
+
+    attrs = getattr(scan, "attrs", None) or {}
     return {
-        "source": str(scan_attrs.get("source") or "the scan"),
-        "input_content_sha256": scan_attrs.get("content_sha256"),
+        "source": str(attrs.get("source") or "the scan"),
+        "input_content_sha256": stored_content(scan),
         "software": software_versions(),
         "created": utc_now(),
     }

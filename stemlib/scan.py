@@ -18,10 +18,42 @@ from dask.base import tokenize
 from .errors import InputError
 from .types import DIMS
 
-__all__ = ["ScanLike", "as_scan"]
+__all__ = ["ScanLike", "as_scan", "stored_array_name", "stored_content"]
 
 #: What the strain methods accept as a scan.
 ScanLike: TypeAlias = "xr.DataArray | np.ndarray | da.Array"
+
+
+def stored_array_name(content_sha256: str, chunks: tuple[tuple[int, ...], ...], dtype: Any) -> str:
+    """The dask name :func:`stemlib.io.open_scan` gives the patterns of a store whose content
+    hash is ``content_sha256``, read in ``chunks`` (dask's normalised chunks) of ``dtype``."""
+    return "scan-" + tokenize(content_sha256, chunks, str(np.dtype(dtype)))
+
+
+def stored_content(scan: Any) -> str | None:
+    """The ``content_sha256`` of the scan store that ``scan`` holds as read, or None.
+
+    xarray keeps a DataArray's attributes through selections, binning and arithmetic
+    (``scan.isel(rx=slice(8))``, ``scan.coarsen(...).sum()``, ``add_noise(scan, ...)``): the
+    store's hash then no longer describes the values. It does only while the values are the
+    array :func:`stemlib.io.open_scan` read (its dask name, :func:`stored_array_name`).
+
+    Examples
+    --------
+    >>> chunks = ((2,), (3,), (8,), (8,))
+    >>> name = stored_array_name("ab", chunks, "uint16")
+    >>> data = da.zeros((2, 3, 8, 8), dtype="uint16", chunks=chunks, name=name)
+    >>> stored = xr.DataArray(data, dims=DIMS, attrs={"content_sha256": "ab"})
+    >>> stored_content(stored), stored_content(stored.isel(rx=[0])), stored_content(stored * 2)
+    ('ab', None, None)
+    """
+    attrs = getattr(scan, "attrs", None) or {}
+    content = attrs.get("content_sha256")
+    data = getattr(scan, "data", None)
+    if not content or not isinstance(data, da.Array):
+        return None
+    same = data.name == stored_array_name(content, data.chunks, data.dtype)
+    return str(content) if same else None
 
 
 def _labelled(scan: Any, name: str) -> xr.DataArray:
@@ -89,9 +121,10 @@ def _finite_block(block: np.ndarray, *, argument: str, block_info: Any = None) -
 
 def _checked_finite(scan: xr.DataArray, name: str) -> xr.DataArray:
     """``scan`` with its float values checked finite: at once in memory, per block when lazy (so
-    that building a graph computes nothing). A stemflow store is not checked again: its writer
-    refused NaN and Inf, or recorded them as ``nonfinite_pixels``, read as 0 counts."""
-    if scan.dtype.kind != "f" or scan.attrs.get("content_sha256"):
+    that building a graph computes nothing). A stemflow store as read is not checked again
+    (:func:`stored_content`): its writer refused NaN and Inf, or recorded them as
+    ``nonfinite_pixels``, read as 0 counts."""
+    if scan.dtype.kind != "f" or stored_content(scan):
         return scan
     if not isinstance(scan.data, da.Array):
         first = _first_nonfinite(np.asarray(scan.data))

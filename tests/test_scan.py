@@ -192,6 +192,46 @@ def test_ccstae_resumes_only_from_the_same_mask(simulated, tmp_path):
         ccstae_strain(simulated["data"], reference="auto", **run)
 
 
+def test_a_store_known_by_its_hash_only_as_read(simulated, tmp_path):
+    """xarray keeps a DataArray's attributes, the store's content hash among them, through
+    selections, binning and arithmetic. Regression: CC-ST-AE knew a noisy copy or a crop of an
+    opened store by the store's hash, so a workdir trained on the store was taken as trained
+    for them (it only inferred), results recorded the store's hash as their input, and a float
+    copy holding NaN was not checked. The hash now holds for the store's values as read."""
+    from stemlib.calibration import Calibration
+    from stemlib.ccstae.data import data_fingerprint
+    from stemlib.io import open_scan, write_scan
+    from stemlib.noise import add_noise
+    from stemlib.scan import stored_content
+
+    write_scan(simulated["data"].data, str(tmp_path / "scan.zarr"), calibration=Calibration())
+    scan = open_scan(str(tmp_path / "scan.zarr"))
+    content = scan.attrs["content_sha256"]
+    derived = {
+        "noisy": add_noise(scan, background=0.5, seed=0),
+        "crop": scan.isel(rx=slice(0, 6)),
+        "binned": scan.coarsen(qx=2, qy=2).sum(),
+        "scaled": scan * 2,
+    }
+    assert stored_content(scan) == data_fingerprint(scan) == content
+    assert stored_content(scan.rename("patterns").assign_attrs(note="kept")) == content
+    for name, other in derived.items():
+        assert content in other.attrs.values(), name  # the attribute is still there ...
+        assert stored_content(other) is None, name  # ... and no longer describes the values
+        assert data_fingerprint(other) != content, name
+    run = dict(reference=simulated["reference_mask"].values, config=TINY, device="cpu")
+    kept = ccstae_strain(scan, workdir=str(tmp_path / "work"), progress=False, **run)
+    assert kept.attrs["input_content_sha256"] == content
+    with pytest.raises(InputError, match="holds a checkpoint trained on another scan"):
+        ccstae_strain(derived["noisy"], workdir=str(tmp_path / "work"), progress=False, **run)
+    noisy = py4dstem_strain(derived["noisy"], reference=run["reference"])
+    assert noisy.attrs["input_content_sha256"] is None
+    with pytest.raises(
+        InputError, match=r"holds NaN or Inf, first in the pattern at \(rx, ry\) = \(0, 0\)"
+    ):
+        py4dstem_strain(scan.where(scan.rx > 0), reference=run["reference"])
+
+
 def test_the_entry_points_are_found_from_stemlib_and_import_their_libraries_when_used():
     """``stemlib.<tab>`` in a notebook lists both methods, the scores and the plots; ``import
     stemlib`` itself does not import PyTorch, py4DSTEM or matplotlib's pyplot (seconds more)."""

@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from ..errors import InputError
 from ..io.scan_store import finite_counts
 from ..resources import usable_cores
+from ..scan import stored_content
 
 __all__ = [
     "Preprocess",
@@ -318,11 +319,12 @@ def sample_patterns(
 
 
 def data_fingerprint(scan: Any) -> str:
-    """A stable identity of a scan: its stored ``content_sha256`` or a hash of shape, dtype and
-    a few patterns."""
-    attrs = getattr(scan, "attrs", {}) or {}
-    if attrs.get("content_sha256"):
-        return str(attrs["content_sha256"])
+    """A stable identity of a scan: its store's ``content_sha256`` for the store's patterns as
+    read (:func:`stemlib.scan.stored_content`), else a hash of shape, dtype and a few
+    patterns."""
+    content = stored_content(scan)
+    if content:
+        return content
     data = as_dask(scan)
     h = hashlib.sha256(f"{data.shape}{data.dtype}".encode())
     rx, ry = data.shape[:2]

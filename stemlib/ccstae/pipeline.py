@@ -834,7 +834,7 @@ def ccstae_strain(
         },
         attrs={
             "reference": described,
-            **input_provenance(scan.attrs),
+            **input_provenance(scan),
             "model_checkpoint_sha256": t.checkpoint_sha256,
         },
         method_attrs={

@@ -45,6 +45,7 @@ from zarr.codecs import BloscCodec, Crc32cCodec
 from ..calibration import Calibration, scan_coords
 from ..errors import InputError
 from ..provenance import fingerprint
+from ..scan import stored_array_name
 from ..types import DIMS
 from .blocks import block_keys, missing_blocks
 from .readers.base import READ_BLOCK_BYTES, probe_block
@@ -689,10 +690,16 @@ def open_scan(url: str | Location) -> xr.DataArray:
     chunks = scan.encoding.get("shards") or scan.encoding["chunks"]
     stored = _open_data(location)
     _refuse_damage(location, attrs, stored, group)
+    content = attrs.get("content_sha256")
+    normalised = da.core.normalize_chunks(chunks, stored.shape, dtype=stored.dtype)
     data = da.from_array(
         _Decoded(stored, where),
-        chunks=chunks,
-        name="scan-" + dask.base.tokenize(location.url, attrs.get("content_sha256"), chunks),
+        chunks=normalised,
+        name=(
+            stored_array_name(content, normalised, stored.dtype)
+            if content
+            else "scan-" + dask.base.tokenize(location.url, normalised)
+        ),
         asarray=False,
     )
     opened = scan.copy(data=data).assign_attrs({**ds.attrs, **scan.attrs})

@@ -305,7 +305,7 @@ def py4dstem_strain(
     attrs = {
         "reference": described,
         "symmetry": n,
-        **input_provenance(scan.attrs),
+        **input_provenance(scan),
     }
     method_attrs = {
         "method": "py4DSTEM template-correlation disk detection + per-pattern lattice fit",
