@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from .binning import binned_scan
 from .calibration import Calibration
 from .compare import compare_methods
 from .errors import InputError, StemflowError, StorageError
@@ -49,6 +50,7 @@ __all__ = [
     "StorageError",
     "add_noise",
     "as_scan",
+    "binned_scan",
     "ccstae_strain",
     "combine_methods",
     "compare_methods",

@@ -19,11 +19,15 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 
-from .calibration import Calibration
+from .calibration import Calibration, scan_coords
+from .errors import InputError
+from .scan import ScanLike, as_scan
+from .types import DIMS
 
 __all__ = [
     "crop_scan",
     "binned",
+    "binned_scan",
     "summed_dtype",
     "binned_calibration",
     "crop_truth",
@@ -116,6 +120,66 @@ def binned(data: da.Array, *, scan: int = 1, q: int = 1) -> da.Array:
     data = data.rechunk({a: max(f, data.chunksize[a] // f * f) for a, f in factors.items()})
     dtype = summed_dtype(data.dtype, scan**2 * q**2)
     return da.coarsen(np.sum, data, factors, dtype=dtype)
+
+
+def binned_scan(data: ScanLike, *, scan: int = 1, q: int = 1) -> xr.DataArray:
+    """A labelled scan binned as ``stemflow ingest --bin-scan --bin-q`` bins a raw file: for a
+    scan already opened (:func:`stemlib.io.open_scan`) or held in a notebook.
+
+    Unlike xarray's ``data.coarsen(...).sum()``, the calibration follows (probe step, pixel
+    size and beam centre, :func:`binned_calibration`), and with it the coordinates.
+
+    Parameters
+    ----------
+    data
+        A DataArray of dims (rx, ry, qx, qy) (its calibration attributes are converted, the
+        others kept), or a NumPy or dask array of shape (RX, RY, QX, QY) of counts.
+    scan, q
+        Positions per block along ``rx`` and ``ry``, pixels per block along ``qx`` and ``qy``
+        (:func:`binned`); at least 1 and at most the scan's (the pattern's) smaller side.
+
+    Returns
+    -------
+    xarray.DataArray of dims (rx, ry, qx, qy), of shape (RX // scan, RY // scan, QX // q,
+    QY // q) and :func:`summed_dtype`: lazy, or in memory where ``data`` was; coordinates
+    (where ``data`` has them) as :func:`stemlib.calibration.scan_coords` gives them.
+
+    Raises
+    ------
+    InputError
+        A factor below 1 or larger than what it bins, or a ``data`` that is no scan
+        (:func:`stemlib.scan.as_scan`).
+
+    Examples
+    --------
+    >>> counts = xr.DataArray(np.ones((4, 4, 6, 6), np.uint16), dims=("rx", "ry", "qx", "qy"),
+    ...                       attrs={"origin_px": [3.0, 3.0], "probe_step_nm": 0.5})
+    >>> out = binned_scan(counts, scan=2, q=2)
+    >>> out.shape, out.dtype, int(out[0, 0, 0, 0])
+    ((2, 2, 3, 3), dtype('uint32'), 16)
+    >>> out.attrs["origin_px"], out.attrs["probe_step_nm"]
+    ([1.25, 1.25], 1.0)
+    """
+    labelled = as_scan(data, name="data")
+    for name, factor, sides in (("scan", scan, labelled.shape[:2]), ("q", q, labelled.shape[2:])):
+        if not 1 <= factor <= min(sides):
+            raise InputError(
+                f"{name}={factor} cannot bin the {'scan' if name == 'scan' else 'patterns'} of "
+                f"{sides[0]} x {sides[1]}; give 1 to {min(sides)}."
+            )
+    calibration = binned_calibration(Calibration.from_attrs(labelled.attrs), scan=scan, q=q)
+    summed = binned(labelled.data, scan=scan, q=q)
+    if not isinstance(labelled.data, da.Array):
+        summed = summed.compute()
+    coords = scan_coords(tuple(summed.shape), calibration)
+    attrs = {k: v for k, v in labelled.attrs.items() if k not in Calibration.model_fields}
+    return xr.DataArray(
+        summed,
+        dims=DIMS,
+        coords={d: coords[d] for d in DIMS if d in labelled.coords},
+        attrs={**attrs, **calibration.to_attrs()},
+        name=labelled.name,
+    )
 
 
 def binned_calibration(calibration: Calibration, *, scan: int = 1, q: int = 1) -> Calibration:

@@ -9,6 +9,7 @@ import pytest
 from flows.cli import main
 from stemlib.binning import binned, binned_calibration, binned_truth, summed_dtype
 from stemlib.calibration import Calibration, scan_coords
+from stemlib.errors import InputError
 from stemlib.ingest import IngestOptions, ingest
 from stemlib.io import open_scan
 from stemlib.io.export import write_hdf5_scan
@@ -137,6 +138,39 @@ def test_ingest_crops_then_bins_a_raw_file_with_its_calibration_and_truth(tmp_pa
     # Another binning is another scan: not taken for the finished one.
     assert main([*command, "--bin-scan", "2"]) == 2
     assert "already holds a different scan" in capsys.readouterr().err
+
+
+def test_an_opened_scan_binned_in_a_notebook_is_the_scan_ingest_bins(tmp_path):
+    """``stemlib.binned_scan`` of a store, against the store ``ingest --bin-scan --bin-q`` writes
+    from the same file: the same counts, type, calibration and coordinates (xarray's own
+    ``coarsen(...).sum()`` keeps the unbinned calibration: the beam centre of the file's
+    pixels, its probe step)."""
+    import xarray as xr
+
+    from stemlib import binned_scan
+
+    _raw_with_truth(tmp_path / "raw.h5", shape=(10, 12, 17, 16))
+    calibration = ["--origin", "8.0,7.5", "--probe-step-nm", "0.5", "--q-pixel-size", "0.01"]
+    for name, shaping in (("plain", []), ("binned", ["--bin-scan", "2", "--bin-q", "3"])):
+        command = ["ingest", str(tmp_path / "raw.h5"), str(tmp_path / f"{name}.zarr"), "--quiet"]
+        assert main([*command, *shaping, *calibration, "--q-pixel-units", "1/A"]) == 0
+    expected = open_scan(str(tmp_path / "binned.zarr"))
+    plain = open_scan(str(tmp_path / "plain.zarr"))
+    got = binned_scan(plain, scan=2, q=3)
+    assert isinstance(got.data, da.Array) and got.dtype == expected.dtype == np.uint32
+    xr.testing.assert_identical(got.coords.to_dataset(), expected.coords.to_dataset())
+    np.testing.assert_array_equal(got.values, expected.values)
+    for key in ("origin_px", "probe_step_nm", "q_pixel_size", "q_pixel_units"):
+        assert got.attrs[key] == expected.attrs[key], key
+    assert plain.coarsen(qx=3, qy=3, boundary="trim").sum().attrs["origin_px"] == [8.0, 7.5]
+    in_memory = binned_scan(plain.values, scan=5)
+    assert isinstance(in_memory.data, np.ndarray) and in_memory.shape == (2, 2, 17, 16)
+    for factors, message in (
+        (dict(scan=11), r"scan=11 cannot bin the scan of 10 x 12; give 1 to 10\."),
+        (dict(q=0), r"q=0 cannot bin the patterns of 17 x 16; give 1 to 16\."),
+    ):
+        with pytest.raises(InputError, match=message):
+            binned_scan(plain, **factors)
 
 
 def test_plain_reading_options_fingerprint_as_before_cropping_and_binning_existed():
