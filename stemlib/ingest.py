@@ -14,6 +14,7 @@ import posixpath
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
+import numpy as np
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -23,10 +24,10 @@ from pydantic import (
     model_serializer,
 )
 
+from .bad_pixels import find_dead_pixels, find_hot_pixels, repair_pixels, sample_moments
 from .binning import binned, binned_calibration, binned_truth, crop_scan, crop_truth
 from .calibration import Calibration
 from .errors import InputError
-from .hot_pixels import find_hot_pixels, repair_hot_pixels
 from .io.readers import FORMATS, ReadOptions, SourceScan, open_source, source_companions
 from .io.scan_store import intact_scan, open_store_group, write_scan
 from .io.storage import Location, interrupted_publication, locate, redact, storage_errors
@@ -41,7 +42,7 @@ __all__ = [
     "keyed_source",
     "refuse_transforms",
     "shaped_source",
-    "with_hot_pixels",
+    "with_bad_pixels",
     "source_key",
 ]
 
@@ -55,8 +56,8 @@ SourceFormat = Literal[("auto", *FORMATS)]  # type: ignore[valid-type]
 log = logging.getLogger("stemlib.ingest")
 
 #: The options that change the patterns as they are read: crop and bin them
-#: (:func:`shaped_source`), repair hot pixels (:func:`with_hot_pixels`).
-TRANSFORMS = ("crop", "bin_scan", "bin_q", "hot_pixels")
+#: (:func:`shaped_source`), repair hot and dead pixels (:func:`with_bad_pixels`).
+TRANSFORMS = ("crop", "bin_scan", "bin_q", "hot_pixels", "dead_pixels")
 
 
 class IngestOptions(BaseModel):
@@ -105,6 +106,11 @@ class IngestOptions(BaseModel):
         description="Replace hot pixels (over five times their neighbours in the mean pattern) "
         "in every pattern by the median of their neighbours.",
     )
+    dead_pixels: bool = Field(
+        False,
+        description="Replace dead pixels (reading the same in every pattern, far under their "
+        "neighbours: a detector's gaps) in every pattern by the median of their neighbours.",
+    )
     overwrite: bool = Field(
         False, description="Replace a different scan already stored at the destination."
     )
@@ -118,7 +124,7 @@ class IngestOptions(BaseModel):
 
     @model_serializer(mode="wrap")
     def _without_unused_transforms(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        """Cropping, binning and hot-pixel repair are left out where unused: the options of a
+        """Cropping, binning and pixel repairs are left out where unused: the options of a
         plain reading serialise, and so fingerprint, as they did before these existed (no
         finished store or result is taken for new work)."""
         data = handler(self)
@@ -135,7 +141,7 @@ class IngestOptions(BaseModel):
     @property
     def transforms(self) -> bool:
         """Whether the patterns are changed as they are read: cropped, binned or repaired."""
-        return self.shapes or self.hot_pixels
+        return self.shapes or self.hot_pixels or self.dead_pixels
 
     def read_options(self) -> ReadOptions:
         return ReadOptions(
@@ -202,14 +208,14 @@ class KeyedSource:
         """:func:`source_key`."""
         return fingerprint(self.identity)
 
-    def open(self, *, hot_pixels: bool = True) -> SourceScan:
+    def open(self, *, bad_pixels: bool = True) -> SourceScan:
         """The source opened lazily with the options it was keyed with
         (:func:`~stemlib.io.readers.open_source`, then :func:`shaped_source`: calibrated,
         cropped and binned; close it, or use ``with``). A vendor file on object storage is read
         from a local copy, removed when the scan is closed; the copy holds the companion files
         listed for the key, not listed again, and the source is not asked again whether it
-        exists, is a folder, or how large it is. ``hot_pixels=False``: no sample of patterns is
-        read for hot pixels (for the stored shape alone)."""
+        exists, is a folder, or how large it is. ``bad_pixels=False``: no sample of patterns is
+        read for hot or dead pixels (for the stored shape alone)."""
         scan = open_source(
             self.location.url,
             format=self.options.format,
@@ -218,7 +224,7 @@ class KeyedSource:
             info=self.info,
         )
         try:
-            return shaped_source(scan, self.options, hot_pixels=hot_pixels)
+            return shaped_source(scan, self.options, bad_pixels=bad_pixels)
         except BaseException:
             scan.close()
             raise
@@ -231,66 +237,80 @@ def refuse_transforms(url: str, options: IngestOptions | None) -> None:
     Raises
     ------
     InputError
-        Where ``options`` crop, bin or repair hot pixels.
+        Where ``options`` crop, bin or repair pixels.
     """
     if options is not None and options.transforms:
         raise InputError(
-            f"{redact(url)} is a scan store: --crop, --bin-scan, --bin-q and --hot-pixels apply "
-            "as a raw file is read; pass the raw file as SOURCE, or ingest it with them."
+            f"{redact(url)} is a scan store: --crop, --bin-scan, --bin-q, --hot-pixels and "
+            "--dead-pixels apply as a raw file is read; pass the raw file as SOURCE, or ingest it "
+            "with them."
         )
 
 
-def with_hot_pixels(scan: SourceScan, options: IngestOptions) -> SourceScan:
-    """``scan`` with its hot pixels (:func:`stemlib.hot_pixels.find_hot_pixels`, on a sample of
-    its patterns) replaced where ``options.hot_pixels`` asks; where it does not, a warning names
-    them and the option. ``details`` record them (``hot_pixels``: [[qx, qy], ...] in the
-    detector's pixels, before any binning; ``hot_pixels_repaired``)."""
-    hot = find_hot_pixels(scan.data)
-    if not len(hot):
-        return scan
-    listed = ", ".join(f"({qx}, {qy})" for qx, qy in hot[:5].tolist())
-    listed += ", ..." if len(hot) > 5 else ""
-    if not options.hot_pixels:
-        log.warning(
-            "%s: %d detector pixels read over five times their neighbours in the mean pattern "
-            "(hot pixels, at qx, qy %s); pass --hot-pixels to replace them by their "
-            "neighbours' median in every pattern.",
-            redact(scan.source),
-            len(hot),
-            listed,
-        )
-    details = {
-        **scan.details,
-        "hot_pixels": hot.tolist(),
-        "hot_pixels_repaired": options.hot_pixels,
-    }
-    data = repair_hot_pixels(scan.data, hot) if options.hot_pixels else scan.data
-    return replace(scan, data=data, details=details)
+#: How :func:`with_bad_pixels` names each kind: its finder, and what the warning says they do.
+_BAD = {
+    "hot": (find_hot_pixels, "read over five times their neighbours in the mean pattern"),
+    "dead": (find_dead_pixels, "read the same in every pattern, far under their neighbours"),
+}
+
+
+def with_bad_pixels(scan: SourceScan, options: IngestOptions) -> SourceScan:
+    """``scan`` with its hot and dead pixels (:mod:`stemlib.bad_pixels`, on one sample of its
+    patterns) replaced where ``options.hot_pixels`` and ``options.dead_pixels`` ask; where they
+    do not, a warning names them and the option. ``details`` record them (``hot_pixels``,
+    ``dead_pixels``: [[qx, qy], ...] in the detector's pixels, before any binning;
+    ``hot_pixels_repaired``, ``dead_pixels_repaired``)."""
+    moments = sample_moments(scan.data)
+    details, repair = dict(scan.details), []
+    for kind, (find, what) in _BAD.items():
+        found = find(scan.data, moments=moments)
+        if not len(found):
+            continue
+        asked = bool(getattr(options, f"{kind}_pixels"))
+        if asked:
+            repair.append(found)
+        else:
+            listed = ", ".join(f"({qx}, {qy})" for qx, qy in found[:5].tolist())
+            log.warning(
+                "%s: %d detector pixels %s (%s pixels, at qx, qy %s); pass --%s-pixels to "
+                "replace them by their neighbours' median in every pattern.",
+                redact(scan.source),
+                len(found),
+                what,
+                kind,
+                listed + (", ..." if len(found) > 5 else ""),
+                kind,
+            )
+        details[f"{kind}_pixels"] = found.tolist()
+        details[f"{kind}_pixels_repaired"] = asked
+    if not repair:
+        return replace(scan, details=details)
+    return replace(scan, data=repair_pixels(scan.data, np.concatenate(repair)), details=details)
 
 
 def shaped_source(
-    scan: SourceScan, options: IngestOptions, *, hot_pixels: bool = True
+    scan: SourceScan, options: IngestOptions, *, bad_pixels: bool = True
 ) -> SourceScan:
     """``scan`` as ``options`` ask to store it: their calibration overrides merged into the
-    file's, then its probe positions cropped to ``options.crop``, its hot pixels found (and
-    repaired, :func:`with_hot_pixels`), then binned by ``options.bin_scan`` positions and
+    file's, then its probe positions cropped to ``options.crop``, its hot and dead pixels found
+    (and repaired, :func:`with_bad_pixels`), then binned by ``options.bin_scan`` positions and
     ``options.bin_q`` detector pixels (:mod:`stemlib.binning`), with its calibration and truth
     maps to match. Calibration overrides describe the file as recorded (``--origin`` in its
-    detector pixels): binning converts them. Hot pixels are looked for before binning, in the
+    detector pixels): binning converts them. Bad pixels are looked for before binning, in the
     detector's own pixels (binning sharpens a peaked direct beam against its neighbours).
 
     Parameters
     ----------
-    hot_pixels
-        False leaves hot pixels alone, unlooked for (no pattern is read: for a caller that
-        only needs the stored shape).
+    bad_pixels
+        False leaves hot and dead pixels alone, unlooked for (no pattern is read: for a caller
+        that only needs the stored shape).
 
     Returns
     -------
     SourceScan
         Its ``data`` lazy, of shape (RX', RY', QX', QY'); ``details`` add ``source_shape``, the
-        file's (RX, RY, QX, QY), where the scan was cropped or binned, and the hot pixels
-        (:func:`with_hot_pixels`).
+        file's (RX, RY, QX, QY), where the scan was cropped or binned, and the bad pixels
+        (:func:`with_bad_pixels`).
 
     Raises
     ------
@@ -316,8 +336,8 @@ def shaped_source(
                 + f"; give at most {min(shape)}."
             )
     shaped = replace(shaped, data=data, truth=truth)
-    if hot_pixels:
-        shaped = with_hot_pixels(shaped, options)
+    if bad_pixels:
+        shaped = with_bad_pixels(shaped, options)
     if not options.shapes:
         return shaped
     return replace(

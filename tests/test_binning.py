@@ -174,8 +174,8 @@ def test_an_opened_scan_binned_in_a_notebook_is_the_scan_ingest_bins(tmp_path):
 
 
 def test_plain_reading_options_fingerprint_as_before_cropping_and_binning_existed():
-    """Stores and results written before these options (cropping, binning, hot pixels) keep
-    their keys: a rerun skips them."""
+    """Stores and results written before these options (cropping, binning, hot and dead
+    pixels) keep their keys: a rerun skips them."""
     fields = {
         "format",
         "dataset",
@@ -190,7 +190,7 @@ def test_plain_reading_options_fingerprint_as_before_cropping_and_binning_existe
         "overwrite",
     }
     assert set(IngestOptions().model_dump(mode="json")) == fields
-    given = {"crop": "0:4,0:4", "bin_q": 2, "hot_pixels": True}
+    given = {"crop": "0:4,0:4", "bin_q": 2, "hot_pixels": True, "dead_pixels": True}
     shaped = IngestOptions(**given).model_dump(mode="json")
     assert {k: shaped[k] for k in given} == given and "bin_scan" not in shaped
     assert IngestOptions.model_validate(shaped) == IngestOptions(**given)
@@ -243,8 +243,8 @@ def test_run_checks_the_reference_against_the_cropped_scan_and_refuses_to_bin_a_
     assert main(["ingest", src, str(tmp_path / "s.zarr"), "--quiet"]) == 0
     store = str(tmp_path / "s.zarr")
     expected = (
-        f"{store} is a scan store: --crop, --bin-scan, --bin-q and --hot-pixels apply as a raw "
-        "file is read; pass the raw file as SOURCE, or ingest it with them."
+        f"{store} is a scan store: --crop, --bin-scan, --bin-q, --hot-pixels and --dead-pixels "
+        "apply as a raw file is read; pass the raw file as SOURCE, or ingest it with them."
     )
     for command in (
         ["run", store, dest],

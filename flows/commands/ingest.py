@@ -94,6 +94,13 @@ def add_source_arguments(parser: argparse.ArgumentParser, *, stores: bool = True
         help="replace hot pixels (over five times their neighbours in the mean pattern; a "
         "warning names them otherwise) by their neighbours' median in every pattern",
     )
+    shape.add_argument(
+        "--dead-pixels",
+        action="store_true",
+        help="replace dead pixels (reading the same in every pattern, far under their "
+        "neighbours: a detector's gaps; a warning names them otherwise) by their neighbours' "
+        "median in every pattern",
+    )
     if not stores:
         return
     parser.add_argument(
@@ -158,6 +165,7 @@ def _options(args: argparse.Namespace) -> IngestOptions:
         bin_scan=args.bin_scan,
         bin_q=args.bin_q,
         hot_pixels=args.hot_pixels,
+        dead_pixels=args.dead_pixels,
         overwrite=getattr(args, "overwrite", False),
     )
 
@@ -182,16 +190,17 @@ def describe(result: IngestResult) -> str:
 
 def _shaping(attrs: dict[str, Any]) -> str:
     """Lines saying how the stored scan was cropped and binned from the file's and which hot
-    pixels were repaired, or nothing."""
+    and dead pixels were repaired, or nothing."""
     details = attrs.get("reader_details", {})
-    repaired = details.get("hot_pixels") if details.get("hot_pixels_repaired") else None
-    fixed = (
-        f"\n  repaired {len(repaired)} hot pixels, at qx, qy "
-        + ", ".join(f"({qx}, {qy})" for qx, qy in repaired[:5])
-        + (", ..." if len(repaired) > 5 else "")
-        if repaired
-        else ""
-    )
+    fixed = ""
+    for kind in ("hot", "dead"):
+        repaired = details.get(f"{kind}_pixels") if details.get(f"{kind}_pixels_repaired") else None
+        if repaired:
+            fixed += (
+                f"\n  repaired {len(repaired)} {kind} pixels, at qx, qy "
+                + ", ".join(f"({qx}, {qy})" for qx, qy in repaired[:5])
+                + (", ..." if len(repaired) > 5 else "")
+            )
     shape = details.get("source_shape")
     if shape is None:
         return fixed

@@ -176,7 +176,7 @@ def _check(source: str, dest: str, options: dict[str, Any]) -> None:
     elif needs_local_copy(source, format=ingest.format):
         shape = None
     else:  # as it will be stored: cropped and binned
-        with keyed_source(locate(source), ingest).open(hot_pixels=False) as scan:
+        with keyed_source(locate(source), ingest).open(bad_pixels=False) as scan:
             shape = scan.data.shape
     if shape is not None:
         parse_reference(options["reference"], (int(shape[0]), int(shape[1])))

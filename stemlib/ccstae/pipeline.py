@@ -35,6 +35,7 @@ import xarray as xr
 from scipy import ndimage
 
 from ..angular import angular_order
+from ..bad_pixels import pixels_left
 from ..beam import beam_centre, beam_radius
 from ..calibration import Calibration
 from ..errors import InputError
@@ -445,12 +446,17 @@ def _train_stages(
         order = angular_order(linear, center=center, radii=schedule.radii(0))
         del linear
         if order < MIN_ANGULAR_ORDER:
-            where = scan_label(scan)
+            left = pixels_left(scan.attrs)
             raise InputError(
-                f"{where} shows no Bragg disks above the noise in the {len(sample)} patterns "
-                f"sampled (their angular order is {order:.1f} standard errors, a crystal's "
-                f"{MIN_ANGULAR_ORDER:g} or more: a vacuum or background-only scan); pass a "
-                "diffraction scan of a crystal."
+                f"{scan_label(scan)} shows no Bragg disks above the noise in the {len(sample)} "
+                f"patterns sampled (their angular order is {order:.1f} standard errors, a "
+                f"crystal's {MIN_ANGULAR_ORDER:g} or more: a vacuum or background-only scan"
+                + (
+                    f", or one whose detector's {left[0]} ingest found and left as they are); "
+                    f"ingest it again with {left[1]}, or pass a diffraction scan of a crystal."
+                    if left
+                    else "); pass a diffraction scan of a crystal."
+                )
             )
         ring = schedule.mask((h, w), 0)
         poisson = _poisson(config, sample, ring, dtype=data.dtype)

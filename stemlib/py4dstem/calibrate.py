@@ -440,7 +440,13 @@ def _plane(
     return (float(a), float(b), float(c), float(d), float(e), float(f))
 
 
-def calibrate(data: da.Array, config: Py4DSTEMConfig, *, where: str = "the scan") -> DetectionSetup:
+def calibrate(
+    data: da.Array,
+    config: Py4DSTEMConfig,
+    *,
+    where: str = "the scan",
+    left: tuple[str, str] | None = None,
+) -> DetectionSetup:
     """Measure the detection set-up on a sample of the scan.
 
     Parameters
@@ -451,6 +457,9 @@ def calibrate(data: da.Array, config: Py4DSTEMConfig, *, where: str = "the scan"
         Overrides (:class:`Py4DSTEMConfig`).
     where
         The scan's name, for messages.
+    left
+        The bad pixels ingest found and left, and the option that repairs them
+        (:func:`stemlib.bad_pixels.pixels_left`), for the refusal to name.
 
     Returns
     -------
@@ -524,8 +533,13 @@ def calibrate(data: da.Array, config: Py4DSTEMConfig, *, where: str = "the scan"
         raise InputError(
             f"{where} shows a lattice of Bragg disks above the noise in {int(indexed.sum())} of "
             f"{len(patterns)} patterns sampled over the scan (a vacuum scan, no crystal, "
-            "or disks too "
-            "faint to find in single patterns); pass a diffraction scan of a crystal."
+            "or disks too faint to find in single patterns"
+            + (
+                f", or a detector's {left[0]} that ingest found and left as they are); ingest "
+                f"it again with {left[1]}, or pass a diffraction scan of a crystal."
+                if left
+                else "); pass a diffraction scan of a crystal."
+            )
         )
     metrics = np.array([basis_metric(r[2:6].reshape(2, 2).T) for r in records[indexed]])
     prior = np.median(metrics, axis=0)
