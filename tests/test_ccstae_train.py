@@ -232,10 +232,19 @@ def test_unreadable_checkpoint(tmp_path):
 
 
 def test_fingerprint_is_the_stored_hash_or_a_content_hash(data):
+    """A store's patterns as read are known by its hash; the same attributes on other values
+    (here: a copy under another dask name) are not (:func:`stemlib.scan.stored_content`)."""
     import xarray as xr
 
-    scan = xr.DataArray(data, dims=("rx", "ry", "qx", "qy"), attrs={"content_sha256": "abc"})
+    from stemlib.scan import stored_array_name
+
+    name = stored_array_name("abc", data.chunks, data.dtype)
+    as_read = data.map_blocks(lambda b: b, name=name, meta=data._meta)  # as open_scan names it
+    attrs = {"content_sha256": "abc"}
+    scan = xr.DataArray(as_read, dims=("rx", "ry", "qx", "qy"), attrs=attrs)
     assert data_fingerprint(scan) == "abc"
+    copied = xr.DataArray(data, dims=("rx", "ry", "qx", "qy"), attrs=attrs)
+    assert data_fingerprint(copied) == data_fingerprint(data) != "abc"
     other = data_fingerprint(data + 1)
     assert data_fingerprint(data) == data_fingerprint(data) != other
 
