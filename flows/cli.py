@@ -10,6 +10,7 @@ server, the Dask workers and a store's temporary folder are cleaned up as on any
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import importlib
 import logging
@@ -26,7 +27,7 @@ from stemlib.config_file import validation_sentence
 from stemlib.errors import StemflowError
 from stemlib.provenance import software_versions
 
-__all__ = ["main", "build_parser", "quiet_resource_tracker"]
+__all__ = ["main", "build_parser", "quiet_resource_tracker", "patient_zarr_exit"]
 
 #: Subcommand modules, in the order ``stemflow --help`` lists them.
 COMMANDS = ("run", "demo", "reprocess", "ingest", "simulate", "noise", "strain", "sweep")
@@ -43,6 +44,38 @@ def quiet_resource_tracker() -> None:
     with this interpreter's ``-W`` options, so the option goes there."""
     if _QUIET_TRACKER not in sys.warnoptions:
         sys.warnoptions.append(_QUIET_TRACKER)
+
+
+#: Seconds zarr's I/O thread gets to finish at exit (zarr itself waits 0.2 s).
+ZARR_EXIT_S = 10.0
+
+
+def _close_zarr_loop() -> None:
+    """zarr's exit hook, given time: zarr waits 0.2 s for its I/O thread, then closes the event
+    loop, and where a run stopped mid-write left the thread busy (a loaded machine), that
+    raised "Cannot close a running event loop" with a traceback after the command's last line.
+    A thread still busy after :data:`ZARR_EXIT_S` ends with the process (a daemon)."""
+    from zarr.core import sync
+
+    loop, thread = sync.loop[0], sync.iothread[0]
+    if loop is not None and thread is not None and thread.is_alive():
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=ZARR_EXIT_S)
+        if thread.is_alive():
+            return
+    sync.cleanup_resources()
+
+
+def patient_zarr_exit() -> None:
+    """Replace zarr's exit hook by :func:`_close_zarr_loop` (once), where zarr has the hook and
+    the loop it closes (zarr 3.0-3.1; another zarr keeps its own)."""
+    from zarr.core import sync
+
+    if not all(hasattr(sync, name) for name in ("cleanup_resources", "loop", "iothread")):
+        return
+    atexit.unregister(sync.cleanup_resources)
+    atexit.unregister(_close_zarr_loop)
+    atexit.register(_close_zarr_loop)
 
 
 class Terminated(BaseException):
@@ -144,6 +177,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Prefect's temporary server gets 20 s to start; a loaded machine needed more
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     quiet_resource_tracker()
+    patient_zarr_exit()
     parser = build_parser()
     args = parser.parse_args(argv)
     _show_warnings(args.command)
