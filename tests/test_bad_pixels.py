@@ -17,6 +17,10 @@ from stemlib.io.export import write_hdf5_scan
 from stemlib.simulate import SimulationConfig, simulate
 from stemlib.truth import open_truth
 
+#: CC-ST-AE's cpu preset without its training: its maps are within 3 % of the trained ones on
+#: these scans (issue 6's notes: training changes no published map), in half the time.
+UNTRAINED = stemlib.CCSTAEConfig.preset("cpu", epochs=0)
+
 #: Hot pixels of the tests: in the background, on the detector's edge and corner, and two
 #: side by side (qx, qy) of 64 px patterns.
 HOT = [(10, 40), (50, 20), (0, 17), (63, 63), (33, 5), (33, 6)]
@@ -213,7 +217,10 @@ def test_dead_pixels_spoil_the_strain_and_repaired_they_do_not(tmp_path, capsys)
         out, err = capsys.readouterr()
         known = open_truth(dest)
         result = stemlib.ccstae_strain(
-            open_scan(dest), reference=known["reference_mask"].values, progress=False
+            open_scan(dest),
+            reference=known["reference_mask"].values,
+            config=UNTRAINED,
+            progress=False,
         )
         errors[case] = stemlib.strain_errors(result.sel({"method": "ccstae"}), known)
         details = open_scan(dest).attrs["reader_details"]
@@ -230,8 +237,8 @@ def test_dead_pixels_spoil_the_strain_and_repaired_they_do_not(tmp_path, capsys)
         if case == "repaired":
             assert "repaired 126 dead pixels, at qx, qy (0, 22), (1, 22)" in out
             assert details["dead_pixels_repaired"] is True
-    # Measured (1e-3, exx/eyy/exy): clean 1.04/0.87/0.73, dead 1.31/1.89/1.25, repaired
-    # 0.96/0.99/0.77.
+    # Measured (1e-3, exx/eyy/exy): clean 1.02/0.88/0.75, dead 1.36/1.92/1.27, repaired
+    # 0.96/0.99/0.77 (trained: 1.04/0.87/0.73, 1.31/1.89/1.25, 0.96/0.99/0.77).
     worse = [errors["dead"][k] / errors["clean"][k] for k in ("exx", "eyy", "exy")]
     assert min(worse) > 1.2 and max(worse) > 2, errors
     for name in ("exx", "eyy", "exy"):
