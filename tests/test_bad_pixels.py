@@ -275,19 +275,13 @@ def test_hot_pixels_spoil_the_strain_and_repaired_they_do_not(tmp_path, capsys):
     direct beam reads about 1,100 at its centre) against the same scan without them; ingested
     with --hot-pixels the error is the clean scan's. Without it, a warning names them."""
     counts, sim = _noisy()
-    names = [
-        v for v in sim.data_vars if v.startswith("truth_") or v in ("grain_id", "reference_mask")
-    ]
-    truth = sim[names]
-    truth.attrs["truth_symmetry"] = sim.attrs["truth_symmetry"]
     errors = {}
     for case, data, flags in (
         ("clean", counts.astype(np.uint16), []),
         ("hot", _with_hot(counts, 500), []),
         ("repaired", _with_hot(counts, 500), ["--hot-pixels"]),
     ):
-        raw, dest = tmp_path / f"{case}.h5", str(tmp_path / f"{case}.zarr")
-        write_hdf5_scan(da.from_array(data), raw, truth=truth)
+        raw, dest = _raw(tmp_path, case, data, sim), str(tmp_path / f"{case}.zarr")
         assert main(["ingest", str(raw), dest, "--quiet", *flags]) == 0
         out, err = capsys.readouterr()
         known = open_truth(dest)
