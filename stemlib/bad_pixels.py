@@ -62,7 +62,7 @@ __all__ = [
     "find_hot_pixels",
     "find_dead_pixels",
     "repair_pixels",
-    "pixels_left",
+    "no_disks_remedy",
 ]
 
 #: Patterns (at least, in whole chunks) that :func:`sample_moments` reads.
@@ -262,10 +262,10 @@ def find_dead_pixels(
 _DIRECTIONS = ((1, 0), (0, 1), (1, 1), (1, -1))
 
 
-def _nearest_good(good: np.ndarray, widest: int) -> list[tuple[np.ndarray, ...]]:
-    """For each of :data:`_DIRECTIONS`, the nearest ``good`` pixel of a (QX, QY) mask on each
-    side of every pixel, within ``widest`` px (fewer steps along a diagonal): ``(steps_plus,
-    flat_plus, steps_minus, flat_minus)``, arrays of shape (QX, QY), steps 0 where none is."""
+def _nearest_good(good: np.ndarray, widest: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """For each of :data:`_DIRECTIONS`, the flat index of the nearest ``good`` pixel of a
+    (QX, QY) mask on either side of every pixel, within ``widest`` px (fewer steps along a
+    diagonal): ``(plus, minus)``, arrays of shape (QX, QY), -1 where there is none."""
     qx, qy = good.shape
     flat = np.arange(qx * qy).reshape(qx, qy)
     padded_good = np.pad(good, widest, constant_values=False)
@@ -273,17 +273,15 @@ def _nearest_good(good: np.ndarray, widest: int) -> list[tuple[np.ndarray, ...]]
     found = []
     for dx, dy in _DIRECTIONS:
         reach = widest if 0 in (dx, dy) else int(widest / np.sqrt(2))  # px, not steps
-        sides: list[np.ndarray] = []
+        sides = []
         for sign in (1, -1):
-            steps = np.zeros((qx, qy), int)
             index = np.full((qx, qy), -1)
             for k in range(1, reach + 1):
                 x0, y0 = widest + sign * k * dx, widest + sign * k * dy
-                take = padded_good[x0 : x0 + qx, y0 : y0 + qy] & (steps == 0)
-                steps[take] = k
+                take = padded_good[x0 : x0 + qx, y0 : y0 + qy] & (index < 0)
                 index[take] = padded_flat[x0 : x0 + qx, y0 : y0 + qy][take]
-            sides += [steps, index]
-        found.append(tuple(sides))
+            sides.append(index)
+        found.append((sides[0], sides[1]))
     return found
 
 
@@ -295,10 +293,9 @@ def _across(mean: np.ndarray, steady: np.ndarray, widest: int) -> np.ndarray:
     disk, good on its bright side only, from passing for a gap."""
     values = mean.astype(np.float64).ravel()
     best = np.full(mean.shape, np.nan)
-    for plus, at_plus, minus, at_minus in _nearest_good(~steady, widest):
-        both = (plus > 0) & (minus > 0)
-        lesser = np.minimum(values[at_plus], values[at_minus])
-        best = np.fmax(best, np.where(both, lesser, np.nan))
+    for plus, minus in _nearest_good(~steady, widest):
+        lesser = np.minimum(values[plus], values[minus])
+        best = np.fmax(best, np.where((plus >= 0) & (minus >= 0), lesser, np.nan))
     return best
 
 
@@ -380,13 +377,23 @@ def repair_pixels(data: da.Array, pixels: np.ndarray) -> da.Array:
     return whole.map_blocks(_repair_block, layers=_layers(bad), dtype=data.dtype, meta=whole._meta)
 
 
-def pixels_left(attrs: Mapping[str, Any]) -> tuple[str, str] | None:
-    """The bad pixels that ingest found in a scan store's detector and left as they are (its
-    ``reader_details``), for a refusal to name: ``("252 dead pixels", "--dead-pixels")``, the
-    dead ones first; None where it left none (or the scan is no store)."""
+def no_disks_remedy(attrs: Mapping[str, Any]) -> tuple[str, str]:
+    """How a refusal of a scan that shows no Bragg disks ends, for both strain methods: a clause
+    naming the bad pixels that ingest found in a scan store's detector and left as they are
+    (its ``reader_details``, the dead ones first; ``""`` where it left none, or the scan is no
+    store), and the fix.
+
+    >>> no_disks_remedy({"reader_details": {"dead_pixels": [[0, 1], [0, 2]]}})
+    (", or a detector's 2 dead pixels that ingest found and left as they are", \
+'ingest it again with --dead-pixels, or pass a diffraction scan of a crystal')
+    """
     details = attrs.get("reader_details") or {}
     for kind in ("dead", "hot"):
         found = details.get(f"{kind}_pixels")
         if found and not details.get(f"{kind}_pixels_repaired"):
-            return f"{len(found)} {kind} pixels", f"--{kind}-pixels"
-    return None
+            return (
+                f", or a detector's {len(found)} {kind} pixels that ingest found and left as "
+                "they are",
+                f"ingest it again with --{kind}-pixels, or pass a diffraction scan of a crystal",
+            )
+    return "", "pass a diffraction scan of a crystal"

@@ -258,7 +258,7 @@ def test_a_gap_cross_through_the_beam_is_refused_with_its_remedy(tmp_path, capsy
     scan = open_scan(str(tmp_path / "cross.zarr"))
     with pytest.raises(
         stemlib.InputError,
-        match=r"a vacuum or background-only scan, or one whose detector's 252 dead pixels ingest "
+        match=r"a vacuum or background-only scan, or a detector's 252 dead pixels that ingest "
         r"found and left as they are\); ingest it again with --dead-pixels, or pass a",
     ):
         stemlib.ccstae_strain(scan, progress=False)

@@ -35,7 +35,7 @@ import xarray as xr
 from scipy import ndimage
 
 from ..angular import angular_order
-from ..bad_pixels import pixels_left
+from ..bad_pixels import no_disks_remedy
 from ..beam import beam_centre, beam_radius
 from ..calibration import Calibration
 from ..errors import InputError
@@ -343,12 +343,15 @@ def _origin_warnings(scan: Any, setup: dict[str, Any]) -> list[str]:
     """A sentence where the scan's recorded direct beam lies outside the beam the training
     measured in its patterns (a stale or wrong calibration), else none."""
     origin = (getattr(scan, "attrs", None) or {}).get("origin_px")
+    if origin is None:
+        return []
     (cx, cy), radius = setup["center"], setup["beam_radius_px"]
-    if origin is None or np.hypot(origin[0] - cx, origin[1] - cy) <= radius:
+    off = float(np.hypot(origin[0] - cx, origin[1] - cy))
+    if off <= radius:
         return []
     warning = (
         f"the scan records its direct beam (origin_px) at ({origin[0]:g}, {origin[1]:g}) px, "
-        f"{np.hypot(origin[0] - cx, origin[1] - cy):.1f} px from the beam in its patterns, at "
+        f"{off:.1f} px from the beam in its patterns, at "
         f"({cx:.1f}, {cy:.1f}) px; the maps use the measured beam, but the scan's q coordinates "
         "are off: ingest it again with --origin QX,QY (or --bin-q for a binned detector)."
     )
@@ -440,23 +443,19 @@ def _train_stages(
             data, n=config.search_patterns, seed=config.seed, include=include
         )
         linear = Preprocess("linear", 1.0)(sample)
-        center = beam_centre(linear.mean(0), expected=_recorded_centre(scan))
-        beam = beam_radius(linear.mean(0), center=center)
+        mean = linear.mean(0)
+        center = beam_centre(mean, expected=_recorded_centre(scan))
+        beam = beam_radius(mean, center=center)
         schedule = config.mask or _derived_schedule(config, size=min(h, w), beam=beam)
         order = angular_order(linear, center=center, radii=schedule.radii(0))
         del linear
         if order < MIN_ANGULAR_ORDER:
-            left = pixels_left(scan.attrs)
+            left, fix = no_disks_remedy(scan.attrs)
             raise InputError(
                 f"{scan_label(scan)} shows no Bragg disks above the noise in the {len(sample)} "
                 f"patterns sampled (their angular order is {order:.1f} standard errors, a "
                 f"crystal's {MIN_ANGULAR_ORDER:g} or more: a vacuum or background-only scan"
-                + (
-                    f", or one whose detector's {left[0]} ingest found and left as they are); "
-                    f"ingest it again with {left[1]}, or pass a diffraction scan of a crystal."
-                    if left
-                    else "); pass a diffraction scan of a crystal."
-                )
+                f"{left}); {fix}."
             )
         ring = schedule.mask((h, w), 0)
         poisson = _poisson(config, sample, ring, dtype=data.dtype)

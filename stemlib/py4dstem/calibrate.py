@@ -16,6 +16,7 @@ From a sample of patterns spread over the scan (a few whole chunks, never the wh
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -24,6 +25,7 @@ import dask.array as da
 import numpy as np
 from scipy import ndimage, signal
 
+from ..bad_pixels import no_disks_remedy
 from ..errors import InputError
 from ._import import load_py4dstem
 from .config import Py4DSTEMConfig
@@ -445,7 +447,7 @@ def calibrate(
     config: Py4DSTEMConfig,
     *,
     where: str = "the scan",
-    left: tuple[str, str] | None = None,
+    attrs: Mapping[str, Any] | None = None,
 ) -> DetectionSetup:
     """Measure the detection set-up on a sample of the scan.
 
@@ -457,9 +459,9 @@ def calibrate(
         Overrides (:class:`Py4DSTEMConfig`).
     where
         The scan's name, for messages.
-    left
-        The bad pixels ingest found and left, and the option that repairs them
-        (:func:`stemlib.bad_pixels.pixels_left`), for the refusal to name.
+    attrs
+        The scan's attributes: bad pixels that ingest found and left are named in the refusal
+        (:func:`stemlib.bad_pixels.no_disks_remedy`).
 
     Returns
     -------
@@ -530,16 +532,11 @@ def calibrate(
             f"min_vacuum_patterns={config.min_vacuum_patterns}; use template: auto or synthetic."
         )
     if indexed.mean() < config.min_sample_indexed:
+        left, fix = no_disks_remedy(attrs or {})
         raise InputError(
             f"{where} shows a lattice of Bragg disks above the noise in {int(indexed.sum())} of "
             f"{len(patterns)} patterns sampled over the scan (a vacuum scan, no crystal, "
-            "or disks too faint to find in single patterns"
-            + (
-                f", or a detector's {left[0]} that ingest found and left as they are); ingest "
-                f"it again with {left[1]}, or pass a diffraction scan of a crystal."
-                if left
-                else "); pass a diffraction scan of a crystal."
-            )
+            f"or disks too faint to find in single patterns{left}); {fix}."
         )
     metrics = np.array([basis_metric(r[2:6].reshape(2, 2).T) for r in records[indexed]])
     prior = np.median(metrics, axis=0)

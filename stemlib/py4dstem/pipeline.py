@@ -10,7 +10,6 @@ import numpy as np
 import xarray as xr
 from dask.base import tokenize
 
-from ..bad_pixels import pixels_left
 from ..calibration import Calibration
 from ..ellipse import detector_distortion, undistort_lattice
 from ..errors import InputError
@@ -254,7 +253,7 @@ def py4dstem_strain(
     if symmetry not in ("auto", 2, 4, 6):
         raise InputError(f"symmetry={symmetry!r} is not one of auto, 2, 4, 6.")
 
-    setup = calibrate(data, config, where=where, left=pixels_left(scan.attrs))
+    setup = calibrate(data, config, where=where, attrs=scan.attrs)
     records = np.asarray(
         lattice_records(data, setup, block_patterns=config.block_patterns).compute()
     )
