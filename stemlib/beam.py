@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-__all__ = ["beam_centre", "beam_radius", "direct_beam"]
+__all__ = ["beam_centre", "beam_radius", "direct_beam", "misplaced_origin"]
 
 
 def beam_radius(mean_pattern: np.ndarray, *, center: tuple[float, float]) -> float:
@@ -95,3 +95,33 @@ def beam_centre(
     if brightness(expected) >= brightness(measured):
         return (float(expected[0]), float(expected[1]))
     return measured
+
+
+def misplaced_origin(
+    mean_pattern: np.ndarray, origin: tuple[float, float]
+) -> tuple[float, float] | None:
+    """The direct beam's centre (qx, qy) px in a mean pattern (QX, QY) where a recorded
+    ``origin`` (qx, qy) px lies outside the beam's disk (farther than its radius) and
+    :func:`beam_centre` takes the measured centre over it; else None: the record is good, lies
+    off the pattern (no position to compare), or the pattern shows no beam (its brightest disk
+    not above twice the pattern's median).
+
+    Examples
+    --------
+    >>> rows, cols = np.indices((64, 64))
+    >>> beam = (np.hypot(rows - 20.0, cols - 41.0) <= 6).astype(float)
+    >>> misplaced_origin(beam, (32.0, 32.0)), misplaced_origin(beam, (22.0, 39.0))
+    ((20.0, 41.0), None)
+    """
+    image = np.asarray(mean_pattern, np.float64)
+    if not all(0 <= o < n for o, n in zip(origin, image.shape, strict=True)):
+        return None
+    (qx, qy), radius = direct_beam(image)
+    rows, cols = np.indices(image.shape)
+    if not image[np.hypot(rows - qx, cols - qy) <= max(radius, 1.0)].mean() > 2 * np.median(image):
+        return None
+    expected = (float(origin[0]), float(origin[1]))
+    centre = beam_centre(image, expected=expected)
+    if np.hypot(centre[0] - expected[0], centre[1] - expected[1]) <= radius:
+        return None
+    return centre

@@ -24,7 +24,14 @@ from pydantic import (
     model_serializer,
 )
 
-from .bad_pixels import find_dead_pixels, find_hot_pixels, repair_pixels, sample_moments
+from .bad_pixels import (
+    PixelMoments,
+    find_dead_pixels,
+    find_hot_pixels,
+    repair_pixels,
+    sample_moments,
+)
+from .beam import misplaced_origin
 from .binning import binned, binned_calibration, binned_truth, crop_scan, crop_truth
 from .calibration import Calibration
 from .errors import InputError
@@ -254,13 +261,15 @@ _BAD = {
 }
 
 
-def with_bad_pixels(scan: SourceScan, options: IngestOptions) -> SourceScan:
+def with_bad_pixels(
+    scan: SourceScan, options: IngestOptions, *, moments: PixelMoments | None = None
+) -> SourceScan:
     """``scan`` with its hot and dead pixels (:mod:`stemlib.bad_pixels`, on one sample of its
-    patterns) replaced where ``options.hot_pixels`` and ``options.dead_pixels`` ask; where they
-    do not, a warning names them and the option. ``details`` record them (``hot_pixels``,
-    ``dead_pixels``: [[qx, qy], ...] in the detector's pixels, before any binning;
-    ``hot_pixels_repaired``, ``dead_pixels_repaired``)."""
-    moments = sample_moments(scan.data)
+    patterns, or ``moments`` of one) replaced where ``options.hot_pixels`` and
+    ``options.dead_pixels`` ask; where they do not, a warning names them and the option.
+    ``details`` record them (``hot_pixels``, ``dead_pixels``: [[qx, qy], ...] in the detector's
+    pixels, before any binning; ``hot_pixels_repaired``, ``dead_pixels_repaired``)."""
+    moments = sample_moments(scan.data) if moments is None else moments
     details, repair = dict(scan.details), []
     for kind, (find, what) in _BAD.items():
         found = find(scan.data, moments=moments)
@@ -288,11 +297,32 @@ def with_bad_pixels(scan: SourceScan, options: IngestOptions) -> SourceScan:
     return replace(scan, data=repair_pixels(scan.data, np.concatenate(repair)), details=details)
 
 
+def warn_misplaced_origin(scan: SourceScan, mean: np.ndarray, *, given: bool) -> None:
+    """Warn where ``scan``'s direct beam, as recorded (its file's ``origin_px``, or ``--origin``
+    where ``given``), lies outside the beam in its patterns' ``mean`` (QX, QY), naming the
+    ``--origin`` that would record it; the ``qx, qy`` coordinates count from the record."""
+    origin = scan.calibration.origin_px
+    measured = None if origin is None else misplaced_origin(mean, origin)
+    if measured is None:
+        return
+    recorded = "--origin gives" if given else "the file records"
+    log.warning(
+        "%s: %s its direct beam at (%g, %g) px, but its patterns show it at (%.1f, %.1f) px; "
+        "pass --origin %.1f,%.1f for qx, qy coordinates that count from the beam.",
+        redact(scan.source),
+        recorded,
+        *origin,
+        *measured,
+        *measured,
+    )
+
+
 def shaped_source(
     scan: SourceScan, options: IngestOptions, *, bad_pixels: bool = True
 ) -> SourceScan:
     """``scan`` as ``options`` ask to store it: their calibration overrides merged into the
-    file's, then its probe positions cropped to ``options.crop``, its hot and dead pixels found
+    file's, then its probe positions cropped to ``options.crop``, its recorded direct beam
+    checked against its patterns (:func:`warn_misplaced_origin`), its hot and dead pixels found
     (and repaired, :func:`with_bad_pixels`), then binned by ``options.bin_scan`` positions and
     ``options.bin_q`` detector pixels (:mod:`stemlib.binning`), with its calibration and truth
     maps to match. Calibration overrides describe the file as recorded (``--origin`` in its
@@ -302,8 +332,8 @@ def shaped_source(
     Parameters
     ----------
     bad_pixels
-        False leaves hot and dead pixels alone, unlooked for (no pattern is read: for a caller
-        that only needs the stored shape).
+        False leaves hot and dead pixels alone, unlooked for, and the direct beam unchecked (no
+        pattern is read: for a caller that only needs the stored shape).
 
     Returns
     -------
@@ -337,7 +367,9 @@ def shaped_source(
             )
     shaped = replace(shaped, data=data, truth=truth)
     if bad_pixels:
-        shaped = with_bad_pixels(shaped, options)
+        moments = sample_moments(shaped.data)
+        warn_misplaced_origin(shaped, moments.mean, given=options.calibration.origin_px is not None)
+        shaped = with_bad_pixels(shaped, options, moments=moments)
     if not options.shapes:
         return shaped
     return replace(

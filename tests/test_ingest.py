@@ -888,3 +888,50 @@ def test_a_dev_scan_is_stored_in_stemflow_s_units_with_its_detector_frame_truth(
         np.testing.assert_array_equal(stored[name].values, value)
     np.testing.assert_allclose(stored["theta"].values, np.pi / 6)
     assert stored.attrs["symmetry"] == 4
+
+
+def _beam_scan(centre=(20.0, 30.0), shape=(4, 4, 48, 48), seed=3) -> np.ndarray:
+    """Poisson counts of a beam disk (4 px) at ``centre`` (qx, qy) px and four weaker disks."""
+    rows, cols = np.indices(shape[2:])
+    image = np.full(shape[2:], 2.0)
+    for dx, dy, height in ((0, 0, 400.0), (9, 0, 60.0), (-9, 0, 60.0), (0, 9, 60.0), (0, -9, 60.0)):
+        distance = np.hypot(rows - centre[0] - dx, cols - centre[1] - dy)
+        image += height * np.clip(4.5 - distance, 0, 1)
+    return np.random.default_rng(seed).poisson(image, shape).astype("uint16")
+
+
+def test_a_recorded_beam_off_the_patterns_beam_is_a_warning_with_the_fix(tmp_path, capsys):
+    """The direct beam ingest records (``--origin``, or the file's calibration) sets the qx, qy
+    coordinates: where the patterns show it elsewhere, ingest says so and names the --origin
+    that records it (CC-ST-AE only warned at strain time, without the value)."""
+    import py4DSTEM
+
+    np.save(tmp_path / "s.npy", _beam_scan())
+    args = ["ingest", str(tmp_path / "s.npy"), str(tmp_path / "s.zarr"), "--origin", "24,24"]
+    assert main(args) == 0
+    assert capsys.readouterr().err.replace(str(tmp_path) + "/", "") == (
+        "stemflow ingest: warning: s.npy: --origin gives its direct beam at (24, 24) px, but its "
+        "patterns show it at (20.0, 30.0) px; pass --origin 20.0,30.0 for qx, qy coordinates "
+        "that count from the beam.\n"
+    )
+    # the beam's own pixel, or one within its disk: nothing to say
+    for origin in ("20,30", "22,28"):
+        args[-3:] = [str(tmp_path / f"{origin}.zarr"), "--origin", origin]
+        assert main(args) == 0
+        assert not capsys.readouterr().err
+    # the file's own record
+    cube = py4DSTEM.DataCube(data=_beam_scan())
+    cube.calibration.set_qx0_mean(30.0)
+    cube.calibration.set_qy0_mean(20.0)
+    py4DSTEM.save(str(tmp_path / "cube.h5"), cube, mode="o")
+    assert main(["ingest", str(tmp_path / "cube.h5"), str(tmp_path / "cube.zarr")]) == 0
+    assert capsys.readouterr().err.replace(str(tmp_path) + "/", "") == (
+        "stemflow ingest: warning: cube.h5: the file records its direct beam at (30, 20) px, but "
+        "its patterns show it at (20.0, 30.0) px; pass --origin 20.0,30.0 for qx, qy "
+        "coordinates that count from the beam.\n"
+    )
+    # a scan with no beam (noise alone) has nothing to say whatever is recorded
+    np.save(tmp_path / "flat.npy", scan())
+    args = ["ingest", str(tmp_path / "flat.npy"), str(tmp_path / "flat.zarr"), "--origin", "1,1"]
+    assert main(args) == 0
+    assert not capsys.readouterr().err
