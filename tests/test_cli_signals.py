@@ -238,17 +238,23 @@ def test_a_closing_worker_does_not_report_each_task_it_cancelled(caplog):
 
 
 #: A local cluster whose scheduler stops listening before the cluster closes, as the command's
-#: does on Ctrl-C: a worker's heartbeat meanwhile cannot reach it.
+#: does on Ctrl-C: a worker's heartbeat meanwhile cannot reach it. On a loaded machine the
+#: cluster's own close may not reach its scheduler either (a timeout, and tornado's traceback, in
+#: this process): that is the script's, not the worker's under test, and is left unsaid.
 _LOST = (
-    "import time\n"
+    "import logging, time\n"
     "from distributed import LocalCluster\n"
     "from flows.runners import local_cluster_kwargs\n"
     "if __name__ == '__main__':\n"
+    "    logging.getLogger('tornado.application').disabled = True\n"
     "    kwargs = {{**local_cluster_kwargs(1), 'preload': {preload}}}\n"
-    "    with LocalCluster(**kwargs) as cluster:\n"
-    "        for listener in cluster.scheduler.listeners:\n"
-    "            cluster.loop.add_callback(listener.stop)\n"
-    "        time.sleep(2)  # heartbeats every 0.5 s\n"
+    "    try:\n"
+    "        with LocalCluster(**kwargs) as cluster:\n"
+    "            for listener in cluster.scheduler.listeners:\n"
+    "                cluster.loop.add_callback(listener.stop)\n"
+    "            time.sleep(2)  # heartbeats every 0.5 s\n"
+    "    except OSError:\n"
+    "        pass\n"
 )
 
 
