@@ -61,6 +61,27 @@ class S3Server:
     secret_key: str
 
 
+#: A Dask cluster inside the test's process, for runs that test a flow's own logic (what a rerun
+#: skips, how a failed scan is reported): it spares each run the start of worker processes,
+#: their imports (stemlib, torch, py4DSTEM: seconds each) and their stop. Worker processes run
+#: the other flows of each module.
+IN_PROCESS_CLUSTER = {
+    "n_workers": 1,
+    "threads_per_worker": 1,
+    "processes": False,
+    "dashboard_address": "127.0.0.1:0",  # None means Dask's default port, taken by another
+}
+
+
+@pytest.fixture
+def in_process_cluster() -> Iterator[str]:
+    """The scheduler address of a :data:`IN_PROCESS_CLUSTER` cluster, for ``dask_address``."""
+    from distributed import LocalCluster
+
+    with LocalCluster(**IN_PROCESS_CLUSTER) as cluster:
+        yield cluster.scheduler_address
+
+
 @pytest.fixture(scope="session")
 def s3_server() -> Iterator[S3Server]:
     """A real moto S3 server on 127.0.0.1 with authentication on (unknown keys are refused).

@@ -373,8 +373,14 @@ def test_the_demo_scan_with_an_automatic_reference_matches_its_truth(tmp_path):
     is found inside the unstrained grain and every component comes back. The network put that
     grain on all four 90-degree branches with a base 1.4 % off square; the automatic reference
     then fell on a strained grain, whose anisotropy was taken for a detector ellipse and put
-    1e-2 of strain on every grain (before: 9.9/14.1/13.2e-3; now 0.24/0.23/0.14e-3 measured,
-    against py4DSTEM's 0.26/0.26/0.19e-3)."""
+    1e-2 of strain on every grain (before: 9.9/14.1/13.2e-3; now 0.24/0.23/0.15e-3 measured,
+    against py4DSTEM's 0.26/0.26/0.19e-3).
+
+    The network is not trained here (``epochs=0``, 72 s instead of 125 s, for the suite's
+    15-minute budget): every later stage is what this test holds to the demo's truth, and the
+    trained demo's errors differ by 2e-6 at most (0.240 / 0.227 / 0.147e-3 after 12 epochs,
+    0.238 / 0.227 / 0.148e-3 untrained; worst grain offset 0.29e-3 both). Training is held to
+    known answers at small scale (``_check_known_answer``, test_ccstae_train.py)."""
     from flows.commands.demo import write_demo_scan
     from stemlib.ingest import ingest
 
@@ -382,7 +388,7 @@ def test_the_demo_scan_with_an_automatic_reference_matches_its_truth(tmp_path):
     ingest(str(write_demo_scan(tmp_path)), store)
     truth = open_truth(store)
     ds = ccstae_strain(
-        open_scan(store), config=CCSTAEConfig.preset("cpu"), device="cpu", progress=False
+        open_scan(store), config=CCSTAEConfig.preset("cpu", epochs=0), device="cpu", progress=False
     )
     reference = ds["reference_region"].values[0]
     assert reference.sum() > 100 and truth["reference_mask"].values[reference].all()
@@ -393,7 +399,7 @@ def test_the_demo_scan_with_an_automatic_reference_matches_its_truth(tmp_path):
     assert max(errors[k] for k in ("exx", "eyy", "exy")) < 0.5e-3, errors
     assert np.degrees(errors["theta"]) < 0.05, errors
     # No grain is offset from its truth as a whole. A base solved through another model than
-    # the refinement's put +0.44e-3 of exx on every strained grain; now 0.24e-3 at most.
+    # the refinement's put +0.44e-3 of exx on every strained grain; now 0.29e-3 at most.
     result = ds.isel(method=0)
     for grain in np.unique(truth["grain_id"].values):
         inside = truth["grain_id"].values == grain

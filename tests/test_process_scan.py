@@ -12,6 +12,7 @@ import os
 import signal
 import threading
 import time
+from typing import Any
 
 import dask
 import dask.array as da
@@ -28,7 +29,7 @@ from stemlib.noise import add_noise
 from stemlib.simulate import SimulationConfig, simulate
 from stemlib.truth import open_truth
 
-from .conftest import closed_port, forget_s3_clients
+from .conftest import IN_PROCESS_CLUSTER, closed_port, forget_s3_clients
 
 #: A one-epoch CC-ST-AE: the plumbing is tested here, its accuracy in test_ccstae_*.
 TINY = CCSTAEConfig.preset("cpu", epochs=1, channels=4, search_patterns=32, batch_size=16)
@@ -81,6 +82,15 @@ def _run_logs_and_artifacts(flow_run_id) -> tuple[str, str]:
         return text, json.dumps(response.json())
 
     return asyncio.run(read())
+
+
+def _in_process() -> Any:
+    """A Dask task runner on a cluster inside this process (:data:`IN_PROCESS_CLUSTER`)."""
+    from prefect_dask import DaskTaskRunner
+
+    return DaskTaskRunner(
+        cluster_class="distributed.LocalCluster", cluster_kwargs=IN_PROCESS_CLUSTER
+    )
 
 
 def _store_bytes(fs, root: str) -> bytes:
@@ -165,7 +175,9 @@ def test_process_scan_publishes_both_methods_to_s3(prefect_harness, raw, s3, s3_
         assert secret not in logs and secret not in artifacts and secret.encode() not in stored
 
     # A rerun finds every step finished and publishes the same dataset again.
-    again = process_scan(source=raw, dest=dest, ccstae=TINY, device="cpu")
+    again = process_scan.with_options(task_runner=_in_process())(
+        source=raw, dest=dest, ccstae=TINY, device="cpu"
+    )
     assert again["steps"] == {"ingest": "skipped", "ccstae": "skipped", "py4dstem": "skipped"}
     assert again["statistics"] == published["statistics"]
 
@@ -309,26 +321,12 @@ def test_recompute_trains_and_maps_again_what_a_rerun_would_skip(prefect_harness
     settings: recompute runs the steps that a rerun skips (the rerun at the end of
     test_process_scan_publishes_both_methods_to_s3) again, and CC-ST-AE trains anew rather than
     resuming its finished model; the scan store is kept."""
-    from prefect_dask import DaskTaskRunner
-
     dest = tmp_path / "strain.zarr"
     # The rotation stage and the starting bases alone (a checkpoint all the same): seconds.
     quick = TINY.model_copy(
         update={"epochs": 0, "refine_steps": 0, "template_rounds": 0, "search_angles": 72}
     )
-    # What recompute changes is the flow's own logic, whatever runs its tasks: an in-process
-    # cluster spares each run the start of worker processes, their imports (stemlib, torch:
-    # seconds each) and their stop. The worker processes are tested above.
-    in_process = DaskTaskRunner(
-        cluster_class="distributed.LocalCluster",
-        cluster_kwargs={
-            "n_workers": 1,
-            "threads_per_worker": 1,
-            "processes": False,
-            "dashboard_address": None,
-        },
-    )
-    flow = process_scan.with_options(task_runner=in_process)
+    flow = process_scan.with_options(task_runner=_in_process())
     run = dict(source=raw, dest=str(dest), methods=["ccstae"], ccstae=quick, device="cpu")
     flow(**run)
     [model] = (dest.parent / ".strain.zarr.work").glob("ccstae-model-*")

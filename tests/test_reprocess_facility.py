@@ -86,14 +86,20 @@ def _latest(key: str):
 
 
 @pytest.mark.slow
-def test_good_done_and_broken_scans(prefect_harness, one_scan, tmp_path, capsys):
+def test_good_done_and_broken_scans(
+    prefect_harness, one_scan, tmp_path, capsys, in_process_cluster
+):
     root, results = tmp_path / "raw", tmp_path / "results"
     (root / "day1").mkdir(parents=True)
     shutil.copy(one_scan, root / "day1" / "done.h5")
     # The facility's own py4DSTEM settings (smaller Dask tasks: the same maps).
     settings = Py4DSTEMConfig(block_patterns=64)
-    first = reprocess_facility(
-        root=str(root), dest_root=str(results), methods=["py4dstem"], py4dstem=settings
+    first = reprocess_facility(  # the command below runs on worker processes
+        root=str(root),
+        dest_root=str(results),
+        methods=["py4dstem"],
+        py4dstem=settings,
+        dask_address=in_process_cluster,
     )
     assert first["counts"] == {"processed": 1, "skipped": 0, "failed": 0}
 
@@ -173,7 +179,7 @@ def test_good_done_and_broken_scans(prefect_harness, one_scan, tmp_path, capsys)
     assert published != request_key(source, **resolved_parameters(methods=["py4dstem"]))
 
 
-def test_a_facility_of_raw_binary_files(prefect_harness, tmp_path):
+def test_a_facility_of_raw_binary_files(prefect_harness, tmp_path, in_process_cluster):
     """Raw binary files say nothing of their layout, so a run finds them only when told their
     format (and the ingest options give the layout); a file of the wrong size is reported by
     name, and the rest of the folder is not taken for scans. In the UI, the scan's task run
@@ -197,6 +203,7 @@ def test_a_facility_of_raw_binary_files(prefect_harness, tmp_path):
         root=str(tmp_path / "raw"),
         dest_root=str(tmp_path / "results"),
         ingest=layout,
+        dask_address=in_process_cluster,
         return_state=True,
     )
     # A night with a failed scan ends Failed, which the run list and automations show.

@@ -31,6 +31,23 @@ def scan(tmp_path_factory):
     return store
 
 
+@pytest.fixture(scope="module")
+def warm_cluster():
+    """One real local cluster for the module's runs, which name it by DASK_SCHEDULER_ADDRESS as
+    a facility names its own: a run on a cluster of its own spent about 10 s starting it and
+    importing py4DSTEM in its workers. test_cli_publishes_to_object_storage runs on a cluster
+    of its own, as the command does by default."""
+    from flows.runners import local_cluster
+
+    with local_cluster() as cluster:
+        yield cluster.scheduler_address
+
+
+@pytest.fixture(autouse=True)
+def _on_the_warm_cluster(request, monkeypatch):
+    monkeypatch.setenv("DASK_SCHEDULER_ADDRESS", request.getfixturevalue("warm_cluster"))
+
+
 def _error(capsys) -> str:
     err = capsys.readouterr().err.strip()
     assert err.startswith("stemflow strain: error: ") and "\n" not in err and "Traceback" not in err
