@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import pytest
@@ -44,18 +46,27 @@ def _torch_threads_in_and_after_torch_cores() -> tuple[int, int]:
     return inside, torch.get_num_threads()
 
 
-def test_ccstae_tasks_use_every_core_on_a_one_thread_dask_worker():
-    """A Dask worker runs torch on one thread (OMP_NUM_THREADS=1); the CC-ST-AE's tasks take
-    every core for their block and give them back after it."""
+@pytest.fixture(scope="module")
+def client() -> Iterator[Any]:
+    """A client of one stemflow local cluster of two workers for the module's tests: each
+    cluster of its own cost 10-40 s of the suite to start and to import torch in."""
     from distributed import Client
 
     from flows.runners import local_cluster
+
+    with local_cluster(n_workers=2) as cluster, Client(cluster) as client:
+        client.wait_for_workers(2)
+        yield client
+
+
+def test_ccstae_tasks_use_every_core_on_a_one_thread_dask_worker(client):
+    """A Dask worker runs torch on one thread (OMP_NUM_THREADS=1); the CC-ST-AE's tasks take
+    every core for their block and give them back after it."""
     from stemlib.resources import usable_cores
 
     if usable_cores() < 2:
         pytest.skip("one core: nothing to tell apart")
-    with local_cluster(n_workers=1) as cluster, Client(cluster) as client:
-        inside, after = client.submit(_torch_threads_in_and_after_torch_cores).result()
+    inside, after = client.submit(_torch_threads_in_and_after_torch_cores, pure=False).result()
     assert (inside, after) == (usable_cores(), 1)
 
 
@@ -70,8 +81,7 @@ def _patterns_read_with_two_loader_workers() -> int:
     return sum(len(b["pattern"]) for b in loader(stream, num_workers=2, device=torch.device("cpu")))
 
 
-@pytest.mark.parametrize("daemon", [False, True])
-def test_loader_workers_inside_a_dask_worker(daemon):
+def test_loader_workers_inside_a_dask_worker(client):
     """The gpu preset reads with DataLoader workers inside a flow's Dask worker: stemflow's
     clusters start their workers non-daemonic, so that they may; on a cluster whose workers are
     daemonic (distributed's default) the patterns are read in the worker itself."""
@@ -80,9 +90,10 @@ def test_loader_workers_inside_a_dask_worker(daemon):
 
     from flows.runners import local_cluster
 
-    with dask.config.set({"distributed.worker.daemon": True} if daemon else {}):
-        with local_cluster(n_workers=1) as cluster, Client(cluster) as client:
-            assert client.submit(_patterns_read_with_two_loader_workers).result() == 36
+    assert client.submit(_patterns_read_with_two_loader_workers, pure=False).result() == 36
+    with dask.config.set({"distributed.worker.daemon": True}):
+        with local_cluster(n_workers=1) as cluster, Client(cluster) as daemonic:
+            assert daemonic.submit(_patterns_read_with_two_loader_workers).result() == 36
 
 
 def _turn(gpus: int, log: str) -> None:
@@ -117,23 +128,15 @@ def _turn(gpus: int, log: str) -> None:
 
 
 @pytest.mark.parametrize("gpus", [1, 2])
-def test_gpu_tasks_on_one_host_take_turns(gpus, tmp_path):
+def test_gpu_tasks_on_one_host_take_turns(gpus, tmp_path, client):
     """Two CC-ST-AE tasks on a host with one GPU run one after the other on it; with two GPUs,
     side by side, each on its own: the locks that gpu_turn holds on CUDA (one per GPU), run
     here on the CPU. Judged by the order of the tasks' events, not by the clock."""
-    from distributed import Client
-
-    from flows.runners import local_cluster
-
     log = tmp_path / "events.log"
     log.touch()
-    with local_cluster(n_workers=2) as cluster, Client(cluster) as client:
-        client.wait_for_workers(2)
-        # one task per worker: the scheduler may give both to one worker, which runs them in turn
-        workers = list(client.scheduler_info()["workers"])
-        client.gather(
-            [client.submit(_turn, gpus, str(log), pure=False, workers=[w]) for w in workers]
-        )
+    # one task per worker: the scheduler may give both to one worker, which runs them in turn
+    workers = list(client.scheduler_info()["workers"])
+    client.gather([client.submit(_turn, gpus, str(log), pure=False, workers=[w]) for w in workers])
     events = [line.split() for line in log.read_text().splitlines() if not line.startswith("ready")]
     order = [(event, index) for event, index, _ in events]
     tasks = [pid for _, _, pid in events]
