@@ -297,7 +297,7 @@ def with_bad_pixels(
     return replace(scan, data=repair_pixels(scan.data, np.concatenate(repair)), details=details)
 
 
-def warn_misplaced_origin(scan: SourceScan, mean: np.ndarray, *, given: bool) -> None:
+def _warn_misplaced_origin(scan: SourceScan, mean: np.ndarray, *, given: bool) -> None:
     """Warn where ``scan``'s direct beam, as recorded (its file's ``origin_px``, or ``--origin``
     where ``given``), lies outside the beam in its patterns' ``mean`` (QX, QY), naming the
     ``--origin`` that would record it; the ``qx, qy`` coordinates count from the record."""
@@ -322,7 +322,7 @@ def shaped_source(
 ) -> SourceScan:
     """``scan`` as ``options`` ask to store it: their calibration overrides merged into the
     file's, then its probe positions cropped to ``options.crop``, its recorded direct beam
-    checked against its patterns (:func:`warn_misplaced_origin`), its hot and dead pixels found
+    checked against its patterns (:func:`_warn_misplaced_origin`), its hot and dead pixels found
     (and repaired, :func:`with_bad_pixels`), then binned by ``options.bin_scan`` positions and
     ``options.bin_q`` detector pixels (:mod:`stemlib.binning`), with its calibration and truth
     maps to match. Calibration overrides describe the file as recorded (``--origin`` in its
@@ -368,7 +368,9 @@ def shaped_source(
     shaped = replace(shaped, data=data, truth=truth)
     if bad_pixels:
         moments = sample_moments(shaped.data)
-        warn_misplaced_origin(shaped, moments.mean, given=options.calibration.origin_px is not None)
+        _warn_misplaced_origin(
+            shaped, moments.mean, given=options.calibration.origin_px is not None
+        )
         shaped = with_bad_pixels(shaped, options, moments=moments)
     if not options.shapes:
         return shaped
