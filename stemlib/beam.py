@@ -84,16 +84,30 @@ def beam_centre(
     """
     image = np.asarray(mean_pattern, np.float64)
     measured, radius = direct_beam(image)
-    if np.hypot(measured[0] - expected[0], measured[1] - expected[1]) <= tolerance:
-        return (float(expected[0]), float(expected[1]))
+    return _kept_or_measured(image, expected, measured, radius, tolerance)
+
+
+def _disk_mean(image: np.ndarray, centre: tuple[float, float], radius: float) -> float:
+    """Mean of ``image`` over the disk of ``radius`` px (at least 1) about ``centre`` (qx, qy);
+    -inf where the disk holds no pixel."""
     rows, cols = np.indices(image.shape)
+    disk = np.hypot(rows - centre[0], cols - centre[1]) <= max(radius, 1.0)
+    return float(image[disk].mean()) if disk.any() else -np.inf
 
-    def brightness(centre: tuple[float, float]) -> float:
-        disk = np.hypot(rows - centre[0], cols - centre[1]) <= max(radius, 1.0)
-        return float(image[disk].mean()) if disk.any() else -np.inf
 
-    if brightness(expected) >= brightness(measured):
-        return (float(expected[0]), float(expected[1]))
+def _kept_or_measured(
+    image: np.ndarray,
+    expected: tuple[float, float],
+    measured: tuple[float, float],
+    radius: float,
+    tolerance: float,
+) -> tuple[float, float]:
+    """:func:`beam_centre`'s choice, given the beam :func:`direct_beam` measured in ``image``."""
+    kept = (float(expected[0]), float(expected[1]))
+    if np.hypot(measured[0] - kept[0], measured[1] - kept[1]) <= tolerance:
+        return kept
+    if _disk_mean(image, kept, radius) >= _disk_mean(image, measured, radius):
+        return kept
     return measured
 
 
@@ -116,12 +130,10 @@ def misplaced_origin(
     image = np.asarray(mean_pattern, np.float64)
     if not all(0 <= o < n for o, n in zip(origin, image.shape, strict=True)):
         return None
-    (qx, qy), radius = direct_beam(image)
-    rows, cols = np.indices(image.shape)
-    if not image[np.hypot(rows - qx, cols - qy) <= max(radius, 1.0)].mean() > 2 * np.median(image):
+    measured, radius = direct_beam(image)
+    if not _disk_mean(image, measured, radius) > 2 * np.median(image):
         return None
-    expected = (float(origin[0]), float(origin[1]))
-    centre = beam_centre(image, expected=expected)
-    if np.hypot(centre[0] - expected[0], centre[1] - expected[1]) <= radius:
+    centre = _kept_or_measured(image, origin, measured, radius, tolerance=1.0)
+    if np.hypot(centre[0] - origin[0], centre[1] - origin[1]) <= radius:
         return None
     return centre

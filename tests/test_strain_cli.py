@@ -44,8 +44,8 @@ def warm_cluster():
 
 
 @pytest.fixture(autouse=True)
-def _on_the_warm_cluster(request, monkeypatch):
-    monkeypatch.setenv("DASK_SCHEDULER_ADDRESS", request.getfixturevalue("warm_cluster"))
+def _on_the_warm_cluster(warm_cluster, monkeypatch):
+    monkeypatch.setenv("DASK_SCHEDULER_ADDRESS", warm_cluster)
 
 
 def _error(capsys) -> str:
