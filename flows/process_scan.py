@@ -9,9 +9,10 @@
    written atomically to the destination, with PNG maps beside it.
 
 Every step's output records a fingerprint of its inputs (the scan's content hash and the
-step's parameters); a rerun finds finished steps and skips them. Intermediate results and the
-CC-ST-AE checkpoints live in a work folder beside the destination, so an interrupted run
-resumes (training from its last epoch).
+step's parameters); a rerun finds finished steps and skips them, and a rerun of a request whose
+dataset and maps are published reads their summary back and computes nothing. Intermediate
+results and the CC-ST-AE checkpoints live in a work folder beside the destination, so an
+interrupted run resumes (training from its last epoch).
 
     stemflow run /data/scan_042.mib results/scan_042/strain.zarr
 """
@@ -39,7 +40,7 @@ from stemlib.types import Device, Method, Symmetry
 from tasks._retry import STORAGE_RETRY
 from tasks.ccstae import gpu_resources, infer_ccstae, train_ccstae
 from tasks.ingest import ingest_scan
-from tasks.publish import publish_strain, published_request, request_key
+from tasks.publish import publish_strain, published_request, published_result, request_key
 from tasks.py4dstem import py4dstem_strain_scan
 
 from .artifacts import artifact_key, file_name
@@ -162,21 +163,72 @@ def process_scan(
         py4dstem=py4dstem,
         ingest=ingest,
     )
-    methods, ccstae, py4dstem, ingest = (
-        params["methods"],
-        params["ccstae"],
-        params["py4dstem"],
-        params["ingest"],
-    )
+    methods = params["methods"]
     request = request_key(source, **params)
     # Reading the destination first fails fast (one sentence) when its store cannot be reached,
     # before any hour of training.
-    if published_request(dest) == request:
+    earlier = None if recompute else published_result(dest, request)
+    if earlier is not None:
         logger.info(
-            "%s already holds this request's result; %s",
+            "%s already holds this request's result, published by an earlier run; nothing to "
+            "compute (recompute computes it again)",
             redact(dest),
-            "computing it again (recompute)" if recompute else "finished steps are skipped",
         )
+        published, steps = earlier, dict.fromkeys(["ingest", *methods], "skipped")
+    else:
+        if recompute and published_request(dest) == request:
+            logger.info("%s already holds this request's result; computing it again", redact(dest))
+        published, steps = _computed(
+            source,
+            dest,
+            params,
+            request=request,
+            device=device,
+            scan_store=scan_store,
+            workdir=workdir,
+            recompute=recompute,
+        )
+    if "ccstae" in methods:  # drawn by the CC-ST-AE inference, in this run or an earlier one
+        published["pngs"]["ccstae-bases"] = _bases_png(published["url"])
+    warnings = [f"- **warning** ({m}): {w}" for m, ws in published["warnings"].items() for w in ws]
+    name = _scan_name(source)
+    create_markdown_artifact(
+        key=artifact_key("strain", name),
+        markdown="\n\n".join(
+            [
+                f"## {name}",
+                published["table"],
+                *(["\n".join(warnings)] if warnings else []),
+                f"Open with `xr.open_zarr({published['url']!r})`",
+            ]
+        ),
+        description=statistics_caption(published["statistics"]),
+    )
+    # The maps and the dataset are this run's (its Artifacts tab), not keyed histories.
+    for map_name, png in published["pngs"].items():
+        create_link_artifact(link=png, link_text=os.path.basename(png), description=map_name)
+    create_link_artifact(link=published["url"], link_text="strain dataset")
+    return {**published, "steps": steps}
+
+
+def _computed(
+    source: str,
+    dest: str,
+    params: dict[str, Any],
+    *,
+    request: str,
+    device: Device,
+    scan_store: str | None,
+    workdir: str | None,
+    recompute: bool,
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """Ingest, both methods in parallel and the publication of :func:`process_scan` (``params``
+    from :func:`resolved_parameters`), each step skipped where an earlier run finished it
+    (unless ``recompute``): :func:`~tasks.publish.publish_strain`'s summary, and each step's
+    status ("written", "done", "skipped", ...)."""
+    logger = get_run_logger()
+    methods, ccstae, py4dstem = params["methods"], params["ccstae"], params["py4dstem"]
+    reference, symmetry, ingest = params["reference"], params["symmetry"], params["ingest"]
     where = default_locations(source, dest)
     scan_store = scan_store or where["scan_store"]
     work = locate(workdir or where["workdir"])
@@ -251,27 +303,7 @@ def process_scan(
         run_keys={m: keys[m] for m in methods},
         request=request,
     ).result()
-    if "ccstae" in methods:  # drawn by the CC-ST-AE inference, in this run or an earlier one
-        published["pngs"]["ccstae-bases"] = _bases_png(published["url"])
-    warnings = [f"- **warning** ({m}): {w}" for m, ws in published["warnings"].items() for w in ws]
-    name = _scan_name(source)
-    create_markdown_artifact(
-        key=artifact_key("strain", name),
-        markdown="\n\n".join(
-            [
-                f"## {name}",
-                published["table"],
-                *(["\n".join(warnings)] if warnings else []),
-                f"Open with `xr.open_zarr({published['url']!r})`",
-            ]
-        ),
-        description=statistics_caption(published["statistics"]),
-    )
-    # The maps and the dataset are this run's (its Artifacts tab), not keyed histories.
-    for map_name, png in published["pngs"].items():
-        create_link_artifact(link=png, link_text=os.path.basename(png), description=map_name)
-    create_link_artifact(link=published["url"], link_text="strain dataset")
-    return {**published, "steps": steps}
+    return published, steps
 
 
 def _scan_name(source: str) -> str:

@@ -252,16 +252,21 @@ def statistics_caption(stats: dict[str, Any]) -> str:
 def statistics_table(stats: dict[str, Any]) -> str:
     """A markdown table of :func:`compare_methods` statistics (strain x 1e-3, theta in deg):
     coverage, the error against the truth, the spread in the reference region (robust standard
-    deviation), and the two methods' agreement."""
+    deviation), and the two methods' agreement. The statistics may be those a dataset records
+    (JSON: None for NaN)."""
+
+    def value(v: float | None, scale: float = 1.0) -> float:
+        return float("nan") if v is None else v * scale
+
     methods = stats["methods"]
     lines = ["| quantity | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
     lines.append(
-        "| coverage | " + " | ".join(f"{stats['coverage'][m]:.1%}" for m in methods) + " |"
+        "| coverage | " + " | ".join(f"{value(stats['coverage'][m]):.1%}" for m in methods) + " |"
     )
     for key, row in (("mae", "MAE {c} vs truth"), ("spread", "{c} spread in the reference")):
         for c in COMPONENTS if key in stats else ():
             scale, unit = (np.degrees(1.0), "deg") if c == "theta" else (1e3, "1e-3")
-            values = " | ".join(f"{stats[key][m][c] * scale:.3f}" for m in methods)
+            values = " | ".join(f"{value(stats[key][m][c], scale):.3f}" for m in methods)
             lines.append(f"| {row.format(c=c)} ({unit}) | {values} |")
     if "agreement" in stats:
         lines.append("")
@@ -273,7 +278,7 @@ def statistics_table(stats: dict[str, Any]) -> str:
         for c, a in stats["agreement"].items():
             scale, unit = (np.degrees(1.0), "deg") if c == "theta" else (1e3, "1e-3")
             lines.append(
-                f"| {c} | {a['mean_abs_difference'] * scale:.3f} {unit} "
-                f"| {a['correlation']:.3f} | {a['positions']} |"
+                f"| {c} | {value(a['mean_abs_difference'], scale):.3f} {unit} "
+                f"| {value(a['correlation']):.3f} | {a['positions']} |"
             )
     return "\n".join(lines)

@@ -4,6 +4,7 @@ truth (the fingerprints of single steps are in :mod:`stemlib.rerun`)."""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import numpy as np
@@ -13,18 +14,22 @@ from pydantic import BaseModel
 
 from stemlib.compare import compare_methods, lattice_symmetry, statistics_table
 from stemlib.io import open_scan
-from stemlib.io.scan_store import read_store_attrs
+from stemlib.io.scan_store import open_store_group, read_store_attrs
 from stemlib.io.storage import locate, redact
 from stemlib.plots import comparison_figure, png_url, save_png, strain_figure, virtual_figure
 from stemlib.provenance import fingerprint, software_versions, utc_now
 from stemlib.rerun import scan_identity
-from stemlib.results import combine_methods, open_strain, write_strain
+from stemlib.results import combine_methods, damaged_strain, open_strain, write_strain
 from stemlib.truth import open_truth
 from stemlib.virtual import with_virtual_images
 
 from ._retry import STORAGE_RETRY
 
-__all__ = ["request_key", "published_request", "publish_strain"]
+__all__ = ["request_key", "published_request", "published_result", "publish_strain"]
+
+#: Where a rerun says why it publishes again (on stderr and in the run's logs, as
+#: :func:`stemlib.rerun.finished_step` says why it computes a step again).
+log = logging.getLogger("stemlib.rerun")
 
 
 def request_key(source: str, **parameters: Any) -> str:
@@ -97,22 +102,69 @@ def publish_strain(
         "created": utc_now(),
     }
     url = write_strain(compared, dest)
-    pngs = {m: save_png(strain_figure(compared, m), png_url(dest, m)) for m in results}
-    if len(results) > 1 or truth is not None:
-        pngs["comparison"] = save_png(comparison_figure(compared), png_url(dest, "comparison"))
-    pngs["virtual"] = save_png(virtual_figure(compared), png_url(dest, "virtual"))
-    table = statistics_table(stats)
-    logger.info("published %s\n%s", redact(url), table)
-    warnings = {m: r.get("warnings", []) for m, r in compared.attrs["methods"].items()}
-    if stats.get("warnings"):  # the methods' references or symmetries differ: no comparison
-        warnings[" and ".join(results)] = stats["warnings"]
-        for sentence in stats["warnings"]:
-            logger.warning(sentence)
+    names = _png_names(list(results), truth is not None)
+    pngs = {name: save_png(_figure(compared, name), png_url(dest, name)) for name in names}
+    summary = _summary(url, compared.attrs["methods"], _jsonable(stats), pngs)
+    logger.info("published %s\n%s", summary["url"], summary["table"])
+    for sentence in stats.get("warnings", []):  # the methods' references or symmetries differ
+        logger.warning(sentence)
+    return summary
+
+
+def published_result(dest: str, request: str) -> dict[str, Any] | None:
+    """What an earlier run published at ``dest`` for the same ``request`` (:func:`request_key`),
+    as :func:`publish_strain` returned it, read back from the dataset's record (no map is read).
+
+    None where ``dest`` holds nothing or another request's result, or where a rerun must
+    publish it again: the dataset lost blocks of its maps since it was written
+    (:func:`stemlib.results.damaged_strain`), or one of its PNG maps is missing (a run stopped
+    after the dataset and before its maps); both are logged as a warning.
+    """
+    location = locate(dest)
+    group = open_store_group(location) if location.exists() else None
+    attrs = dict(group.attrs) if group is not None else {}
+    if attrs.get("request_key") != request:
+        return None
+    damage = damaged_strain(location, attrs, group=group)
+    stats = attrs["statistics"]
+    maps = {n: locate(png_url(dest, n)) for n in _png_names(stats["methods"], "mae" in stats)}
+    missing = [m.url for m in maps.values() if not m.exists()]
+    if damage is not None or missing:
+        lost = damage or f"{redact(missing[0])} is missing"
+        log.warning("%s; publishing %s again.", lost, redact(dest))
+        return None
+    return _summary(location.url, attrs["methods"], stats, {n: m.url for n, m in maps.items()})
+
+
+def _png_names(methods: list[str], has_truth: bool) -> list[str]:
+    """The PNG maps of a publication, in their order: each method's, the comparison (of two
+    methods, or of one with the truth) and the virtual images."""
+    return [*methods, *(["comparison"] if len(methods) > 1 or has_truth else []), "virtual"]
+
+
+def _figure(ds: Any, name: str) -> Any:
+    """The figure of PNG map ``name`` (:func:`_png_names`) of the published dataset ``ds``."""
+    if name == "comparison":
+        return comparison_figure(ds)
+    if name == "virtual":
+        return virtual_figure(ds)
+    return strain_figure(ds, name)
+
+
+def _summary(
+    url: str, records: dict[str, Any], stats: dict[str, Any], pngs: dict[str, str]
+) -> dict[str, Any]:
+    """:func:`publish_strain`'s return: the dataset's URL, its statistics (JSON: NaN as None)
+    and their table, the PNGs, and the warnings by method (``records``: the dataset's
+    ``methods`` attribute), those of the comparison under ``"ccstae and py4dstem"``."""
+    warnings = {m: r.get("warnings", []) for m, r in records.items()}
+    if stats.get("warnings"):
+        warnings[" and ".join(stats["methods"])] = stats["warnings"]
     return {
         "url": redact(url),
-        "table": table,
+        "table": statistics_table(stats),
         "warnings": warnings,
-        "statistics": _jsonable(stats),
+        "statistics": stats,
         "pngs": {k: redact(v) for k, v in pngs.items()},
     }
 

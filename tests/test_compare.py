@@ -212,9 +212,9 @@ def test_methods_measured_against_different_references_are_not_comparable(py4dst
 
 
 @pytest.mark.usefixtures("prefect_harness")
-def test_the_published_result_and_the_run_carry_the_comparisons_warning(tmp_path):
-    """publish-strain returns the comparison's warning under both methods' names (which
-    `stemflow run` prints and the flow's artifact lists) and stores it in the statistics."""
+def _publish(tmp_path, request: str | None = None) -> dict:
+    """publish-strain, in a flow, of two methods measured against different reference regions
+    on a scan of zeros: ``tmp_path/strain.zarr``."""
     import dask.array as da
     from prefect import flow
 
@@ -233,14 +233,46 @@ def test_the_published_result_and_the_run_carry_the_comparisons_warning(tmp_path
 
     @flow
     def publish() -> dict:
-        return publish_strain(scan, stores, str(tmp_path / "strain.zarr"), run_keys={})
+        dest = str(tmp_path / "strain.zarr")
+        return publish_strain(scan, stores, dest, run_keys={}, request=request)
 
-    published = publish()
+    return publish()
+
+
+def test_the_published_result_and_the_run_carry_the_comparisons_warning(prefect_harness, tmp_path):
+    """publish-strain returns the comparison's warning under both methods' names (which
+    `stemflow run` prints and the flow's artifact lists) and stores it in the statistics."""
+    published = _publish(tmp_path)
     (sentence,) = published["warnings"]["ccstae and py4dstem"]
     assert "different reference regions (ccstae 14 positions, py4dstem 14, 0 in common)" in sentence
     assert published["warnings"]["ccstae"] == published["warnings"]["py4dstem"] == []
     stored = open_strain(str(tmp_path / "strain.zarr"))
     assert stored.attrs["statistics"]["warnings"] == [sentence]
+
+
+def test_a_rerun_reads_the_published_summary_back(prefect_harness, tmp_path, caplog):
+    """What a rerun of the same request returns without computing: publish-strain's summary,
+    read back from the dataset (its statistics as JSON: the agreement's correlations, NaN on
+    these maps, as None; the table the same); nothing for another request, or for a
+    publication that lost a PNG map, which the rerun publishes again."""
+    from tasks.publish import published_result
+
+    published = _publish(tmp_path, request="r1")
+    dest = str(tmp_path / "strain.zarr")
+    assert published["statistics"]["agreement"]["exx"]["correlation"] is None
+    assert "| exx | " in published["table"] and "| nan |" in published["table"]
+    assert published_result(dest, "r1") == published
+    assert published_result(dest, "r2") is None
+    assert published_result(str(tmp_path / "elsewhere.zarr"), "r1") is None
+    assert _rerun_warnings(caplog) == []
+    (tmp_path / "strain-virtual.png").unlink()
+    assert published_result(dest, "r1") is None
+    missing = f"{tmp_path}/strain-virtual.png is missing; publishing {dest} again."
+    assert _rerun_warnings(caplog) == [missing]
+
+
+def _rerun_warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "stemlib.rerun"]
 
 
 @pytest.mark.parametrize(("ccstae", "py4dstem", "warned"), [(4, 4, False), (4, 2, True)])

@@ -174,12 +174,25 @@ def test_process_scan_publishes_both_methods_to_s3(prefect_harness, raw, s3, s3_
     for secret in (s3_server.secret_key, s3_server.access_key):
         assert secret not in logs and secret not in artifacts and secret.encode() not in stored
 
-    # A rerun finds every step finished and publishes the same dataset again.
-    again = process_scan.with_options(task_runner=_in_process())(
-        source=raw, dest=dest, ccstae=TINY, device="cpu"
-    )
+    # A rerun of the same request reads what the first run published back from the dataset:
+    # the same summary, nothing computed or written (a republication, as before, took a pass
+    # over the scan for its virtual images and rewrote the dataset).
+    bucket = f"{s3[len('s3://') :]}/grains"
+    written = {p: i["LastModified"] for p, i in fs.find(bucket, detail=True).items()}
+    rerun = process_scan.with_options(task_runner=_in_process())
+    again = rerun(source=raw, dest=dest, ccstae=TINY, device="cpu")
+    assert again["steps"] == {"ingest": "skipped", "ccstae": "skipped", "py4dstem": "skipped"}
+    assert {**again, "steps": None} == {**published, "steps": None}
+    fs.invalidate_cache()
+    assert {p: i["LastModified"] for p, i in fs.find(bucket, detail=True).items()} == written
+
+    # A publication that lost a map (a run stopped between the dataset and its PNGs) is
+    # published again, from the methods' finished results.
+    fs.rm(published["pngs"]["comparison"][len("s3://") :])
+    again = rerun(source=raw, dest=dest, ccstae=TINY, device="cpu")
     assert again["steps"] == {"ingest": "skipped", "ccstae": "skipped", "py4dstem": "skipped"}
     assert again["statistics"] == published["statistics"]
+    assert fs.cat_file(published["pngs"]["comparison"][len("s3://") :])[:4] == b"\x89PNG"
 
 
 def test_an_unreachable_store_fails_clearly_and_publishes_nothing(
