@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from .binning import binned_scan
+from .binning import binned_scan, binned_truth
 from .calibration import Calibration
 from .compare import compare_methods
 from .errors import InputError, StemflowError, StorageError
@@ -51,6 +51,7 @@ __all__ = [
     "add_noise",
     "as_scan",
     "binned_scan",
+    "binned_truth",
     "ccstae_strain",
     "combine_methods",
     "compare_methods",

@@ -214,47 +214,59 @@ def crop_truth(truth: xr.Dataset, region: tuple[int, int, int, int]) -> xr.Datas
 
 
 def binned_truth(truth: xr.Dataset, factor: int) -> xr.Dataset:
-    """Truth maps of the positions :func:`binned` makes of ``factor`` x ``factor`` blocks.
+    """Truth maps of the positions :func:`binned` makes of ``factor`` x ``factor`` blocks (the
+    truth of a scan binned with :func:`binned_scan`, to score its maps against).
 
     A binned position lies in one grain when all its ``factor`` x ``factor`` positions do (by
     ``grain_id``; without one, when their truth agrees): its strain is their mean, its rotation
-    their mean over the lattice's symmetry (the truth's ``symmetry`` attribute), and it is in
-    the reference region when all of them are. A position that spans grains or vacuum has no
-    truth (NaN, ``grain_id`` -1): no method is scored there.
+    their mean over the lattice's symmetry (the truth's ``symmetry`` or ``truth_symmetry``
+    attribute), and it is in the reference region when all of them are. A position that spans
+    grains or vacuum has no truth (NaN, ``grain_id`` -1): no method is scored there.
 
     Parameters
     ----------
     truth
-        Variables of dims (rx, ry): ``truth_exx, truth_eyy, truth_exy`` ("1"), ``truth_theta``
-        (rad), optional ``grain_id`` and ``reference_mask``
-        (:func:`stemlib.truth.truth_dataset`).
+        Maps of dims (rx, ry): ``truth_exx, truth_eyy, truth_exy`` ("1"), ``truth_theta`` (rad)
+        (:func:`stemlib.truth.truth_dataset`, a scan store's truth, the dataset
+        :func:`stemlib.simulate.simulate` returns) or the same without the prefix
+        (:func:`stemlib.truth.open_truth`), optional ``grain_id`` and ``reference_mask``.
+        Variables of other dims (a simulation's patterns) are left out.
     factor
         Positions per block along ``rx`` and ``ry``.
 
     Returns
     -------
-    xarray.Dataset of dims (rx, ry) of shape (RX // factor, RY // factor), the same variables
-    and attributes, without coordinates (the scan store sets them).
+    xarray.Dataset of dims (rx, ry) of shape (RX // factor, RY // factor), the same maps under
+    the same names and the same attributes, without coordinates (the scan store sets them).
+
+    Examples
+    --------
+    >>> from stemlib.simulate import SimulationConfig, simulate
+    >>> sim = simulate(SimulationConfig(scan=(8, 6), pattern=32, grains=2))
+    >>> binned_truth(sim, 2)["truth_exx"].shape
+    (4, 3)
     """
     if factor == 1:
         return truth
+    prefix = "truth_" if "truth_exx" in truth else ""
+    maps = [name for name, var in truth.data_vars.items() if var.dims == ("rx", "ry")]
     rx, ry = truth.sizes["rx"] // factor, truth.sizes["ry"] // factor
 
     def blocks(name: str) -> np.ndarray:
         values = np.asarray(truth[name].values)[: rx * factor, : ry * factor]
         return values.reshape(rx, factor, ry, factor).transpose(0, 2, 1, 3).reshape(rx, ry, -1)
 
-    strains = ("truth_exx", "truth_eyy", "truth_exy")
     if "grain_id" in truth:
         grains = blocks("grain_id")
         one = (grains == grains[..., :1]).all(-1) & (grains[..., 0] >= 0)
     else:
+        strains = (f"{prefix}{c}" for c in ("exx", "eyy", "exy"))
         one = np.all([np.ptp(blocks(n), axis=-1) < 1e-9 for n in strains], axis=0)
     symmetry = truth.attrs.get("symmetry") or truth.attrs.get("truth_symmetry") or 1
     out = xr.Dataset(attrs=dict(truth.attrs))
-    for name, var in truth.data_vars.items():
-        values = blocks(str(name))
-        if name == "truth_theta":
+    for name in maps:
+        var, values = truth[name], blocks(str(name))
+        if name == f"{prefix}theta":
             turns = np.exp(1j * int(symmetry) * values.astype(np.float64)).mean(-1)
             mean = np.angle(turns) / int(symmetry)
         elif name == "grain_id":

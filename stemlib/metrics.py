@@ -62,8 +62,9 @@ def strain_errors(
     Raises
     ------
     InputError
-        If ``result`` still holds several methods, if ``truth`` holds no truth, or if no
-        symmetry is given or recorded in the truth.
+        If ``result`` still holds several methods, if ``truth`` holds no truth or maps of other
+        positions (bin it with :func:`stemlib.binning.binned_truth` for a binned scan's maps),
+        or if no symmetry is given or recorded in the truth.
 
     Examples
     --------
@@ -88,6 +89,7 @@ def strain_errors(
         )
     if "method" in result.dims:
         result = result.isel({"method": 0})
+    _check_same_positions(result, truth)
     valid = np.asarray(result["valid"].values, bool)
     scored = np.ones_like(valid) if mask is None else np.asarray(mask, bool)
     scored = scored & np.isfinite(np.asarray(truth["exx"].values, np.float64))
@@ -101,6 +103,26 @@ def strain_errors(
     )[use]
     out["theta"] = float(dtheta.mean()) if dtheta.size else float("nan")
     return out
+
+
+def _check_same_positions(result: xr.Dataset, truth: xr.Dataset) -> None:
+    """Refuse maps and a truth of different positions (a scan binned or cropped in a notebook,
+    scored against the unbinned truth), naming the truth that fits."""
+    maps, known = tuple(result["exx"].shape), tuple(truth["exx"].shape)
+    if maps == known:
+        return
+    factor = known[0] // maps[0] if maps[0] else 0
+    if factor > 1 and all(k // factor == m for m, k in zip(maps, known, strict=True)):
+        fix = (
+            f"stemlib.binned_truth(truth, {factor}) bins it as "
+            f"stemlib.binned_scan(scan, scan={factor}) binned the scan"
+        )
+    else:
+        fix = "crop or bin it as the scan was"
+    raise InputError(
+        f"the maps cover {maps[0]} x {maps[1]} positions and the truth {known[0]} x {known[1]}; "
+        f"score them against the truth of the same positions: {fix}."
+    )
 
 
 def reference_spread(result: xr.Dataset) -> dict[str, float]:

@@ -93,6 +93,39 @@ def test_binned_truth_is_kept_where_a_block_lies_in_one_grain():
     assert out.attrs["truth_symmetry"] == 4
 
 
+def test_a_scan_binned_in_a_notebook_is_scored_against_its_binned_truth():
+    """Maps of a scan binned with ``stemlib.binned_scan``, scored against the scan's truth, met
+    NumPy's "operands could not be broadcast together with shapes (4,3) (8,6)"; strain_errors
+    names the truth that fits, and binned_truth makes it from a simulation (its patterns left
+    out) or from open_truth's plain names alike."""
+    from stemlib import binned_truth as exported
+    from stemlib.metrics import strain_errors
+    from stemlib.results import strain_dataset
+    from stemlib.simulate import SimulationConfig, simulate
+    from stemlib.truth import as_truth
+
+    sim = simulate(SimulationConfig(scan=(8, 6), pattern=32, grains=2, seed=1))
+    binned = exported(sim, 2)
+    assert "data" not in binned and binned["truth_exx"].shape == (4, 3)
+    plain = binned_truth(as_truth(sim), 2)
+    assert plain.attrs["symmetry"] == 4
+    for c in ("exx", "eyy", "exy", "theta"):
+        np.testing.assert_array_equal(plain[c].values, binned[f"truth_{c}"].values)
+    parts = {c: np.nan_to_num(plain[c].values) for c in ("exx", "eyy", "exy", "theta")}
+    maps = strain_dataset("py4dstem", **{**parts, "exx": parts["exx"] + 1e-3})
+    assert strain_errors(maps, binned)["exx"] == pytest.approx(1e-3)
+    assert strain_errors(maps, plain)["eyy"] == 0
+    with pytest.raises(InputError) as info:
+        strain_errors(maps, sim)
+    assert str(info.value) == (
+        "the maps cover 4 x 3 positions and the truth 8 x 6; score them against the truth of "
+        "the same positions: stemlib.binned_truth(truth, 2) bins it as "
+        "stemlib.binned_scan(scan, scan=2) binned the scan."
+    )
+    with pytest.raises(InputError, match=r"the truth 7 x 6; .*: crop or bin it as the scan was\.$"):
+        strain_errors(maps, sim.isel(rx=slice(0, 7)))
+
+
 def _raw_with_truth(path, *, shape=(10, 12, 16, 16)):
     """A raw HDF5 scan of Poisson counts with a truth group (two grains, a reference)."""
     rng = np.random.default_rng(1)
