@@ -104,7 +104,7 @@ def publish_strain(
     url = write_strain(compared, dest)
     names = _png_names(list(results), truth is not None)
     pngs = {name: save_png(_figure(compared, name), png_url(dest, name)) for name in names}
-    summary = _summary(url, compared.attrs["methods"], _jsonable(stats), pngs)
+    summary = _summary(url, compared.attrs["methods"], compared.attrs["statistics"], pngs)
     logger.info("published %s\n%s", summary["url"], summary["table"])
     for sentence in stats.get("warnings", []):  # the methods' references or symmetries differ
         logger.warning(sentence)

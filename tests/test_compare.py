@@ -211,7 +211,6 @@ def test_methods_measured_against_different_references_are_not_comparable(py4dst
     assert "pass one --reference region known to be unstrained" in sentence
 
 
-@pytest.mark.usefixtures("prefect_harness")
 def _publish(tmp_path, request: str | None = None) -> dict:
     """publish-strain, in a flow, of two methods measured against different reference regions
     on a scan of zeros: ``tmp_path/strain.zarr``."""
@@ -239,7 +238,8 @@ def _publish(tmp_path, request: str | None = None) -> dict:
     return publish()
 
 
-def test_the_published_result_and_the_run_carry_the_comparisons_warning(prefect_harness, tmp_path):
+@pytest.mark.usefixtures("prefect_harness")
+def test_the_published_result_and_the_run_carry_the_comparisons_warning(tmp_path):
     """publish-strain returns the comparison's warning under both methods' names (which
     `stemflow run` prints and the flow's artifact lists) and stores it in the statistics."""
     published = _publish(tmp_path)
@@ -250,7 +250,8 @@ def test_the_published_result_and_the_run_carry_the_comparisons_warning(prefect_
     assert stored.attrs["statistics"]["warnings"] == [sentence]
 
 
-def test_a_rerun_reads_the_published_summary_back(prefect_harness, tmp_path, caplog):
+@pytest.mark.usefixtures("prefect_harness")
+def test_a_rerun_reads_the_published_summary_back(tmp_path, caplog):
     """What a rerun of the same request returns without computing: publish-strain's summary,
     read back from the dataset (its statistics as JSON: the agreement's correlations, NaN on
     these maps, as None; the table the same); nothing for another request, or for a
