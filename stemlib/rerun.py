@@ -94,7 +94,7 @@ def finished_step(url: str, key: str) -> bool:
     (:func:`stemlib.results.damaged_strain`), which is logged as a warning (the rerun writes it
     again)."""
     location = locate(url)
-    group = open_store_group(location) if location.exists() else None
+    group = open_store_group(location)  # None where no store is (one request for zarr.json)
     attrs = dict(group.attrs) if group is not None else None
     if not attrs or key not in (attrs.get("run_keys") or {}).values():
         return False

@@ -56,7 +56,7 @@ def request_key(source: str, **parameters: Any) -> str:
 def published_request(dest: str) -> str | None:
     """The request key a published strain dataset at ``dest`` records, or None."""
     location = locate(dest)
-    attrs = read_store_attrs(location) if location.exists() else None
+    attrs = read_store_attrs(location)  # None where no store is
     return (attrs or {}).get("request_key")
 
 
@@ -121,7 +121,7 @@ def published_result(dest: str, request: str) -> dict[str, Any] | None:
     after the dataset and before its maps); both are logged as a warning.
     """
     location = locate(dest)
-    group = open_store_group(location) if location.exists() else None
+    group = open_store_group(location)  # None where no store is
     attrs = dict(group.attrs) if group is not None else {}
     if attrs.get("request_key") != request:
         return None

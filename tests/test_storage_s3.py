@@ -315,9 +315,12 @@ def test_the_rerun_check_of_a_strain_store_reads_its_group_metadata_once(s3, cap
     """finished_step read the store's zarr.json for its run keys, then damaged_strain read it
     again for its arrays, each time asking for Zarr v2 metadata beside it too (.zgroup, .zattrs,
     .zmetadata: two requests each on S3): 20 requests per method and scan of a facility rerun,
-    16 of them on the group's metadata; now 6. The store is still listed for lost blocks."""
+    16 of them on the group's metadata; then 6, two of them asking whether the store's folder
+    exists (a HEAD and a listing) before asking for its zarr.json; now 4. The store is still
+    listed for lost blocks."""
     finished, reads, requests = strain_store_requests(s3, caplog, lambda u: finished_step(u, "k"))
     assert finished and reads["zarr.json"] == 1, requests
+    assert not [r for r in requests if r.endswith("/strain.zarr") or "max-keys=1" in r], requests
     assert not [r for r in requests if re.search(r"\.z(group|attrs|metadata)", r)]
     assert len([r for r in requests if "list-type=2" in r and "delimiter=&" in r]) == 1
 
