@@ -163,9 +163,14 @@ def source_companions(location: Location, *, format: str = "auto") -> dict[str, 
 
 
 def _read(fmt: Format, location: Location, options: ReadOptions) -> SourceScan:
-    """``fmt``'s reading of ``location``, checked to be a non-empty scan."""
+    """``fmt``'s reading of ``location``, checked to be a non-empty scan of counts."""
     scan = fmt.read(location, options)
     data = as_scan_4d(scan.data, source=scan.source, scan_shape=None)
+    if data.dtype.kind not in "uif":
+        raise InputError(
+            f"{scan.source} holds {data.dtype} values, not counts; save its intensities as "
+            "integers or floats (np.abs(wave)**2 of a complex wave)."
+        )
     if data.size == 0:
         raise InputError(
             f"{scan.source} holds an empty scan of shape {data.shape}; pass a file with data."
