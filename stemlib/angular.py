@@ -49,7 +49,13 @@ def angular_order(
     float
         Background alone scores about 0 to 2 (measured at 1e5 to 1e7 counts per pattern); 256
         patterns of multislice WS2 at the paper's w = 0.5, where single patterns show no
-        lattice, score 19; clean and lightly noisy crystals score in the hundreds.
+        lattice, score 19; clean and lightly noisy crystals score in the hundreds; patterns
+        that all score alike (a noise-free crystal) about 1e15 (0 for all-zero patterns).
+
+    Raises
+    ------
+    ValueError
+        For fewer than 2 patterns, or radii that hold no pixel.
 
     Examples
     --------
@@ -66,13 +72,18 @@ def angular_order(
     True
     """
     n, h, w = patterns.shape
+    if n < 2:
+        raise ValueError(f"angular_order needs 2 or more patterns for a standard error, got {n}.")
     rows, cols = np.indices((h, w), dtype=np.float64)
     dr, dc = rows - center[0], cols - center[1]
     radius = np.hypot(dr, dc)
     inside = ((radius >= radii[0]) & (radius < radii[1])).ravel()
     r, phi = radius.ravel()[inside], np.arctan2(dc, dr).ravel()[inside]
+    if not len(r):
+        raise ValueError(f"no pixel of the {h} x {w} px patterns lies between radii {radii}.")
     ring = np.floor(r - r.min()).astype(np.int64)
     rings = int(ring.max()) + 1
+    degree = min(3, rings - 1)  # a cubic spline takes 4 rings; fewer take a lower degree
     count = np.maximum(np.bincount(ring, minlength=rings), 1)
     mean_radius = np.bincount(ring, r, minlength=rings) / count
     harmonics = [
@@ -94,10 +105,12 @@ def angular_order(
         b = len(values)
         label = (np.arange(b)[:, None] * rings + ring[None, :]).ravel()
         profile = ring_sums(values, label) / count
-        residual = values - make_interp_spline(mean_radius, profile.T, k=3)(r).T  # (b, P)
+        residual = values - make_interp_spline(mean_radius, profile.T, k=degree)(r).T  # (b, P)
         floor = np.maximum(ring_sums(residual**2, label), 1e-300)
         for sign, cos, sin in harmonics:
             real, imag = ring_sums(residual * cos, label), ring_sums(residual * sin, label)
             score[start : start + b] += sign * ((real**2 + imag**2) / floor).sum(axis=1)
-    spread = score.std(ddof=1) / np.sqrt(n)
-    return float(score.mean() / spread) if spread > 0 else 0.0
+    mean = float(score.mean())
+    # Patterns alike (a noise-free crystal) spread by their rounding alone: no less than it.
+    spread = max(float(score.std(ddof=1)) / np.sqrt(n), np.finfo(float).eps * abs(mean))
+    return mean / spread if spread > 0 else 0.0

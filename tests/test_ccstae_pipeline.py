@@ -367,6 +367,56 @@ def test_a_beam_off_the_detector_centre_and_off_its_record_is_found(tmp_path, ca
     assert not any("origin_px" in w for w in again.attrs["methods"]["ccstae"]["warnings"])
 
 
+def test_a_noise_free_single_crystal_maps_to_no_strain(tmp_path):
+    """One unstrained grain without noise: every pattern alike. Their angular order had no
+    spread, read 0, and the scan was refused as background ("shows no Bragg disks")."""
+    store = str(tmp_path / "scan.zarr")
+    write_simulation(SimulationConfig(scan=(8, 8), pattern=64, grains=1), store)
+    scan = open_scan(store)
+    assert float(abs(scan - scan[0, 0]).max()) == 0
+    ds = ccstae_strain(
+        scan,
+        reference="0:4,0:4",
+        config=CCSTAEConfig.preset("cpu", epochs=2),
+        device="cpu",
+        progress=False,
+    )
+    assert ds.attrs["methods"]["ccstae"]["setup"]["angular_order"] > 1e6
+    assert bool(ds["valid"].all())
+    for component in ("exx", "eyy", "exy", "theta"):
+        assert float(abs(ds[component]).max()) < 1e-5, component
+
+
+def test_scans_too_small_for_ccstae_are_one_sentence(square):
+    """One pattern (nothing to learn from: the angular order's spread of one score warned and
+    read 0, "no Bragg disks"), and patterns of 8 px (SciPy's spline error from the angular
+    order, then a NumPy one from the check for vacuum) or 16 px (no ring left for disks)."""
+    import xarray as xr
+
+    from stemlib.binning import binned_scan
+
+    folder, _, _ = square
+    scan = open_scan(str(folder / "scan.zarr"))
+    run = dict(reference="0:1,0:1", config=CONFIG, device="cpu", progress=False)
+    with pytest.raises(InputError) as refused:
+        ccstae_strain(scan[:1, :1], **run)
+    assert str(refused.value) == (
+        f"{folder / 'scan.zarr'} holds one pattern; CC-ST-AE learns from a scan's patterns and "
+        "needs 2 or more: pass a scan of more positions, or use the py4dstem method."
+    )
+    for size in (8, 16):
+        small = xr.DataArray(binned_scan(scan, q=80 // size).values, dims=scan.dims)
+        with pytest.raises(InputError) as refused:
+            ccstae_strain(small, **run)
+        assert re.fullmatch(
+            rf"the scan's patterns of {size} x {size} px leave no room for Bragg disks between "
+            r"the direct beam's tail at [\d.]+ px and CC-ST-AE's mask at [\d.]+ px \(2 px at "
+            r"least\); pass patterns of more pixels \(bin the detector less\), or use the "
+            r"py4dstem method\.",
+            str(refused.value),
+        ), refused.value
+
+
 @pytest.mark.slow
 def test_the_demo_scan_with_an_automatic_reference_matches_its_truth(tmp_path):
     """``make demo``'s scan and settings (the CPU preset, reference ``"auto"``): the reference

@@ -132,7 +132,7 @@ class CCSTAEConfig(BaseModel):
         720, ge=36, description="Angular samples of the polar correlation (360 deg)."
     )
     search_patterns: int = Field(
-        2048, ge=1, description="Patterns used to build the search template."
+        2048, ge=2, description="Patterns used to build the search template."
     )
     # Starting bases (registration and averaging on the sample, see stemlib.ccstae.template).
     template_rounds: int = Field(

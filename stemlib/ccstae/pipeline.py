@@ -135,6 +135,12 @@ def _fit_basis(vectors: np.ndarray, basis: np.ndarray) -> np.ndarray:
     return fitted.T
 
 
+def _disk_window(beam: float) -> int:
+    """Half-width (px) of the window about a disk of a base: the direct beam's ``beam`` radius
+    (px), 2 px at least."""
+    return max(2, int(round(beam)))
+
+
 def _base_symmetry(
     base: np.ndarray, *, center: tuple[float, float], radii: tuple[float, float], beam: float
 ) -> tuple[int, int | None]:
@@ -148,7 +154,7 @@ def _base_symmetry(
     """
     x = torch.from_numpy(np.asarray(base, np.float32))[None, None]
     harmonic = angular_symmetry(polar_features(x, center=center, radii=radii, n_angles=720)[0])
-    lattice = base_lattice(base, center=center, inner=radii[0], window=max(2, int(round(beam))))
+    lattice = base_lattice(base, center=center, inner=radii[0], window=_disk_window(beam))
     if lattice is None:
         return harmonic, None
     lengths = np.linalg.norm(lattice, axis=0)
@@ -164,6 +170,38 @@ def _derived_schedule(config: CCSTAEConfig, *, size: int, beam: float) -> MaskSc
         start=(inner, 0.48 * size),
         end=(inner, 0.44 * size),
         epochs=max(config.epochs, 1),
+    )
+
+
+def _beam_tail(schedule: MaskSchedule, beam: float) -> float:
+    """Radius (px) beyond which CC-ST-AE looks for Bragg disks: the mask's first inner radius
+    plus a disk's window (:func:`_disk_window`), past the direct beam's tail."""
+    return schedule.radii(0)[0] + _disk_window(beam)
+
+
+#: Least width (px) of the ring between the beam's tail and the mask's last outer radius.
+MIN_DISK_RING_PX = 2.0
+
+
+def _check_disk_ring(
+    scan: Any, schedule: MaskSchedule, *, beam: float, epochs: int, given: bool
+) -> None:
+    """Refuse patterns too small to hold Bragg disks between the direct beam's tail and the
+    mask's outer radius at the last of ``epochs`` (8 px patterns met a SciPy error)."""
+    tail = _beam_tail(schedule, beam)
+    outer = schedule.radii(max(epochs - 1, 0))[1]
+    if outer - tail >= MIN_DISK_RING_PX:
+        return
+    h, w = scan.shape[-2:]
+    fix = (
+        "give the mask an outer radius farther out"
+        if given
+        else "pass patterns of more pixels (bin the detector less), or use the py4dstem method"
+    )
+    raise InputError(
+        f"{scan_label(scan)}'s patterns of {h} x {w} px leave no room for Bragg disks between "
+        f"the direct beam's tail at {tail:.1f} px and CC-ST-AE's mask at {outer:.1f} px "
+        f"({MIN_DISK_RING_PX:g} px at least); {fix}."
     )
 
 
@@ -418,6 +456,11 @@ def _train_stages(
     data = as_dask(scan)
     rx, ry, h, w = (int(n) for n in data.shape)
     check_config(config, pattern_shape=(h, w))
+    if rx * ry < 2:
+        raise InputError(
+            f"{scan_label(scan)} holds one pattern; CC-ST-AE learns from a scan's patterns and "
+            "needs 2 or more: pass a scan of more positions, or use the py4dstem method."
+        )
     reference_mask = parse_reference(reference, (rx, ry))
     named = reference_name(reference)  # a mask in memory is hashed: once
     timings: dict[str, float] = {}
@@ -447,6 +490,9 @@ def _train_stages(
         center = beam_centre(mean, expected=_recorded_centre(scan))
         beam = beam_radius(mean, center=center)
         schedule = config.mask or _derived_schedule(config, size=min(h, w), beam=beam)
+        _check_disk_ring(
+            scan, schedule, beam=beam, epochs=config.epochs, given=config.mask is not None
+        )
         order = angular_order(linear, center=center, radii=schedule.radii(0))
         del linear
         if order < MIN_ANGULAR_ORDER:
@@ -782,9 +828,9 @@ def ccstae_strain(
         np.save(folder / "bases.npy", bases)
 
     ring_last = last_mask.numpy() > 0.5
-    window = max(2, int(round(setup["beam_radius_px"])))
     rows, cols = np.indices(ring_last.shape)
-    beyond = np.hypot(rows - t.center[0], cols - t.center[1]) > schedule.radii(0)[0] + window
+    beam = setup["beam_radius_px"]
+    beyond = np.hypot(rows - t.center[0], cols - t.center[1]) > _beam_tail(schedule, beam)
     valid = _valid_positions(result, bases, ring_last & beyond)
     main_class = (
         int(np.bincount(result.class_map[valid], minlength=len(bases)).argmax())
@@ -792,11 +838,12 @@ def ccstae_strain(
         else 0
     )
     detected, lattice_symmetry = _base_symmetry(
-        bases[main_class], center=t.center, radii=schedule.radii(0), beam=setup["beam_radius_px"]
+        bases[main_class], center=t.center, radii=schedule.radii(0), beam=beam
     )
     n = detected if symmetry == "auto" else int(symmetry)
     lattices = [
-        base_lattice(b, center=t.center, inner=schedule.radii(0)[0], window=window) for b in bases
+        base_lattice(b, center=t.center, inner=schedule.radii(0)[0], window=_disk_window(beam))
+        for b in bases
     ]
     classes = np.clip(result.class_map, 0, len(bases) - 1)
     where = scan_label(scan)
