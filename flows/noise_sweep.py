@@ -42,6 +42,7 @@ from stemlib.ccstae import CCSTAEConfig
 from stemlib.errors import InputError, StemflowError
 from stemlib.io.scan_store import finished_scan, read_store_attrs
 from stemlib.io.storage import Location, locate, redact, storage_errors, work_folder
+from stemlib.jsonvalues import json_values
 from stemlib.noise import noise_recipe
 from stemlib.paper import PAPER_COMPONENTS, paper_mae, paper_percent, paper_ratio
 from stemlib.provenance import software_versions, utc_now
@@ -290,7 +291,9 @@ def noise_sweep(
         "rows": rows,
     }
     _write(table_url(dest, "md"), f"# Noise sweep, {name}\n\n{table}\n".encode())
-    _write(table_url(dest, "json"), json.dumps(record, indent=2).encode())
+    _write(
+        table_url(dest, "json"), json.dumps(json_values(record), indent=2, allow_nan=False).encode()
+    )
     create_markdown_artifact(
         key="noise-sweep",
         markdown=f"## Noise sweep, {name}\n\n{table}\n\nTables: "

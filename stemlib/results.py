@@ -27,6 +27,7 @@ from .errors import InputError
 from .io.blocks import block_keys, missing_blocks
 from .io.scan_store import check_destination, open_store_group
 from .io.storage import Location, locate, redact, staged, storage_errors
+from .jsonvalues import json_values
 from .metrics import reference_spread
 from .strain import strain_in_scan_frame
 from .types import SCAN_DIMS
@@ -239,12 +240,6 @@ def combine_methods(
     return combined
 
 
-def _jsonable(attrs: Mapping[str, Any]) -> dict[str, Any]:
-    return json.loads(
-        json.dumps(dict(attrs), default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o))
-    )
-
-
 def _check_strain(ds: xr.Dataset, where: str) -> None:
     missing = [name for name in STRAIN_VARIABLES if name not in ds]
     if missing or "method" not in ds.dims:
@@ -276,7 +271,7 @@ def write_strain(ds: xr.Dataset, dest: str | Location) -> str:
     _check_strain(ds, redact(dest.url))
     check_destination(dest, "strain", methods=[str(m) for m in ds["method"].values])
     out = ds.copy()
-    out.attrs = _jsonable(ds.attrs)
+    out.attrs = json_values(ds.attrs)
 
     def verify(temp: Location) -> None:
         back = open_strain(temp.url)
@@ -410,7 +405,8 @@ def netcdf_ready(ds: xr.Dataset) -> xr.Dataset:
 
     def encode(attrs: Mapping[str, Any]) -> dict[str, Any]:
         return {
-            k: v if plain(v) else json.dumps(_jsonable({"v": v})["v"]) for k, v in attrs.items()
+            k: v if plain(v) else json.dumps(json_values(v), allow_nan=False)
+            for k, v in attrs.items()
         }
 
     out = ds.copy()

@@ -7,7 +7,6 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import numpy as np
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
@@ -16,6 +15,7 @@ from stemlib.compare import compare_methods, lattice_symmetry, statistics_table
 from stemlib.io import open_scan
 from stemlib.io.scan_store import open_store_group, read_store_attrs
 from stemlib.io.storage import locate, redact
+from stemlib.jsonvalues import json_values
 from stemlib.plots import comparison_figure, png_url, save_png, strain_figure, virtual_figure
 from stemlib.provenance import fingerprint, software_versions, utc_now
 from stemlib.rerun import scan_identity
@@ -97,7 +97,7 @@ def publish_strain(
         },
         "run_keys": dict(run_keys),
         "request_key": request,
-        "statistics": _jsonable(stats),
+        "statistics": json_values(stats),
         "software": software_versions(),
         "created": utc_now(),
     }
@@ -167,15 +167,3 @@ def _summary(
         "statistics": stats,
         "pngs": {k: redact(v) for k, v in pngs.items()},
     }
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, (np.floating, float)):
-        return None if not np.isfinite(obj) else float(obj)
-    if isinstance(obj, np.integer):
-        return int(obj)
-    return obj

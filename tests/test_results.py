@@ -173,6 +173,47 @@ def test_a_result_and_a_scan_go_to_netcdf_through_netcdf_ready(tmp_path):
         assert list(back.attrs["origin_px"]) == [2.0, 2.0]
 
 
+def _strict(text: str) -> dict:
+    """``text`` parsed as JSON is: RFC 8259 has no NaN or Infinity (Python's json reads them)."""
+
+    def refuse(token: str) -> None:
+        raise ValueError(f"{token} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_stored_attributes_are_strict_json_with_null_for_nan(tmp_path):
+    """zarr.json held bare ``NaN`` tokens where a method's reference region had too few
+    positions for its spread (and ``Infinity`` where it could have one): JavaScript, Julia and
+    Rust readers refuse the whole file. Now null, in results, scan stores and netCDF copies."""
+    maps = {k: np.zeros((3, 4)) for k in COMPONENTS}
+    one = np.zeros((3, 4), bool)
+    one[0, 0] = True  # a region of one position: no spread
+    region = (one, {"units": "1", "long_name": "reference region"})
+    ds = strain_dataset(
+        "py4dstem", **maps, extras={"reference_region": region}, method_attrs={"x": np.inf}
+    )
+    assert np.isnan(ds.attrs["methods"]["py4dstem"]["reference_spread"]["exx"])
+    write_strain(ds, str(tmp_path / "strain.zarr"))
+    stored = _strict((tmp_path / "strain.zarr" / "zarr.json").read_text())["attributes"]
+    record = stored["methods"]["py4dstem"]
+    assert record["reference_spread"]["exx"] is None and record["x"] is None
+    assert record["reference_spread"]["positions"] == 1
+    assert open_strain(str(tmp_path / "strain.zarr")).attrs["methods"] == stored["methods"]
+    assert _strict(netcdf_ready(ds).attrs["methods"]) == stored["methods"]
+
+    details = {"exposure_s": float("nan"), "gain": np.float32("inf"), "hot_pixels": [[1, 2]]}
+    data = da.zeros((2, 2, 4, 4), dtype="uint16")
+    attrs = {"reader_details": details}
+    write_scan(data, str(tmp_path / "scan.zarr"), calibration=Calibration(), attrs=attrs)
+    stored = _strict((tmp_path / "scan.zarr" / "zarr.json").read_text())
+    assert stored["attributes"]["reader_details"] == {
+        "exposure_s": None,
+        "gain": None,
+        "hot_pixels": [[1, 2]],
+    }
+
+
 def test_coordinates_of_a_result_from_plain_arrays_are_labelled(tmp_path):
     """Maps computed from arrays (no scan store's coordinates) had ``rx``/``ry`` with units and
     no ``long_name``: their plots' axes read ``ry [px]`` where a store's read ``probe

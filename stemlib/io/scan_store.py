@@ -44,6 +44,7 @@ from zarr.codecs import BloscCodec, Crc32cCodec
 
 from ..calibration import Calibration, scan_coords
 from ..errors import InputError
+from ..jsonvalues import json_values
 from ..provenance import fingerprint
 from ..scan import stored_array_name
 from ..types import DIMS
@@ -192,8 +193,8 @@ def _skeleton(
                     f"extra variable {name} has dims {var.dims} {var.shape}; "
                     f"expected (rx, ry) {shape[:2]}."
                 )
-            ds[name] = (var.dims, np.asarray(var.values), dict(var.attrs))
-    ds.attrs = {**calibration.to_attrs(), **attrs}
+            ds[name] = (var.dims, np.asarray(var.values), json_values(var.attrs))
+    ds.attrs = json_values({**calibration.to_attrs(), **attrs})
     return ds
 
 
