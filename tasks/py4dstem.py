@@ -52,7 +52,13 @@ def py4dstem_strain_scan(
     ``run_keys``, so that a rerun of the same step finds it finished."""
     logger = get_run_logger()
     with _dask_client():
-        ds = py4dstem_strain(open_scan(scan), reference=reference, symmetry=symmetry, config=config)
+        ds = py4dstem_strain(
+            open_scan(scan),
+            reference=reference,
+            symmetry=symmetry,
+            config=config,
+            progress=logger.info,  # each quarter of the scan's patterns
+        )
     if run_key:
         ds.attrs["run_keys"] = {METHOD: run_key}
     url = write_strain(ds, dest)

@@ -5,6 +5,7 @@ published for each kind of bad input."""
 from __future__ import annotations
 
 import os
+import re
 
 import dask
 import numpy as np
@@ -73,8 +74,9 @@ def test_cli_writes_the_strain_store_and_the_maps(scan, tmp_path, capsys):
         str(tmp_path / "py4dstem.yaml"),
     ]
     assert main(args) == 0  # reference auto, symmetry auto, a LocalCluster on all cores
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     assert f"wrote {dest}: py4dstem strain of 12 x 12 positions, coverage 100.0 %" in out
+    assert re.search(r"^py4dstem: Bragg disks 144/144 patterns \(\d+ patterns/s\)$", err, re.M)
     assert "symmetry 4" in out and str(tmp_path / "strain-py4dstem.png") in out
     ds = open_strain(dest)
     assert list(ds["method"].values) == ["py4dstem"] and ds.attrs["convention"] == "stemflow-1"
@@ -135,11 +137,13 @@ def test_a_rerun_of_a_finished_run_skips_it_and_a_changed_one_runs(scan, tmp_pat
     assert main(args) == 0
     out, err = capsys.readouterr()
     assert out.startswith(f"wrote {dest}: py4dstem strain")
-    assert err.startswith(f"stemflow strain: warning: {dest} lacks 1 of the ")
-    assert err.endswith(
+    warning, progress = err.splitlines()
+    assert warning.startswith(f"stemflow strain: warning: {dest} lacks 1 of the ")
+    assert warning.endswith(
         "(first missing: exx/c/0/0/0), which would read as positions with no "
-        "answer; writing it again.\n"
+        "answer; writing it again."
     )
+    assert progress.startswith("py4dstem: Bragg disks 144/144 patterns")
     assert not np.isnan(open_strain(dest)["exx"]).any()
 
     region[:4, :4], region[8:, 8:] = False, True  # same file name, another region

@@ -8,10 +8,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..progress import Counter, Report
 from .affine import rotation
 from .data import PatternStream, loader
 from .model import CCSTAE, mixed_precision
-from .progress import Counter, Report
 from .refine import (
     disk_regions,
     masked_error,
@@ -111,7 +111,7 @@ def infer(
         network's start, and a grain's neighbours start closer to the truth.
     report
         Takes a line of progress at each quarter of the scan, in each pass
-        (:class:`stemlib.ccstae.progress.Counter`); None: no progress.
+        (:class:`stemlib.progress.Counter`); None: no progress.
 
     Returns
     -------
@@ -155,7 +155,7 @@ def infer(
             disks=None if disks is None else (disks[0][cls], disks[1][cls]),
         )
 
-    counter = Counter(report, "inference", n)
+    counter = Counter(report, "ccstae: inference", n)
     for batch in loader(stream, num_workers=num_workers, device=device):
         x = batch["pattern"].to(device, non_blocking=True)
         theta0 = batch["theta0"].to(device, non_blocking=True)
@@ -204,7 +204,7 @@ def infer(
     if refine_steps > 0 and neighbour_starts:
         start_A = _neighbour_median(matrix.reshape(rx, ry, 2, 2)).reshape(n, 2, 2)
         start_t = _neighbour_median(shift.reshape(rx, ry, 1, 2)).reshape(n, 2)
-        counter = Counter(report, "inference from the neighbours' warps", n)
+        counter = Counter(report, "ccstae: inference from the neighbours' warps", n)
         for batch in loader(stream, num_workers=num_workers, device=device):
             idx = batch["index"].numpy()
             ok = np.isfinite(start_A[idx]).all(axis=(1, 2))

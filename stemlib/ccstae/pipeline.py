@@ -42,6 +42,7 @@ from ..errors import InputError
 from ..io.scan_store import scan_label
 from ..io.storage import WORK_PREFIX, staged_file, temporary_folder
 from ..masks import MaskSchedule, ring_mask
+from ..progress import Counter, Progress, Report, reporter
 from ..provenance import input_provenance
 from ..py4dstem.pipeline import region_lattice
 from ..reference import (
@@ -61,7 +62,6 @@ from .figures import save_bases_png
 from .infer import Inference, infer
 from .memory import batch_that_fits, gpu_memory_explained, search_block, template_block
 from .model import build_model
-from .progress import Counter, Progress, Report, reporter
 from .rotation import (
     angular_symmetry,
     build_template,
@@ -279,7 +279,7 @@ def _rotation_stage(
     peak = np.zeros(rx * ry, np.float32)
     shift = np.zeros((rx * ry, 2), np.float32)
     stream = PatternStream(data, preprocess, batch_size=block)
-    counter = Counter(report, "rotation search", rx * ry)
+    counter = Counter(report, "ccstae: rotation search", rx * ry)
     for batch in stream:
         found, f = search(batch["pattern"].to(device))
         t, p = correlate_angles(f, template)
@@ -725,7 +725,7 @@ def ccstae_strain(
         Where to save a picture of the learned bases (path or URL), if given.
     progress
         One line per epoch (loss, patterns/s), and per quarter of the scan in the stages that
-        pass over every pattern (:mod:`stemlib.ccstae.progress`): True prints them on stderr,
+        pass over every pattern (:mod:`stemlib.progress`): True prints them on stderr,
         a function (such as a logger's ``info``) receives them, False says nothing.
 
     Returns

@@ -23,8 +23,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+from ..progress import Report
 from .affine import rotation, warp
-from .progress import Report
 from .refine import (
     average_base,
     radial_background,

@@ -14,6 +14,7 @@ from ..calibration import Calibration
 from ..ellipse import detector_distortion, undistort_lattice
 from ..errors import InputError
 from ..io.scan_store import finite_counts, scan_label
+from ..progress import Counter, Progress, computed_by_blocks, reporter
 from ..provenance import input_provenance
 from ..reference import (
     ReferenceLike,
@@ -176,6 +177,7 @@ def py4dstem_strain(
     reference: ReferenceLike = "auto",
     symmetry: Symmetry = "auto",
     config: Py4DSTEMConfig | None = None,
+    progress: Progress = True,
 ) -> xr.Dataset:
     """Strain, shear and rotation maps by py4DSTEM's template-correlation disk detection and a
     per-pattern lattice fit, in stemflow's convention.
@@ -208,6 +210,10 @@ def py4dstem_strain(
         ``"auto"`` measures it on the reference lattice.
     config
         Overrides of the measured detection parameters (:class:`Py4DSTEMConfig`).
+    progress
+        A line per quarter of the scan's patterns through the disk detection
+        (:mod:`stemlib.progress`): True prints them on stderr, a function (such as a logger's
+        ``info``) receives them, False says nothing.
 
     Returns
     -------
@@ -254,8 +260,9 @@ def py4dstem_strain(
         raise InputError(f"symmetry={symmetry!r} is not one of auto, 2, 4, 6.")
 
     setup = calibrate(data, config, where=where, attrs=scan.attrs)
-    records = np.asarray(
-        lattice_records(data, setup, block_patterns=config.block_patterns).compute()
+    records = computed_by_blocks(
+        lattice_records(data, setup, block_patterns=config.block_patterns),
+        Counter(reporter(progress), "py4dstem: Bragg disks", shape[0] * shape[1]),
     )
     n_disks = np.nan_to_num(records[..., RECORD_FIELDS.index("n_disks")]).astype(int)
     bases = np.swapaxes(records[..., 2:6].reshape(shape + (2, 2)), -1, -2)
