@@ -49,8 +49,9 @@ def angular_order(
     float
         Background alone scores about 0 to 2 (measured at 1e5 to 1e7 counts per pattern); 256
         patterns of multislice WS2 at the paper's w = 0.5, where single patterns show no
-        lattice, score 19; clean and lightly noisy crystals score in the hundreds; patterns
-        that all score alike (a noise-free crystal) about 1e15 (0 for all-zero patterns).
+        lattice, score 19; clean and lightly noisy crystals score in the hundreds. Patterns
+        that all score alike (without noise) score 0: their order cannot be told from a
+        spread (noise-free vacuum and crystal alike).
 
     Raises
     ------
@@ -110,7 +111,5 @@ def angular_order(
         for sign, cos, sin in harmonics:
             real, imag = ring_sums(residual * cos, label), ring_sums(residual * sin, label)
             score[start : start + b] += sign * ((real**2 + imag**2) / floor).sum(axis=1)
-    mean = float(score.mean())
-    # Patterns alike (a noise-free crystal) spread by their rounding alone: no less than it.
-    spread = max(float(score.std(ddof=1)) / np.sqrt(n), np.finfo(float).eps * abs(mean))
-    return mean / spread if spread > 0 else 0.0
+    spread = score.std(ddof=1) / np.sqrt(n)
+    return float(score.mean() / spread) if spread > 0 else 0.0

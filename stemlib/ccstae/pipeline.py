@@ -200,8 +200,8 @@ def _check_disk_ring(
     )
     raise InputError(
         f"{scan_label(scan)}'s patterns of {h} x {w} px leave no room for Bragg disks between "
-        f"the direct beam's tail at {tail:.1f} px and CC-ST-AE's mask at {outer:.1f} px "
-        f"({MIN_DISK_RING_PX:g} px at least); {fix}."
+        f"the direct beam's tail at {tail:.1f} px (its radius measured {beam:.1f} px) and "
+        f"CC-ST-AE's mask at {outer:.1f} px ({MIN_DISK_RING_PX:g} px at least); {fix}."
     )
 
 
@@ -490,9 +490,13 @@ def _train_stages(
         center = beam_centre(mean, expected=_recorded_centre(scan))
         beam = beam_radius(mean, center=center)
         schedule = config.mask or _derived_schedule(config, size=min(h, w), beam=beam)
-        _check_disk_ring(
-            scan, schedule, beam=beam, epochs=config.epochs, given=config.mask is not None
-        )
+        if np.ptp(linear[0]) > 0 and all(np.array_equal(p, linear[0]) for p in linear[1:]):
+            raise InputError(
+                f"the {len(linear)} patterns sampled from {scan_label(scan)} are all the same (a "
+                "noise-free simulation, or one pattern repeated), and CC-ST-AE tells Bragg disks "
+                "from background by how patterns vary; add noise (stemflow noise) or use the "
+                "py4dstem method."
+            )
         order = angular_order(linear, center=center, radii=schedule.radii(0))
         del linear
         if order < MIN_ANGULAR_ORDER:
@@ -503,6 +507,9 @@ def _train_stages(
                 f"crystal's {MIN_ANGULAR_ORDER:g} or more: a vacuum or background-only scan"
                 f"{left}); {fix}."
             )
+        _check_disk_ring(
+            scan, schedule, beam=beam, epochs=config.epochs, given=config.mask is not None
+        )
         ring = schedule.mask((h, w), 0)
         poisson = _poisson(config, sample, ring, dtype=data.dtype)
         mean = Preprocess("linear" if poisson else config.intensity, 1.0)(sample).mean(0)
