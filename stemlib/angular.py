@@ -30,9 +30,11 @@ def angular_order(
     own radius, so that the square pixel grid leaves no 4-fold trace of a steep halo), its
     angular Fourier coefficients of orders 2, 4, 6 and 3, 5, 7 from the pixels themselves (no
     resampling, so independent pixel noise stays independent), each power divided by the
-    ring's residual power. The pattern's score is the sum over rings of the even powers less
-    the odd ones: about 0 for background, large for disks. Returns the mean score over the
-    patterns divided by its standard error.
+    ring's residual power. A ring whose pixels all read the same in a pattern (no counts, as
+    in a beam's far tail) counts nothing there: its residual would be the spline's own
+    wiggle, which the square grid makes 4-fold. The pattern's score is the sum over rings of
+    the even powers less the odd ones: about 0 for background, large for disks. Returns the
+    mean score over the patterns divided by its standard error.
 
     Parameters
     ----------
@@ -99,6 +101,16 @@ def angular_order(
         ring) ``label``."""
         return np.bincount(label, v.ravel(), minlength=len(v) * rings).reshape(len(v), rings)
 
+    order = np.argsort(ring, kind="stable")
+    starts = np.searchsorted(ring[order], np.arange(rings))
+
+    def ring_extremes(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Least and largest value in each ring of each pattern of a block, (b, rings) each."""
+        grouped = v[:, order]
+        return np.minimum.reduceat(grouped, starts, axis=1), np.maximum.reduceat(
+            grouped, starts, axis=1
+        )
+
     score = np.zeros(n)
     for start in range(0, n, block):
         values = np.asarray(patterns[start : start + block], np.float64).reshape(-1, h * w)
@@ -108,8 +120,13 @@ def angular_order(
         profile = ring_sums(values, label) / count
         residual = values - make_interp_spline(mean_radius, profile.T, k=degree)(r).T  # (b, P)
         floor = np.maximum(ring_sums(residual**2, label), 1e-300)
+        # A ring whose pixels all read the same (no counts in a beam's far tail) says nothing
+        # of angles: its residual is the radial fit's own wiggle, 4-fold on the square grid.
+        low, high = ring_extremes(values)
+        informative = high > low
         for sign, cos, sin in harmonics:
             real, imag = ring_sums(residual * cos, label), ring_sums(residual * sin, label)
-            score[start : start + b] += sign * ((real**2 + imag**2) / floor).sum(axis=1)
+            power = np.where(informative, (real**2 + imag**2) / floor, 0.0)
+            score[start : start + b] += sign * power.sum(axis=1)
     spread = score.std(ddof=1) / np.sqrt(n)
     return float(score.mean() / spread) if spread > 0 else 0.0

@@ -387,6 +387,18 @@ def test_patterns_all_the_same_are_one_sentence_that_says_so(tmp_path):
         ccstae_strain(np.zeros((4, 4, 64, 64)), reference="0:2,0:2", config=CONFIG, device="cpu")
 
 
+def test_a_noisy_vacuum_scan_is_refused():
+    """The beam alone (radius 6 px, a 1 px soft edge) with shot noise at 1e5 electrons: its
+    far tail's empty rings scored as a lattice, and CC-ST-AE mapped the vacuum (99.6 %
+    coverage, strain up to 9 %) without a word."""
+    q = np.hypot(*np.indices((64, 64)) - 32.0)
+    beam = 1.0 / (1.0 + np.exp((q - 6.0) / 1.0))
+    rng = np.random.default_rng(0)
+    vacuum = rng.poisson(np.broadcast_to(beam * 1e5 / beam.sum(), (16, 16, 64, 64)))
+    with pytest.raises(InputError, match="^the scan shows no Bragg disks above the noise in"):
+        ccstae_strain(vacuum, reference="0:4,0:4", config=CONFIG, device="cpu", progress=False)
+
+
 def test_scans_too_small_for_ccstae_are_one_sentence(square):
     """One pattern (nothing to learn from: the angular order's spread of one score warned and
     read 0, "no Bragg disks"), and patterns of 8 px (SciPy's spline error from the angular
