@@ -187,7 +187,8 @@ def _check_disk_ring(
     scan: Any, schedule: MaskSchedule, *, beam: float, epochs: int, given: bool
 ) -> None:
     """Refuse patterns too small to hold Bragg disks between the direct beam's tail and the
-    mask's outer radius at the last of ``epochs`` (8 px patterns met a SciPy error)."""
+    mask's outer radius at the last of ``epochs`` (on 8 px patterns the vacuum check met an
+    empty ring: NumPy's zero-size reduction error)."""
     tail = _beam_tail(schedule, beam)
     outer = schedule.radii(max(epochs - 1, 0))[1]
     if outer - tail >= MIN_DISK_RING_PX:
