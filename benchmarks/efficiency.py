@@ -49,8 +49,8 @@ from stemlib.bounds import strain_bound
 from stemlib.ccstae.affine import rotation
 from stemlib.ccstae.config import CCSTAEConfig
 from stemlib.ccstae.data import Preprocess
-from stemlib.ccstae.pipeline import _derived_schedule
 from stemlib.ccstae.refine import masked_error, radial_background, refine_affine, rigid_disk_model
+from stemlib.ccstae.survey import derived_schedule
 from stemlib.devdata import abtem_dev_path, read_abtem_dev
 from stemlib.masks import ring_mask
 
@@ -87,7 +87,7 @@ def main() -> None:
     size = data.shape[-1]
     center = (float(size // 2), float(size // 2))
     beam = beam_radius(data.reshape(-1, size, size).mean(0), center=center)
-    schedule = _derived_schedule(CCSTAEConfig.preset("cpu"), size=size, beam=beam)
+    schedule = derived_schedule(CCSTAEConfig.preset("cpu"), size=size, beam=beam)
     inner, outer = schedule.radii(schedule.epochs - 1)
     ring = torch.from_numpy(ring_mask((size, size), inner=inner, outer=outer, center=center))
     ring = ring.float()

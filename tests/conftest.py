@@ -18,6 +18,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 # No network at run time, no windows: set before Prefect or matplotlib are imported.
@@ -185,6 +186,16 @@ def closed_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def soft_edged_vacuum(scan: tuple[int, ...], *, seed: int = 0) -> np.ndarray:
+    """Patterns of the direct beam alone, (*scan, 64, 64) counts: radius 6 px with a 1 px soft
+    (Fermi) edge, 1e5 electrons per pattern with shot noise. Most rings of its far tail hold no
+    counts."""
+    q = np.hypot(*np.indices((64, 64)) - 32.0)
+    beam = 1.0 / (1.0 + np.exp((q - 6.0) / 1.0))
+    expected = np.broadcast_to(beam * 1e5 / beam.sum(), (*scan, 64, 64))
+    return np.random.default_rng(seed).poisson(expected)
 
 
 #: Starts every writer's script: ``stop()``, called in the middle of a write, kills the writer

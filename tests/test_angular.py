@@ -12,6 +12,8 @@ import pytest
 import stemlib.angular
 from stemlib.angular import angular_order
 
+from .conftest import soft_edged_vacuum
+
 
 def _patterns(n: int, size: int, disks: float) -> np.ndarray:
     rng = np.random.default_rng(0)
@@ -55,8 +57,5 @@ def test_a_noisy_vacuum_of_a_soft_edged_beam_is_background():
     most rings of its far tail hold no counts, and their residual (the spline's wiggle about
     zero, 4-fold on the square grid) divided by its own power scored 147 standard errors, a
     crystal's order; CC-ST-AE then mapped a vacuum scan (99.6 % coverage, +-9 % strain)."""
-    q = np.hypot(*np.indices((64, 64)) - 32.0)
-    beam = 1.0 / (1.0 + np.exp((q - 6.0) / 1.0))
-    rng = np.random.default_rng(0)
-    vacuum = rng.poisson(np.broadcast_to(beam * 1e5 / beam.sum(), (256, 64, 64)))
+    vacuum = soft_edged_vacuum((256,))
     assert abs(angular_order(vacuum, center=(32, 32), radii=(10, 30.7))) < 4

@@ -26,7 +26,7 @@ from stemlib.metrics import strain_errors
 from stemlib.simulate import SimulationConfig, write_simulation
 from stemlib.truth import open_truth
 
-from .conftest import file_writer, folders_of_writers
+from .conftest import file_writer, folders_of_writers, soft_edged_vacuum
 
 #: Softer, larger disks than the simulator's default (1.6 px at 80 px), as a detector samples them.
 SIMULATION = dict(scan=(8, 8), pattern=80, grains=3, disk_radius_px=2.5, edge_px=0.5)
@@ -391,10 +391,7 @@ def test_a_noisy_vacuum_scan_is_refused():
     """The beam alone (radius 6 px, a 1 px soft edge) with shot noise at 1e5 electrons: its
     far tail's empty rings scored as a lattice, and CC-ST-AE mapped the vacuum (99.6 %
     coverage, strain up to 9 %) without a word."""
-    q = np.hypot(*np.indices((64, 64)) - 32.0)
-    beam = 1.0 / (1.0 + np.exp((q - 6.0) / 1.0))
-    rng = np.random.default_rng(0)
-    vacuum = rng.poisson(np.broadcast_to(beam * 1e5 / beam.sum(), (16, 16, 64, 64)))
+    vacuum = soft_edged_vacuum((16, 16))
     with pytest.raises(InputError, match="^the scan shows no Bragg disks above the noise in"):
         ccstae_strain(vacuum, reference="0:4,0:4", config=CONFIG, device="cpu", progress=False)
 

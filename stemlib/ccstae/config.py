@@ -191,6 +191,11 @@ class CCSTAEConfig(BaseModel):
         "before the strain: measured on the reference region's mean pattern, or given.",
     )
 
+    @property
+    def last_epoch(self) -> int:
+        """The epoch whose mask inference uses: the last one trained (0 without training)."""
+        return max(self.epochs - 1, 0)
+
     @classmethod
     def preset(cls, name: Literal["cpu", "gpu"], **overrides: Any) -> CCSTAEConfig:
         """The ``"cpu"`` or ``"gpu"`` recipe, with ``overrides`` applied."""

@@ -4,7 +4,8 @@ Stages, each streaming the scan block by block:
 
 1. statistics of a random sample of patterns (plus the reference region's): direct-beam
    radius (the ring's inner radius when the config gives no mask), intensity scale, and the
-   noise model (Poisson likelihood for low-dose counts);
+   noise model (Poisson likelihood for low-dose counts); a scan without Bragg disks to learn
+   from is refused here (:mod:`stemlib.ccstae.survey`);
 2. the rotation stage (:mod:`stemlib.ccstae.rotation`): each pattern's rotation over the full
    circle by polar correlation with a template built from the data;
 3. the starting bases (:mod:`stemlib.ccstae.template`): sharp bases learned on the sample by
@@ -19,7 +20,6 @@ Stages, each streaming the scan block by block:
 from __future__ import annotations
 
 import io
-import json
 import logging
 import time
 import zipfile
@@ -34,9 +34,6 @@ import torch
 import xarray as xr
 from scipy import ndimage
 
-from ..angular import angular_order
-from ..bad_pixels import no_disks_remedy
-from ..beam import beam_centre, beam_radius
 from ..calibration import Calibration
 from ..errors import InputError
 from ..io.scan_store import scan_label
@@ -70,6 +67,13 @@ from .rotation import (
     polar_features,
 )
 from .strain import strain_from_warps
+from .survey import (
+    beam_tail,
+    check_positions,
+    disk_window,
+    origin_warnings,
+    survey,
+)
 from .template import BLOCK, learn_bases
 from .train import Checkpoint, seeded, train
 
@@ -135,12 +139,6 @@ def _fit_basis(vectors: np.ndarray, basis: np.ndarray) -> np.ndarray:
     return fitted.T
 
 
-def _disk_window(beam: float) -> int:
-    """Half-width (px) of the window about a disk of a base: the direct beam's ``beam`` radius
-    (px), 2 px at least."""
-    return max(2, int(round(beam)))
-
-
 def _base_symmetry(
     base: np.ndarray, *, center: tuple[float, float], radii: tuple[float, float], beam: float
 ) -> tuple[int, int | None]:
@@ -154,7 +152,7 @@ def _base_symmetry(
     """
     x = torch.from_numpy(np.asarray(base, np.float32))[None, None]
     harmonic = angular_symmetry(polar_features(x, center=center, radii=radii, n_angles=720)[0])
-    lattice = base_lattice(base, center=center, inner=radii[0], window=_disk_window(beam))
+    lattice = base_lattice(base, center=center, inner=radii[0], window=disk_window(beam))
     if lattice is None:
         return harmonic, None
     lengths = np.linalg.norm(lattice, axis=0)
@@ -163,64 +161,11 @@ def _base_symmetry(
     return harmonic, int(detect_symmetry(lattice))
 
 
-def _derived_schedule(config: CCSTAEConfig, *, size: int, beam: float) -> MaskSchedule:
-    inner = float(np.clip(1.5 * beam + 1.0, 2.0, size / 4))
-    return MaskSchedule(
-        kind="linear",
-        start=(inner, 0.48 * size),
-        end=(inner, 0.44 * size),
-        epochs=max(config.epochs, 1),
-    )
-
-
-def _beam_tail(schedule: MaskSchedule, beam: float) -> float:
-    """Radius (px) beyond which CC-ST-AE looks for Bragg disks: the mask's first inner radius
-    plus a disk's window (:func:`_disk_window`), past the direct beam's tail."""
-    return schedule.radii(0)[0] + _disk_window(beam)
-
-
-#: Least width (px) of the ring between the beam's tail and the mask's last outer radius.
-MIN_DISK_RING_PX = 2.0
-
-
-def _check_disk_ring(
-    scan: Any, schedule: MaskSchedule, *, beam: float, epochs: int, given: bool
-) -> None:
-    """Refuse patterns too small to hold Bragg disks between the direct beam's tail and the
-    mask's outer radius at the last of ``epochs`` (on 8 px patterns the vacuum check met an
-    empty ring: NumPy's zero-size reduction error)."""
-    tail = _beam_tail(schedule, beam)
-    outer = schedule.radii(max(epochs - 1, 0))[1]
-    if outer - tail >= MIN_DISK_RING_PX:
-        return
-    h, w = scan.shape[-2:]
-    fix = (
-        "give the mask an outer radius farther out"
-        if given
-        else "pass patterns of more pixels (bin the detector less), or use the py4dstem method"
-    )
-    raise InputError(
-        f"{scan_label(scan)}'s patterns of {h} x {w} px leave no room for Bragg disks between "
-        f"the direct beam's tail at {tail:.1f} px (its radius measured {beam:.1f} px) and "
-        f"CC-ST-AE's mask at {outer:.1f} px ({MIN_DISK_RING_PX:g} px at least); {fix}."
-    )
-
-
 def _some(indices: np.ndarray, n: int, seed: int) -> np.ndarray:
     """At most ``n`` of ``indices``, drawn without replacement."""
     if len(indices) <= n:
         return indices
     return np.random.default_rng(seed).choice(indices, size=n, replace=False)
-
-
-def _poisson(
-    config: CCSTAEConfig, sample: np.ndarray, ring: np.ndarray, *, dtype: np.dtype
-) -> bool:
-    """Whether to fit by Poisson likelihood: asked for, or ``"auto"`` with integer counts averaging
-    under one count per ring pixel (shot noise dominates)."""
-    if config.noise_model != "auto":
-        return config.noise_model == "poisson"
-    return np.dtype(dtype).kind in "ui" and float(sample[:, ring].mean()) < 1.0
 
 
 def _report_epoch(metrics: dict[str, Any], *, epochs: int, to: Report) -> None:
@@ -362,42 +307,6 @@ def _grain_of_one_turn(theta: np.ndarray, symmetry: int) -> np.ndarray:
         return np.zeros(theta.shape, bool)
 
 
-#: Least :func:`stemlib.angular.angular_order` of the sampled patterns for a scan to hold Bragg
-#: disks. Background alone scores 0 to 2; multislice WS2 at w = 0.5 (single patterns show no
-#: lattice) 19; crystals hundreds (256 patterns of 128 px, measured).
-MIN_ANGULAR_ORDER = 6.0
-
-
-def _recorded_centre(scan: Any) -> tuple[float, float]:
-    """The direct beam (qx, qy) px that ``scan`` records (``attrs["origin_px"]``), else the
-    detector's centre ``(QX // 2, QY // 2)``."""
-    origin = (getattr(scan, "attrs", None) or {}).get("origin_px")
-    if origin is not None:
-        return (float(origin[0]), float(origin[1]))
-    h, w = scan.shape[-2:]
-    return (float(h // 2), float(w // 2))
-
-
-def _origin_warnings(scan: Any, setup: dict[str, Any]) -> list[str]:
-    """A sentence where the scan's recorded direct beam lies outside the beam the training
-    measured in its patterns (a stale or wrong calibration), else none."""
-    origin = (getattr(scan, "attrs", None) or {}).get("origin_px")
-    if origin is None:
-        return []
-    (cx, cy), radius = setup["center"], setup["beam_radius_px"]
-    off = float(np.hypot(origin[0] - cx, origin[1] - cy))
-    if off <= radius:
-        return []
-    warning = (
-        f"the scan records its direct beam (origin_px) at ({origin[0]:g}, {origin[1]:g}) px, "
-        f"{off:.1f} px from the beam in its patterns, at "
-        f"({cx:.1f}, {cy:.1f}) px; the maps use the measured beam, but the scan's q coordinates "
-        "are off: ingest it again with --origin QX,QY (or --bin-q for a binned detector)."
-    )
-    log.warning(warning)
-    return [warning]
-
-
 def _valid_positions(result: Inference, bases: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """Positions with an answer: finite warp, a crystalline base, and disks actually present.
 
@@ -457,11 +366,7 @@ def _train_stages(
     data = as_dask(scan)
     rx, ry, h, w = (int(n) for n in data.shape)
     check_config(config, pattern_shape=(h, w))
-    if rx * ry < 2:
-        raise InputError(
-            f"{scan_label(scan)} holds one pattern; CC-ST-AE learns from a scan's patterns and "
-            "needs 2 or more: pass a scan of more positions, or use the py4dstem method."
-        )
+    check_positions(scan)
     reference_mask = parse_reference(reference, (rx, ry))
     named = reference_name(reference)  # a mask in memory is hashed: once
     timings: dict[str, float] = {}
@@ -486,45 +391,8 @@ def _train_stages(
         sample, pick = sample_patterns(
             data, n=config.search_patterns, seed=config.seed, include=include
         )
-        linear = Preprocess("linear", 1.0)(sample)
-        mean = linear.mean(0)
-        center = beam_centre(mean, expected=_recorded_centre(scan))
-        beam = beam_radius(mean, center=center)
-        schedule = config.mask or _derived_schedule(config, size=min(h, w), beam=beam)
-        if np.ptp(linear[0]) > 0 and all(np.array_equal(p, linear[0]) for p in linear[1:]):
-            raise InputError(
-                f"the {len(linear)} patterns sampled from {scan_label(scan)} are all the same (a "
-                "noise-free simulation, or one pattern repeated), and CC-ST-AE tells Bragg disks "
-                "from background by how patterns vary; add noise (stemflow noise) or use the "
-                "py4dstem method."
-            )
-        order = angular_order(linear, center=center, radii=schedule.radii(0))
-        del linear
-        if order < MIN_ANGULAR_ORDER:
-            left, fix = no_disks_remedy(scan.attrs)
-            raise InputError(
-                f"{scan_label(scan)} shows no Bragg disks above the noise in the {len(sample)} "
-                f"patterns sampled (their angular order is {order:.1f} standard errors, a "
-                f"crystal's {MIN_ANGULAR_ORDER:g} or more: a vacuum or background-only scan"
-                f"{left}); {fix}."
-            )
-        _check_disk_ring(
-            scan, schedule, beam=beam, epochs=config.epochs, given=config.mask is not None
-        )
-        ring = schedule.mask((h, w), 0)
-        poisson = _poisson(config, sample, ring, dtype=data.dtype)
-        mean = Preprocess("linear" if poisson else config.intensity, 1.0)(sample).mean(0)
-        scale = float(np.percentile(mean[ring], 99)) or 1.0
-        setup = {
-            "pattern_shape": [h, w],
-            "center": list(center),
-            "beam_radius_px": beam,
-            "intensity_scale": scale,
-            "noise_model": "poisson" if poisson else "gaussian",
-            "angular_order": order,
-            "mask": json.loads(schedule.model_dump_json()),
-            "reference": named,
-        }
+        setup, schedule = survey(scan, sample, config=config)
+        setup["reference"] = named
     else:
         setup = record.setup
         if setup.get("reference") != named:
@@ -534,7 +402,7 @@ def _train_stages(
                 f"not {named!r}; pass that reference or an empty workdir."
             )
         schedule = MaskSchedule.model_validate(setup["mask"])
-        center = (float(setup["center"][0]), float(setup["center"][1]))
+    center = (float(setup["center"][0]), float(setup["center"][1]))
     poisson = setup["noise_model"] == "poisson"
     preprocess = Preprocess("linear" if poisson else config.intensity, setup["intensity_scale"])
     timings["statistics_s"] = time.perf_counter() - start
@@ -797,7 +665,7 @@ def ccstae_strain(
         config, schedule, setup = t.config, t.schedule, t.setup
         start = time.perf_counter()
         h, w = setup["pattern_shape"]
-        last_mask = torch.from_numpy(schedule.mask((h, w), max(config.epochs - 1, 0))).float()
+        last_mask = torch.from_numpy(schedule.mask((h, w), config.last_epoch)).float()
         report = reporter(progress)
         batch, smaller = batch_that_fits(
             t.model, (h, w), requested=config.infer_batch_size, device=t.device
@@ -838,7 +706,7 @@ def ccstae_strain(
     ring_last = last_mask.numpy() > 0.5
     rows, cols = np.indices(ring_last.shape)
     beam = setup["beam_radius_px"]
-    beyond = np.hypot(rows - t.center[0], cols - t.center[1]) > _beam_tail(schedule, beam)
+    beyond = np.hypot(rows - t.center[0], cols - t.center[1]) > beam_tail(schedule, beam)
     valid = _valid_positions(result, bases, ring_last & beyond)
     main_class = (
         int(np.bincount(result.class_map[valid], minlength=len(bases)).argmax())
@@ -850,7 +718,7 @@ def ccstae_strain(
     )
     n = detected if symmetry == "auto" else int(symmetry)
     lattices = [
-        base_lattice(b, center=t.center, inner=schedule.radii(0)[0], window=_disk_window(beam))
+        base_lattice(b, center=t.center, inner=schedule.radii(0)[0], window=disk_window(beam))
         for b in bases
     ]
     classes = np.clip(result.class_map, 0, len(bases) - 1)
@@ -869,9 +737,7 @@ def ccstae_strain(
         save_bases_png(bases, bases_png, mask=ring_last)
     coords = {d: scan.coords[d] for d in SCAN_DIMS if d in scan.coords}
     described = describe_reference(t.reference_name, reference_mask)
-    warnings = _origin_warnings(scan, setup) + reference_warnings(
-        strain, valid, reference=described
-    )
+    warnings = origin_warnings(scan, setup) + reference_warnings(strain, valid, reference=described)
     return strain_dataset(
         "ccstae",
         **strain,
