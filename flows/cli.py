@@ -17,6 +17,7 @@ import logging
 import os
 import signal
 import sys
+import tempfile
 import threading
 from collections.abc import Iterator, Sequence
 
@@ -25,6 +26,7 @@ from pydantic import ValidationError
 from flows.log_filters import no_tracebacks_for_mistakes, quiet_cluster_close
 from stemlib.config_file import validation_sentence
 from stemlib.errors import StemflowError
+from stemlib.io.storage import DISK_FULL
 from stemlib.provenance import software_versions
 
 __all__ = ["main", "build_parser", "quiet_resource_tracker", "patient_zarr_exit"]
@@ -222,6 +224,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
     except OSError as exc:  # a local path that cannot be written: not a folder, disk full, ...
+        if exc.filename is None and exc.errno in DISK_FULL:  # a write that names no file
+            print(
+                f"stemflow {args.command}: error: a disk it writes to is full ({exc.strerror}): "
+                f"its destination's, or TMPDIR's ({tempfile.gettempdir()}); free space there, "
+                "or write to another disk.",
+                file=sys.stderr,
+            )
+            return 2
         if exc.filename is None:
             raise
         print(

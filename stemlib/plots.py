@@ -16,7 +16,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from .errors import InputError
-from .io.storage import locate, redact, storage_errors
+from .io.storage import locate, redact, staged_file, storage_errors
 
 __all__ = ["strain_figure", "comparison_figure", "virtual_figure", "save_png", "png_url"]
 
@@ -253,17 +253,19 @@ def virtual_figure(ds: xr.Dataset) -> Figure:
 def save_png(fig: Figure, url: str) -> str:
     """Render ``fig`` as PNG to a local path or fsspec URL (``s3://...``); returns the URL.
 
-    The file is written in one piece (rendered in memory first).
+    The file is written whole or not at all: rendered in memory, then a local file under a
+    temporary name renamed over ``url`` (:func:`stemlib.io.storage.staged_file`; a full disk
+    leaves no cut PNG), an object in one upload.
     """
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100)
     location = locate(url)
-    with storage_errors(location.url):
-        parent = location.path.rsplit("/", 1)[0]
-        if location.is_local and parent:
-            location.fs.makedirs(parent, exist_ok=True)
-        with location.fs.open(location.path, "wb") as f:
-            f.write(buffer.getvalue())
+    if location.is_local:
+        with staged_file(location.path) as temp:
+            temp.write_bytes(buffer.getvalue())
+    else:
+        with storage_errors(location.url):
+            location.fs.pipe(location.path, buffer.getvalue())
     return url if "://" in url else location.url
 
 

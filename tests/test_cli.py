@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import tempfile
 from importlib import metadata
 
 import numpy as np
@@ -48,6 +50,23 @@ def test_a_clean_up_that_fails_as_the_command_stops_is_the_stop(
     monkeypatch.setattr(noise, "_run", lambda args: (_ for _ in ()).throw(TimeoutError("slow")))
     with pytest.raises(TimeoutError, match="slow"):  # without a stop, an error is not one
         main(["noise", "in.zarr", "out.zarr", "--background", "0.5"])
+
+
+def test_a_full_disk_that_names_no_file_is_one_sentence(monkeypatch, capsys):
+    """A write whose ``OSError`` names no file (a file object's ``write``, as Zarr's and
+    PyTorch's writers report a full disk) got a traceback: it says which disks to look at."""
+    import flows.commands.noise as noise
+
+    def fills_the_disk(args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(noise, "_run", fills_the_disk)
+    assert main(["noise", "in.zarr", "out.zarr", "--background", "0.5"]) == 2
+    assert capsys.readouterr().err == (
+        "stemflow noise: error: a disk it writes to is full (No space left on device): its "
+        f"destination's, or TMPDIR's ({tempfile.gettempdir()}); free space there, or write to "
+        "another disk.\n"
+    )
 
 
 #: A process whose zarr I/O thread is still busy as it exits, as a run stopped mid-write

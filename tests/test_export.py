@@ -9,6 +9,7 @@ import h5py
 import numpy as np
 import pytest
 
+from stemlib.errors import InputError
 from stemlib.io.export import write_hdf5_scan
 
 from .conftest import file_writer
@@ -33,8 +34,11 @@ def test_a_failed_export_leaves_no_file(tmp_path):
             raise OSError(28, "No space left on device")
         return block
 
-    with pytest.raises(OSError, match="No space left on device"):
+    with pytest.raises(InputError) as full:
         write_hdf5_scan(scan().map_blocks(full_disk, dtype="uint16"), tmp_path / "s.h5")
+    assert str(full.value) == (
+        f"{tmp_path / 's.h5'}: its disk is full; free space on it, or write to another disk."
+    )
     assert os.listdir(tmp_path) == []
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -360,6 +361,30 @@ def test_a_destination_that_cannot_be_written_is_named_as_given(tmp_path, capsys
     )
     assert (tmp_path / "notes.txt").read_text() == "precious"
     assert sorted(os.listdir(tmp_path)) == ["notes.txt", "s.npy"]  # nothing half-written
+
+
+def test_a_full_disk_is_one_sentence_naming_the_destination(tmp_path, capsys, monkeypatch):
+    """The disk fills up while the blocks are written: Zarr's ``OSError`` names no file, and
+    was a traceback ending "[Errno 28] No space left on device"; nothing is left."""
+    from zarr.storage import LocalStore
+
+    np.save(tmp_path / "s.npy", scan())
+    real_set, written = LocalStore.set, []
+
+    async def full_after_two_objects(store, key, value):
+        if len(written) >= 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        written.append(key)
+        await real_set(store, key, value)
+
+    monkeypatch.setattr(LocalStore, "set", full_after_two_objects)
+    dest = tmp_path / "s.zarr"
+    assert main(["ingest", str(tmp_path / "s.npy"), str(dest), "--quiet"]) == 2
+    assert capsys.readouterr().err == (
+        f"stemflow ingest: error: {dest}: its disk is full; free space on it, or write to "
+        "another disk.\n"
+    )
+    assert written and sorted(os.listdir(tmp_path)) == ["s.npy"]  # some objects, then none
 
 
 def test_a_failed_write_leaves_no_folder_it_created(tmp_path):

@@ -4,8 +4,10 @@ published for each kind of bad input."""
 
 from __future__ import annotations
 
+import errno
 import os
 import re
+from pathlib import Path
 
 import dask
 import numpy as np
@@ -17,6 +19,7 @@ from stemlib.calibration import Calibration
 from stemlib.io import open_scan
 from stemlib.io.scan_store import write_scan
 from stemlib.metrics import strain_errors
+from stemlib.plots import save_png, virtual_figure
 from stemlib.results import open_strain
 from stemlib.simulate import SimulationConfig, write_simulation
 from stemlib.truth import open_truth
@@ -163,6 +166,46 @@ def test_a_rerun_of_a_finished_run_skips_it_and_a_changed_one_runs(scan, tmp_pat
     assert main(["strain", rotated, *args[2:]]) == 0
     assert capsys.readouterr().out.startswith(f"wrote {dest}: py4dstem strain")
     assert open_strain(dest).attrs["scan_frame"]["qr_rotation_deg"] == 20.0
+
+
+def test_a_disk_full_at_the_maps_is_one_sentence_and_the_rerun_draws_them(
+    scan, tmp_path, capsys, monkeypatch
+):
+    """The disk fills up as the virtual images' PNG is written, after the dataset and the maps:
+    one sentence naming that PNG (was a traceback, and a cut PNG of 8 KB on a full tmpfs), no
+    part of it left, and a rerun, which skips the finished dataset, draws it."""
+    dest = str(tmp_path / "strain.zarr")
+    args = ["strain", scan, dest, "--method", "py4dstem", "--reference", "0:4,0:4"]
+    write_bytes = Path.write_bytes
+
+    def full_at_the_virtual_images(path, data):
+        if "strain-virtual.png" not in path.name:
+            return write_bytes(path, data)
+        write_bytes(path, bytes(data)[:8192])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(Path, "write_bytes", full_at_the_virtual_images)
+        assert main(args) == 2
+    virtual = tmp_path / "strain-virtual.png"
+    progress, error = capsys.readouterr().err.splitlines()
+    assert progress.startswith("py4dstem: Bragg disks 144/144 patterns")
+    assert error == (
+        f"stemflow strain: error: {virtual}: its disk is full; free space on it, or write to "
+        "another disk."
+    )
+    assert sorted(os.listdir(tmp_path)) == ["strain-py4dstem.png", "strain.zarr"]
+    maps = (tmp_path / "strain-py4dstem.png").read_bytes()
+
+    assert main(args) == 0
+    assert capsys.readouterr().out.splitlines()[:2] == [
+        f"{dest} already holds this result (same scan content and calibration, method, "
+        "reference, symmetry and configuration): skipped.",
+        f"  drew the missing {virtual}",
+    ]
+    assert (tmp_path / "strain-py4dstem.png").read_bytes() == maps  # there: not drawn again
+    again = save_png(virtual_figure(open_strain(dest)), str(tmp_path / "again.png"))
+    assert virtual.read_bytes() == Path(again).read_bytes()
 
 
 def test_a_strained_reference_region_is_warned_about(scan, tmp_path, capsys):

@@ -31,7 +31,7 @@ from stemlib.io.storage import local_workdir, locate, redact, work_folder
 from stemlib.plots import png_url, save_png, strain_figure, virtual_figure
 from stemlib.reference import parse_reference
 from stemlib.rerun import finished_step, run_key, store_identity
-from stemlib.results import write_strain
+from stemlib.results import open_strain, write_strain
 from stemlib.types import Device
 from stemlib.virtual import with_virtual_images
 
@@ -163,10 +163,13 @@ def _run(args: argparse.Namespace) -> int:
     )
     if not args.recompute and finished_step(args.dest, key):
         url = redact(locate(args.dest).url)
+        drawn = [
+            f"\n  drew the missing {redact(png)}" for png in _missing_maps(args.dest, args.method)
+        ]
         print(
             f"{url} already holds this result (same scan content and calibration, method, "
-            "reference, symmetry and configuration): skipped.\n  open it with:  "
-            f"xr.open_zarr({url!r})"
+            f"reference, symmetry and configuration): skipped.{''.join(drawn)}\n  open it "
+            f"with:  xr.open_zarr({url!r})"
         )
         return 0
     check_destination(args.dest, "strain", methods=[args.method])
@@ -207,6 +210,22 @@ def _run(args: argparse.Namespace) -> int:
         ]
     print("\n".join([*lines, f"  open it with:  xr.open_zarr({redact(url)!r})"]))
     return 0
+
+
+def _missing_maps(dest: str, method: str) -> list[str]:
+    """Draw the PNGs of the finished result at ``dest`` that are not beside it (a run that
+    stopped after publishing the dataset: a full disk, a kill), from the dataset: the
+    ``method``'s maps and the virtual images. Returns their URLs."""
+    missing = [n for n in (method, "virtual") if not locate(png_url(dest, n)).exists()]
+    if not missing:
+        return []
+    ds = open_strain(dest)
+    if "virtual_bf" not in ds:  # published before stemflow drew the virtual images
+        missing = [n for n in missing if n != "virtual"]
+    return [
+        save_png(virtual_figure(ds) if n == "virtual" else strain_figure(ds, n), png_url(dest, n))
+        for n in missing
+    ]
 
 
 def _spread(spread: dict[str, float] | None) -> list[str]:

@@ -276,16 +276,20 @@ def _read_rotation(path: Path) -> dict[str, np.ndarray] | None:
         return None
 
 
-def _save_rotation(path: Path, search: dict[str, np.ndarray]) -> None:
-    """Save the rotation stage's result (arrays by name) for :func:`_read_rotation`, whole or
-    not at all (:func:`stemlib.io.storage.staged_file`): a run killed while writing it leaves
-    no stub that a rerun would take for a result."""
+def _save_arrays(path: Path, arrays: dict[str, np.ndarray] | np.ndarray) -> None:
+    """Save arrays by name (``.npz``, the rotation stage's result for :func:`_read_rotation`) or
+    one array (``.npy``) whole or not at all (:func:`stemlib.io.storage.staged_file`): a run
+    killed while writing, or a full disk, leaves no stub that a rerun would take for a
+    result."""
     # In memory first (a few MB): given a file name, NumPy appends ".npz" to it; given a file
     # that fails part way, it leaves its zip archive open, to be closed after the file.
-    archive = io.BytesIO()
-    np.savez(archive, **search)
+    buffer = io.BytesIO()
+    if isinstance(arrays, dict):
+        np.savez(buffer, **arrays)
+    else:
+        np.save(buffer, arrays)
     with staged_file(path) as temp:
-        temp.write_bytes(archive.getbuffer())
+        temp.write_bytes(buffer.getbuffer())
 
 
 def _grain_of_one_turn(theta: np.ndarray, symmetry: int) -> np.ndarray:
@@ -433,7 +437,7 @@ def _train_stages(
                 beam=setup["beam_radius_px"],
                 report=report,
             )
-        _save_rotation(rotation_file, search)
+        _save_arrays(rotation_file, search)
     del sample
     timings["rotation_search_s"] = time.perf_counter() - start
 
@@ -701,7 +705,7 @@ def ccstae_strain(
         t.timings["inference_s"] = time.perf_counter() - start
         with torch.no_grad():
             bases = t.model.bases()[:, 0].float().cpu().numpy()
-        np.save(folder / "bases.npy", bases)
+        _save_arrays(folder / "bases.npy", bases)
 
     ring_last = last_mask.numpy() > 0.5
     rows, cols = np.indices(ring_last.shape)

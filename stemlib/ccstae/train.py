@@ -15,6 +15,7 @@ reaches the same weights as an uninterrupted run.
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import math
 import time
@@ -159,11 +160,15 @@ class Checkpoint:
 
     def save(self, workdir: str | Path) -> Path:
         """Write ``workdir/checkpoint.pt`` whole or not at all
-        (:func:`stemlib.io.storage.staged_file`); returns its path."""
+        (:func:`stemlib.io.storage.staged_file`); returns its path. Serialised in memory first:
+        PyTorch's writer reports a full disk as a ``RuntimeError`` of its zip archive, a
+        file's write as the ``OSError`` that names it."""
         path = Path(workdir) / CHECKPOINT_NAME
         self.created = utc_now()
+        buffer = io.BytesIO()
+        torch.save(self.__dict__, buffer)
         with staged_file(path) as temp:
-            torch.save(self.__dict__, temp)
+            temp.write_bytes(buffer.getbuffer())
         return path
 
     @classmethod

@@ -27,6 +27,7 @@ name the URL without any credential and say which variable to check.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import hashlib
 import logging
@@ -201,6 +202,19 @@ def locate(url: str | os.PathLike[str]) -> Location:
     return Location(url=url, fs=fs, path=path)
 
 
+#: ``errno`` of a write to a full disk, or over a user's quota.
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def disk_full_sentence(path: str) -> str:
+    """What to do where a write to the local ``path`` found its disk full.
+
+    >>> disk_full_sentence("/data/scan.zarr")
+    '/data/scan.zarr: its disk is full; free space on it, or write to another disk.'
+    """
+    return f"{path}: its disk is full; free space on it, or write to another disk."
+
+
 def _classify(exc: BaseException) -> str | None:
     """The kind of storage failure behind ``exc``: 'auth', 'unreachable', 'missing' or None."""
     name = type(exc).__name__
@@ -261,6 +275,8 @@ def storage_errors(url: str) -> Iterator[None]:
                 f"{where}: the object store{at} cannot be reached; check AWS_ENDPOINT_URL "
                 "and that the server is running."
             ) from None
+        if isinstance(exc, OSError) and exc.errno in DISK_FULL and not remote:
+            raise InputError(disk_full_sentence(where)) from None
         if kind == "missing" and remote:
             raise StorageError(
                 f"{where}: the bucket does not exist; create it or correct the URL.",
@@ -498,14 +514,13 @@ def _remove_empty(folders: list[str]) -> None:
 def _raise_for_dest(exc: BaseException, temp: str, dest: Location) -> None:
     """Raise a local write's failure under the temporary ``temp`` (a folder that is a file,
     a read-only disk, a full one) as one sentence naming ``dest``, the path the user gave, not
-    the hidden temporary one; return for any other failure."""
-    if (
-        dest.is_local
-        and isinstance(exc, OSError)
-        and not isinstance(exc, StorageError)
-        and exc.strerror
-        and str(exc.filename or "").startswith(temp)
-    ):
+    the hidden temporary one; return for any other failure. A full disk's error names no file
+    (Zarr's writes report only the ``errno``)."""
+    if not dest.is_local or not isinstance(exc, OSError) or isinstance(exc, StorageError):
+        return
+    if exc.errno in DISK_FULL:
+        raise InputError(disk_full_sentence(dest.path)) from None
+    if exc.strerror and str(exc.filename or "").startswith(temp):
         raise InputError(
             f"{dest.path}: {exc.strerror}; check the path and that you can write there."
         ) from None
