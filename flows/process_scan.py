@@ -34,6 +34,7 @@ from stemlib.ccstae import CCSTAEConfig
 from stemlib.ccstae.train import model_folder
 from stemlib.compare import statistics_caption
 from stemlib.ingest import IngestOptions, refuse_transforms
+from stemlib.io.scan_store import check_destination
 from stemlib.io.storage import locate, redact
 from stemlib.rerun import finished_step, run_key, scan_identity
 from stemlib.types import Device, Method, Symmetry
@@ -178,6 +179,7 @@ def process_scan(
     else:
         if recompute and published_request(dest) == request:
             logger.info("%s already holds this request's result; computing it again", redact(dest))
+        check_destination(dest, "strain")  # one the publication would refuse: before the work
         published, steps = _computed(
             source,
             dest,

@@ -22,7 +22,7 @@ import xarray as xr
 
 from flows.process_scan import process_scan
 from stemlib.ccstae import CCSTAEConfig
-from stemlib.errors import StorageError
+from stemlib.errors import InputError, StorageError
 from stemlib.io.export import write_hdf5_scan
 from stemlib.metrics import strain_errors
 from stemlib.noise import add_noise
@@ -240,6 +240,29 @@ def test_a_source_that_does_not_exist_fails_in_one_sentence(prefect_harness, tmp
         f"Flow run encountered an exception: InputError: {missing} does not exist; check the path."
     )
     assert os.listdir(tmp_path) == []
+
+
+def test_a_destination_that_cannot_be_written_fails_before_any_work(prefect_harness, raw, tmp_path):
+    """A run started from the UI into a folder it cannot write (inside a file here; a read-only
+    disk or another user's folder alike) ingested and mapped the scan before its publication
+    said so; its scan store and maps, kept elsewhere, are not even started now."""
+    (tmp_path / "notes.txt").write_text("kept")
+    dest = tmp_path / "notes.txt" / "strain.zarr"
+    state = process_scan(
+        source=raw,
+        dest=str(dest),
+        methods=["py4dstem"],
+        scan_store=str(tmp_path / "scan.zarr"),
+        workdir=str(tmp_path / "work"),
+        return_state=True,
+    )
+    assert state.is_failed()
+    with pytest.raises(InputError) as info:
+        state.result()
+    assert str(info.value) == (
+        f"{dest}: Not a directory; check the path and that you can write there."
+    )
+    assert os.listdir(tmp_path) == ["notes.txt"]
 
 
 def test_the_ingest_step_retries_an_unreachable_store_and_not_a_mistake(

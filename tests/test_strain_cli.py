@@ -349,6 +349,14 @@ def test_a_destination_holding_something_else_is_refused_before_any_work(
         )
     assert (folder / "chapter1.tex").read_text() == "months of work"
     assert os.listdir(tmp_path) == ["thesis"] and open_truth(scan).sizes["rx"] == 12
+    # A destination that cannot be written (inside a file here; a read-only disk or another
+    # user's folder alike): py4DSTEM mapped the whole scan before its write said so.
+    dest = folder / "chapter1.tex" / "strain.zarr"
+    assert main(["strain", scan, str(dest), "--method", method]) == 2
+    assert _error(capsys) == (  # nothing else on stderr: no progress, nothing computed
+        f"stemflow strain: error: {dest}: Not a directory; check the path and that you can "
+        "write there."
+    )
 
 
 def test_another_methods_result_is_never_replaced(scan, tmp_path, capsys):

@@ -511,6 +511,35 @@ def _remove_empty(folders: list[str]) -> None:
             return
 
 
+def refuse_unwritable(dest: Location) -> None:
+    """Refuse a local ``dest`` that its write could not create, before any work is spent on
+    it: the nearest folder that exists above it is not a folder, lies on a read-only file
+    system, or is not this user's to write. The sentence is the one the write would end with
+    (:func:`_raise_for_dest`); an object store is left to its write.
+
+    >>> notes = tempfile.NamedTemporaryFile(suffix=".txt")
+    >>> refuse_unwritable(locate(notes.name + "/scan.zarr"))  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    stemlib.errors.InputError: /....txt/scan.zarr: Not a directory; check the path and ...
+    >>> notes.close()
+    """
+    if not dest.is_local:
+        return
+    above = next(p for p in Path(dest.path).absolute().parents if p.exists())
+    if not above.is_dir():
+        reason = errno.ENOTDIR
+    elif os.statvfs(above).f_flag & os.ST_RDONLY:
+        reason = errno.EROFS
+    elif not os.access(above, os.W_OK | os.X_OK):
+        reason = errno.EACCES
+    else:
+        return
+    raise InputError(
+        f"{dest.path}: {os.strerror(reason)}; check the path and that you can write there."
+    )
+
+
 def _raise_for_dest(exc: BaseException, temp: str, dest: Location) -> None:
     """Raise a local write's failure under the temporary ``temp`` (a folder that is a file,
     a read-only disk, a full one) as one sentence naming ``dest``, the path the user gave, not
