@@ -23,6 +23,7 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
+import httpx
 import prefect
 from prefect.events.worker import EventsWorker
 from prefect.logging.handlers import APILogWorker
@@ -33,6 +34,9 @@ from prefect.settings import (
     get_current_settings,
     temporary_settings,
 )
+
+from stemlib.errors import InputError
+from stemlib.io.storage import redact
 
 __all__ = ["TemporaryServer", "temporary_api"]
 
@@ -124,6 +128,7 @@ def temporary_api(*, tasks_here: bool = True) -> Iterator[None]:
         reach to see their task runs in one place).
     """
     if PREFECT_API_URL.value():
+        refuse_unreachable(PREFECT_API_URL.value())
         yield
         return
     server = TemporaryServer()
@@ -146,6 +151,31 @@ def temporary_api(*, tasks_here: bool = True) -> Iterator[None]:
             SubprocessASGIServer._instances.pop(None, None)
         else:
             SubprocessASGIServer._instances[None] = default
+
+
+#: Seconds to wait for the server that ``PREFECT_API_URL`` names to answer at all.
+REACH_TIMEOUT_S = 10
+
+
+def refuse_unreachable(api_url: str) -> None:
+    """Refuse a Prefect server that does not answer at ``api_url`` (nothing listens, no such
+    host, no answer within :data:`REACH_TIMEOUT_S`): Prefect's client raised "RuntimeError:
+    Failed to reach API at ..." after 15 s, with a traceback. Any HTTP answer passes (a server
+    that wants credentials says so itself).
+
+    Raises
+    ------
+    InputError
+        One sentence naming the URL and the two ways out.
+    """
+    try:
+        httpx.get(f"{api_url.rstrip('/')}/health", timeout=REACH_TIMEOUT_S)
+    except httpx.TransportError as exc:
+        raise InputError(
+            f"the Prefect server that PREFECT_API_URL names, {redact(api_url)}, cannot be "
+            f"reached ({type(exc).__name__}); start it (prefect server start), or unset "
+            "PREFECT_API_URL to run against a temporary server of the command's own."
+        ) from None
 
 
 def _send_pending() -> None:

@@ -5,11 +5,15 @@ How a local run uses it is tested end to end in test_cli_signals.py."""
 from __future__ import annotations
 
 import psutil
+import pytest
 from prefect.client.orchestration import get_client
 from prefect.server.api.server import SubprocessASGIServer
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from flows.api_server import TemporaryServer, temporary_api
+from stemlib.errors import InputError
+
+from .conftest import closed_port
 
 
 def test_on_an_existing_cluster_only_the_command_uses_the_server():
@@ -24,3 +28,25 @@ def test_on_an_existing_cluster_only_the_command_uses_the_server():
                 assert client.api_healthcheck() is None
         assert SubprocessASGIServer._instances.get(None) is not server
         process.wait(timeout=30)  # stopped with the block
+
+
+def test_a_named_server_that_does_not_answer_is_one_sentence():
+    """``PREFECT_API_URL`` naming a server that is down: Prefect's client raised "RuntimeError:
+    Failed to reach API at ..." after 15 s, a traceback; a server that answers is used as is
+    (also by its /health route's answer, whatever it is)."""
+    url = f"http://127.0.0.1:{closed_port()}/api"
+    with temporary_settings({PREFECT_API_URL: url}), pytest.raises(InputError) as refused:
+        with temporary_api():
+            pass
+    assert str(refused.value) == (
+        f"the Prefect server that PREFECT_API_URL names, {url}, cannot be reached "
+        "(ConnectError); start it (prefect server start), or unset PREFECT_API_URL to run "
+        "against a temporary server of the command's own."
+    )
+    server = TemporaryServer()
+    server.start()
+    try:
+        with temporary_settings({PREFECT_API_URL: server.api_url}), temporary_api():
+            assert PREFECT_API_URL.value() == server.api_url  # used, no server of its own
+    finally:
+        server.stop()
