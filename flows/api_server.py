@@ -20,7 +20,9 @@ import contextlib
 import os
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -131,6 +133,7 @@ def temporary_api(*, tasks_here: bool = True) -> Iterator[None]:
         refuse_unreachable(PREFECT_API_URL.value())
         yield
         return
+    refuse_unwritable_database()
     server = TemporaryServer()
     # Prefect's client code asks SubprocessASGIServer() for the default temporary server: it
     # gets this one (as in Prefect's own prefect_test_harness).
@@ -151,6 +154,36 @@ def temporary_api(*, tasks_here: bool = True) -> Iterator[None]:
             SubprocessASGIServer._instances.pop(None, None)
         else:
             SubprocessASGIServer._instances[None] = default
+
+
+def refuse_unwritable_database() -> None:
+    """Refuse to start a temporary server whose SQLite database (in ``PREFECT_HOME``, by
+    default ``~/.prefect``) cannot be written: a read-only or full home, one over its quota,
+    another user's. Prefect's server failed at start-up, was started again for two minutes with
+    a traceback each time, then "Timed out while attempting to connect to ephemeral Prefect API
+    server". A write of 64 KiB into the database's folder tells, whatever the cause.
+
+    Raises
+    ------
+    InputError
+        One sentence naming the database and the two ways out.
+    """
+    url = get_current_settings().server.database.connection_url.get_secret_value()
+    if not url.startswith("sqlite") or ":memory:" in url:
+        return
+    database = Path(url.split(":///", 1)[1].split("?", 1)[0])
+    try:
+        database.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=database.parent) as probe:
+            probe.write(bytes(2**16))
+            probe.flush()
+            os.fsync(probe.fileno())
+    except OSError as exc:
+        raise InputError(
+            f"Prefect's temporary server cannot write its database {database} ({exc.strerror}); "
+            "set PREFECT_HOME to a folder you can write to (export PREFECT_HOME=/tmp/prefect, "
+            "say), or PREFECT_API_URL to a running Prefect server."
+        ) from None
 
 
 #: Seconds to wait for the server that ``PREFECT_API_URL`` names to answer at all.

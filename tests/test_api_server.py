@@ -8,7 +8,7 @@ import psutil
 import pytest
 from prefect.client.orchestration import get_client
 from prefect.server.api.server import SubprocessASGIServer
-from prefect.settings import PREFECT_API_URL, temporary_settings
+from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
 
 from flows.api_server import TemporaryServer, temporary_api
 from stemlib.errors import InputError
@@ -50,3 +50,23 @@ def test_a_named_server_that_does_not_answer_is_one_sentence():
             assert PREFECT_API_URL.value() == server.api_url  # used, no server of its own
     finally:
         server.stop()
+
+
+def test_a_home_where_the_temporary_server_cannot_write_is_one_sentence(tmp_path):
+    """A read-only, full or over-quota ``~/.prefect`` (a batch job's home): Prefect's server
+    failed at start-up, was started again for two minutes with a traceback each time, then
+    "Timed out while attempting to connect to ephemeral Prefect API server". Here the home lies
+    inside a file, which no user can write either."""
+    (tmp_path / "notes.txt").write_text("kept")
+    home = tmp_path / "notes.txt" / "prefect"
+    with (
+        temporary_settings({PREFECT_HOME: home}, restore_defaults={PREFECT_API_URL}),
+        pytest.raises(InputError) as refused,
+    ):
+        with temporary_api():
+            pass
+    assert str(refused.value) == (
+        f"Prefect's temporary server cannot write its database {home / 'prefect.db'} (Not a "
+        "directory); set PREFECT_HOME to a folder you can write to (export "
+        "PREFECT_HOME=/tmp/prefect, say), or PREFECT_API_URL to a running Prefect server."
+    )
