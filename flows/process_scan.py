@@ -35,7 +35,7 @@ from stemlib.ccstae.train import model_folder
 from stemlib.compare import statistics_caption
 from stemlib.ingest import IngestOptions, refuse_transforms
 from stemlib.io.scan_store import check_destination
-from stemlib.io.storage import locate, redact
+from stemlib.io.storage import locate, redact, refuse_unwritable
 from stemlib.rerun import finished_step, run_key, scan_identity
 from stemlib.types import Device, Method, Symmetry
 from tasks._retry import STORAGE_RETRY
@@ -179,7 +179,9 @@ def process_scan(
     else:
         if recompute and published_request(dest) == request:
             logger.info("%s already holds this request's result; computing it again", redact(dest))
-        check_destination(dest, "strain")  # one the publication would refuse: before the work
+        # one that the publication would refuse, or could not write: before the work
+        check_destination(dest, "strain")
+        refuse_unwritable(locate(dest))
         published, steps = _computed(
             source,
             dest,

@@ -8,7 +8,11 @@ import psutil
 import pytest
 from prefect.client.orchestration import get_client
 from prefect.server.api.server import SubprocessASGIServer
-from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
+from prefect.settings import (
+    PREFECT_API_DATABASE_CONNECTION_URL,
+    PREFECT_API_URL,
+    temporary_settings,
+)
 
 from flows.api_server import TemporaryServer, temporary_api
 from stemlib.errors import InputError
@@ -59,8 +63,11 @@ def test_a_home_where_the_temporary_server_cannot_write_is_one_sentence(tmp_path
     inside a file, which no user can write either."""
     (tmp_path / "notes.txt").write_text("kept")
     home = tmp_path / "notes.txt" / "prefect"
+    database = f"sqlite+aiosqlite:///{home}/prefect.db"  # PREFECT_HOME's, unless set apart
     with (
-        temporary_settings({PREFECT_HOME: home}, restore_defaults={PREFECT_API_URL}),
+        temporary_settings(
+            {PREFECT_API_DATABASE_CONNECTION_URL: database}, restore_defaults={PREFECT_API_URL}
+        ),
         pytest.raises(InputError) as refused,
     ):
         with temporary_api():

@@ -27,6 +27,7 @@ from stemlib.errors import InputError
 from stemlib.ingest import IngestOptions, ingest, source_key
 from stemlib.io.scan_store import (
     HASH_SCHEME,
+    SCAN_VARIABLE,
     StoreLayout,
     choose_layout,
     open_scan,
@@ -364,27 +365,28 @@ def test_a_destination_that_cannot_be_written_is_named_as_given(tmp_path, capsys
 
 
 def test_a_full_disk_is_one_sentence_naming_the_destination(tmp_path, capsys, monkeypatch):
-    """The disk fills up while the blocks are written: Zarr's ``OSError`` names no file, and
-    was a traceback ending "[Errno 28] No space left on device"; nothing is left."""
+    """The disk fills up while the patterns are written, after the store's metadata: Zarr's
+    ``OSError`` names no file, and was a traceback ending "[Errno 28] No space left on
+    device"; nothing is left."""
     from zarr.storage import LocalStore
 
     np.save(tmp_path / "s.npy", scan())
     real_set, written = LocalStore.set, []
 
-    async def full_after_two_objects(store, key, value):
-        if len(written) >= 2:
+    async def full_at_the_patterns(store, key, value):
+        if key.startswith(f"{SCAN_VARIABLE}/c/"):  # no write of it is under way: none starts
             raise OSError(errno.ENOSPC, "No space left on device")
         written.append(key)
         await real_set(store, key, value)
 
-    monkeypatch.setattr(LocalStore, "set", full_after_two_objects)
+    monkeypatch.setattr(LocalStore, "set", full_at_the_patterns)
     dest = tmp_path / "s.zarr"
     assert main(["ingest", str(tmp_path / "s.npy"), str(dest), "--quiet"]) == 2
     assert capsys.readouterr().err == (
         f"stemflow ingest: error: {dest}: its disk is full; free space on it, or write to "
         "another disk.\n"
     )
-    assert written and sorted(os.listdir(tmp_path)) == ["s.npy"]  # some objects, then none
+    assert "zarr.json" in written and sorted(os.listdir(tmp_path)) == ["s.npy"]
 
 
 def test_a_failed_write_leaves_no_folder_it_created(tmp_path):

@@ -27,7 +27,7 @@ from stemlib.config_file import read_mapping, validated
 from stemlib.errors import InputError
 from stemlib.io import open_scan
 from stemlib.io.scan_store import check_destination
-from stemlib.io.storage import local_workdir, locate, redact, work_folder
+from stemlib.io.storage import local_workdir, locate, redact, refuse_unwritable, work_folder
 from stemlib.plots import png_url, save_png, strain_figure, virtual_figure
 from stemlib.reference import parse_reference
 from stemlib.rerun import finished_step, run_key, store_identity
@@ -173,6 +173,7 @@ def _run(args: argparse.Namespace) -> int:
         )
         return 0
     check_destination(args.dest, "strain", methods=[args.method])
+    refuse_unwritable(locate(args.dest))  # before the work, not at its publication
     files = {}
     if args.method == "ccstae":
         files = {

@@ -55,7 +55,6 @@ from .storage import (
     interrupted_publication,
     locate,
     redact,
-    refuse_unwritable,
     staged,
     storage_errors,
 )
@@ -409,16 +408,12 @@ def check_destination(
     or folder of the user's, nor a store of the other kind (the input scan, say); and a strain
     store only if it holds no method but ``methods``, those of the result about to replace it.
 
-    A local ``dest`` that cannot be written (:func:`stemlib.io.storage.refuse_unwritable`) is
-    refused too, before any work is spent on it.
-
     Raises
     ------
     InputError
-        If ``dest`` holds anything else, or cannot be written.
+        If ``dest`` holds anything else.
     """
     dest = locate(dest) if isinstance(dest, str) else dest
-    refuse_unwritable(dest)
     if not dest.exists() or interrupted_publication(dest):
         return
     with storage_errors(dest.url):
@@ -624,7 +619,6 @@ def finished_scan(dest: str | Location, recipe: dict[str, Any]) -> WriteResult |
     status ``"skipped"``; None where ``dest`` holds no finished scan of it, or one that lacks
     blocks (:func:`intact_scan`): then write it."""
     dest = locate(dest) if isinstance(dest, str) else dest
-    refuse_unwritable(dest)
     if not dest.exists() or interrupted_publication(dest):
         return None
     group = open_store_group(dest)  # its attributes, and its arrays for the damage check
