@@ -26,7 +26,7 @@ from pydantic import ValidationError
 from flows.log_filters import no_tracebacks_for_mistakes, quiet_cluster_close
 from stemlib.config_file import validation_sentence
 from stemlib.errors import StemflowError
-from stemlib.io.storage import DISK_FULL
+from stemlib.io.storage import DISK_FULL, cannot_write_sentence
 from stemlib.provenance import software_versions
 
 __all__ = ["main", "build_parser", "quiet_resource_tracker", "patient_zarr_exit"]
@@ -235,8 +235,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if exc.filename is None:
             raise
         print(
-            f"stemflow {args.command}: error: {exc.filename}: {exc.strerror}; check the path "
-            "and that you can write there.",
+            f"stemflow {args.command}: error: {cannot_write_sentence(exc.filename, exc.strerror)}",
             file=sys.stderr,
         )
         return 2

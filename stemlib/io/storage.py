@@ -215,6 +215,15 @@ def disk_full_sentence(path: str) -> str:
     return f"{path}: its disk is full; free space on it, or write to another disk."
 
 
+def cannot_write_sentence(path: str, reason: str) -> str:
+    """What to do where the local ``path`` cannot be written for ``reason`` (an ``strerror``).
+
+    >>> cannot_write_sentence("/data/scan.zarr", "Read-only file system")
+    '/data/scan.zarr: Read-only file system; check the path and that you can write there.'
+    """
+    return f"{path}: {reason}; check the path and that you can write there."
+
+
 def _classify(exc: BaseException) -> str | None:
     """The kind of storage failure behind ``exc``: 'auth', 'unreachable', 'missing' or None."""
     name = type(exc).__name__
@@ -535,9 +544,7 @@ def refuse_unwritable(dest: Location) -> None:
         reason = errno.EACCES
     else:
         return
-    raise InputError(
-        f"{dest.path}: {os.strerror(reason)}; check the path and that you can write there."
-    )
+    raise InputError(cannot_write_sentence(dest.path, os.strerror(reason)))
 
 
 def _raise_for_dest(exc: BaseException, temp: str, dest: Location) -> None:
@@ -550,9 +557,7 @@ def _raise_for_dest(exc: BaseException, temp: str, dest: Location) -> None:
     if exc.errno in DISK_FULL:
         raise InputError(disk_full_sentence(dest.path)) from None
     if exc.strerror and str(exc.filename or "").startswith(temp):
-        raise InputError(
-            f"{dest.path}: {exc.strerror}; check the path and that you can write there."
-        ) from None
+        raise InputError(cannot_write_sentence(dest.path, exc.strerror)) from None
 
 
 @contextlib.contextmanager
